@@ -1,0 +1,315 @@
+"""Checkpoint I/O: config.json + safetensors/bin weights, hub download, strict loading, saving.
+
+Models are built on the ``meta`` device and their weights are attached with ``load_state_dict(assign=True)``,
+so loading a 1.2 B-parameter UNet allocates each weight once (no random init, no second copy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class Config(dict):
+    """A model or scheduler config: a dict whose keys can also be read as attributes (``unet.config.in_channels``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is read-only; build a new model with from_config(config, **overrides)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Finding files: a local folder or a hub repository
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """True for an ``owner/name`` string that is not an existing local path."""
+    text = str(name)
+    return not Path(text).expanduser().exists() and bool(_HUB_ID.match(text))
+
+
+def resolve_folder(
+    path_or_id: str | os.PathLike,
+    subfolder: str | None = None,
+    allow_patterns: Iterable[str] | None = None,
+    revision: str | None = None,
+    **hub_kwargs: Any,
+) -> Path:
+    """Return a local folder holding ``path_or_id`` (joined with ``subfolder``), downloading from the hub if needed.
+
+    ``allow_patterns`` (relative to ``subfolder``) limits a hub download to the files needed.
+    """
+    local = Path(path_or_id).expanduser()
+    if local.exists():
+        folder = local / subfolder if subfolder else local
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No folder '{folder}' (from '{path_or_id}' with subfolder '{subfolder}')")
+        return folder
+    if not is_hub_id(path_or_id):
+        raise FileNotFoundError(
+            f"No such folder: '{path_or_id}'. Pass an existing local folder or a hub id such as "
+            "'kandinsky-community/kandinsky-2-2-decoder'."
+        )
+    patterns = list(allow_patterns) if allow_patterns is not None else ["*"]
+    if subfolder:
+        patterns = [f"{subfolder}/{p}" for p in patterns]
+    root = download_from_hub(str(path_or_id), patterns, revision=revision, **hub_kwargs)
+    return root / subfolder if subfolder else root
+
+
+def download_from_hub(repo_id: str, allow_patterns: list[str], revision: str | None = None, **hub_kwargs: Any) -> Path:
+    """``snapshot_download`` of the matching files; a failure names the repository and the local-folder way out."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, revision=revision, **hub_kwargs))
+    except Exception as err:  # network, auth, offline mode, missing repo: all end the same way for the user
+        raise OSError(
+            f"Could not get '{repo_id}' from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            f"If you are offline, download it elsewhere (e.g. `huggingface-cli download {repo_id}`) and pass the "
+            "local folder instead of the hub id."
+        ) from err
+
+
+def weight_patterns(variant: str | None) -> list[str]:
+    """The file names a model folder may hold its weights under, for a hub download."""
+    v = f".{variant}" if variant else ""
+    return [
+        CONFIG_NAME,
+        f"{WEIGHTS_STEM}{v}.safetensors",
+        f"{WEIGHTS_STEM}.safetensors.index{v}.json",
+        f"{WEIGHTS_STEM}-*{v}.safetensors",
+        f"{WEIGHTS_STEM}{v}-*.safetensors",
+        f"{WEIGHTS_STEM}{v}.bin",
+        f"{WEIGHTS_STEM}.bin.index{v}.json",
+        f"{WEIGHTS_STEM}-*{v}.bin",
+        f"{WEIGHTS_STEM}{v}-*.bin",
+    ]
+
+
+def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The weight files of a model folder, safetensors first, then .bin; sharded files through their index."""
+    v = f".{variant}" if variant else ""
+    for ext in ("safetensors", "bin"):
+        single = folder / f"{WEIGHTS_STEM}{v}.{ext}"
+        if single.is_file():
+            return [single]
+        index = folder / f"{WEIGHTS_STEM}.{ext}.index{v}.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [str(s) for s in shards if not s.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
+            return shards
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    wanted = f"{WEIGHTS_STEM}{v}.safetensors (or .bin, or a sharded index)"
+    raise FileNotFoundError(f"No weights '{wanted}' in '{folder}'. Files there: {present}")
+
+
+def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Read weight files into one CPU state dict (safetensors, or pickled .bin with ``weights_only=True``)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            state.update(load_file(file, device="cpu"))
+        else:
+            state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Strict assignment of a state dict into a meta-built model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` listing the first missing, unexpected and mis-shaped keys, naming ``source``."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
+    if missing or unexpected or misshaped:
+        parts = [f"The weights in '{source}' do not fit {type(model).__name__}:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{len(keys)} {label}: {keys[:5]}{more}")
+        raise ValueError(" ".join(parts))
+
+
+def assign_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None = None
+) -> None:
+    """Check ``state`` strictly, cast floating tensors to ``dtype`` one by one, and attach them to ``model``."""
+    check_state_dict(model, state, source)
+    if dtype is not None:
+        for key, value in state.items():
+            if value.is_floating_point() and value.dtype != dtype:
+                state[key] = value.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The base of every model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ModelMixin(nn.Module):
+    """Config handling and checkpoint I/O shared by the UNet, MoVQ and the prior.
+
+    A subclass sets ``config_defaults`` (every key the reference writes to ``config.json``, with its default) and
+    calls ``self._register_config(kwargs)`` first thing in ``__init__``. Buffers that are not saved (derived
+    constants) are rebuilt by ``_init_buffers`` after loading, since a meta-built model has none.
+    """
+
+    config_defaults: ClassVar[dict[str, Any]] = {}
+    config: Config
+
+    def _register_config(self, kwargs: Mapping[str, Any]) -> Config:
+        unknown = [k for k in kwargs if k not in self.config_defaults and not k.startswith("_")]
+        if unknown:
+            logger.warning("%s ignores unknown config keys: %s", type(self).__name__, sorted(unknown))
+        values = {k: kwargs.get(k, default) for k, default in self.config_defaults.items()}
+        object.__setattr__(self, "config", Config(values))  # not an nn.Module attribute
+        return self.config
+
+    def _init_buffers(self) -> None:
+        """Rebuild non-persistent buffers (derived constants) on the model's device; no-op by default."""
+
+    # -- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any):
+        values = {k: v for k, v in dict(config or {}).items() if not k.startswith("_")}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def load_config(cls, path_or_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> dict:
+        folder = resolve_folder(path_or_id, subfolder, [CONFIG_NAME], **hub_kwargs)
+        return read_json(folder / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        device: str | torch.device | None = None,
+        **hub_kwargs: Any,
+    ):
+        """Load a model folder (``config.json`` + weights), local or on the hub, without random initialisation."""
+        folder = resolve_folder(path_or_id, subfolder, weight_patterns(variant), **hub_kwargs)
+        config = read_json(folder / CONFIG_NAME)
+        files = find_weight_files(folder, variant)
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        state = read_state_dict(files)
+        assign_state_dict(model, state, source=str(files[0] if len(files) == 1 else folder), dtype=torch_dtype)
+        if device is not None:
+            model.to(device)
+        model._init_buffers()
+        model.eval()
+        return model
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        variant: str | None = None,
+        safe_serialization: bool = True,
+        max_shard_size: int | None = None,
+    ) -> None:
+        """Write ``config.json`` and the weights the way the reference does (readable by both libraries).
+
+        ``max_shard_size`` (bytes) splits the weights into shards with an index file.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": type(self).__name__, **self.config}
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        ext = "safetensors" if safe_serialization else "bin"
+        v = f".{variant}" if variant else ""
+
+        def write(tensors: dict[str, torch.Tensor], path: Path) -> None:
+            if safe_serialization:
+                save_file(tensors, path, metadata={"format": "pt"})
+            else:
+                torch.save(tensors, path)
+
+        shards = _split_shards(state, max_shard_size)
+        if len(shards) == 1:
+            write(state, folder / f"{WEIGHTS_STEM}{v}.{ext}")
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"{WEIGHTS_STEM}-{i:05d}-of-{len(shards):05d}{v}.{ext}"
+            write(shard, folder / name)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / f"{WEIGHTS_STEM}.{ext}.index{v}.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    # -- properties ------------------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"No '{path.name}' in '{path.parent}'")
+    return json.loads(path.read_text())
