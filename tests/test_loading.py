@@ -1,0 +1,151 @@
+"""Checkpoint I/O of ModelMixin: formats, variants, shards, dtype, strict checks and clear errors."""
+
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from kandinsky22.loading import Config, ModelMixin, find_weight_files, is_hub_id
+
+
+class TinyNet(ModelMixin):
+    config_defaults = {"width": 4, "depth": 2}
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        cfg = self._register_config(kwargs)
+        self.layers = nn.ModuleList(nn.Linear(cfg.width, cfg.width) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return TinyNet(width=6, depth=3)
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_config_is_read_only_attribute_dict(net):
+    assert net.config.width == 6 and net.config["depth"] == 3
+    assert isinstance(net.config, Config)
+    with pytest.raises(AttributeError):
+        net.config.width = 3
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_round_trip_single_file(net, tmp_path, safe):
+    net.save_pretrained(tmp_path, safe_serialization=safe)
+    name = "diffusion_pytorch_model." + ("safetensors" if safe else "bin")
+    assert (tmp_path / name).is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config == {"_class_name": "TinyNet", "width": 6, "depth": 3}
+    loaded = TinyNet.from_pretrained(tmp_path)
+    assert_same_weights(net, loaded)
+    assert not loaded.training
+
+
+def test_sharded_round_trip(net, tmp_path):
+    net.save_pretrained(tmp_path, max_shard_size=200)
+    index = json.loads((tmp_path / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert find_weight_files(tmp_path) == [tmp_path / s for s in shards]
+    assert_same_weights(net, TinyNet.from_pretrained(tmp_path))
+
+
+def test_fp16_variant_and_dtype(net, tmp_path):
+    net.half().save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = TinyNet.from_pretrained(tmp_path, variant="fp16")
+    assert loaded.dtype == torch.float16
+    assert_same_weights(net, loaded)
+    as_float = TinyNet.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float32)
+    assert as_float.dtype == torch.float32
+    with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors"):
+        TinyNet.from_pretrained(tmp_path)  # only the fp16 variant is there
+
+
+def test_loading_does_not_initialise_weights(net, tmp_path, monkeypatch):
+    net.save_pretrained(tmp_path)
+
+    def forbidden(self):
+        # Construction on the meta device still calls reset_parameters, but it must touch no real memory.
+        assert self.weight.is_meta, "random init ran on real tensors during from_pretrained"
+
+    monkeypatch.setattr(nn.Linear, "reset_parameters", forbidden)
+    monkeypatch.setattr(nn.LayerNorm, "reset_parameters", forbidden)
+    assert_same_weights(net, TinyNet.from_pretrained(tmp_path))
+
+
+def test_mismatched_state_dict_lists_keys_and_file(net, tmp_path):
+    from safetensors.torch import save_file
+
+    net.save_pretrained(tmp_path)
+    state = dict(net.state_dict())
+    del state["layers.0.weight"]
+    state["extra.weight"] = torch.zeros(2)
+    state["norm.bias"] = torch.zeros(5)
+    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError) as err:
+        TinyNet.from_pretrained(tmp_path)
+    text = str(err.value)
+    assert "diffusion_pytorch_model.safetensors" in text
+    assert "1 missing: ['layers.0.weight']" in text
+    assert "1 unexpected: ['extra.weight']" in text
+    assert "norm.bias: file (5,) vs model (6,)" in text
+
+
+def test_config_that_does_not_fit_the_weights(net, tmp_path):
+    net.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"width": 6, "depth": 2}))
+    with pytest.raises(ValueError, match=r"1 unexpected: \['layers\.2\.bias'\]|unexpected"):
+        TinyNet.from_pretrained(tmp_path)
+
+
+def test_truncated_file_is_an_error(net, tmp_path):
+    net.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(Exception, match=r"(?i)safetensor|header|incomplete|invalid"):
+        TinyNet.from_pretrained(tmp_path)
+
+
+def test_missing_folder_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "unet"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        TinyNet.from_pretrained(missing)
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(FileNotFoundError, match="unet"):
+        TinyNet.from_pretrained(tmp_path / "repo", subfolder="unet")
+
+
+def test_hub_id_offline_names_repo_and_local_way(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert is_hub_id("kandinsky-community/kandinsky-2-2-decoder")
+    with pytest.raises(OSError) as err:
+        TinyNet.from_pretrained("kandinsky-community/kandinsky-2-2-decoder", subfolder="unet", cache_dir=tmp_path)
+    text = str(err.value)
+    assert "kandinsky-community/kandinsky-2-2-decoder" in text and "local folder" in text
+
+
+def test_unknown_config_keys_warn(caplog):
+    with caplog.at_level(logging.WARNING):
+        model = TinyNet.from_config({"width": 2, "depth": 1, "colour": "red", "_diffusers_version": "0.1"})
+    assert "colour" in caplog.text and "_diffusers_version" not in caplog.text
+    assert model.config == {"width": 2, "depth": 1}
