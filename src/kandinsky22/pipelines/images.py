@@ -1,0 +1,213 @@
+"""Image, mask and hint inputs of the decoder pipelines: PIL / numpy / torch in, one tensor layout out.
+
+Conventions (those of the reference pipelines, made uniform):
+
+* **Images** become ``(B, 3, H, W)`` float32 in [-1, 1]. PIL images of any mode are converted to RGB and resized
+  (bicubic); numpy arrays are HWC (or HW) ``uint8`` in 0..255 or float in [0, 1]; tensors are ``(B, 3, H, W)`` or
+  ``(3, H, W)`` already in [-1, 1].
+* **Masks** become ``(B, 1, H, W)`` float32 in {0, 1} with **1 = repaint** (white in a PIL image), binarized at 0.5.
+  PIL masks are converted to "L" and resized (Lanczos); numpy masks are HW (or HW1) ``uint8`` 0..255, bool or float in
+  [0, 1]; tensors are ``(H, W)``, ``(1, H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)`` in [0, 1]. The caller's object is
+  never modified.
+* **Hints** (controlnet) become ``(B, 3, H, W)`` float32 in [0, 1]: tensors as they are, PIL images and numpy arrays
+  converted like images but not normalized to [-1, 1].
+
+Every input may also be a list of the above; the items are concatenated along the batch.
+Bad input raises ``ValueError`` naming the parameter and what was wrong with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+ImageInput = Union[
+    PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[Union[PIL.Image.Image, np.ndarray, torch.Tensor]]
+]
+
+# The neighbours whose value decides whether a latent pixel stays "keep" in the reference's `prepare_mask`: a pixel
+# that is not 1 clears these six offsets of itself; the set is point-symmetric, so a pixel is cleared exactly when one
+# of the same six neighbours is not 1. The anti-diagonal corners (-1, +1) and (+1, -1) are not part of it.
+_EROSION_OFFSETS = ((-1, 0), (0, -1), (-1, -1), (1, 0), (0, 1), (1, 1))
+
+
+def _as_list(value: ImageInput, param: str) -> list:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ValueError(f"`{param}` is an empty list; pass at least one image")
+    for item in items:
+        if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+            raise ValueError(
+                f"`{param}` must be a PIL image, a numpy array, a torch tensor or a list of them, "
+                f"got {type(item).__name__}"
+            )
+    return items
+
+
+def _check_range(values: torch.Tensor, low: float, high: float, param: str) -> None:
+    lo, hi = values.min().item(), values.max().item()
+    if lo < low or hi > high:
+        raise ValueError(f"`{param}` values must lie in [{low:g}, {high:g}], got [{lo:g}, {hi:g}]")
+
+
+def _array_to_unit(array: np.ndarray, param: str) -> torch.Tensor:
+    """A numpy array as a float32 tensor in [0, 1]: uint8 is scaled by 1/255, bool taken as 0/1, floats checked."""
+    if array.dtype == np.uint8:
+        return torch.from_numpy(array.astype(np.float32) / 255.0)
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer):
+        tensor = torch.from_numpy(array.astype(np.float32))
+        _check_range(tensor, 0.0, 1.0, param)
+        return tensor
+    raise ValueError(f"`{param}` arrays must be uint8 (0..255), bool or float in [0, 1], got dtype {array.dtype}")
+
+
+def _pil_to_unit(image: PIL.Image.Image, mode: str, size: tuple[int, int], resample: int) -> torch.Tensor:
+    """Convert to ``mode`` first (so palette, alpha and 16-bit images work), resize to ``size``, scale to [0, 1].
+
+    Bicubic image resizing uses ``reducing_gap=1`` as the reference does; the result is (C, H, W) or (H, W).
+    """
+    height, width = size
+    if image.mode != mode:
+        image = image.convert(mode)
+    if image.size != (width, height):
+        reducing_gap = 1 if resample == PIL.Image.BICUBIC else None
+        image = image.resize((width, height), resample=resample, reducing_gap=reducing_gap)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return array.permute(2, 0, 1) if array.ndim == 3 else array
+
+
+def _rgb_array(array: np.ndarray, param: str) -> torch.Tensor:
+    """HW, HWC (C in 1, 3, 4) or NHWC numpy image → (N, 3, H, W) in [0, 1]; alpha is dropped like PIL's RGB."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"`{param}` numpy arrays must be HW, HWC or NHWC with 1, 3 or 4 channels, got shape {array.shape}"
+        )
+    tensor = _array_to_unit(array, param).permute(0, 3, 1, 2)  # (N, C, H, W)
+    return tensor[:, :3] if tensor.shape[1] >= 3 else tensor.expand(-1, 3, -1, -1)
+
+
+def _rgb_batch(items: list, size: tuple[int, int], param: str, tensor_range: tuple[float, float]) -> torch.Tensor:
+    """Items → (B, 3, H, W) in [0, 1]; tensors must be in ``tensor_range`` and are mapped from it to [0, 1]."""
+    out = []
+    for item in items:
+        if isinstance(item, PIL.Image.Image):
+            out.append(_pil_to_unit(item, "RGB", size, PIL.Image.BICUBIC)[None])
+        elif isinstance(item, np.ndarray):
+            out.append(_rgb_array(item, param))
+        else:
+            tensor = item.detach()
+            if tensor.ndim == 3:
+                tensor = tensor[None]
+            if tensor.ndim != 4 or tensor.shape[1] != 3:
+                raise ValueError(f"`{param}` tensors must be (B, 3, H, W) or (3, H, W), got shape {tuple(item.shape)}")
+            low, high = tensor_range
+            _check_range(tensor, low, high, param)
+            out.append((tensor.float().cpu() - low) / (high - low))
+    return _cat_same_size(out, param)
+
+
+def _cat_same_size(tensors: list[torch.Tensor], param: str) -> torch.Tensor:
+    sizes = {tuple(t.shape[-2:]) for t in tensors}
+    if len(sizes) > 1:
+        listed = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
+        raise ValueError(f"the items of `{param}` have different sizes ({listed}); pass them at one size")
+    return torch.cat(tensors)
+
+
+def _resize_nearest(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # Nearest, as the reference resizes array and tensor images (VaeImageProcessor.resize).
+    return tensor if tuple(tensor.shape[-2:]) == size else F.interpolate(tensor, size=size, mode="nearest")
+
+
+def image_to_tensor(image: ImageInput, size: tuple[int, int], resize: bool, param: str = "image") -> torch.Tensor:
+    """``image`` as a (B, 3, H, W) float32 tensor in [-1, 1].
+
+    PIL images are always resized to ``size`` = (height, width). Arrays and tensors are resized (nearest) only when
+    ``resize`` is true; otherwise they keep their size and the caller checks it with :func:`check_sizes`.
+    """
+    unit = _rgb_batch(_as_list(image, param), size, param, tensor_range=(-1.0, 1.0))
+    if resize:
+        unit = _resize_nearest(unit, size)
+    return unit * 2.0 - 1.0
+
+
+def mask_to_tensor(mask: ImageInput, size: tuple[int, int], param: str = "mask_image") -> torch.Tensor:
+    """``mask`` as a (B, 1, H, W) float32 tensor in {0, 1}, 1 = repaint.
+
+    PIL masks are resized to ``size`` (Lanczos, as the reference); arrays and tensors keep their size.
+    """
+    out = []
+    for item in _as_list(mask, param):
+        if isinstance(item, PIL.Image.Image):
+            out.append(_pil_to_unit(item, "L", size, PIL.Image.LANCZOS)[None, None])
+            continue
+        if isinstance(item, np.ndarray):
+            if item.ndim == 3 and item.shape[-1] == 1:
+                item = item[..., 0]
+            if item.ndim != 2:
+                raise ValueError(f"`{param}` numpy arrays must be HW or HW1, got shape {item.shape}")
+            out.append(_array_to_unit(item, param)[None, None])
+            continue
+        tensor = item.detach()
+        if tensor.ndim == 2:
+            tensor = tensor[None, None]
+        elif tensor.ndim == 3:
+            tensor = tensor[:, None]  # (1, H, W) and (B, H, W) alike: the leading dim is the batch
+        if tensor.ndim != 4 or tensor.shape[1] != 1:
+            raise ValueError(
+                f"`{param}` tensors must be (H, W), (B, H, W) or (B, 1, H, W), got shape {tuple(item.shape)}"
+            )
+        tensor = tensor.float().cpu()
+        _check_range(tensor, 0.0, 1.0, param)
+        out.append(tensor)
+    # Binarize into a new tensor: the reference does this in place, changing the caller's mask.
+    return (_cat_same_size(out, param) >= 0.5).float()
+
+
+def hint_to_tensor(hint: ImageInput, size: tuple[int, int], param: str = "hint") -> torch.Tensor:
+    """``hint`` as a (B, 3, H, W) float32 tensor in [0, 1]; PIL hints are resized to ``size``, others keep theirs."""
+    return _rgb_batch(_as_list(hint, param), size, param, tensor_range=(0.0, 1.0))
+
+
+def erode_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """The reference's latent-space mask erosion (``prepare_mask``), vectorized.
+
+    ``keep`` is (B, C, h, w) with 1 = keep. A pixel keeps its value only if its six neighbours at
+    ``_EROSION_OFFSETS`` (inside the image) are all exactly 1; otherwise it becomes 0. This grows the repainted
+    region by one latent pixel, except towards the anti-diagonal corners. Channel 0 decides for all channels, as in
+    the reference.
+    """
+    height, width = keep.shape[-2:]
+    is_one = (keep[:, :1] == 1).to(keep.dtype)
+    padded = F.pad(is_one, (1, 1, 1, 1), value=1.0)  # outside the image counts as "keep"
+    neighbours = [padded[..., 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] for dy, dx in _EROSION_OFFSETS]
+    return keep * torch.stack(neighbours).amin(dim=0)
+
+
+def check_sizes(expected: tuple[int, int], how: str, **sizes: tuple[int, int]) -> None:
+    """Raise ``ValueError`` if any named (height, width) differs from ``expected``, naming every size.
+
+    ``how`` says where ``expected`` comes from (e.g. ``"height=500, width=500 rounded up to a multiple of 64"``).
+    """
+    if all(tuple(size) == tuple(expected) for size in sizes.values()):
+        return
+    listed = ", ".join(f"`{name}` is {h}x{w}" for name, (h, w) in sizes.items())
+    raise ValueError(f"size mismatch: {listed}; expected {expected[0]}x{expected[1]} ({how})")
+
+
+def match_batch(tensor: torch.Tensor, batch: int, param: str) -> torch.Tensor:
+    """Broadcast a single item to ``batch`` items, or check that there is one item per embedding."""
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    raise ValueError(f"`{param}` has {tensor.shape[0]} items but there are {batch} image embeddings; pass 1 or {batch}")
