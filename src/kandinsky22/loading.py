@@ -313,3 +313,147 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"No '{path.name}' in '{path.parent}'")
     return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model_index.json: pipelines as folders of components (written for the pipelines, see pipelines/base.py)
+# ----------------------------------------------------------------------------------------------------------------------
+
+MODEL_INDEX_NAME = "model_index.json"
+# The reference version whose folder layout we write; the reference reads this key and needs a parseable version.
+MODEL_INDEX_VERSION = "0.42.1"
+
+
+def read_model_index(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> tuple[Path, dict]:
+    """The folder (downloading only ``model_index.json`` and the model card from the hub) and its model index."""
+    folder = resolve_folder(path_or_id, allow_patterns=[MODEL_INDEX_NAME, "README.md"], **hub_kwargs)
+    return folder, read_json(folder / MODEL_INDEX_NAME)
+
+
+def read_model_card_list(folder: Path, key: str) -> list[str]:
+    """The values of ``key`` in the YAML front matter of ``folder/README.md`` (a list, or [] when absent).
+
+    The official decoder repos name their prior this way (``prior: [kandinsky-community/kandinsky-2-2-prior]``).
+    """
+    import yaml
+
+    card = folder / "README.md"
+    if not card.is_file():
+        return []
+    text = card.read_text(encoding="utf-8")
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.DOTALL)
+    if not match:
+        return []
+    value = (yaml.safe_load(match.group(1)) or {}).get(key)
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _model_weight_patterns(stem: str, variant: str | None, ext: str) -> list[str]:
+    v = f".{variant}" if variant else ""
+    return [f"{stem}{v}.{ext}", f"{stem}.{ext}.index{v}.json", f"{stem}{v}-*.{ext}", f"{stem}-*{v}.{ext}"]
+
+
+def _resolve_weights(path_or_id: str | os.PathLike, subfolder: str, stem: str, variant: str | None, **hub_kwargs: Any):
+    """The component folder with its weights present, fetching safetensors first and .bin only if there are none.
+
+    The official repos hold both formats; downloading only one halves the download (5 GB for the UNet alone).
+    """
+    configs = ["config.json"]
+    for ext in ("safetensors", "bin"):
+        folder = resolve_folder(
+            path_or_id, subfolder, configs + _model_weight_patterns(stem, variant, ext), **hub_kwargs
+        )
+        v = f".{variant}" if variant else ""
+        if any(folder.glob(f"{stem}*{v}*.{ext}")) or any(folder.glob(f"{stem}*.{ext}.index{v}.json")):
+            return folder
+    return folder
+
+
+_TRANSFORMERS_FILES = {
+    "tokenizer": ["*.json", "*.txt", "*.model"],
+    "processor": ["preprocessor_config.json"],
+}
+
+
+def load_component(
+    path_or_id: str | os.PathLike,
+    name: str,
+    library: str,
+    class_name: str,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    **hub_kwargs: Any,
+) -> Any:
+    """Load component ``name`` of a pipeline folder, as ``model_index.json`` describes it (``[library, class_name]``).
+
+    ``diffusers`` components are built from our own classes of the same name (models, schedulers); ``transformers``
+    components (CLIP towers, tokenizer, image processor) through transformers.
+    """
+    if library == "transformers":
+        return _load_transformers_component(path_or_id, name, class_name, torch_dtype, variant, **hub_kwargs)
+    import kandinsky22
+
+    cls = getattr(kandinsky22, class_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(
+            f"Component '{name}' of '{path_or_id}' is a {library}.{class_name}, which kandinsky22 does not provide. "
+            f"Pass your own `{name}=` to from_pretrained."
+        )
+    if isinstance(cls, type) and issubclass(cls, ModelMixin):
+        folder = _resolve_weights(path_or_id, name, WEIGHTS_STEM, variant, **hub_kwargs)
+        if variant and not any(folder.glob(f"*.{variant}.*")):
+            logger.info("No '%s' weights in '%s'; loading the default ones", variant, folder)
+            variant = None
+        return cls.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
+    return cls.from_pretrained(resolve_folder(path_or_id, name, ["*.json"], **hub_kwargs))
+
+
+def _load_transformers_component(
+    path_or_id: str | os.PathLike,
+    name: str,
+    class_name: str,
+    torch_dtype: torch.dtype | None,
+    variant: str | None,
+    **hub_kwargs: Any,
+) -> Any:
+    import transformers
+
+    if class_name.startswith("CLIPImageProcessor"):
+        # Saved as CLIPImageProcessor (official) or CLIPImageProcessorPil (transformers 5 without torchvision):
+        # the same preprocessing; take the PIL one when torchvision is missing, as transformers itself would.
+        from importlib.util import find_spec
+
+        pil = getattr(transformers, "CLIPImageProcessorPil", None)
+        cls = pil if pil is not None and find_spec("torchvision") is None else transformers.CLIPImageProcessor
+        return cls.from_pretrained(resolve_folder(path_or_id, name, _TRANSFORMERS_FILES["processor"], **hub_kwargs))
+    cls = getattr(transformers, class_name, None)
+    if cls is None:
+        raise ValueError(f"Component '{name}' of '{path_or_id}' names transformers.{class_name}, which does not exist")
+    if "Tokenizer" in class_name:
+        return cls.from_pretrained(resolve_folder(path_or_id, name, _TRANSFORMERS_FILES["tokenizer"], **hub_kwargs))
+    folder = _resolve_weights(path_or_id, name, "model", variant, **hub_kwargs)
+    if variant and not any(folder.glob(f"*.{variant}.*")):
+        variant = None
+    if torch_dtype is None:
+        return cls.from_pretrained(folder, variant=variant)
+    major = int(transformers.__version__.split(".")[0])
+    dtype_key = "dtype" if major >= 5 else "torch_dtype"  # transformers 5 renamed the argument
+    return cls.from_pretrained(folder, variant=variant, **{dtype_key: torch_dtype})
+
+
+def _index_class_name(component: Any) -> str:
+    name = type(component).__name__
+    # The official model_index names CLIPImageProcessor; its Pil/Fast variants load from the same files.
+    return "CLIPImageProcessor" if name.startswith("CLIPImageProcessor") else name
+
+
+def write_model_index(folder: Path, class_name: str, components: Mapping[str, Any]) -> None:
+    """Write ``model_index.json``. Our models and schedulers are saved in the reference's format under the reference's
+    class names, so they are listed as ``diffusers`` components (and load back into our classes of the same name)."""
+    index: dict[str, Any] = {"_class_name": class_name, "_diffusers_version": MODEL_INDEX_VERSION}
+    for name, component in sorted(components.items()):
+        library = "transformers" if type(component).__module__.startswith("transformers") else "diffusers"
+        index[name] = [library, _index_class_name(component)]
+    (Path(folder) / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

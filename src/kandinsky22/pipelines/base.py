@@ -1,0 +1,386 @@
+"""What every pipeline shares: components, loading and saving, devices, offloading, progress bars, outputs, noise.
+
+A pipeline is a named set of components (models, a scheduler, transformers objects) plus a ``__call__``. Component
+names and the ``model_index.json`` layout are the reference's, so a folder saved by either library loads in the other
+and ``OtherPipeline(**pipe.components)`` shares the modules without copying them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kandinsky22 import loading
+
+Generator = torch.Generator | list[torch.Generator] | None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Output:
+    """Attribute, index (``out[0]``), key (``out["images"]``) and tuple (``out.to_tuple()``) access to the fields."""
+
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]  # an IndexError past the end also makes `a, b = out` unpack the fields
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self._fields)})"
+
+
+class ImagePipelineOutput(_Output):
+    """``images``: a list of PIL images, an (N, H, W, 3) float array in [0, 1], an (N, 3, H, W) tensor in [0, 1], or
+    latents (``output_type="latent"``)."""
+
+    _fields = ("images",)
+
+    def __init__(self, images: Any) -> None:
+        self.images = images
+
+
+class KandinskyPriorPipelineOutput(_Output):
+    """CLIP image embeddings for the prompts and for the negative (both (N, D), tensors or arrays)."""
+
+    _fields = ("image_embeds", "negative_image_embeds")
+
+    def __init__(self, image_embeds: Any, negative_image_embeds: Any) -> None:
+        self.image_embeds = image_embeds
+        self.negative_image_embeds = negative_image_embeds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input checks shared by the pipelines (raised where user input enters)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
+
+
+def check_callback_inputs(names: Iterable[str] | None, allowed: Sequence[str], name: str) -> list[str]:
+    names = list(names or [])
+    unknown = [k for k in names if k not in allowed]
+    if unknown:
+        raise ValueError(f"`{name}` may only name {list(allowed)}; unknown: {unknown}")
+    return names
+
+
+def check_generator(generator: Generator, batch_size: int, what: str = "image") -> None:
+    """A generator list needs one generator per sample (``batch_size``)."""
+    if isinstance(generator, list):
+        if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} items, but {batch_size} {what}s are generated: pass one "
+                f"torch.Generator, or a list of exactly {batch_size} torch.Generators (one per {what})"
+            )
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}")
+
+
+def prompt_list(prompt: Any, name: str = "prompt") -> list[str]:
+    """``prompt`` as a non-empty list of non-empty strings."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"`{name}` must be a non-empty string or a non-empty list of strings, got {prompt!r}")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"`{name}` must contain only non-empty strings, got {p!r} in {prompt!r}")
+    return list(prompts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images out
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    """(N, H, W, C) floats in [0, 1] → PIL images, rounding as the reference (``(x * 255).round()``)."""
+    images = (images * 255).round().astype("uint8")
+    if images.shape[-1] == 1:
+        return [PIL.Image.fromarray(image[..., 0], mode="L") for image in images]
+    return [PIL.Image.fromarray(image) for image in images]
+
+
+def convert_images(images: torch.Tensor, output_type: str) -> Any:
+    """Decoded images in [-1, 1] (N, 3, H, W) → ``"pt"`` (float, [0, 1], NCHW), ``"np"`` (NHWC float32) or ``"pil"``."""
+    images = (images.float() * 0.5 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    array = images.cpu().permute(0, 2, 3, 1).numpy()
+    return array if output_type == "np" else numpy_to_pil(array)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CPU offloading (our own, no accelerate)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _ModelOffload:
+    """Keep every model on the CPU and move one whole model to the execution device when the pipeline uses it.
+
+    Shared by the sub-pipelines of a combined pipeline, so that using the UNet sends the prior back to the CPU.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.active: nn.Module | None = None
+
+    def use(self, module: nn.Module) -> nn.Module:
+        if module is not self.active:
+            self.release()
+            module.to(self.device)
+            self.active = module
+        return module
+
+    def release(self) -> None:
+        if self.active is not None:
+            self.active.to("cpu")
+            self.active = None
+
+
+def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
+    """Move the parameters and buffers that ``module`` itself holds (not its children's)."""
+    for param in module._parameters.values():
+        if param is not None:
+            param.data = param.data.to(device)
+    for name, buffer in module._buffers.items():
+        if buffer is not None:
+            module._buffers[name] = buffer.to(device)
+
+
+def _attach_sequential_offload(model: nn.Module, device: torch.device) -> None:
+    """Each submodule's own weights visit ``device`` only while its ``forward`` runs.
+
+    The root's own tensors (e.g. the prior's positional embedding and CLIP statistics, which ``post_process_latents``
+    reads outside ``forward``) are small and stay on ``device``.
+    """
+    model.to("cpu")
+    _move_own_tensors(model, device)
+    for sub in model.modules():
+        if sub is model or not (sub._parameters or sub._buffers):
+            continue
+        sub.register_forward_pre_hook(lambda m, args: _move_own_tensors(m, device))
+        sub.register_forward_hook(lambda m, args, out: _move_own_tensors(m, torch.device("cpu")))
+
+
+def offload_device(gpu_id: int | None, device: torch.device | str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if gpu_id is not None:
+        device = torch.device(device.type, gpu_id)
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipeline base
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Components by name, ``from_pretrained`` / ``save_pretrained``, ``to``, offloading and the progress bar.
+
+    A subclass lists its components in ``component_names`` (the reference's constructor order) and calls
+    ``super().__init__(**components)``. Inside ``__call__`` it fetches models through ``self._use(name)``, the one place
+    where model offloading moves a model to the execution device.
+    """
+
+    component_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **components: Any) -> None:
+        missing = [name for name in self.component_names if name not in components]
+        unknown = [name for name in components if name not in self.component_names]
+        if missing or unknown:
+            raise TypeError(
+                f"{type(self).__name__} takes {list(self.component_names)}; missing {missing}, got {unknown}"
+            )
+        for name in self.component_names:
+            setattr(self, name, components[name])
+        self._progress_bar_config: dict[str, Any] = {}
+        self._offload: _ModelOffload | None = None
+        self._sequential_device: torch.device | None = None
+
+    # -- components --------------------------------------------------------------------------------------------
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The components by constructor name: ``OtherPipeline(**pipe.components)`` shares them."""
+        return {name: getattr(self, name) for name in self.component_names}
+
+    def _modules(self) -> list[nn.Module]:
+        return [c for c in self.components.values() if isinstance(c, nn.Module)]
+
+    # -- loading and saving ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        **component_overrides: Any,
+    ):
+        """Load a folder or hub repository in the reference layout (``model_index.json`` + one folder per component).
+
+        Components passed by name (``scheduler=...``) are used instead of loading them; on the hub only the files of
+        the components still needed are downloaded.
+        """
+        unknown = [k for k in component_overrides if k not in cls.component_names]
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained got unknown components {unknown}; it has {cls.component_names}"
+            )
+        folder, index = loading.read_model_index(path_or_id)
+        return cls(**cls._load_components(path_or_id, folder, index, torch_dtype, variant, component_overrides))
+
+    @classmethod
+    def _load_components(
+        cls,
+        path_or_id: str | os.PathLike,
+        folder: Path,
+        index: dict,
+        torch_dtype: torch.dtype | None,
+        variant: str | None,
+        overrides: dict[str, Any],
+        names: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        components = {}
+        for name in names or cls.component_names:
+            if name in overrides:
+                components[name] = overrides[name]
+                continue
+            if name not in index:
+                raise ValueError(
+                    f"'{path_or_id}' has no component '{name}' in its model_index.json (it has "
+                    f"{sorted(k for k in index if not k.startswith('_'))}); pass `{name}=` to {cls.__name__}.from_pretrained"
+                )
+            library, class_name = index[name]
+            components[name] = loading.load_component(path_or_id, name, library, class_name, torch_dtype, variant)
+        return components
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``model_index.json`` and one folder per component, in the layout the reference loads."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, component in self.components.items():
+            component.save_pretrained(folder / name)
+        loading.write_model_index(folder, type(self).__name__, self.components)
+
+    # -- devices and dtypes ------------------------------------------------------------------------------------
+
+    def to(self, *args: Any, **kwargs: Any):
+        """``to(device)``, ``to(dtype)`` or ``to(device, dtype)`` on every model; returns the pipeline."""
+        for module in self._modules():
+            module.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        for module in self._modules():
+            return next(module.parameters()).device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for module in self._modules():
+            return next(module.parameters()).dtype
+        return torch.float32
+
+    @property
+    def _execution_device(self) -> torch.device:
+        if self._offload is not None:
+            return self._offload.device
+        if self._sequential_device is not None:
+            return self._sequential_device
+        return self.device
+
+    def _use(self, name: str) -> Any:
+        """Component ``name``, on the execution device if model offloading is on (else as it is)."""
+        component = getattr(self, name)
+        if self._offload is not None and isinstance(component, nn.Module):
+            self._offload.use(component)
+        return component
+
+    def _end_of_call(self) -> None:
+        """Send the last used model back to the CPU when model offloading is on."""
+        if self._offload is not None:
+            self._offload.release()
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """Keep models on the CPU; move each whole model to ``device`` (default ``cuda``) while it is used."""
+        self._set_model_offload(_ModelOffload(offload_device(gpu_id, device)))
+
+    def _set_model_offload(self, offload: _ModelOffload) -> None:
+        self.to("cpu")
+        self._offload = offload
+        self._sequential_device = None
+
+    def enable_sequential_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """Keep weights on the CPU; each submodule's weights visit ``device`` only while its ``forward`` runs."""
+        target = offload_device(gpu_id, device)
+        self._offload = None
+        self._sequential_device = target
+        for module in self._modules():
+            _attach_sequential_offload(module, target)
+
+    # -- progress bar ------------------------------------------------------------------------------------------
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for the tqdm bar of each denoising loop, e.g. ``disable=True``."""
+        self._progress_bar_config = dict(kwargs)
+
+    def progress_bar(self, iterable: Iterable) -> Iterable:
+        return tqdm(iterable, **self._progress_bar_config)
+
+
+def step_accepts_generator(scheduler: Any) -> bool:
+    """Whether ``scheduler.step`` takes a ``generator`` (ancestral samplers do; UniPC, for one, does not)."""
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def run_callback(
+    callback: Callable | None,
+    pipe: Pipeline,
+    step: int,
+    timestep: Any,
+    tensor_names: Sequence[str],
+    state: dict[str, torch.Tensor],
+) -> None:
+    """``callback_on_step_end(pipe, step, t, {name: tensor})``; the tensors it returns replace those in ``state``."""
+    if callback is None:
+        return
+    outputs = callback(pipe, step, timestep, {name: state[name] for name in tensor_names}) or {}
+    for name, value in outputs.items():
+        if name in state:
+            state[name] = value
