@@ -1,0 +1,429 @@
+"""The Kandinsky 2.2 decoder UNet: a latent-diffusion UNet conditioned only on a CLIP image embedding.
+
+The image embedding enters twice: added to the time embedding (``add_embedding``) and as 32 context tokens
+(``encoder_hid_proj``) that every attention layer prepends to its keys and values. The controlnet-depth variant
+(``addition_embed_type="image_hint"``) also encodes a 3-channel hint at 8× the latent size into 4 channels that are
+concatenated to the input. Module paths equal the official state-dict keys; the config keys and their defaults are
+the reference's, so ``config.json`` files are shared with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kandinsky22.loading import ModelMixin
+from kandinsky22.models.layers import AddedKVAttention, ResnetBlock2D, TimestepEmbedding, Timesteps
+
+# Block type → whether it has attention layers.
+_DOWN_BLOCKS = {"ResnetDownsampleBlock2D": False, "SimpleCrossAttnDownBlock2D": True}
+_UP_BLOCKS = {"ResnetUpsampleBlock2D": False, "SimpleCrossAttnUpBlock2D": True}
+
+# Keys whose other values select machinery outside the K2.2 family; only these values are accepted.
+_ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
+    "mid_block_type": ("UNetMidBlock2DSimpleCrossAttn",),
+    "addition_embed_type": ("image", "image_hint"),
+    "encoder_hid_dim_type": ("image_proj",),
+    "resnet_time_scale_shift": ("scale_shift",),
+    "time_embedding_type": ("positional",),
+    "act_fn": ("silu",),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "class_embeddings_concat": (False,),
+    "center_input_sample": (False,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "mid_block_scale_factor": (1.0,),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+    "num_attention_heads": (None,),
+    "attention_type": ("default",),
+    "dropout": (0.0,),
+}
+
+
+@dataclass
+class UNet2DConditionOutput:
+    sample: torch.Tensor  # (B, out_channels, H, W)
+
+
+def _per_level(config: Mapping[str, Any], key: str, levels: int) -> list[int]:
+    """An int (same at every level) or a list with one int per level."""
+    value = config[key]
+    if isinstance(value, int):
+        return [value] * levels
+    if isinstance(value, (list, tuple)) and len(value) == levels and all(isinstance(v, int) for v in value):
+        return list(value)
+    raise ValueError(f"{key}={value!r} must be an int or a list of {levels} ints (one per level)")
+
+
+def _check_config(config: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the key and value of anything outside the K2.2 decoder family."""
+    for key, allowed in _ALLOWED_VALUES.items():
+        if config[key] not in allowed:
+            raise ValueError(
+                f"UNet2DConditionModel does not support {key}={config[key]!r}; supported: "
+                + ", ".join(map(repr, allowed))
+            )
+    only_cross = config["only_cross_attention"]
+    if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
+        raise ValueError(f"UNet2DConditionModel does not support only_cross_attention={only_cross!r}; supported: False")
+    levels = len(config["block_out_channels"])
+    for key, known in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
+        types = list(config[key])
+        if len(types) != levels:
+            raise ValueError(f"{key}={types!r} must have one entry per block_out_channels ({levels})")
+        for block_type in types:
+            if block_type not in known:
+                raise ValueError(f"{key} contains unsupported block type {block_type!r}; supported: {list(known)}")
+    for key in ("cross_attention_dim", "encoder_hid_dim", "norm_num_groups"):
+        if not isinstance(config[key], int):
+            raise ValueError(f"UNet2DConditionModel needs an int {key}, got {key}={config[key]!r}")
+
+    # Heads are channels // attention_head_dim; the reference's attention only runs when that division is exact.
+    # Up blocks take attention_head_dim[i] without reversing it, as the reference does.
+    channels = list(config["block_out_channels"])
+    head_dims = _per_level(config, "attention_head_dim", levels)
+    down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
+    attended = [(channels[i], head_dims[i]) for i in range(levels) if _DOWN_BLOCKS[down_types[i]]]
+    attended += [(channels[::-1][i], head_dims[i]) for i in range(levels) if _UP_BLOCKS[up_types[i]]]
+    attended.append((channels[-1], head_dims[-1]))
+    for width, head_dim in attended:
+        if head_dim <= 0 or width % head_dim:
+            raise ValueError(f"attention_head_dim={config['attention_head_dim']!r} must divide the width {width}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conditioning on the CLIP image embedding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ImageProjection(nn.Module):
+    """CLIP image embedding (B, D) → ``tokens`` LayerNorm-ed context tokens (B, tokens, context_dim)."""
+
+    def __init__(self, image_dim: int, context_dim: int, tokens: int = 32) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.image_embeds = nn.Linear(image_dim, tokens * context_dim)
+        self.norm = nn.LayerNorm(context_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        x = self.image_embeds(image_embeds.to(self.image_embeds.weight.dtype))
+        return self.norm(x.unflatten(-1, (self.tokens, -1)))  # (B, tokens, context_dim)
+
+
+def _hint_encoder() -> nn.Sequential:
+    """3-channel hint → 4 channels at 1/8 of its size (three stride-2 convs), SiLU between the convs.
+
+    The convs sit at Sequential indices 0, 2, …, 14, as in the checkpoint.
+    """
+    widths = (3, 16, 16, 32, 32, 96, 96, 256, 4)
+    strides = (1, 1, 2, 1, 2, 1, 2, 1)
+    layers: list[nn.Module] = []
+    for c_in, c_out, stride in zip(widths[:-1], widths[1:], strides):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class ImageTimeEmbedding(nn.Module):
+    """CLIP image embedding → an addition to the time embedding; with ``hint``, also holds the hint encoder."""
+
+    def __init__(self, image_dim: int, time_dim: int, hint: bool) -> None:
+        super().__init__()
+        self.image_proj = nn.Linear(image_dim, time_dim)
+        self.image_norm = nn.LayerNorm(time_dim)
+        self.input_hint_block = _hint_encoder() if hint else None
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        # The reference does not cast here (mixed dtypes fail there); casting as ImageProjection does is harmless.
+        return self.image_norm(self.image_proj(image_embeds.to(self.image_proj.weight.dtype)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Blocks: one resolution level each
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DownBlock(nn.Module):
+    """``layers`` × [resnet → attention?], then a resnet downsampler unless it is the last level.
+
+    ``head_dim=None`` gives ResnetDownsampleBlock2D, otherwise SimpleCrossAttnDownBlock2D. Every output (and the
+    downsampler's) is appended to ``skips`` for the up path.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        layers: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+        context_dim: int,
+        head_dim: int | None,
+        downsample: bool,
+    ) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList(
+            AddedKVAttention(out_channels, context_dim, head_dim, groups) for _ in range(layers if head_dim else 0)
+        )
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps)
+            for i in range(layers)
+        )
+        self.downsamplers = nn.ModuleList(
+            [ResnetBlock2D(out_channels, out_channels, temb_channels, groups, eps, resample="down")]
+            if downsample
+            else []
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        for downsampler in self.downsamplers:
+            x = downsampler(x, temb)
+            skips.append(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """UNetMidBlock2DSimpleCrossAttn: resnet → attention → resnet at the lowest resolution."""
+
+    def __init__(
+        self, channels: int, temb_channels: int, groups: int, eps: float, context_dim: int, head_dim: int
+    ) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList([AddedKVAttention(channels, context_dim, head_dim, groups)])
+        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+class UpBlock(nn.Module):
+    """``layers`` × [concat a skip → resnet → attention?], then a resnet upsampler unless it is the last level.
+
+    ``head_dim=None`` gives ResnetUpsampleBlock2D, otherwise SimpleCrossAttnUpBlock2D. Resnet ``i`` takes
+    ``(prev_channels if i == 0 else out_channels) + (skip_channels if i == layers - 1 else out_channels)`` inputs,
+    the reference's bookkeeping (``skip_channels`` is the width of the level below).
+    """
+
+    def __init__(
+        self,
+        skip_channels: int,
+        prev_channels: int,
+        out_channels: int,
+        layers: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+        context_dim: int,
+        head_dim: int | None,
+        upsample: bool,
+    ) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList(
+            AddedKVAttention(out_channels, context_dim, head_dim, groups) for _ in range(layers if head_dim else 0)
+        )
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(
+                (prev_channels if i == 0 else out_channels) + (skip_channels if i == layers - 1 else out_channels),
+                out_channels,
+                temb_channels,
+                groups,
+                eps,
+            )
+            for i in range(layers)
+        )
+        self.upsamplers = nn.ModuleList(
+            [ResnetBlock2D(out_channels, out_channels, temb_channels, groups, eps, resample="up")] if upsample else []
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+        for upsampler in self.upsamplers:
+            x = upsampler(x, temb)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class UNet2DConditionModel(ModelMixin):
+    """Decoder UNet of Kandinsky 2.2 (text2img / img2img: 4 input channels; inpaint: 9; controlnet-depth: 8).
+
+    Builds any number of levels from the reference's config keys; values outside this family raise ``ValueError``.
+    """
+
+    config_defaults: ClassVar[dict[str, Any]] = {
+        "sample_size": None,
+        "in_channels": 4,
+        "out_channels": 4,
+        "center_input_sample": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "only_cross_attention": False,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "dropout": 0.0,
+        "act_fn": "silu",
+        "norm_num_groups": 32,
+        "norm_eps": 1e-05,
+        "cross_attention_dim": 1280,
+        "transformer_layers_per_block": 1,
+        "reverse_transformer_layers_per_block": None,
+        "encoder_hid_dim": None,
+        "encoder_hid_dim_type": None,
+        "attention_head_dim": 8,
+        "num_attention_heads": None,
+        "dual_cross_attention": False,
+        "use_linear_projection": False,
+        "class_embed_type": None,
+        "addition_embed_type": None,
+        "addition_time_embed_dim": None,
+        "num_class_embeds": None,
+        "upcast_attention": False,
+        "resnet_time_scale_shift": "default",
+        "resnet_skip_time_act": False,
+        "resnet_out_scale_factor": 1.0,
+        "time_embedding_type": "positional",
+        "time_embedding_dim": None,
+        "time_embedding_act_fn": None,
+        "timestep_post_act": None,
+        "time_cond_proj_dim": None,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "projection_class_embeddings_input_dim": None,
+        "attention_type": "default",
+        "class_embeddings_concat": False,
+        "mid_block_only_cross_attention": None,
+        "cross_attention_norm": None,
+        "addition_embed_type_num_heads": 64,
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        cfg = self._register_config(kwargs)
+        _check_config(cfg)
+        channels = list(cfg.block_out_channels)
+        levels = len(channels)
+        layers = _per_level(cfg, "layers_per_block", levels)
+        head_dims = _per_level(cfg, "attention_head_dim", levels)
+        time_dim = cfg.time_embedding_dim or 4 * channels[0]
+        groups, eps, context_dim = cfg.norm_num_groups, cfg.norm_eps, cfg.cross_attention_dim
+
+        self.conv_in = nn.Conv2d(
+            cfg.in_channels, channels[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2
+        )
+        self.time_proj = Timesteps(channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        self.time_embedding = TimestepEmbedding(channels[0], time_dim)
+        self.encoder_hid_proj = ImageProjection(cfg.encoder_hid_dim, context_dim)
+        self.add_embedding = ImageTimeEmbedding(cfg.encoder_hid_dim, time_dim, cfg.addition_embed_type == "image_hint")
+
+        self.down_blocks = nn.ModuleList(
+            DownBlock(
+                channels[max(i - 1, 0)],
+                channels[i],
+                layers[i],
+                time_dim,
+                groups,
+                eps,
+                context_dim,
+                head_dims[i] if _DOWN_BLOCKS[block_type] else None,
+                downsample=i < levels - 1,
+            )
+            for i, block_type in enumerate(cfg.down_block_types)
+        )
+        reversed_channels, reversed_layers = channels[::-1], layers[::-1]
+        self.up_blocks = nn.ModuleList(
+            UpBlock(
+                reversed_channels[min(i + 1, levels - 1)],
+                reversed_channels[max(i - 1, 0)],
+                reversed_channels[i],
+                reversed_layers[i] + 1,
+                time_dim,
+                groups,
+                eps,
+                context_dim,
+                head_dims[i] if _UP_BLOCKS[block_type] else None,  # not reversed: the reference's quirk
+                upsample=i < levels - 1,
+            )
+            for i, block_type in enumerate(cfg.up_block_types)
+        )
+        # Registered after up_blocks, as in the reference, so the state dict lists keys in the reference's order.
+        self.mid_block = MidBlock(channels[-1], time_dim, groups, eps, context_dim, head_dims[-1])
+        self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps)
+        self.conv_out = nn.Conv2d(
+            channels[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2
+        )
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        """Predict the ``out_channels`` (for K2.2: [noise | variance]) for ``sample`` (B, C, H, W) at ``timestep``.
+
+        ``added_cond_kwargs`` holds ``image_embeds`` (B, encoder_hid_dim) and, for "image_hint", ``hint``
+        (B, 3, 8H, 8W); C is ``in_channels`` minus the hint's 4 channels. ``timestep`` is a number, a 0-d tensor or
+        a (1,) / (B,) tensor, broadcast to the batch on the device without a host sync. ``encoder_hidden_states``
+        is ignored, as in the reference: the context tokens come from ``image_embeds``. H and W must be divisible
+        by 2 ** (levels - 1).
+        """
+        cond = added_cond_kwargs or {}
+        image_embeds = cond.get("image_embeds")
+        if image_embeds is None:
+            raise ValueError(
+                "UNet2DConditionModel needs added_cond_kwargs['image_embeds'] (the CLIP image embedding); "
+                f"got keys {sorted(cond)}"
+            )
+        hint_encoder = self.add_embedding.input_hint_block
+        if hint_encoder is not None:
+            hint = cond.get("hint")
+            if hint is None:
+                raise ValueError(
+                    "UNet2DConditionModel with addition_embed_type='image_hint' needs added_cond_kwargs['hint'] "
+                    f"(B, 3, 8H, 8W); got keys {sorted(cond)}"
+                )
+            sample = torch.cat([sample, hint_encoder(hint.to(sample.dtype))], dim=1)
+
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
+        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype)) + self.add_embedding(image_embeds)
+        temb = F.silu(emb)  # every resnet activates the time embedding before projecting it: do it once here
+        context = self.encoder_hid_proj(image_embeds)  # (B, 32, cross_attention_dim)
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for down_block in self.down_blocks:
+            x = down_block(x, temb, context, skips)
+        x = self.mid_block(x, temb, context)
+        for up_block in self.up_blocks:
+            x = up_block(x, temb, context, skips)
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return UNet2DConditionOutput(sample=x) if return_dict else (x,)
