@@ -6,6 +6,7 @@ so loading a 1.2 B-parameter UNet allocates each weight once (no random init, no
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -360,13 +361,10 @@ def _resolve_weights(path_or_id: str | os.PathLike, subfolder: str, stem: str, v
 
     The official repos hold both formats; downloading only one halves the download (5 GB for the UNet alone).
     """
-    configs = ["config.json"]
     for ext in ("safetensors", "bin"):
-        folder = resolve_folder(
-            path_or_id, subfolder, configs + _model_weight_patterns(stem, variant, ext), **hub_kwargs
-        )
-        v = f".{variant}" if variant else ""
-        if any(folder.glob(f"{stem}*{v}*.{ext}")) or any(folder.glob(f"{stem}*.{ext}.index{v}.json")):
+        patterns = _model_weight_patterns(stem, variant, ext)
+        folder = resolve_folder(path_or_id, subfolder, ["config.json", *patterns], **hub_kwargs)
+        if any(fnmatch.fnmatch(file.name, pattern) for file in folder.iterdir() for pattern in patterns):
             return folder
     return folder
 

@@ -151,7 +151,13 @@ class _PriorBase(Pipeline):
         return prior.post_process_latents(state["latents"])
 
     def _prepare_prompts(
-        self, prompt: Any, negative_prompt: Any, n: int, guidance_scale: float, generator: Generator
+        self,
+        prompt: Any,
+        negative_prompt: Any,
+        n: int,
+        guidance_scale: float,
+        generator: Generator,
+        allow_empty: bool = False,
     ) -> tuple[list[str], list[str] | None, Generator]:
         """Check the prompts; return the batch prompts, the CFG unconditional prompts, and the generator(s).
 
@@ -284,7 +290,7 @@ class _PriorBase(Pipeline):
 
         def text_run(text: str) -> tuple[torch.Tensor, torch.Tensor]:
             negative = None if negative_prior_prompt is None else [negative_prior_prompt]
-            prompts, uncond, gen = self._prepare_prompts([text], negative, n, guidance_scale, generator)
+            prompts, uncond, gen = self._prepare_prompts([text], negative, n, guidance_scale, generator, True)
             return self._sample_from_text(
                 prompts, uncond, negative is not None, n, num_inference_steps, gen, latents, guidance_scale
             )
@@ -302,16 +308,7 @@ class _PriorBase(Pipeline):
             negative = self.zero_image_embeds(n)
         elif negative_prompt == "":
             # The reference runs the prior on "" with the negative prior prompt and returns that run's negative half.
-            negative = self._sample_from_text(
-                ["", negative_prior_prompt],
-                [negative_prior_prompt] * 2 if guidance_scale > 1 else None,
-                True,
-                n,
-                num_inference_steps,
-                generator,
-                latents,
-                guidance_scale,
-            )[1]
+            negative = text_run("")[1]
         else:
             negative = text_run(negative_prompt)[0]
         self._end_of_call()
