@@ -310,12 +310,19 @@ def make_tiny_repos(root: str | Path, seed: int = 0) -> dict[str, Path]:
     the global RNG state is left as it was. Returns ``{name: folder}``.
     """
     import torch
+    from transformers.utils import logging as transformers_logging
 
     root = Path(root).expanduser().resolve()
     repos: dict[str, Path] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        repos["prior"] = _write_prior_repo(root / "prior")
-        for name in _DECODERS:
-            repos[name] = _write_decoder_repo(root / name, name, repos["prior"])
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Writing model shards" bar per tiny file is noise
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            repos["prior"] = _write_prior_repo(root / "prior")
+            for name in _DECODERS:
+                repos[name] = _write_decoder_repo(root / name, name, repos["prior"])
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     return repos

@@ -1,0 +1,587 @@
+"""``kandinsky22``: generate, edit and mix images from a terminal, reproducibly.
+
+Importing this module is cheap (no torch): arguments are parsed and jobs validated first, so a bad argument comes
+back at once; torch and the pipelines are imported only when there is something to run.
+
+Exit codes: 0 success; 1 runtime failure (missing folder or file, hub offline, out of memory, …) with one line and
+a hint (the traceback with ``--debug``); 2 bad arguments, with one line saying what is wrong and what is allowed;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from kandinsky22 import __version__
+from kandinsky22.jobs import (
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    SCHEDULERS,
+    Job,
+)
+
+PROG = "kandinsky22"
+COMMAND_TASKS = {"generate": "text2img", "img2img": "img2img", "inpaint": "inpaint", "mix": "mix", "depth": "depth"}
+TASK_COMMANDS = {task: command for command, task in COMMAND_TASKS.items()}
+DEFAULT_OUT = "kandinsky22-{seed}.png"
+# One image per pipeline call by default: batched kernels sum in a different order, so an image made in a batch can
+# differ from its --from-png re-run by a rounding level on a few pixels. --batch-size trades that for throughput.
+DEFAULT_BATCH = 1
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+# Options that map one to one onto Job fields (argparse dest → Job field).
+JOB_OPTIONS = {
+    "negative": "negative",
+    "negative_prior": "negative_prior",
+    "seed": "seed",
+    "steps": "steps",
+    "prior_steps": "prior_steps",
+    "guidance": "guidance",
+    "prior_guidance": "prior_guidance",
+    "scheduler": "scheduler",
+    "width": "width",
+    "height": "height",
+    "num_images": "num_images",
+    "strength": "strength",
+    "image": "image",
+    "mask": "mask",
+    "hint": "hint",
+    "item": "items",
+    "weight": "weights",
+    "prior": "prior",
+    "decoder": "decoder",
+}
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (exit 2)."""
+
+
+class RuntimeFailure(Exception):
+    """A failure with a hint for the user (exit 1)."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports an error as one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument types: each names the allowed values in its error
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, open_low: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        low_ok = value > low if open_low else value >= low
+        if not (low_ok and value <= high):
+            bound = f"above {low:g} and at most {high:g}" if open_low else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not DEVICE_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    models = common.add_argument_group("models")
+    models.add_argument("--prior", type=_non_empty, help="prior hub id or folder (default: the official prior)")
+    models.add_argument(
+        "--decoder", type=_non_empty, help="decoder hub id or folder (default: the official repository for the task)"
+    )
+    gen = common.add_argument_group("generation")
+    gen.add_argument("--negative", help="negative prompt of the decoder (what the image should not look like)")
+    gen.add_argument("--negative-prior", help="negative prompt of the prior's guidance")
+    gen.add_argument("--steps", type=_int_in(1, MAX_STEPS), help="decoder steps (default 50)")
+    gen.add_argument("--prior-steps", type=_int_in(1, MAX_STEPS), help="prior steps (default 25)")
+    gen.add_argument("--guidance", type=_float_in(1, 100), help="decoder guidance scale, 1 = off (default 4)")
+    gen.add_argument("--prior-guidance", type=_float_in(1, 100), help="prior guidance scale, 1 = off (default 4)")
+    gen.add_argument("--scheduler", choices=SCHEDULERS, help="decoder sampler (default ddpm, as the official repos)")
+    gen.add_argument("--width", type=_int_in(MIN_SIDE, MAX_SIDE), help="exact output width in pixels (default 512)")
+    gen.add_argument("--height", type=_int_in(MIN_SIDE, MAX_SIDE), help="exact output height in pixels (default 512)")
+    gen.add_argument("--num-images", type=_int_in(1, MAX_IMAGES), help="images per prompt (default 1)")
+    gen.add_argument("--seed", type=_int_in(0, MAX_SEED), help="seed of the first image (default: random, printed)")
+    run = common.add_argument_group("running")
+    run.add_argument("--device", type=_device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps")
+    run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on GPUs, fp32 on CPU")
+    run.add_argument(
+        "--batch-size",
+        type=_int_in(1, MAX_IMAGES),
+        default=DEFAULT_BATCH,
+        help="images per pipeline call (default 1: bit-exact --from-png re-runs)",
+    )
+    run.add_argument("--fast", action="store_true", help="use the pipelines' fast path where they have one")
+    out = common.add_argument_group("input and output")
+    out.add_argument(
+        "-o", "--out", help=f"output .png file, folder or pattern with {{n}}/{{seed}} (default {DEFAULT_OUT})"
+    )
+    out.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    out.add_argument("--prompts-file", help="one job per line: a prompt, or a JSON object of job options")
+    out.add_argument("--from-png", help="re-run the job recorded in a PNG made by this tool (options given override)")
+    out.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    out.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
+    out.add_argument("--debug", action="store_true", help="show tracebacks")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Kandinsky 2.2 from a terminal: every PNG carries the recipe that reproduces it.",
+        epilog="Run `kandinsky22 make-tiny DIR` to get tiny offline checkpoints (they draw noise) for a smoke test.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = _common_options()
+
+    def prompt_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.add_argument("prompt", nargs="?", metavar="PROMPT", help="what to draw")
+        return sub
+
+    prompt_command("generate", "text to image")
+    img2img = prompt_command("img2img", "redraw an image following a prompt")
+    img2img.add_argument("--image", required=True, help="the image to start from")
+    img2img.add_argument("--strength", type=_float_in(0, 1, open_low=True), help="how much to change, 0..1 (0.3)")
+    inpaint = prompt_command("inpaint", "repaint the white area of a mask following a prompt")
+    inpaint.add_argument("--image", required=True, help="the image to edit")
+    inpaint.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+    mix = commands.add_parser(
+        "mix", parents=[common], help="mix texts and images by weight", description="mix texts and images by weight"
+    )
+    mix.add_argument("--item", action="append", help="a text or an image file to mix (repeat)")
+    mix.add_argument("--weight", action="append", type=_finite_float, help="weight of each item (default equal)")
+    depth = prompt_command("depth", "draw a prompt following a depth map (controlnet-depth)")
+    depth.add_argument("--hint", required=True, help="depth map image (white = near)")
+    depth.add_argument("--image", help="optional image to start from")
+    depth.add_argument("--strength", type=_float_in(0, 1, open_low=True), help="with --image: how much to change (0.5)")
+    tiny = commands.add_parser(
+        "make-tiny",
+        help="write tiny random checkpoints (they draw noise) for offline tests",
+        description="Write tiny random-weight checkpoints of the four official repositories (prior, decoder, "
+        "decoder-inpaint, controlnet-depth) in the official layout. They draw noise, not pictures: they are for "
+        "smoke tests and CI without downloads.",
+    )
+    tiny.add_argument("dir", metavar="DIR", help="folder to create the four repositories in")
+    tiny.add_argument("--overwrite", action="store_true", help="replace repositories already in DIR")
+    tiny.add_argument("--json", action="store_true", help="print the folders as JSON")
+    tiny.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Jobs from the command line, a prompts file or a PNG's recipe
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Job fields given on the command line (argparse leaves the others ``None``)."""
+    options = {
+        field: getattr(args, dest) for dest, field in JOB_OPTIONS.items() if getattr(args, dest, None) is not None
+    }
+    if args.command == "mix" and "items" in options and "weights" not in options:
+        options["weights"] = [1.0 / len(options["items"])] * len(options["items"])
+    if getattr(args, "prompt", None) is not None:
+        options["prompt"] = args.prompt
+    return options
+
+
+def _read_prompts_file(path: str, task: str, options: dict[str, Any]) -> list[tuple[str, Job]]:
+    """One job per non-empty, non-``#`` line: a prompt, or a JSON object of job fields (dashes allowed)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise RuntimeFailure(f"no such prompts file: '{file}'", "check the --prompts-file path")
+    jobs = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        where = f"{path} line {number}"
+        if text.startswith("{"):
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(fields, dict):
+                raise UsageError(f"{where}: a JSON line must be an object of job options")
+            fields = {k.replace("-", "_"): v for k, v in fields.items()}
+        else:
+            fields = {"prompt": text}
+        try:
+            jobs.append((where, Job.from_dict({"task": task, **options, **fields})))
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"{where}: {err}") from None
+    if not jobs:
+        raise UsageError(f"{path} holds no jobs (one prompt or JSON object per line)")
+    return jobs
+
+
+def _job_from_png(path: str, task: str, options: dict[str, Any]) -> tuple[Job, dict[str, Any]]:
+    from kandinsky22.recipe import job_from_recipe, read_recipe
+
+    try:
+        recipe = read_recipe(path)
+        job = job_from_recipe(recipe)
+    except FileNotFoundError as err:
+        raise RuntimeFailure(str(err), "check the --from-png path") from None
+    except ValueError as err:
+        raise UsageError(f"--from-png: {err}") from None
+    if job.task != task:
+        raise UsageError(f"'{path}' was made by `{PROG} {TASK_COMMANDS[job.task]}`; re-run it with that command")
+    fields = job.to_dict()
+    fields.update(options)
+    return Job.from_dict(fields), recipe
+
+
+def _absolute(value: Any) -> Any:
+    """An existing local path made absolute (so recipes work from any folder); anything else unchanged."""
+    if isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def _looks_like_path(value: str) -> bool:
+    """Not of the hub's ``owner/name`` form (the rule of ``loading.is_hub_id``, which imports torch)."""
+    return not HUB_ID.match(value)
+
+
+def _check_models(job: Job) -> None:
+    """A model given as a folder that does not exist fails now, before torch is imported."""
+    for name in ("prior", "decoder"):
+        value = getattr(job, name)
+        if value and _looks_like_path(value) and not Path(value).expanduser().exists():
+            raise RuntimeFailure(
+                f"no such model folder for --{name}: '{value}'",
+                f"pass an existing folder or a hub id; `{PROG} make-tiny DIR` writes tiny offline ones for testing",
+            )
+
+
+def _prepare_job(job: Job, where: str) -> Job:
+    for name in ("image", "mask", "hint", "prior", "decoder"):
+        setattr(job, name, _absolute(getattr(job, name)))
+    job.items = [_absolute(item) for item in job.items]
+    try:
+        job.validate()
+    except ValueError as err:
+        raise UsageError(f"{where}{err}") from None
+    _check_models(job)
+    try:
+        return job.resolved()
+    except FileNotFoundError as err:
+        raise RuntimeFailure(f"{where}{err}", "check the input file paths") from None
+    except ValueError as err:
+        raise UsageError(f"{where}{err}") from None
+
+
+def build_jobs(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any] | None]:
+    """The validated, resolved jobs of the command line, and the recipe they came from (``--from-png``)."""
+    task = COMMAND_TASKS[args.command]
+    options = _explicit_options(args)
+    recipe = None
+    if args.from_png and args.prompts_file:
+        raise UsageError("--from-png and --prompts-file cannot be combined; use one of them")
+    if args.from_png:
+        job, recipe = _job_from_png(args.from_png, task, options)
+        sources = [("", job)]
+    elif args.prompts_file:
+        if options.get("prompt") is not None:
+            raise UsageError("give either PROMPT or --prompts-file, not both")
+        sources = [(f"{where}: ", job) for where, job in _read_prompts_file(args.prompts_file, task, options)]
+    else:
+        if task != "mix" and options.get("prompt") is None:
+            raise UsageError(f"{args.command} needs a PROMPT (or --prompts-file, or --from-png)")
+        if task == "mix" and not options.get("items"):
+            raise UsageError("mix needs at least one --item TEXT_OR_IMAGE (with a --weight each, or equal weights)")
+        try:
+            sources = [("", Job.from_dict({"task": task, **options}))]
+        except (TypeError, ValueError) as err:
+            raise UsageError(str(err)) from None
+    return [_prepare_job(job, where) for where, job in sources], recipe
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def plan_outputs(pattern: str | None, jobs: Sequence[Job], overwrite: bool) -> list[Path]:
+    """The file of each single-image job: ``pattern`` filled with ``{n}`` (1, 2, …) and ``{seed}``.
+
+    A folder gets the default name inside it; several images and a pattern without ``{n}`` or ``{seed}`` get
+    ``-{n}`` before the suffix. Names that repeat are an error; existing files are one unless ``overwrite``.
+    """
+    pattern = pattern or DEFAULT_OUT
+    if pattern.endswith(("/", os.sep)) or Path(pattern).expanduser().is_dir():
+        pattern = str(Path(pattern) / DEFAULT_OUT)
+    if not pattern.lower().endswith(".png"):
+        raise UsageError(
+            f"--out must name a .png file (the recipe lives in a PNG chunk), a folder or a pattern; got {pattern!r}"
+        )
+    if len(jobs) > 1 and "{n" not in pattern and "{seed" not in pattern:
+        pattern = pattern[: -len(".png")] + "-{n}" + pattern[-len(".png") :]
+    paths = []
+    for n, job in enumerate(jobs, 1):
+        try:
+            paths.append(Path(pattern.format(n=n, seed=job.seed)).expanduser())
+        except (KeyError, IndexError, ValueError) as err:
+            raise UsageError(
+                f"--out pattern {pattern!r} may only use {{n}} and {{seed}} ({type(err).__name__}: {err})"
+            ) from None
+    seen: dict[Path, int] = {}
+    for n, path in enumerate(paths, 1):
+        if path in seen:
+            raise UsageError(f"--out gives '{path}' to images {seen[path]} and {n}; add {{n}} to the pattern")
+        seen[path] = n
+    if not overwrite:
+        existing = [p for p in paths if p.exists()]
+        if existing:
+            raise RuntimeFailure(
+                f"output file '{existing[0]}' exists", "pass --overwrite to replace it, or choose --out"
+            )
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Progress on stderr
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class StageBars:
+    """One tqdm bar per stage (prior, decoder, decode) on stderr; each closes when its stage finishes."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.stage: str | None = None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or stage != self.stage or step <= self.bar.n:
+            self.close()
+            self.bar = tqdm(
+                total=total, desc=f"{stage:>7}", unit="step", file=sys.stderr, leave=False, dynamic_ncols=True
+            )
+            self.stage = stage
+        self.bar.update(step - self.bar.n)
+        if step >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from kandinsky22.tiny import REPO_NAMES, make_tiny_repos
+
+    root = Path(args.dir).expanduser()
+    existing = [root / name for name in REPO_NAMES if (root / name).exists()]
+    if existing and not args.overwrite:
+        raise RuntimeFailure(f"'{existing[0]}' exists", "pass --overwrite to replace it, or choose another DIR")
+    started = time.perf_counter()
+    repos = make_tiny_repos(root)
+    if args.json:
+        print(json.dumps({name: str(path) for name, path in repos.items()}))
+    else:
+        for name, path in repos.items():
+            print(f"{name:>16}: {path}")
+        print(
+            f"wrote tiny random-weight checkpoints in {time.perf_counter() - started:.1f}s; they draw noise, not "
+            f'pictures. Try: {PROG} generate "a red cat" --prior {repos["prior"]} --decoder {repos["decoder"]} '
+            "--steps 4 --prior-steps 4 -o cat.png"
+        )
+    return 0
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
+    jobs, recipe = build_jobs(args)
+    singles = [single for job in jobs for single in job.expand()]
+    paths = plan_outputs(args.out, singles, args.overwrite)
+    if recipe is not None:
+        from kandinsky22.recipe import changed_inputs
+
+        changed = changed_inputs(recipe, singles[0])
+        if changed:
+            _note(args, f"note: {', '.join(changed)} changed since '{args.from_png}' was made; the image will differ")
+
+    started = time.perf_counter()
+    from transformers.utils import logging as transformers_logging
+
+    from kandinsky22.jobs import Engine, group_jobs
+    from kandinsky22.recipe import make_recipe, save_png
+
+    transformers_logging.disable_progress_bar()  # its per-file "Loading weights" bars; ours show the stages
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+    engine = Engine(device=args.device, dtype=args.dtype, fast=args.fast)
+    _note(args, f"device {engine.device_name}, {engine.dtype_name}; seeds {', '.join(str(j.seed) for j in singles)}")
+    bars = StageBars(enabled=not args.quiet)
+    index = {id(job): i for i, job in enumerate(singles)}
+    records: list[dict[str, Any] | None] = [None] * len(singles)
+    totals: dict[str, float] = {}
+    try:
+        for group in group_jobs(singles, args.batch_size):
+            for model in engine.missing_models(group[0]):
+                _note(args, f"loading {model}" + ("" if Path(model).exists() else " (downloads on first use)"))
+            results = engine.run(group, progress=bars)
+            bars.close()
+            for job, result in zip(group, results):
+                i = index[id(job)]
+                paths[i].parent.mkdir(parents=True, exist_ok=True)
+                save_png(result.image, paths[i], make_recipe(result.job, engine.device_name, engine.dtype_name))
+                records[i] = {
+                    "path": str(paths[i]),
+                    "seed": result.job.seed,
+                    "task": result.job.task,
+                    "prompt": result.job.prompt,
+                    "width": result.image.width,
+                    "height": result.image.height,
+                    "timings": result.timings,
+                }
+                if not args.json:
+                    stages = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+                    print(f"{paths[i]}  seed {result.job.seed}  {result.image.width}x{result.image.height}  {stages}")
+            for stage, seconds in results[0].timings.items():
+                totals[stage] = totals.get(stage, 0.0) + seconds
+    finally:
+        bars.close()
+    if engine.fast and not engine.fast_applied:
+        _note(args, "note: --fast had no effect: these pipelines have no fast path yet")
+    totals["total"] = time.perf_counter() - started
+    if args.json:
+        summary = {
+            "version": __version__,
+            "device": engine.device_name,
+            "dtype": engine.dtype_name,
+            "images": records,
+            "timings": {k: round(v, 4) for k, v in totals.items()},
+        }
+        print(json.dumps(summary))
+    return 0
+
+
+def _failure_of(err: BaseException) -> RuntimeFailure:
+    """A runtime error as one line and a hint."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, RuntimeFailure):
+        return err
+    if "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError":
+        return RuntimeFailure(
+            f"out of memory: {text}",
+            "try --dtype fp16, a smaller --width/--height, a smaller --batch-size or --num-images, or --device cpu",
+        )
+    if isinstance(err, FileNotFoundError):
+        return RuntimeFailure(
+            text, f"check the path; for models pass a folder or a hub id (`{PROG} make-tiny DIR` makes offline ones)"
+        )
+    if isinstance(err, OSError):
+        return RuntimeFailure(text, "check the network and the hub id, or pass a local folder with --prior/--decoder")
+    return RuntimeFailure(f"{type(err).__name__}: {text}", "run again with --debug for the traceback")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error(f"choose a command: {', '.join([*COMMAND_TASKS, 'make-tiny'])} (see --help)")
+    prog = f"{PROG} {args.command}"
+    try:
+        return _make_tiny(args) if args.command == "make-tiny" else _run_jobs(args)
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every runtime failure ends as one line and a hint; --debug shows where it came from
+        if args.debug:
+            traceback.print_exc()
+        failure = _failure_of(err)
+        print(f"{prog}: error: {failure}", file=sys.stderr)
+        print(f"{prog}: hint: {failure.hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,724 @@
+"""Jobs: one generation request, validated, and the :class:`Engine` that loads pipelines and runs jobs.
+
+This layer is shared by the command line tool, the HTTP server and bulk generation. A :class:`Job` is plain data
+(JSON-friendly, no torch), so validating one is cheap and a bad argument is reported before any model loads.
+
+Reproducibility: every image has its own seed and its own CPU ``torch.Generator``, so an image depends only on its
+job and seed, never on what it was batched with nor on the device's RNG. A job asking for ``num_images`` images with
+seed ``s`` makes the images of seeds ``s, s + 1, …``; each image's recipe records its own seed and ``num_images=1``.
+
+Exact sizes: the decoder works on a grid (64 px for the official MoVQ). Any ``width``/``height`` of at least 64 is
+honoured exactly: the job is generated at the next multiple of the grid and centre-cropped, and input images (img2img
+source, inpaint mask, depth hint) are resized to the requested size and edge-padded to the grid, so that the crop
+returns exactly their area. The reference instead rounds the size up and returns the larger image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
+
+TASKS = ("text2img", "img2img", "inpaint", "mix", "depth")
+SCHEDULERS = ("ddpm", "ddim", "dpm++", "dpm++-karras", "euler", "euler-a", "unipc")
+
+PRIOR_REPO = "kandinsky-community/kandinsky-2-2-prior"
+DECODER_REPO = "kandinsky-community/kandinsky-2-2-decoder"
+INPAINT_REPO = "kandinsky-community/kandinsky-2-2-decoder-inpaint"
+CONTROLNET_REPO = "kandinsky-community/kandinsky-2-2-controlnet-depth"
+DEFAULT_DECODERS = {
+    "text2img": DECODER_REPO,
+    "img2img": DECODER_REPO,
+    "mix": DECODER_REPO,
+    "inpaint": INPAINT_REPO,
+    "depth": CONTROLNET_REPO,
+}
+
+# Strength defaults: the reference img2img pipeline's 0.3; 0.5 for depth + image, as in the authors' notebook.
+DEFAULT_STRENGTH = {"img2img": 0.3, "depth": 0.5}
+DEFAULT_SIZE = 512
+# When the size is not given for a task with an input image, the output takes the input's size, scaled down to fit
+# this box (a 12-megapixel photo would otherwise ask for a 4000 px generation).
+DEFAULT_MAX_SIDE = 1024
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_STEPS = 1000
+MAX_IMAGES = 16
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 100.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+# A file path, or an image already in memory (the server's uploads).
+ImageSource = Union[str, os.PathLike, "PIL.Image.Image"]
+# progress(stage, step, total): stage is "prior", "decoder" or "decode"; step counts from 1.
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Cancelled(Exception):
+    """Raised out of :meth:`Engine.run` when the cancellation hook returned true between two steps."""
+
+
+@dataclass
+class Job:
+    """One generation request. Defaults follow the authors' usage (prior 25 steps, decoder 50 steps, CFG 4).
+
+    ``negative`` is the decoder's negative prompt: its prior embedding is the unconditional of the decoder's guidance
+    (empty: the CLIP embedding of an empty image, as the reference). ``negative_prior`` is the prior's own negative
+    prompt (its guidance unconditional; empty: the empty text). ``None`` for ``width``, ``height``, ``strength``,
+    ``prior`` and ``decoder`` means "the task's default" (see :meth:`resolved`).
+    """
+
+    task: str = "text2img"
+    prompt: str = ""
+    negative: str = ""
+    negative_prior: str = ""
+    seed: int | None = None
+    steps: int = 50
+    prior_steps: int = 25
+    guidance: float = 4.0
+    prior_guidance: float = 4.0
+    scheduler: str = "ddpm"
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    strength: float | None = None
+    image: ImageSource | None = None
+    mask: ImageSource | None = None
+    hint: ImageSource | None = None
+    items: list[ImageSource] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    prior: str | None = None
+    decoder: str | None = None
+
+    # -- validation --------------------------------------------------------------------------------------------------
+
+    def validate(self) -> Job:
+        """Check types, ranges and which inputs the task needs; raise ``ValueError`` naming the field and value."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        for name in ("prompt", "negative", "negative_prior"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        if self.task == "mix":
+            if self.prompt:
+                raise ValueError("prompt is not used by mix; give the texts and images to mix as items")
+            self._validate_mix()
+        elif not self.prompt.strip():
+            raise ValueError(f"prompt must be a non-empty text for {self.task}, got {self.prompt!r}")
+        elif self.items or self.weights:
+            raise ValueError(f"items and weights are only used by mix, not by {self.task}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("steps", self.steps, 1, MAX_STEPS)
+        _check_int("prior_steps", self.prior_steps, 1, MAX_STEPS)
+        _check_float("guidance", self.guidance, 1.0, MAX_GUIDANCE)
+        _check_float("prior_guidance", self.prior_guidance, 1.0, MAX_GUIDANCE)
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
+        for name in ("width", "height"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), MIN_SIDE, MAX_SIDE)
+        _check_int("num_images", self.num_images, 1, MAX_IMAGES)
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise ValueError(f"seed {self.seed} + num_images {self.num_images} runs past the largest seed {MAX_SEED}")
+        self._validate_inputs()
+        for name in ("prior", "decoder"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a hub id or a folder path, got {value!r}")
+        return self
+
+    def _validate_mix(self) -> None:
+        if not self.items:
+            raise ValueError("mix needs at least one item (a text or an image)")
+        if len(self.weights) != len(self.items):
+            raise ValueError(
+                f"mix needs one weight per item: got {len(self.items)} items and {len(self.weights)} weights"
+            )
+        for i, weight in enumerate(self.weights):
+            _check_float(f"weights[{i}]", weight, -MAX_GUIDANCE, MAX_GUIDANCE)
+        if not any(self.weights):
+            raise ValueError(f"at least one mix weight must be non-zero, got {self.weights}")
+        for i, item in enumerate(self.items):
+            if isinstance(item, str) and not item.strip():
+                raise ValueError(f"items[{i}] is empty; give a text or an image file")
+
+    def _validate_inputs(self) -> None:
+        needed = {"img2img": ("image",), "inpaint": ("image", "mask"), "depth": ("hint",)}.get(self.task, ())
+        allowed = needed + (("image",) if self.task == "depth" else ())
+        for name in ("image", "mask", "hint"):
+            given = getattr(self, name) is not None
+            if name in needed and not given:
+                raise ValueError(f"{self.task} needs {name} (an image file)")
+            if given and name not in allowed:
+                users = {"image": "img2img, inpaint and depth", "mask": "inpaint", "hint": "depth"}[name]
+                raise ValueError(f"{name} is only used by {users}, not by {self.task}")
+        uses_strength = self.task == "img2img" or (self.task == "depth" and self.image is not None)
+        if self.strength is not None:
+            if not uses_strength:
+                raise ValueError(f"strength is only used by img2img and by depth with an image, not by {self.task}")
+            _check_float("strength", self.strength, 0.0, 1.0)
+            if self.strength == 0:
+                raise ValueError("strength must be above 0 (0 would return the input unchanged)")
+        if uses_strength:
+            strength = self.strength if self.strength is not None else DEFAULT_STRENGTH[self.task]
+            if int(self.steps * strength) < 1:
+                raise ValueError(
+                    f"strength {strength} with steps {self.steps} leaves no denoising step "
+                    f"(int(steps * strength) = 0); raise steps or strength"
+                )
+
+    # -- defaults and derived jobs -----------------------------------------------------------------------------------
+
+    def resolved(self) -> Job:
+        """A validated copy with the task defaults filled in (size, strength, model ids); reads input image sizes."""
+        self.validate()
+        width, height = self.width, self.height
+        if width is None or height is None:
+            source = {"img2img": self.image, "inpaint": self.image, "depth": self.hint}.get(self.task)
+            if source is None:
+                width, height = width or DEFAULT_SIZE, height or DEFAULT_SIZE
+            else:
+                width, height = _default_size(image_size(source), width, height)
+        strength = self.strength
+        if strength is None and (self.task == "img2img" or (self.task == "depth" and self.image is not None)):
+            strength = DEFAULT_STRENGTH[self.task]
+        return dataclasses.replace(
+            self,
+            width=width,
+            height=height,
+            strength=strength,
+            prior=self.prior or PRIOR_REPO,
+            decoder=self.decoder or DEFAULT_DECODERS[self.task],
+        )
+
+    def with_seed(self) -> Job:
+        """This job with a seed: its own, or a fresh random one."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbelow(2**32))
+
+    def expand(self) -> list[Job]:
+        """One single-image job per image, with seeds ``seed, seed + 1, …`` (draws a random seed if none is set)."""
+        job = self.with_seed()
+        return [dataclasses.replace(job, seed=job.seed + i, num_images=1) for i in range(job.num_images)]
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can run in one pipeline call: they differ only in prompt and seed.
+
+        Only text2img jobs batch across prompts; other tasks batch the images of one job.
+        """
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.pop("seed")
+        fields.pop("num_images")
+        if self.task == "text2img":
+            fields.pop("prompt")
+        return tuple(_hashable(v) for v in fields.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly fields; in-memory images become ``None`` (a file path is kept as a string)."""
+        data = dataclasses.asdict(self)
+        for name in ("image", "mask", "hint"):
+            data[name] = _source_text(getattr(self, name))
+        data["items"] = [_source_text(item) if not _is_text_item(item) else item for item in self.items]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        """Build a job from JSON fields; unknown keys raise ``ValueError`` listing the allowed ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in data if k not in names)
+        if unknown:
+            raise ValueError(f"unknown job field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+        return cls(**data)
+
+
+def mix_item_kind(item: ImageSource) -> str:
+    """``"image"`` for an in-memory image, an existing file or a name with an image suffix; else ``"text"``."""
+    return "text" if _is_text_item(item) else "image"
+
+
+def _is_text_item(item: ImageSource) -> bool:
+    if not isinstance(item, (str, os.PathLike)):
+        return False
+    text = os.fspath(item)
+    # A name with an image suffix counts as an image even if it is missing, so that a typo reports a missing file
+    # instead of silently mixing in the file name as text.
+    return not (text.lower().endswith(IMAGE_SUFFIXES) or Path(text).expanduser().is_file())
+
+
+def _source_text(source: ImageSource | None) -> str | None:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value if isinstance(value, (str, int, float, type(None), os.PathLike)) else id(value)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be from {low} to {high}, got {value}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be from {low:g} to {high:g}, got {value:g}")
+
+
+def _default_size(source_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
+    """The output size when one or both sides are missing: the source's aspect, at most DEFAULT_MAX_SIDE."""
+    src_w, src_h = source_size
+    if width is not None:
+        return width, min(MAX_SIDE, max(MIN_SIDE, round(width * src_h / src_w)))
+    if height is not None:
+        return min(MAX_SIDE, max(MIN_SIDE, round(height * src_w / src_h))), height
+    scale = min(1.0, DEFAULT_MAX_SIDE / max(src_w, src_h))
+    return max(MIN_SIDE, round(src_w * scale)), max(MIN_SIDE, round(src_h * scale))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input images: loading, exact-size preparation, cropping
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_image(source: ImageSource, what: str = "image") -> PIL.Image.Image:
+    """Open a file (or take an in-memory image); a missing file raises ``FileNotFoundError`` naming ``what``."""
+    import PIL.Image
+
+    if isinstance(source, PIL.Image.Image):
+        return source
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file for {what}: '{path}'")
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image
+    except PIL.UnidentifiedImageError as err:
+        raise ValueError(f"{what} '{path}' is not an image file PIL can read") from err
+
+
+def image_size(source: ImageSource) -> tuple[int, int]:
+    """(width, height) of an image source, reading only the file header."""
+    import PIL.Image
+
+    if isinstance(source, PIL.Image.Image):
+        return source.size
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: '{path}'")
+    with PIL.Image.open(path) as image:
+        return image.size
+
+
+def grid_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The generation size: each side rounded up to ``multiple``."""
+    return math.ceil(width / multiple) * multiple, math.ceil(height / multiple) * multiple
+
+
+def fit_to_grid(
+    image: PIL.Image.Image, size: tuple[int, int], grid: tuple[int, int], mode: str, fill: int | None = None
+) -> PIL.Image.Image:
+    """Resize ``image`` (converted to ``mode``) to ``size`` and pad it, centred, to ``grid``.
+
+    The padding replicates the border pixels (``fill=None``) so the decoder sees no artificial edge, or is the
+    constant ``fill`` (inpaint masks are padded with "keep"). :func:`crop_to_size` undoes the padding.
+    """
+    import numpy as np
+    import PIL.Image
+
+    resample = PIL.Image.LANCZOS if mode == "L" else PIL.Image.BICUBIC
+    image = image.convert(mode)
+    if image.size != size:
+        image = image.resize(size, resample=resample)
+    if grid == size:
+        return image
+    left, top = (grid[0] - size[0]) // 2, (grid[1] - size[1]) // 2
+    pad = ((top, grid[1] - size[1] - top), (left, grid[0] - size[0] - left))
+    array = np.asarray(image)
+    if array.ndim == 3:
+        pad = pad + ((0, 0),)
+    padded = np.pad(array, pad, mode="edge") if fill is None else np.pad(array, pad, constant_values=fill)
+    return PIL.Image.fromarray(padded)
+
+
+def crop_to_size(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
+    """The centred ``size`` region of ``image`` (the inverse of :func:`fit_to_grid`'s padding)."""
+    if image.size == size:
+        return image
+    left, top = (image.size[0] - size[0]) // 2, (image.size[1] - size[1]) // 2
+    return image.crop((left, top, left + size[0], top + size[1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine: load and cache pipelines, run groups of single-image jobs
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Decoder sampler name → (scheduler class, config overrides); "ddpm" keeps the repository's own scheduler config.
+SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+# The UNet input channels each task needs, and the official repository that has them.
+_UNET_CHANNELS = {"text2img": 4, "img2img": 4, "mix": 4, "inpaint": 9, "depth": 8}
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
+@dataclass
+class Result:
+    """One image, the single-image job that reproduces it (its own seed), and the timings of its pipeline call."""
+
+    image: PIL.Image.Image
+    job: Job
+    timings: dict[str, float]
+
+
+def group_jobs(jobs: Iterable[Job], max_batch: int) -> list[list[Job]]:
+    """Single-image jobs grouped by :meth:`Job.batch_key` (first-appearance order), at most ``max_batch`` a group."""
+    groups: OrderedDict[tuple, list[Job]] = OrderedDict()
+    for job in jobs:
+        groups.setdefault(job.batch_key(), []).append(job)
+    return [group[i : i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda, then mps, then cpu; an unavailable device raises :class:`DeviceUnavailable`."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise DeviceUnavailable(f"device '{name}' is not available: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceUnavailable(f"device '{name}' is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → fp16 on GPUs (as the authors run it), fp32 on the CPU (fp16 matmuls there are slow or missing)."""
+    import torch
+
+    if name == "auto":
+        name = "fp32" if device.type == "cpu" else "fp16"
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {name!r}")
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+class Engine:
+    """Loads the pipelines jobs need (cached: one prior, ``max_decoders`` decoder repositories) and runs jobs.
+
+    One run at a time (a lock), so the server can share one engine between requests. ``fast=True`` calls
+    ``enable_fast_path()`` on every pipeline that has one.
+    """
+
+    def __init__(self, device: str = "auto", dtype: str = "auto", fast: bool = False, max_decoders: int = 2) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.fast = fast
+        self.fast_applied = False
+        self.max_decoders = max_decoders
+        self._priors: OrderedDict[str, Any] = OrderedDict()
+        # decoder repository → {pipeline class name: pipeline}; the pipelines of one repository share its modules.
+        self._decoders: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._scheduler_configs: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return {v: k for k, v in DTYPE_NAMES.items()}[str(self.dtype).removeprefix("torch.")]
+
+    # -- loading -----------------------------------------------------------------------------------------------------
+
+    def missing_models(self, job: Job) -> list[str]:
+        """The model ids ``job`` needs that are not loaded yet (the CLI says it is loading them)."""
+        job = job if job.prior and job.decoder else job.resolved()
+        return [m for m, cache in ((job.prior, self._priors), (job.decoder, self._decoders)) if m not in cache]
+
+    def _prepare(self, pipe: Any) -> Any:
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        if self.fast and hasattr(pipe, "enable_fast_path"):
+            pipe.enable_fast_path()
+            self.fast_applied = True
+        return pipe
+
+    def prior_pipeline(self, repo: str) -> Any:
+        from kandinsky22.pipelines.prior import KandinskyV22PriorPipeline
+
+        if repo not in self._priors:
+            self._priors.clear()  # one prior at a time: the official one is 1 B + 2.5 B parameters of CLIP
+            self._priors[repo] = self._prepare(KandinskyV22PriorPipeline.from_pretrained(repo, torch_dtype=self.dtype))
+        return self._priors[repo]
+
+    def decoder_pipeline(self, job: Job) -> Any:
+        """The decoder pipeline for ``job``'s task, sharing the modules of its repository once loaded."""
+        import kandinsky22
+
+        class_name = _decoder_class(job)
+        repo = job.decoder
+        pipes = self._decoders.get(repo)
+        if pipes is None:
+            while len(self._decoders) >= self.max_decoders:
+                self._decoders.popitem(last=False)
+            cls = getattr(kandinsky22, class_name)
+            pipe = cls.from_pretrained(repo, torch_dtype=self.dtype)
+            _check_decoder(pipe, job)
+            pipes = self._decoders[repo] = {class_name: self._prepare(pipe)}
+            self._scheduler_configs[repo] = dict(pipe.scheduler.config)
+        self._decoders.move_to_end(repo)
+        if class_name not in pipes:
+            loaded = next(iter(pipes.values()))
+            _check_decoder(loaded, job)
+            pipes[class_name] = self._prepare(getattr(kandinsky22, class_name)(**loaded.components))
+        return pipes[class_name]
+
+    def _scheduler(self, job: Job) -> Any:
+        """A fresh decoder scheduler for one run (schedulers keep per-run state)."""
+        import kandinsky22
+
+        class_name, overrides = SCHEDULER_CLASSES[job.scheduler]
+        return getattr(kandinsky22, class_name).from_config(self._scheduler_configs[job.decoder], **overrides)
+
+    # -- running -----------------------------------------------------------------------------------------------------
+
+    def run(
+        self, jobs: Sequence[Job], progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None
+    ) -> list[Result]:
+        """Run single-image jobs that share a :meth:`Job.batch_key` in one pipeline call; one result per job.
+
+        ``progress(stage, k, n)`` is called after each step of the prior and decoder loops and after decoding;
+        ``cancel()`` is checked before each step and raises :class:`Cancelled` when it returns true.
+        """
+        import torch
+
+        jobs = [job.resolved() for job in jobs]
+        if not jobs:
+            return []
+        if any(job.num_images != 1 for job in jobs):
+            raise ValueError("Engine.run takes single-image jobs; split a job with job.expand()")
+        if len({job.batch_key() for job in jobs}) > 1:
+            raise ValueError("Engine.run needs jobs that differ only in prompt (text2img) and seed; use group_jobs")
+        jobs = [job.with_seed() for job in jobs]
+        first = jobs[0]
+        with self._lock, torch.inference_mode():
+            timings: dict[str, float] = {}
+            started = time.perf_counter()
+            loading = bool(self.missing_models(first))
+            prior = self.prior_pipeline(first.prior)
+            decoder = self.decoder_pipeline(first)
+            decoder.scheduler = self._scheduler(first)
+            if loading:
+                timings["load"] = time.perf_counter() - started
+            generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+            tracker = _StepTracker(progress, cancel)
+            with tracker.attach(prior, "prior"):
+                started = time.perf_counter()
+                embeds, negative = self._embeddings(prior, jobs, generators)
+                timings["prior"] = self._elapsed(started)
+            # Decoding separately gives the MoVQ its own stage (and timing); a pipeline without latent output
+            # decodes inside its call, which the decoder timing then includes.
+            latent_output = "latent" in getattr(decoder, "output_types", ())
+            with tracker.attach(decoder, "decoder"):
+                started = time.perf_counter()
+                output = decoder(
+                    image_embeds=embeds,
+                    negative_image_embeds=negative,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance,
+                    generator=generators,
+                    output_type="latent" if latent_output else "pil",
+                    **self._decoder_inputs(decoder, first, len(jobs)),
+                ).images
+                timings["decoder"] = self._elapsed(started)
+            started = time.perf_counter()
+            images = _decode(decoder, output) if latent_output else output
+            timings["decode"] = self._elapsed(started)
+            if progress is not None:
+                progress("decode", 1, 1)
+        size = (first.width, first.height)
+        return [Result(crop_to_size(image, size), job, dict(timings)) for image, job in zip(images, jobs)]
+
+    def _elapsed(self, started: float) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels run asynchronously; time them, not their launch
+        return time.perf_counter() - started
+
+    def _embeddings(self, prior: Any, jobs: list[Job], generators: list) -> tuple[Any, Any]:
+        """Image embeddings and negatives for the batch.
+
+        The prior's guidance unconditional is ``negative_prior``, or else ``negative`` (so a job with only a negative
+        prompt is the reference's combined pipeline with ``negative_prompt``: one prior run gives both embeddings).
+        The decoder's negative is the prior embedding of ``negative``, or the zero-image embedding when it is empty.
+        """
+        import torch
+
+        first = jobs[0]
+        prior_negative = first.negative_prior or first.negative or None
+        common = {
+            "num_inference_steps": first.prior_steps,
+            "guidance_scale": first.prior_guidance,
+            "negative_prompt": prior_negative,
+        }
+        if first.task == "mix":
+            items = [
+                load_image(item, f"items[{i}]") if mix_item_kind(item) == "image" else item
+                for i, item in enumerate(first.items)
+            ]
+            outs = [
+                prior.interpolate(
+                    items,
+                    list(first.weights),
+                    num_inference_steps=first.prior_steps,
+                    generator=generator,
+                    negative_prior_prompt=prior_negative,
+                    negative_prompt=first.negative,
+                    guidance_scale=first.prior_guidance,
+                )
+                for generator in generators
+            ]
+            embeds = torch.cat([o.image_embeds for o in outs])
+            if not first.negative:
+                # interpolate would return the prior embedding of `negative_prior` here (the reference's rule); keep
+                # the one rule of all tasks: no decoder negative, the zero-image embedding.
+                return embeds, prior.zero_image_embeds(len(jobs)).to(embeds.dtype)
+            return embeds, torch.cat([o.negative_image_embeds for o in outs])
+        out = prior([job.prompt for job in jobs], generator=generators, **common)
+        if not first.negative:
+            return out.image_embeds, prior.zero_image_embeds(len(jobs)).to(out.image_embeds.dtype)
+        if first.negative == prior_negative:
+            return out.image_embeds, out.negative_image_embeds
+        negative = prior([first.negative] * len(jobs), generator=generators, **common).image_embeds
+        return out.image_embeds, negative
+
+    def _decoder_inputs(self, decoder: Any, job: Job, batch: int) -> dict[str, Any]:
+        """Size and the task's image inputs, resized to the job's size and padded to the decoder's grid."""
+        import numpy as np
+        import torch
+
+        multiple = _movq_scale_factor(decoder) ** 2  # the reference's latent rounding: ceil(h / sf²) · sf
+        size = (job.width, job.height)
+        grid = grid_size(job.width, job.height, multiple)
+        inputs: dict[str, Any] = {"width": grid[0], "height": grid[1]}
+        if job.image is not None:
+            image = fit_to_grid(load_image(job.image, "image"), size, grid, "RGB")
+            inputs["image"] = [image] * batch
+        if job.strength is not None:
+            inputs["strength"] = job.strength
+        if job.mask is not None:
+            mask = fit_to_grid(load_image(job.mask, "mask"), size, grid, "L", fill=0)  # padding: keep
+            inputs["mask_image"] = [mask] * batch
+        if job.hint is not None:
+            hint = fit_to_grid(load_image(job.hint, "hint"), size, grid, "RGB")
+            pixels = torch.from_numpy(np.asarray(hint, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+            inputs["hint"] = pixels[None].expand(batch, -1, -1, -1).to(self.device, self.dtype)
+        return inputs
+
+
+def _decoder_class(job: Job) -> str:
+    if job.task == "depth":
+        return "KandinskyV22ControlnetImg2ImgPipeline" if job.image is not None else "KandinskyV22ControlnetPipeline"
+    return {
+        "text2img": "KandinskyV22Pipeline",
+        "mix": "KandinskyV22Pipeline",
+        "img2img": "KandinskyV22Img2ImgPipeline",
+        "inpaint": "KandinskyV22InpaintPipeline",
+    }[job.task]
+
+
+def _check_decoder(pipe: Any, job: Job) -> None:
+    """A decoder of the wrong kind for the task fails here, naming the repository that fits."""
+    have, need = pipe.unet.config.in_channels, _UNET_CHANNELS[job.task]
+    if have != need:
+        raise ValueError(
+            f"decoder '{job.decoder}' has a {have}-channel UNet, but {job.task} needs a {need}-channel one, "
+            f"like {DEFAULT_DECODERS[job.task]}"
+        )
+
+
+def _movq_scale_factor(decoder: Any) -> int:
+    return 2 ** (len(decoder.movq.config.block_out_channels) - 1)
+
+
+def _decode(decoder: Any, latents: Any) -> list[PIL.Image.Image]:
+    """MoVQ-decode unquantized latents to PIL images, as the pipelines do for ``output_type="pil"``."""
+    from kandinsky22.pipelines.base import convert_images
+
+    movq = decoder.movq
+    pixels = movq.decode(latents.to(movq.dtype), force_not_quantize=True).sample
+    return convert_images(pixels, "pil")
+
+
+class _StepTracker:
+    """Progress and cancellation between steps, through each pipeline's ``progress_bar`` hook.
+
+    Every denoising loop — prior, ``interpolate``, every decoder, including the controlnet ones that take no step
+    callback — iterates through ``pipe.progress_bar``, so wrapping it reaches them all with one mechanism.
+    """
+
+    def __init__(self, progress: ProgressFn | None, cancel: Callable[[], bool] | None) -> None:
+        self.progress = progress
+        self.cancel = cancel
+
+    def _wrap(self, stage: str) -> Callable[[Iterable], Iterable]:
+        def progress_bar(iterable: Iterable) -> Iterable:
+            steps = list(iterable)
+            for k, item in enumerate(steps, 1):
+                if self.cancel is not None and self.cancel():
+                    raise Cancelled(f"cancelled before {stage} step {k} of {len(steps)}")
+                yield item
+                if self.progress is not None:
+                    self.progress(stage, k, len(steps))
+
+        return progress_bar
+
+    def attach(self, pipe: Any, stage: str) -> _Attached:
+        return _Attached(pipe, self._wrap(stage))
+
+
+class _Attached:
+    """Context manager: ``pipe.progress_bar`` replaced for the duration of one stage."""
+
+    def __init__(self, pipe: Any, progress_bar: Callable[[Iterable], Iterable]) -> None:
+        self.pipe = pipe
+        self.progress_bar = progress_bar
+
+    def __enter__(self) -> None:
+        self.pipe.progress_bar = self.progress_bar
+
+    def __exit__(self, *exc: object) -> None:
+        del self.pipe.progress_bar  # back to the class's method
