@@ -1,0 +1,597 @@
+"""The HTTP API (FastAPI) and the web page, in front of one :class:`~kandinsky22.server.worker.JobQueue`.
+
+Routes: ``POST /v1/images/generations`` (OpenAI-compatible, waits for the images), the job API (``POST /v1/jobs``,
+``GET``/``DELETE /v1/jobs/{id}``, ``/events`` as server-sent events, ``/images/{k}.png``), ``GET /v1/health``,
+``GET /v1/models``, FastAPI's ``/openapi.json`` and ``/docs``, and the page at ``/``.
+
+Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``. With an API key every route but
+``/v1/health`` needs it, as ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or HTTP Basic with KEY as the password
+(the last lets a browser open the page: it asks once and sends it with every request of the page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import hmac
+import io
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kandinsky22 import __version__
+from kandinsky22.jobs import PRIOR_REPO, SCHEDULERS, Job, ProgressFn
+from kandinsky22.server.schemas import (
+    ImageGenerationRequest,
+    JobRequest,
+    Limits,
+    RequestError,
+    generation_to_job,
+    job_request_to_job,
+    parse_job_request,
+)
+from kandinsky22.server.worker import TERMINAL, JobFinished, JobOutput, JobQueue, QueueFull, RunBatch, Unavailable
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+log = logging.getLogger("kandinsky22.server")
+
+HEALTH_PATH = "/v1/health"
+# Server-sent event streams send a comment this often, so proxies and clients do not drop an idle connection.
+KEEPALIVE_S = 15.0
+# How often a waiting /v1/images/generations call checks that its client is still there (it cancels the job if not).
+DISCONNECT_POLL_S = 1.0
+# Multipart fields that may be uploaded files.
+IMAGE_FIELDS = ("image", "mask_image", "hint_image")
+
+
+@dataclass
+class ServerConfig:
+    """Models, device and limits of one server; ``decoders`` maps each served task to its decoder id or folder."""
+
+    prior: str = PRIOR_REPO
+    decoders: dict[str, str] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    # None: the fast path where the device is CUDA (it compiles; on CPU it would only cost start-up time).
+    fast: bool | None = None
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.decoders)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running jobs with the Engine
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def png_bytes(image: PIL.Image.Image, recipe: dict[str, Any]) -> bytes:
+    """The PNG file :func:`kandinsky22.recipe.save_png` writes, in memory (results are served, not saved)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from kandinsky22.recipe import RECIPE_KEY
+
+    info = PngInfo()
+    info.add_itxt(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], RunBatch]:
+    """A ``load()`` for the :class:`JobQueue`: builds the Engine, loads every served model, returns the runner.
+
+    ``info`` receives the device, dtype and whether the fast path is on, for ``/v1/models``.
+    """
+
+    def load() -> RunBatch:
+        from kandinsky22.jobs import Engine, resolve_device
+        from kandinsky22.recipe import make_recipe
+
+        started = time.perf_counter()
+        fast = resolve_device(config.device).type == "cuda" if config.fast is None else config.fast
+        engine = Engine(
+            device=config.device, dtype=config.dtype, fast=fast, max_decoders=len(set(config.decoders.values()))
+        )
+        # Load every repository now: the first request of a task must not stall everyone queued behind it for a load.
+        # (Other tasks of a loaded repository only wrap its modules in another pipeline class, which is cheap.)
+        engine.prior_pipeline(config.prior)
+        first_task = {decoder: task for task, decoder in reversed(config.decoders.items())}
+        for decoder, task in first_task.items():
+            engine.decoder_pipeline(Job(task=task, decoder=decoder))
+        info.update(device=engine.device_name, dtype=engine.dtype_name, fast=engine.fast_applied)
+        log.info(
+            "models loaded in %.1f s on %s (%s); ready", time.perf_counter() - started, info["device"], info["dtype"]
+        )
+
+        def run_batch(jobs: Sequence[Job], progress: ProgressFn, should_cancel: Callable[[], bool]) -> list[JobOutput]:
+            singles = [single for job in jobs for single in job.expand()]
+            results = iter(engine.run(singles, progress=progress, cancel=should_cancel))
+            outputs = []
+            for job in jobs:
+                mine = [next(results) for _ in range(job.num_images)]
+                recipes = [make_recipe(r.job, engine.device_name, engine.dtype_name) for r in mine]
+                outputs.append(
+                    JobOutput(
+                        pngs=[png_bytes(r.image, recipe) for r, recipe in zip(mine, recipes)],
+                        seeds=[r.job.seed for r in mine],
+                        timings=dict(mine[0].timings),
+                    )
+                )
+            return outputs
+
+        return run_batch
+
+    return load
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors, authentication, body size
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def error_response(
+    status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ApiKeyMiddleware:
+    """Every route but health needs the key; checked before the body is read, in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"x-api-key")
+        auth = headers.get(b"authorization", b"")
+        scheme, _, value = auth.partition(b" ")
+        if scheme.lower() == b"bearer":
+            given = value.strip()
+        elif scheme.lower() == b"basic":
+            try:
+                given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                return False
+        return given is not None and hmac.compare_digest(given, self.key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == HEALTH_PATH or self._authorized(dict(scope["headers"])):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401,
+            "a valid API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+            "authentication_error",
+            # Lets a browser that opens the page ask for the key (as the password) and then send it by itself.
+            headers={"WWW-Authenticate": 'Basic realm="kandinsky22", charset="UTF-8"'},
+        )
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for a body over ``limit`` bytes: at once from Content-Length, else while a chunked body streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self) -> JSONResponse:
+        return error_response(413, f"the request body is larger than {self.limit} bytes", "invalid_request_error")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._too_large()(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large()(scope, receive, send)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# JSON views of jobs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def job_view(snapshot: dict[str, Any], base_url: str) -> dict[str, Any]:
+    job: Job = snapshot["job"]
+    url = f"{base_url}/v1/jobs/{snapshot['id']}"
+    seeds = snapshot["seeds"]
+    timings = {f"{stage}_s": round(seconds, 4) for stage, seconds in snapshot["timings"].items()}
+    if snapshot["started_at"] is not None:
+        timings["queue_s"] = round(snapshot["started_at"] - snapshot["created_at"], 4)
+    if snapshot["finished_at"] is not None:
+        timings["total_s"] = round(snapshot["finished_at"] - snapshot["created_at"], 4)
+    return {
+        "id": snapshot["id"],
+        "object": "job",
+        "status": snapshot["status"],
+        "task": job.task,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative,
+        "n": job.num_images,
+        "width": job.width,
+        "height": job.height,
+        "steps": job.steps,
+        "prior_steps": job.prior_steps,
+        "guidance_scale": job.guidance,
+        "prior_guidance_scale": job.prior_guidance,
+        "scheduler": job.scheduler,
+        "strength": job.strength,
+        "seeds": seeds,
+        "queue_position": snapshot["queue_position"],
+        "progress": {"stage": snapshot["stage"], "stages": snapshot["stages"]},
+        "batch_size": snapshot["batch_size"],
+        "created_at": snapshot["created_at"],
+        "started_at": snapshot["started_at"],
+        "finished_at": snapshot["finished_at"],
+        "timings": timings,
+        "cancel_requested": snapshot["cancel_requested"],
+        "images": [{"index": k, "seed": seeds[k], "url": f"{url}/images/{k}.png"} for k in range(snapshot["images"])],
+        "events_url": f"{url}/events",
+        "error": None if snapshot["error"] is None else {"message": snapshot["error"], "type": "server_error"},
+    }
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The application
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _job_request_schema() -> dict[str, Any]:
+    """OpenAPI for ``POST /v1/jobs``, whose body is read by hand to take JSON or multipart."""
+    schema = {"$ref": "#/components/schemas/JobRequest"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "description": "The JobRequest fields; image, mask_image, hint_image and items may be files.",
+                    }
+                },
+            },
+        }
+    }
+
+
+def create_app(config: ServerConfig, load: Callable[[], RunBatch] | None = None) -> FastAPI:
+    """The application; ``load`` defaults to :func:`engine_loader` (tests of the HTTP layer may pass their own)."""
+    limits = config.limits
+    info: dict[str, Any] = {"device": None, "dtype": None, "fast": None}
+    queue = JobQueue(load or engine_loader(config, info), limits)
+    started_at = time.time()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        queue.start()
+        yield
+        queue.stop(timeout=30)
+
+    app = FastAPI(
+        title="kandinsky22",
+        version=__version__,
+        summary="Kandinsky 2.2 image generation: an OpenAI-compatible endpoint, a job API and a web page.",
+        lifespan=lifespan,
+    )
+    app.state.queue = queue
+    app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.mount("/static", StaticFiles(packages=[("kandinsky22.server", "static")]), name="static")
+    _register_errors(app)
+    _add_job_request_schema(app)
+    page_html = resources.files("kandinsky22.server").joinpath("static/index.html").read_text()
+
+    def configured(job: Job) -> Job:
+        decoder = config.decoders.get(job.task)
+        if decoder is None:
+            raise RequestError(
+                f"task {job.task!r} is not served here; this server runs {', '.join(config.tasks)}", param="task"
+            )
+        return dataclasses.replace(job, prior=config.prior, decoder=decoder).resolved()
+
+    async def changes(job_id: str, idle_s: float) -> AsyncIterator[dict[str, Any] | None]:
+        """The job's snapshot now, after every change and every ``idle_s`` without one, until it finishes.
+
+        Ends after a finished snapshot, or with ``None`` when the job is unknown or its results expired.
+        """
+        changed = asyncio.Event()
+        if not queue.watch(job_id, asyncio.get_running_loop(), changed):
+            yield None
+            return
+        try:
+            while True:
+                snapshot = queue.get(job_id)
+                yield snapshot
+                if snapshot is None or snapshot["status"] in TERMINAL:
+                    return
+                # A change between get() and here has set the event, so this returns at once; none is missed.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), idle_s)
+                changed.clear()
+        finally:
+            queue.unwatch(job_id, changed)
+
+    # -- page and service ------------------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(page_html)
+
+    @app.get(HEALTH_PATH, summary="Liveness and readiness (no API key needed)")
+    def health() -> JSONResponse:
+        body = {
+            "status": {"ready": "ok"}.get(queue.state, queue.state),
+            "error": queue.load_error,
+            "version": __version__,
+            "uptime_s": round(time.time() - started_at, 1),
+            **queue.stats(),
+        }
+        return JSONResponse(body, status_code=200 if queue.state == "ready" else 503)
+
+    @app.get("/v1/models", summary="Loaded models, tasks, schedulers, defaults and limits")
+    def models() -> dict[str, Any]:
+        data = [{"id": config.prior, "object": "model", "owned_by": "kandinsky22", "role": "prior"}]
+        by_decoder: dict[str, list[str]] = {}
+        for task, decoder in config.decoders.items():
+            by_decoder.setdefault(decoder, []).append(task)
+        for decoder, tasks in by_decoder.items():
+            data.append(
+                {"id": decoder, "object": "model", "owned_by": "kandinsky22", "role": "decoder", "tasks": tasks}
+            )
+        defaults = Job()
+        return {
+            "object": "list",
+            "data": data,
+            "state": queue.state,
+            "tasks": config.tasks,
+            "schedulers": list(SCHEDULERS),
+            "defaults": {
+                "width": 512,
+                "height": 512,
+                "steps": defaults.steps,
+                "prior_steps": defaults.prior_steps,
+                "guidance_scale": defaults.guidance,
+                "prior_guidance_scale": defaults.prior_guidance,
+                "scheduler": defaults.scheduler,
+            },
+            "limits": {**limits.as_dict(), "size_multiple": 1},
+            **info,
+        }
+
+    # -- OpenAI-compatible -----------------------------------------------------------------------------------------
+
+    @app.post("/v1/images/generations", summary="OpenAI-compatible text to image (waits for the images)")
+    async def generations(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+        job_id = queue.submit(configured(generation_to_job(body, limits)))["id"]
+        final = None
+        async with contextlib.aclosing(changes(job_id, DISCONNECT_POLL_S)) as updates:
+            async for final in updates:
+                if final is not None and final["status"] not in TERMINAL and await request.is_disconnected():
+                    # Nobody will read the images: give the worker to the next request.
+                    with contextlib.suppress(JobFinished):
+                        queue.cancel(job_id)
+                    return error_response(499, "the client went away", "cancelled")
+        headers = {"X-Job-Id": job_id}
+        if final is None or final["status"] == "cancelled":
+            return error_response(503, "the job was cancelled", "cancelled", headers=headers)
+        if final["status"] == "failed":
+            return error_response(500, final["error"], "server_error", headers=headers)
+        data = []
+        base = _base_url(request)
+        for k, seed in enumerate(final["seeds"]):
+            item: dict[str, Any] = {"revised_prompt": None, "seed": seed}
+            if body.response_format == "url":
+                item["url"] = f"{base}/v1/jobs/{job_id}/images/{k}.png"
+            else:
+                item["b64_json"] = base64.b64encode(queue.png(job_id, k) or b"").decode()
+            data.append(item)
+        return JSONResponse({"created": int(final["created_at"]), "data": data}, headers=headers)
+
+    # -- job API ---------------------------------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        summary="Queue a job (text2img, img2img, inpaint, mix, depth); JSON or multipart",
+        openapi_extra=_job_request_schema(),
+    )
+    async def create_job(request: Request) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        files: dict[str, Any] = {}
+        if content_type.startswith("multipart/form-data"):
+            fields, files = await _read_form(request)
+        else:
+            try:
+                fields = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RequestError(f"the body is not valid JSON ({err})") from err
+            if not isinstance(fields, dict):
+                raise RequestError("the body must be a JSON object")
+        snapshot = queue.submit(configured(job_request_to_job(parse_job_request(fields), limits, files)))
+        view = job_view(snapshot, _base_url(request))
+        return JSONResponse(view, status_code=202, headers={"Location": f"/v1/jobs/{view['id']}"})
+
+    def _found(job_id: str, snapshot: dict[str, Any] | None) -> dict[str, Any]:
+        if snapshot is None:
+            raise RequestError(
+                f"no job {job_id!r} (unknown, or its results expired)", status=404, error_type="not_found"
+            )
+        return snapshot
+
+    @app.get("/v1/jobs/{job_id}", summary="A job's status, progress, timings and result URLs")
+    def get_job(job_id: str, request: Request) -> dict[str, Any]:
+        return job_view(_found(job_id, queue.get(job_id)), _base_url(request))
+
+    @app.delete("/v1/jobs/{job_id}", status_code=202, summary="Cancel a job (a running one stops at its next step)")
+    def cancel_job(job_id: str, request: Request) -> JSONResponse:
+        try:
+            snapshot = _found(job_id, queue.cancel(job_id))
+        except JobFinished as err:
+            raise RequestError(str(err), status=409, error_type="conflict") from err
+        return JSONResponse(job_view(snapshot, _base_url(request)), status_code=202)
+
+    @app.get("/v1/jobs/{job_id}/events", summary="Server-sent events: the job's status on every change")
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        _found(job_id, queue.get(job_id))
+        base = _base_url(request)
+
+        async def stream() -> AsyncIterator[str]:
+            last = None
+            async with contextlib.aclosing(changes(job_id, KEEPALIVE_S)) as updates:
+                async for snapshot in updates:
+                    if snapshot is None:
+                        return
+                    if snapshot["version"] == last:
+                        yield ": keep-alive\n\n"
+                        continue
+                    last = snapshot["version"]
+                    yield f"id: {last}\ndata: {json.dumps(job_view(snapshot, base))}\n\n"
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    @app.get(
+        "/v1/jobs/{job_id}/images/{index}.png",
+        summary="One result image: a PNG carrying its recipe in a 'kandinsky22' text chunk",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    def job_image(job_id: str, index: int) -> Response:
+        snapshot = _found(job_id, queue.get(job_id))
+        png = queue.png(job_id, index)
+        if png is None:
+            raise RequestError(
+                f"job {job_id} has no image {index} (status {snapshot['status']}, {snapshot['images']} image(s))",
+                status=404,
+                error_type="not_found",
+            )
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    return app
+
+
+async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Multipart fields → (JobRequest fields, uploaded files by name); list fields may repeat."""
+    try:
+        form = await request.form()
+    except StarletteHTTPException as err:
+        raise RequestError(f"the multipart body could not be read ({err.detail})") from err
+    fields: dict[str, Any] = {}
+    files: dict[str, Any] = {}
+    for name in form:
+        values = form.getlist(name)
+        if name == "items":
+            files["items"] = [await v.read() if isinstance(v, UploadFile) else v for v in values]
+        elif name == "weights":
+            fields["weights"] = values
+        elif isinstance(values[-1], UploadFile):
+            if name not in IMAGE_FIELDS:
+                raise RequestError(f"{name} cannot be a file; files are accepted for {', '.join(IMAGE_FIELDS)}", name)
+            files[name] = await values[-1].read()
+        else:
+            fields[name] = values[-1]
+    return fields, files
+
+
+def _add_job_request_schema(app: FastAPI) -> None:
+    """Put JobRequest (and what it refers to) into the OpenAPI components that ``POST /v1/jobs`` points at."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "JobRequest" not in components:
+            job_schema = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(job_schema.pop("$defs", {}))
+            components["JobRequest"] = job_schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _register_errors(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError) -> JSONResponse:
+        return error_response(err.status, str(err), err.error_type, err.param)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, err: QueueFull) -> JSONResponse:
+        return error_response(429, str(err), "rate_limit_error", headers={"Retry-After": str(err.retry_after)})
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, err: Unavailable) -> JSONResponse:
+        return error_response(503, f"the server takes no jobs now: {err}", "server_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = loc[0] if loc else None
+        where = ".".join(loc) if loc else "body"
+        return error_response(400, f"{where}: {first.get('msg', 'invalid value')}", "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        error_type = {404: "not_found", 405: "invalid_request_error"}.get(err.status_code, "invalid_request_error")
+        return error_response(err.status_code, str(err.detail), error_type, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(err).__name__}", "server_error")

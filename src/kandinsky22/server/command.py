@@ -1,0 +1,141 @@
+"""``kandinsky22 serve``: its arguments (importing this module is cheap) and the command itself.
+
+The command binds the socket itself and prints the address it got, so ``--port 0`` (any free port) is usable by
+scripts and tests; it logs ``ready`` once the models are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+
+from kandinsky22.jobs import CONTROLNET_REPO, DECODER_REPO, INPAINT_REPO, MAX_SIDE, MAX_STEPS, PRIOR_REPO
+
+API_KEY_ENV = "KANDINSKY22_API_KEY"
+DEFAULT_PORT = 8000
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 (any free port) to 65535, got {text!r}")
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` options, on ``parser``."""
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    net.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)")
+    net.add_argument(
+        "--api-key",
+        help=f"require this key on every route but /v1/health (default: ${API_KEY_ENV} if set; prefer the variable, "
+        "a command line is visible to other users of the machine)",
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument("--prior", default=PRIOR_REPO, help="prior hub id or folder (default: the official prior)")
+    models.add_argument("--decoder", default=DECODER_REPO, help="decoder for text2img, img2img and mix")
+    models.add_argument("--inpaint-decoder", help=f"inpainting decoder: serves inpaint (e.g. {INPAINT_REPO})")
+    models.add_argument("--depth-decoder", help=f"controlnet-depth decoder: serves depth (e.g. {CONTROLNET_REPO})")
+    models.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps")
+    models.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="auto: fp16 on GPUs")
+    models.add_argument(
+        "--no-fast", action="store_true", help="do not use the pipelines' fast path (on by default on CUDA)"
+    )
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-batch", type=_positive, default=4, help="images per pipeline call (default 4)")
+    limits.add_argument("--max-queue", type=_positive, default=64, help="jobs waiting before 429 (default 64)")
+    limits.add_argument("--max-n", type=_positive, default=4, help="images per request (default 4)")
+    limits.add_argument("--max-side", type=_positive, default=1024, help=f"pixels, up to {MAX_SIDE} (default 1024)")
+    limits.add_argument("--max-steps", type=_positive, default=150, help=f"steps, up to {MAX_STEPS} (default 150)")
+    limits.add_argument("--max-body-mb", type=_positive, default=20, help="request body size in MiB (default 20)")
+    limits.add_argument("--result-ttl", type=_positive, default=3600, help="seconds results are kept (default 3600)")
+    limits.add_argument("--max-results", type=_positive, default=256, help="finished jobs kept (default 256)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until interrupted; 2 for a bad argument, 1 when the address cannot be bound."""
+    import uvicorn
+
+    from kandinsky22.server.app import ServerConfig, create_app
+    from kandinsky22.server.schemas import Limits
+
+    prog = "kandinsky22 serve"
+    if args.max_side > MAX_SIDE or args.max_steps > MAX_STEPS:
+        print(f"{prog}: error: --max-side is at most {MAX_SIDE} and --max-steps at most {MAX_STEPS}", file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(args.host) and api_key is None:
+        print(
+            f"{prog}: warning: listening on {args.host} without an API key: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
+    decoders = {"text2img": args.decoder, "img2img": args.decoder, "mix": args.decoder}
+    if args.inpaint_decoder:
+        decoders["inpaint"] = args.inpaint_decoder
+    if args.depth_decoder:
+        decoders["depth"] = args.depth_decoder
+    config = ServerConfig(
+        prior=args.prior,
+        decoders=decoders,
+        device=args.device,
+        dtype=args.dtype,
+        fast=False if args.no_fast else None,
+        api_key=api_key,
+        limits=Limits(
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            max_n=args.max_n,
+            max_side=args.max_side,
+            max_steps=args.max_steps,
+            max_body_bytes=args.max_body_mb * 1024 * 1024,
+            result_ttl_s=float(args.result_ttl),
+            max_results=args.max_results,
+        ),
+    )
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as err:
+        print(f"{prog}: error: cannot listen on {args.host}:{args.port}: {err.strerror}", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"{prog}: listening on http://{shown}:{port}/ (models loading; GET /v1/health says when ready)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level=args.log_level, timeout_graceful_shutdown=10))
+    server.run(sockets=[sock])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kandinsky22 serve", description="HTTP API and web page")
+    add_arguments(parser)
+    return serve(parser.parse_args(argv))

@@ -1,0 +1,188 @@
+// The page talks to the job API: POST /v1/jobs, then follows /v1/jobs/{id}/events (server-sent events) for progress.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+let currentJob = null;
+let events = null;
+
+async function apiError(response) {
+  try {
+    const body = await response.json();
+    const err = body.error || {};
+    let message = err.message || response.statusText;
+    if (response.status === 429) {
+      message += ` (retry in ${response.headers.get("Retry-After") || "a few"} s)`;
+    }
+    return message;
+  } catch {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function loadServerInfo() {
+  const response = await fetch("/v1/models");
+  if (!response.ok) {
+    $("server-info").textContent = `server: ${await apiError(response)}`;
+    return;
+  }
+  const info = await response.json();
+  const models = info.data.map((m) => m.id).join(" + ");
+  $("server-info").textContent = `${models} · ${info.device} · max batch ${info.limits.max_batch}`;
+  const scheduler = $("scheduler");
+  for (const name of info.schedulers) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    scheduler.appendChild(option);
+  }
+  const defaults = info.defaults;
+  scheduler.value = defaults.scheduler;
+  for (const field of ["width", "height", "steps", "prior_steps", "guidance_scale"]) {
+    $(field).value = defaults[field];
+  }
+  const limits = info.limits;
+  $("width").max = $("height").max = limits.max_side;
+  $("width").min = $("height").min = limits.min_side;
+  $("width").step = $("height").step = limits.size_multiple;
+  $("steps").max = $("prior_steps").max = limits.max_steps;
+  $("n").max = limits.max_n;
+}
+
+function describeProgress(job) {
+  if (job.status === "queued") {
+    return `queued — ${job.queue_position} ahead`;
+  }
+  const stages = Object.entries(job.progress.stages)
+    .map(([name, s]) => `${name} ${s.step}/${s.steps}`)
+    .join(", ");
+  if (job.status === "running") {
+    return `running — ${stages}`;
+  }
+  if (job.status === "succeeded") {
+    const seconds = job.finished_at - job.created_at;
+    return `done — ${job.images.length} image(s) in ${seconds.toFixed(1)} s (${stages})`;
+  }
+  return `${job.status}${job.error ? ": " + job.error.message : ""}`;
+}
+
+function fractionDone(job) {
+  let done = 0;
+  let total = 0;
+  for (const s of Object.values(job.progress.stages)) {
+    done += s.step;
+    total += s.steps;
+  }
+  return total ? done / total : 0;
+}
+
+function addResults(job) {
+  const results = $("results");
+  for (const image of [...job.images].reverse()) {
+    const figure = document.createElement("figure");
+    figure.className = "result";
+    const img = document.createElement("img");
+    img.src = image.url;
+    img.alt = job.prompt;
+    img.width = job.width;
+    img.height = job.height;
+    const caption = document.createElement("figcaption");
+    const prompt = document.createElement("span");
+    prompt.className = "prompt";
+    prompt.textContent = job.prompt;
+    prompt.title = job.prompt;
+    const seed = document.createElement("span");
+    seed.className = "seed";
+    seed.textContent = `seed ${image.seed}`;
+    const link = document.createElement("a");
+    link.href = image.url;
+    link.download = `kandinsky22-${image.seed}.png`;
+    link.textContent = "download";
+    caption.append(prompt, seed, link);
+    figure.append(img, caption);
+    results.prepend(figure);
+  }
+}
+
+function setBusy(busy) {
+  $("generate").disabled = busy;
+  $("cancel").hidden = !busy;
+}
+
+function follow(job) {
+  currentJob = job;
+  $("progress-box").hidden = false;
+  events = new EventSource(`/v1/jobs/${job.id}/events`);
+  events.onmessage = (message) => {
+    const update = JSON.parse(message.data);
+    $("progress").value = fractionDone(update);
+    $("progress-text").textContent = describeProgress(update);
+    if (TERMINAL.has(update.status)) {
+      events.close();
+      events = null;
+      currentJob = null;
+      setBusy(false);
+      if (update.status === "succeeded") {
+        addResults(update);
+      } else if (update.status === "failed") {
+        showError(update.error.message);
+      }
+    }
+  };
+  events.onerror = () => {
+    // EventSource reconnects by itself; a closed stream after a terminal event is not an error.
+    if (events && events.readyState === EventSource.CLOSED) {
+      showError("lost the connection to the server");
+      setBusy(false);
+    }
+  };
+}
+
+async function generate(event) {
+  event.preventDefault();
+  showError("");
+  const form = new FormData($("generate-form"));
+  const request = { task: "text2img", prompt: form.get("prompt"), scheduler: form.get("scheduler") };
+  if (form.get("negative_prompt")) {
+    request.negative_prompt = form.get("negative_prompt");
+  }
+  for (const field of ["width", "height", "n", "steps", "prior_steps"]) {
+    request[field] = parseInt(form.get(field), 10);
+  }
+  request.guidance_scale = parseFloat(form.get("guidance_scale"));
+  if (form.get("seed") !== "") {
+    request.seed = parseInt(form.get("seed"), 10);
+  }
+  setBusy(true);
+  $("progress").value = 0;
+  $("progress-text").textContent = "submitting…";
+  $("progress-box").hidden = false;
+  const response = await fetch("/v1/jobs", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(request),
+  });
+  if (!response.ok) {
+    showError(await apiError(response));
+    $("progress-box").hidden = true;
+    setBusy(false);
+    return;
+  }
+  follow(await response.json());
+}
+
+async function cancel() {
+  if (currentJob) {
+    await fetch(`/v1/jobs/${currentJob.id}`, { method: "DELETE" });
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("generate-form").addEventListener("submit", generate);
+  $("cancel").addEventListener("click", cancel);
+  loadServerInfo().catch((err) => showError(String(err)));
+});

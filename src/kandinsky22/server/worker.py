@@ -1,0 +1,369 @@
+"""The bounded job queue and the one worker thread that owns the models.
+
+The HTTP layer (asyncio) only submits, reads, cancels and watches jobs; all model work happens in a single thread,
+so the GPU runs one pipeline call at a time and no model is shared between threads. The worker takes the oldest
+queued job and, for text2img, the queued jobs that can share its pipeline call (:meth:`Job.batch_key`: same size,
+steps, scheduler, guidance), up to ``max_batch`` images. Each image has its own generator (see :mod:`kandinsky22.jobs`),
+so batching never changes an image. A failed batch is retried job by job, so a request that breaks the model fails
+alone; the worker goes on either way.
+
+Finished jobs keep their PNGs in memory until ``result_ttl_s`` after they finish, and at most ``max_results`` finished
+jobs are kept (the oldest go first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kandinsky22.jobs import Cancelled, Job, ProgressFn
+from kandinsky22.server.schemas import Limits
+
+log = logging.getLogger("kandinsky22.server")
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@dataclass
+class JobOutput:
+    """What running one job produced: PNG files (recipe chunk included), their seeds, per-stage seconds."""
+
+    pngs: list[bytes]
+    seeds: list[int]
+    timings: dict[str, float]
+
+
+# run_batch(jobs, progress, should_cancel) -> one JobOutput per job; raises Cancelled when should_cancel() said so.
+RunBatch = Callable[[Sequence[Job], ProgressFn, Callable[[], bool]], list[JobOutput]]
+
+
+class QueueFull(Exception):
+    def __init__(self, queued: int, retry_after: int):
+        super().__init__(f"the queue is full ({queued} jobs waiting); retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Unavailable(Exception):
+    """The server is shutting down, or could not load its models: it takes no more jobs."""
+
+
+class JobFinished(Exception):
+    """Cancelling a job that has already finished."""
+
+
+@dataclass(eq=False)
+class JobRecord:
+    id: str
+    job: Job
+    created_at: float
+    status: str = "queued"
+    started_at: float | None = None
+    finished_at: float | None = None
+    # stage -> [step, total]; filled with the expected totals, corrected by the runner's progress reports.
+    stages: dict[str, list[int]] = field(default_factory=dict)
+    stage: str | None = None
+    batch_size: int | None = None
+    output: JobOutput | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    version: int = 0
+    watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return self.job.num_images
+
+    def snapshot(self, queue_position: int | None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "job": self.job,
+            "queue_position": queue_position,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "stage": self.stage,
+            "stages": {name: {"step": s[0], "steps": s[1]} for name, s in self.stages.items()},
+            "batch_size": self.batch_size,
+            "seeds": self.output.seeds if self.output else [self.job.seed + i for i in range(self.images)],
+            "images": len(self.output.pngs) if self.output else 0,
+            "timings": dict(self.output.timings) if self.output else {},
+            "error": self.error,
+            "cancel_requested": self.cancel_requested,
+            "version": self.version,
+        }
+
+
+class JobQueue:
+    """Jobs by id, the FIFO of queued ones, and the worker thread that runs them with ``load()``'s runner.
+
+    ``load`` runs in the worker thread (loading weights can take minutes; the server answers health checks
+    meanwhile) and returns the :data:`RunBatch` used for every job.
+    """
+
+    def __init__(self, load: Callable[[], RunBatch], limits: Limits, clock: Callable[[], float] = time.time):
+        self.limits = limits
+        self.state = "loading"
+        self.load_error: str | None = None
+        self._load = load
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._jobs: OrderedDict[str, JobRecord] = OrderedDict()
+        self._queue: list[JobRecord] = []
+        self._running: list[JobRecord] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Seconds per pipeline call (moving average), for Retry-After; and how full the batches were.
+        self._batch_seconds = 1.0
+        self.batch_sizes: Counter[int] = Counter()
+        self.images_done = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="kandinsky22-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel everything, let the running call stop at its next step, and join the worker."""
+        with self._cond:
+            self._stopping = True
+            for record in self._queue:
+                self._finish(record, "cancelled")
+            self._queue.clear()
+            for record in self._running:
+                record.cancel_requested = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the HTTP side -----------------------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> dict[str, Any]:
+        """Queue a validated job (its seed drawn now, so status shows it); raises :class:`QueueFull`."""
+        job = job.with_seed()
+        with self._cond:
+            if self._stopping:
+                raise Unavailable(self.load_error or "the server is shutting down")
+            if len(self._queue) >= self.limits.max_queue:
+                raise QueueFull(len(self._queue), self._retry_after())
+            record = JobRecord(id=uuid.uuid4().hex, job=job, created_at=self._clock())
+            record.stages = {"prior": [0, job.prior_steps], "decoder": [0, job.steps], "decode": [0, 1]}
+            self._jobs[record.id] = record
+            self._queue.append(record)
+            self._evict()
+            self._cond.notify_all()
+            return record.snapshot(len(self._queue) - 1)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._cond:
+            self._evict()
+            record = self._jobs.get(job_id)
+            return None if record is None else record.snapshot(self._position(record))
+
+    def png(self, job_id: str, index: int) -> bytes | None:
+        with self._cond:
+            record = self._jobs.get(job_id)
+            if record is None or record.output is None or not 0 <= index < len(record.output.pngs):
+                return None
+            return record.output.pngs[index]
+
+    def cancel(self, job_id: str) -> dict[str, Any] | None:
+        """Cancel a queued job now, or a running one at its next step; ``None`` for an unknown id."""
+        with self._cond:
+            record = self._jobs.get(job_id)
+            if record is None:
+                return None
+            if record.status in TERMINAL:
+                raise JobFinished(f"job {job_id} has already {record.status}")
+            record.cancel_requested = True
+            if record.status == "queued":
+                self._queue.remove(record)
+                self._finish(record, "cancelled")
+                self._queue_changed()
+            elif any(not r.cancel_requested for r in self._running):
+                # The rest of its batch goes on; this job's images will be dropped.
+                self._finish(record, "cancelled")
+            else:
+                # The pipeline call stops at its next step (should_cancel) and the runner reports it.
+                self._touch(record)
+            return record.snapshot(self._position(record))
+
+    def watch(self, job_id: str, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> bool:
+        """Set ``event`` (in ``loop``) whenever the job changes; false for an unknown id."""
+        with self._cond:
+            record = self._jobs.get(job_id)
+            if record is None:
+                return False
+            record.watchers.append((loop, event))
+            return True
+
+    def unwatch(self, job_id: str, event: asyncio.Event) -> None:
+        with self._cond:
+            record = self._jobs.get(job_id)
+            if record is not None:
+                record.watchers = [w for w in record.watchers if w[1] is not event]
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "queue": {
+                    "queued": len(self._queue),
+                    "running": len(self._running),
+                    "kept": len(self._jobs),
+                    "max_queue": self.limits.max_queue,
+                },
+                "images_generated": self.images_done,
+                # images per pipeline call -> how many calls: how well batching works under the current load
+                "batch_sizes": dict(sorted(self.batch_sizes.items())),
+            }
+
+    # -- bookkeeping (callers hold the lock) -------------------------------------------------------------------------
+
+    def _position(self, record: JobRecord) -> int | None:
+        return self._queue.index(record) if record.status == "queued" else None
+
+    def _touch(self, record: JobRecord) -> None:
+        record.version += 1
+        for loop, event in record.watchers:
+            # The watcher's loop may have closed while its stream was ending; nothing is listening then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
+
+    def _queue_changed(self) -> None:
+        for record in self._queue:
+            self._touch(record)
+
+    def _finish(self, record: JobRecord, status: str, error: str | None = None) -> None:
+        record.status = status
+        record.error = error
+        record.finished_at = self._clock()
+        self._touch(record)
+
+    def _retry_after(self) -> int:
+        batches_ahead = len(self._queue) / self.limits.max_batch + len(self._running) + 1
+        return max(1, min(300, math.ceil(batches_ahead * self._batch_seconds)))
+
+    def _evict(self) -> None:
+        now = self._clock()
+        finished = [r for r in self._jobs.values() if r.status in TERMINAL]
+        expired = [r for r in finished if now - r.finished_at > self.limits.result_ttl_s]
+        # _jobs is in submission order, so the oldest finished jobs go first when over the cap.
+        over = finished[: max(0, len(finished) - self.limits.max_results)]
+        for record in set(expired) | set(over):
+            del self._jobs[record.id]
+
+    # -- the worker thread -------------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            run_batch = self._load()
+        except Exception as err:  # the server keeps answering, reporting why it cannot generate
+            log.exception("loading the models failed")
+            with self._cond:
+                self.state = "error"
+                self.load_error = f"{type(err).__name__}: {err}"
+                self._stopping = True
+                for record in self._queue:
+                    self._finish(record, "failed", f"the server could not load its models: {self.load_error}")
+                self._queue.clear()
+            return
+        with self._cond:
+            self.state = "ready"
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(run_batch, batch)
+
+    def _next_batch(self) -> list[JobRecord] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            head = self._queue[0]
+            batch = [head]
+            if head.job.task == "text2img":
+                key, images = head.job.batch_key(), head.images
+                for record in self._queue[1:]:
+                    if images + record.images > self.limits.max_batch:
+                        continue
+                    if record.job.task == "text2img" and record.job.batch_key() == key:
+                        batch.append(record)
+                        images += record.images
+            now = self._clock()
+            for record in batch:
+                self._queue.remove(record)
+                record.status = "running"
+                record.started_at = now
+                record.batch_size = len(batch)
+                self._touch(record)
+            self._running = batch
+            self._queue_changed()
+            return batch
+
+    def _run(self, run_batch: RunBatch, batch: list[JobRecord]) -> None:
+        def progress(stage: str, step: int, total: int) -> None:
+            with self._cond:
+                for record in batch:
+                    if record.status in TERMINAL:
+                        continue
+                    record.stage = stage
+                    record.stages[stage] = [step, total]
+                    self._touch(record)
+
+        def should_cancel() -> bool:
+            with self._cond:
+                return all(record.cancel_requested for record in batch)
+
+        started = time.perf_counter()
+        try:
+            outputs = run_batch([record.job for record in batch], progress, should_cancel)
+        except Cancelled:
+            with self._cond:
+                for record in batch:
+                    if record.status not in TERMINAL:
+                        self._finish(record, "cancelled")
+                self._running = []
+            return
+        except Exception as err:
+            if len(batch) > 1:
+                log.warning("a batch of %d jobs failed (%s); running them one by one", len(batch), err)
+                for record in batch:
+                    with self._cond:
+                        if record.status in TERMINAL:
+                            continue
+                        record.batch_size = 1
+                        self._running = [record]
+                    self._run(run_batch, [record])
+                return
+            log.exception("job %s failed", batch[0].id)
+            with self._cond:
+                self._finish(batch[0], "failed", f"{type(err).__name__}: {err}")
+                self._running = []
+            return
+        seconds = time.perf_counter() - started
+        with self._cond:
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+            self.batch_sizes[sum(record.images for record in batch)] += 1
+            for record, output in zip(batch, outputs):
+                if record.status in TERMINAL:
+                    continue
+                if record.cancel_requested:
+                    self._finish(record, "cancelled")
+                else:
+                    record.output = output
+                    self.images_done += len(output.pngs)
+                    self._finish(record, "succeeded")
+            self._running = []
+            self._evict()
