@@ -230,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--overwrite", action="store_true", help="replace repositories already in DIR")
     tiny.add_argument("--json", action="store_true", help="print the folders as JSON")
     tiny.add_argument("--debug", action="store_true", help="show tracebacks")
+    from kandinsky22.server.command import add_arguments as add_serve_arguments  # argparse only: cheap to import
+
+    serve = commands.add_parser(
+        "serve",
+        help="HTTP API and web page: many users, one GPU",
+        description="Serve an OpenAI-compatible endpoint, a job API with progress and cancellation, and a web page "
+        "at /. One worker owns the models; compatible requests are batched.",
+    )
+    add_serve_arguments(serve)
     return parser
 
 
@@ -564,9 +573,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error(f"choose a command: {', '.join([*COMMAND_TASKS, 'make-tiny'])} (see --help)")
+        parser.error(f"choose a command: {', '.join([*COMMAND_TASKS, 'make-tiny', 'serve'])} (see --help)")
     prog = f"{PROG} {args.command}"
     try:
+        if args.command == "serve":
+            from kandinsky22.server.command import serve
+
+            return serve(args)
         return _make_tiny(args) if args.command == "make-tiny" else _run_jobs(args)
     except UsageError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -65,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--result-ttl", type=_positive, default=3600, help="seconds results are kept (default 3600)")
     limits.add_argument("--max-results", type=_positive, default=256, help="finished jobs kept (default 256)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _is_loopback(host: str) -> bool:
@@ -133,9 +134,3 @@ def serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(create_app(config), log_level=args.log_level, timeout_graceful_shutdown=10))
     server.run(sockets=[sock])
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kandinsky22 serve", description="HTTP API and web page")
-    add_arguments(parser)
-    return serve(parser.parse_args(argv))
