@@ -1,0 +1,26 @@
+"""Samplers: the reference's exact ones (DDPM for the decoder, UnCLIP for the prior, DDIM) and fast ODE solvers
+(DPM-Solver++, Euler, Euler-ancestral, UniPC), all reading and writing the reference's ``scheduler_config.json``.
+
+Swap samplers with ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``.
+"""
+
+from .base import SchedulerMixin, SchedulerOutput
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler, UnCLIPScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .noise import randn_tensor
+from .unipc import UniPCMultistepScheduler
+
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "SchedulerMixin",
+    "SchedulerOutput",
+    "UnCLIPScheduler",
+    "UniPCMultistepScheduler",
+    "randn_tensor",
+]

@@ -1,0 +1,278 @@
+"""What every scheduler shares: ``scheduler_config.json`` I/O, config swapping, copying, step bookkeeping, and the
+small tensor helpers (x₀ from the model output, clipping, dynamic thresholding).
+
+A scheduler holds two kinds of state:
+
+* tables, built in ``__init__`` / ``set_timesteps`` on the host and never modified afterwards;
+* per-run state (the step counter, a multistep solver's history), replaced rather than mutated, so ``copy()`` —
+  a shallow copy with fresh lists — gives an independent sampler that shares only the read-only tables.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..loading import Config, read_json, resolve_folder
+from . import tables
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+# Config keys of every scheduler class; ``from_config`` drops these silently when the target class does not use them,
+# so that ``B.from_config(a.config)`` swaps samplers without warnings (the reference's "compatibles" rule).
+_ALL_SCHEDULER_KEYS: set[str] = set()
+
+
+@dataclass
+class SchedulerOutput:
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class SchedulerMixin:
+    """Base of the schedulers. A subclass lists every key the reference writes in ``config_defaults`` (with the
+    reference's defaults), checks values in ``_check_config`` and builds its training tables in ``_build``.
+    """
+
+    config_defaults: ClassVar[dict[str, Any]] = {}
+    order: ClassVar[int] = 1
+    config: Config
+    timesteps: torch.Tensor
+    num_inference_steps: int | None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _ALL_SCHEDULER_KEYS.update(cls.config_defaults)
+
+    def __init__(self, **config: Any) -> None:
+        unknown = sorted(k for k in config if k not in self.config_defaults and not k.startswith("_"))
+        if unknown:
+            logger.warning("%s ignores unknown config keys: %s", type(self).__name__, unknown)
+        values = {k: _copy.deepcopy(config.get(k, default)) for k, default in self.config_defaults.items()}
+        self.config = Config(self._normalize(values))
+        self._check_config()
+        self._build()
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+
+    def _normalize(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite values the reference maps on construction (e.g. another solver's ``solver_type``)."""
+        return values
+
+    def _check_config(self) -> None:
+        """Raise ``ValueError`` naming any value this class cannot run."""
+
+    def _build(self) -> None:
+        """Build the training tables and the default (full) timestep table."""
+
+    # -- config I/O ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any):
+        """Build from a config dict or another scheduler's ``.config``; ``overrides`` win.
+
+        Keys meant for another scheduler class are dropped silently, truly unknown keys with a warning. Keys the
+        reference marks as defaulted (``_use_default_values``) take this class's defaults instead.
+        """
+        values = dict(config or {})
+        defaulted = set(values.pop("_use_default_values", None) or ())
+        kept = {
+            k: v
+            for k, v in values.items()
+            if not k.startswith("_")
+            and k not in defaulted
+            and (k in cls.config_defaults or k not in _ALL_SCHEDULER_KEYS)
+        }
+        kept.update(overrides)
+        return cls(**kept)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None, **kwargs: Any):
+        """Load ``scheduler_config.json`` from a local folder (or a hub repository via ``resolve_folder``).
+
+        Hub keywords (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``) go to the
+        download; any other keyword overrides a config value.
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        folder = resolve_folder(path_or_id, subfolder, [SCHEDULER_CONFIG_NAME], **hub_kwargs)
+        return cls.from_config(read_json(folder / SCHEDULER_CONFIG_NAME), **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``scheduler_config.json`` with the reference's keys and ``_class_name``, readable by both libraries."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"_class_name": type(self).__name__, **self.config}
+        (folder / SCHEDULER_CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def copy(self):
+        """An independent scheduler in the same state: read-only tables are shared, per-run lists are copied."""
+        new = _copy.copy(self)
+        new.__dict__.update({k: list(v) for k, v in self.__dict__.items() if isinstance(v, list)})
+        return new
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({json.dumps(dict(self.config), sort_keys=True)})"
+
+    # -- validation helpers --------------------------------------------------------------------------------------
+
+    def _require_choice(self, key: str, allowed: tuple) -> None:
+        value = self.config[key]
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ValueError(f"{type(self).__name__}: {key}={value!r} is not supported; choose one of {choices}")
+
+    def _require_default(self, *keys: str) -> None:
+        """Options the reference has but kandinsky22 does not implement: only their default value is accepted."""
+        for key in keys:
+            if self.config[key] != self.config_defaults[key]:
+                raise ValueError(
+                    f"{type(self).__name__}: {key}={self.config[key]!r} is not supported by kandinsky22 "
+                    f"(only {self.config_defaults[key]!r})"
+                )
+
+    def _check_beta_config(self) -> None:
+        if self.config.trained_betas is None:
+            self._require_choice("beta_schedule", tables.BETA_SCHEDULES)
+        if "timestep_spacing" in self.config:
+            self._require_choice("timestep_spacing", tables.TIMESTEP_SPACINGS)
+        if "rescale_betas_zero_snr" in self.config:
+            self._require_default("rescale_betas_zero_snr")
+
+    def _training_alphas_cumprod(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        betas = tables.make_betas(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas)
+        return betas, tables.cumulative_alphas(betas)
+
+    # -- step bookkeeping ----------------------------------------------------------------------------------------
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step in this run's tables (None before the first step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the run at table index ``begin_index`` (img2img: ``t_start``), without looking the timestep up."""
+        self._begin_index = begin_index
+
+    def _set_schedule(self, timesteps: np.ndarray, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        """Install a run's timestep table: a host list for look-ups and ``.timesteps`` on ``device``."""
+        self._host_timesteps: list = timesteps.tolist()
+        self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=dtype)
+        self._step_index = None
+        self._begin_index = None
+
+
+def host_value(timestep: Any) -> float | int | None:
+    """The Python number of a timestep given as a number or a CPU tensor; None for a tensor on an accelerator, whose
+    value is not read (that would wait for the device) — the scheduler's step counter is used instead.
+    """
+    if isinstance(timestep, torch.Tensor):
+        return timestep.item() if timestep.device.type == "cpu" else None
+    if isinstance(timestep, np.generic):
+        return timestep.item()
+    return timestep
+
+
+def noise_channels(model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The noise prediction of a learned-variance model (K2.2's decoder UNet has 8 output channels: 4 ε + 4 v).
+
+    The reference's DPM-Solver slices 3 channels here (a pixel-space RGB assumption); the noise is the first half.
+    """
+    if model_output.shape[1] == 2 * sample.shape[1]:
+        return model_output[:, : sample.shape[1]]
+    return model_output
+
+
+def predict_x0(
+    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha: float, sigma: float
+) -> torch.Tensor:
+    """x₀ from the model output, for x_t = α·x₀ + σ·ε (DDPM ε-prediction, x₀-prediction, or v = α·ε − σ·x₀,
+    Salimans & Ho 2022). ``alpha`` and ``sigma`` are the float32 values of √ᾱ_t and √(1−ᾱ_t).
+    """
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if prediction_type == "sample":
+        return model_output
+    return alpha * sample - sigma * model_output
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): per sample, s = the ``ratio`` quantile of |x₀|,
+    clamped to [1, ``max_value``]; x₀ is clipped to [−s, s] and divided by s.
+    """
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # quantile needs float32/64
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def f32(value: float) -> torch.Tensor:
+    """A 0-dim float32 tensor: scalar coefficients are computed in float32 like the reference's."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
+class SigmaSchedulerMixin(SchedulerMixin):
+    """Schedulers indexed by noise level σ (Euler, DPM-Solver, UniPC): ``self.sigmas`` (host float32, one more entry
+    than ``timesteps``) and a step counter that is set once, on the first step, then counts.
+    """
+
+    sigmas: torch.Tensor
+    # The multistep solvers treat a timestep missing from the table as the last step; Euler rejects it.
+    _missing_timestep_is_last: ClassVar[bool] = False
+
+    def _lookup(self, value: float | int) -> int:
+        """Index of a timestep in this run's tables. A timestep listed twice (Karras σ that round to the same
+        integer) maps to its second entry, so a run started mid-schedule does not repeat a σ — the reference's rule —
+        except at the very start of the table: the reference skips σ_max there and then runs past the table's end
+        (cosine schedule with Karras σ, ≥ 7 steps), so a full run starts at index 0 instead.
+        """
+        matches = [i for i, t in enumerate(self._host_timesteps) if t == value]
+        if not matches:
+            if self._missing_timestep_is_last:
+                return len(self._host_timesteps) - 1
+            raise ValueError(f"timestep={value} is not in this scheduler's timesteps; call set_timesteps first")
+        return matches[1] if len(matches) > 1 and matches[0] > 0 else matches[0]
+
+    def _index(self, timestep: Any) -> int:
+        """This step's index: ``begin_index`` or the timestep's position on the first step, then the counter.
+
+        A timestep on an accelerator is not read (no device sync): the run is taken to start at index 0 unless
+        ``set_begin_index`` says otherwise.
+        """
+        if self._step_index is None and self._begin_index is not None:
+            self._step_index = self._begin_index
+        elif self._step_index is None:
+            value = host_value(timestep)
+            self._step_index = 0 if value is None else self._lookup(value)
+        return self._step_index
+
+    def _noise_indices(self, timesteps: torch.Tensor) -> list[int]:
+        """Table indices for ``add_noise``: looked up per sample unless a begin index is set (then no device read)."""
+        batch = len(timesteps)
+        if self._begin_index is None:
+            return [self._lookup(t) for t in torch.as_tensor(timesteps).tolist()]
+        return [self._step_index if self._step_index is not None else self._begin_index] * batch

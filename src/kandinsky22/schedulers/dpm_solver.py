@@ -1,0 +1,199 @@
+"""DPM-Solver++ multistep (Lu et al. 2022, arXiv 2211.01095): the recommended fast sampler for K2.2 (2M, 20–25 steps;
+performance-and-style §A5).
+
+The solver works in λ = log(α/σ) and on data predictions x̂₀. With h = λ_t − λ_s, the first-order step is
+x_t = (σ_t/σ_s)·x_s − α_t·(e^{−h} − 1)·x̂₀ (DDIM); orders 2 and 3 add finite differences of earlier x̂₀ (Algorithms 2
+and the third-order variant). Step coefficients are float32, computed on the host in the reference's order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import tables
+from .base import (
+    PREDICTION_TYPES,
+    SchedulerOutput,
+    SigmaSchedulerMixin,
+    dynamic_threshold,
+    noise_channels,
+    predict_x0,
+)
+
+
+class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
+    """DPM-Solver++ (``algorithm_type="dpmsolver++"``) of order 1–3 with ``solver_type`` "midpoint" or "heun".
+
+    ``lower_order_final`` drops to lower orders on the last steps of short (< 15 step) schedules, which stabilises
+    them; the final step to σ = 0 is always first order with ``final_sigmas_type="zero"``. ``use_karras_sigmas``
+    spaces the noise levels as Karras et al. 2022. An 8-channel (learned-variance) model output is reduced to its
+    4 noise channels.
+    """
+
+    config_defaults = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "solver_order": 2,
+        "prediction_type": "epsilon",
+        "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
+        "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint",
+        "lower_order_final": True,
+        "euler_at_final": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_lu_lambdas": False,
+        "use_flow_sigmas": False,
+        "flow_shift": 1.0,
+        "final_sigmas_type": "zero",
+        "lambda_min_clipped": -float("inf"),
+        "variance_type": None,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+        "use_dynamic_shifting": False,
+        "time_shift_type": "exponential",
+    }
+    init_noise_sigma = 1.0
+    _missing_timestep_is_last = True
+
+    def _normalize(self, values: dict[str, Any]) -> dict[str, Any]:
+        if values["solver_type"] in ("logrho", "bh1", "bh2"):  # UniPC/DEIS solver types: the reference maps them
+            values["solver_type"] = "midpoint"
+        return values
+
+    def _check_config(self) -> None:
+        self._check_beta_config()
+        self._require_choice("prediction_type", PREDICTION_TYPES)
+        self._require_choice("algorithm_type", ("dpmsolver++",))
+        self._require_choice("solver_type", ("midpoint", "heun"))
+        self._require_choice("solver_order", (1, 2, 3))
+        self._require_choice("final_sigmas_type", ("zero", "sigma_min"))
+        self._require_default(
+            "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"
+        )
+
+    def _build(self) -> None:
+        self.betas, self.alphas_cumprod = self._training_alphas_cumprod()
+        self.num_inference_steps = None
+        total = self.config.num_train_timesteps
+        self._install(np.linspace(0, total - 1, total)[::-1], tables.train_sigmas(self.alphas_cumprod), None)
+
+    def _install(self, timesteps: np.ndarray, sigmas: np.ndarray, device: torch.device | str | None) -> None:
+        self._set_schedule(timesteps, device, torch.int64)
+        self.sigmas = torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float32))
+        self._alpha, self._sigma, self._lambda = tables.alpha_sigma_lambda(self.sigmas)
+        self._model_outputs: list[torch.Tensor] = []
+        self._lower_order_nums = 0
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+        c = self.config
+        total = c.num_train_timesteps
+        tables.check_num_steps(num_inference_steps, total)
+        ac = self.alphas_cumprod
+        # λ_min clipping cuts the noisiest end of the grid (for cosine schedules, whose λ goes to −∞).
+        train_lambda = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
+        clipped = int(torch.searchsorted(torch.flip(train_lambda, [0]), c.lambda_min_clipped))
+        grid = tables.solver_timesteps(c.timestep_spacing, num_inference_steps, total, c.steps_offset, total - clipped)
+        train_sigmas = tables.train_sigmas(ac)
+        if c.use_karras_sigmas:
+            sigmas = tables.karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), num_inference_steps)
+            grid = tables.sigma_to_t(sigmas, np.log(train_sigmas))
+            if c.beta_schedule != "squaredcos_cap_v2":
+                grid = grid.round()
+        else:
+            sigmas = np.interp(grid, np.arange(len(train_sigmas)), train_sigmas)
+        final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.final_sigmas_type == "sigma_min" else 0.0
+        self.num_inference_steps = len(grid)
+        self._install(grid.astype(np.int64), np.append(sigmas, final), device)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor]:
+        """One solver step. ``generator`` is accepted for a uniform loop; DPM-Solver++ draws no noise."""
+        c = self.config
+        if self.num_inference_steps is None:
+            raise ValueError("Call set_timesteps(num_inference_steps) before step()")
+        i = self._index(timestep)
+        n = len(self._host_timesteps)
+        short = c.lower_order_final and n < 15
+        final_first_order = i == n - 1 and (c.euler_at_final or short or c.final_sigmas_type == "zero")
+        final_second_order = i == n - 2 and short
+        eps_or_x0 = noise_channels(model_output, sample)
+        x0 = predict_x0(c.prediction_type, eps_or_x0, sample, float(self._alpha[i]), float(self._sigma[i]))
+        if c.thresholding:
+            x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        self._model_outputs = [*self._model_outputs, x0][-c.solver_order :]
+        warm = self._lower_order_nums
+        if c.solver_order == 1 or warm < 1 or final_first_order:
+            order = 1
+        elif c.solver_order == 2 or warm < 2 or final_second_order:
+            order = 2
+        else:
+            order = 3
+        prev_sample = self._update(i, order, sample.to(torch.float32)).to(x0.dtype)
+        self._lower_order_nums = min(warm + 1, c.solver_order)
+        self._step_index = i + 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+    def _update(self, i: int, order: int, sample: torch.Tensor) -> torch.Tensor:
+        """The multistep DPM-Solver++ update from σ_i to σ_{i+1} (Lu et al. 2022, eqs. 9 and 14–15)."""
+        alpha, sigma, lam = self._alpha, self._sigma, self._lambda
+        t, s0 = i + 1, i
+        h = lam[t] - lam[s0]
+        em1 = torch.exp(-h) - 1.0  # e^{−h} − 1
+        x0_coeff = alpha[t] * em1
+        outputs = self._model_outputs
+        m0 = outputs[-1]
+        x = float(sigma[t] / sigma[s0]) * sample - float(x0_coeff) * m0
+        if order == 1:
+            return x
+        h0 = lam[s0] - lam[s0 - 1]
+        r0 = h0 / h
+        m1 = outputs[-2]
+        if order == 2:
+            d1 = float(1.0 / r0) * (m0 - m1)
+            if self.config.solver_type == "midpoint":
+                return x - float(0.5 * x0_coeff) * d1
+            return x + float(alpha[t] * (em1 / h + 1.0)) * d1
+        h1 = lam[s0 - 1] - lam[s0 - 2]
+        r1 = h1 / h
+        m2 = outputs[-3]
+        d1_0 = float(1.0 / r0) * (m0 - m1)
+        d1_1 = float(1.0 / r1) * (m1 - m2)
+        d1 = d1_0 + float(r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = float(1.0 / (r0 + r1)) * (d1_0 - d1_1)
+        x = x + float(alpha[t] * (em1 / h + 1.0)) * d1
+        return x - float(alpha[t] * ((em1 + h) / h**2 - 0.5)) * d2
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return add_noise_solver(self.sigmas, self._noise_indices(timesteps), original_samples, noise)
+
+
+def add_noise_solver(
+    sigmas: torch.Tensor, indices: list[int], original_samples: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """x = α·x₀ + σ_t·ε with α = 1/√(σ²+1), σ_t = σ·α: the variance-preserving form of noise level σ."""
+    sigma = sigmas.to(device=original_samples.device, dtype=original_samples.dtype)[indices]
+    sigma = sigma.view((-1,) + (1,) * (original_samples.ndim - 1))
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha * original_samples + (sigma * alpha) * noise

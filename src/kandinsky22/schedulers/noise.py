@@ -1,0 +1,43 @@
+"""Gaussian noise drawn from the caller's generator(s), in the reference's order (``randn_tensor``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_tensor(
+    shape: Sequence[int],
+    generator: Generators = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` on ``device``, drawn the way the reference draws it so a seed reproduces.
+
+    * One generator: a single draw of the whole shape.
+    * A list of generators: one ``(1, …)`` draw per sample from its own generator, concatenated, so each sample's
+      noise does not depend on the rest of the batch (a list of one acts as a single generator).
+    * A CPU generator with another target device: drawn on the CPU, then moved.
+    * No generator: a fresh generator seeded from the OS, never the global RNG (which other requests share).
+    """
+    device = torch.device(device or "cpu")
+    shape = tuple(shape)
+    if isinstance(generator, Sequence) and len(generator) == 1:
+        generator = generator[0]
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.seed()
+    first = generator[0] if isinstance(generator, Sequence) else generator
+    if first.device.type != device.type and first.device.type != "cpu":
+        raise ValueError(f"Cannot draw noise for device '{device}' from a generator on '{first.device}'")
+    draw_device = torch.device("cpu") if first.device.type == "cpu" else device
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}: pass one per sample")
+        per_sample = (1, *shape[1:])
+        parts = [torch.randn(per_sample, generator=g, device=draw_device, dtype=dtype) for g in generator]
+        return torch.cat(parts).to(device)
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)

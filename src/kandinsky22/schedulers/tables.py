@@ -1,0 +1,142 @@
+"""Noise-schedule tables shared by every scheduler: betas, ᾱ, timestep grids and noise levels σ.
+
+Everything here runs once per construction or ``set_timesteps``, on the host. Values are float32 where the
+reference keeps float32 (betas, ᾱ, σ tables) and follow its arithmetic, so the tables are bit-identical to the
+reference's; this matters because the samplers' coefficients amplify last-bit differences (reference-behaviour §2.5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the cosine schedule, ᾱ(t) = cos²((t + 0.008)/1.008 · π/2) (Nichol & Dhariwal 2021, eq. 17)."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    n = num_train_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    trained_betas: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """The training betas (float32), from an explicit list or one of ``BETA_SCHEDULES``."""
+    if trained_betas is not None:
+        return torch.tensor(trained_betas, dtype=torch.float32)
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":  # linear in √β: the Stable Diffusion / latent-diffusion schedule
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return cosine_betas(num_train_timesteps)
+    raise ValueError(f"beta_schedule={beta_schedule!r} is not supported; choose one of {', '.join(BETA_SCHEDULES)}")
+
+
+def cumulative_alphas(betas: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t = ∏_{s≤t} (1 − β_s), float32 like the reference."""
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for every training step (float32, ascending in t): the k-diffusion noise levels."""
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+
+
+def check_num_steps(num_inference_steps: int, num_train_timesteps: int, minimum: int = 1) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+    if not minimum <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} is out of range: it must be between {minimum} and "
+            f"num_train_timesteps={num_train_timesteps}"
+        )
+
+
+def spaced_timesteps(spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int = 0) -> np.ndarray:
+    """Descending int64 timesteps, ``num_steps`` of them (Lin et al. 2023, arXiv 2305.08891, Table 2).
+
+    "leading" keeps multiples of ``T // n`` (plus ``steps_offset``) and never reaches T−1; "linspace" spans [0, T−1]
+    rounded; "trailing" counts down from T−1 in steps of T/n.
+    """
+    n, total = num_steps, num_train_timesteps
+    if spacing == "linspace":
+        return np.linspace(0, total - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(n) * (total // n)).round()[::-1].astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(total, 0, -total / n)).astype(np.int64) - 1
+    raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose one of {', '.join(TIMESTEP_SPACINGS)}")
+
+
+def solver_timesteps(
+    spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int = 0, last_timestep: int | None = None
+) -> np.ndarray:
+    """Timesteps of the multistep ODE solvers (DPM-Solver, UniPC): the grid has ``n + 1`` points and the final one
+    (t≈0) is dropped, because the solver's last step goes to σ = 0 rather than evaluating the model there.
+
+    ``last_timestep`` (default T) cuts the top of the grid, for DPM-Solver's ``lambda_min_clipped``.
+    """
+    n, total = num_steps, num_train_timesteps
+    last = total if last_timestep is None else last_timestep
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        return np.arange(last, 0, -total / n).round().astype(np.int64) - 1
+    raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose one of {', '.join(TIMESTEP_SPACINGS)}")
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Noise levels evenly spaced in σ^(1/ρ) from σ_max down to σ_min (Karras et al. 2022, eq. 5, ρ = 7)."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps of the noise levels ``sigmas``, interpolating linearly in log σ.
+
+    ``log_train_sigmas`` is the ascending float32 table log σ_t; the arithmetic keeps its float32 differences as the
+    reference does. The logs are taken one value at a time, as the reference does (numpy's vectorised log may round
+    differently).
+    """
+    log_sigma = np.array([np.log(max(float(s), 1e-10)) for s in np.atleast_1d(sigmas)])
+    count_below = np.searchsorted(log_train_sigmas.astype(np.float64), log_sigma, side="right")
+    low_idx = np.clip(count_below - 1, 0, len(log_train_sigmas) - 2)
+    high_idx = low_idx + 1
+    low, high = log_train_sigmas[low_idx], log_train_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return (1 - w) * low_idx + w * high_idx
+
+
+def alpha_sigma_lambda(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per noise level σ: α = 1/√(σ²+1), σ_t = σ·α and the half log-SNR λ = log α − log σ_t (DPM-Solver's λ).
+
+    Computed element by element on 0-dim float32 tensors: the reference evaluates these per step as 0-dim tensors,
+    and torch's vectorised log may round differently in the last bit, which h = λ_t − λ_s magnifies.
+    """
+    alphas, sigma_ts, lambdas = [], [], []
+    for sigma in sigmas:
+        alpha = 1 / ((sigma**2 + 1) ** 0.5)
+        sigma_t = sigma * alpha
+        alphas.append(alpha)
+        sigma_ts.append(sigma_t)
+        lambdas.append(torch.log(alpha) - torch.log(sigma_t))
+    return torch.stack(alphas), torch.stack(sigma_ts), torch.stack(lambdas)
