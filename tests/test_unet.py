@@ -202,6 +202,7 @@ def test_no_graph_breaks(variant):
         ("center_input_sample", True, "True"),
         ("attention_head_dim", 5, "5"),
         ("layers_per_block", (1, 2, 3), r"\(1, 2, 3\)"),
+        ("block_out_channels", (), r"\(\)"),
     ],
 )
 def test_unsupported_config_raises(key, value, message):

@@ -76,7 +76,10 @@ def _check_config(config: Mapping[str, Any]) -> None:
     only_cross = config["only_cross_attention"]
     if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
         raise ValueError(f"UNet2DConditionModel does not support only_cross_attention={only_cross!r}; supported: False")
-    levels = len(config["block_out_channels"])
+    channels = config["block_out_channels"]
+    if not isinstance(channels, (list, tuple)) or not channels or not all(isinstance(c, int) for c in channels):
+        raise ValueError(f"block_out_channels={channels!r} must be a non-empty list of ints (one width per level)")
+    levels = len(channels)
     for key, known in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
         types = list(config[key])
         if len(types) != levels:
@@ -90,11 +93,10 @@ def _check_config(config: Mapping[str, Any]) -> None:
 
     # Heads are channels // attention_head_dim; the reference's attention only runs when that division is exact.
     # Up blocks take attention_head_dim[i] without reversing it, as the reference does.
-    channels = list(config["block_out_channels"])
     head_dims = _per_level(config, "attention_head_dim", levels)
     down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
     attended = [(channels[i], head_dims[i]) for i in range(levels) if _DOWN_BLOCKS[down_types[i]]]
-    attended += [(channels[::-1][i], head_dims[i]) for i in range(levels) if _UP_BLOCKS[up_types[i]]]
+    attended += [(channels[-1 - i], head_dims[i]) for i in range(levels) if _UP_BLOCKS[up_types[i]]]
     attended.append((channels[-1], head_dims[-1]))
     for width, head_dim in attended:
         if head_dim <= 0 or width % head_dim:
@@ -172,6 +174,8 @@ class DownBlock(nn.Module):
         downsample: bool,
     ) -> None:
         super().__init__()
+        # Attentions are registered before resnets (here and in every block), as in the reference, so the state dict
+        # lists keys in its order. Their group norm keeps the default eps: the reference does not pass norm_eps on.
         self.attentions = nn.ModuleList(
             AddedKVAttention(out_channels, context_dim, head_dim, groups) for _ in range(layers if head_dim else 0)
         )
@@ -185,7 +189,9 @@ class DownBlock(nn.Module):
             else []
         )
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]):
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+    ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
@@ -252,7 +258,9 @@ class UpBlock(nn.Module):
             [ResnetBlock2D(out_channels, out_channels, temb_channels, groups, eps, resample="up")] if upsample else []
         )
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]):
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+    ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions:
@@ -273,6 +281,8 @@ class UNet2DConditionModel(ModelMixin):
     Builds any number of levels from the reference's config keys; values outside this family raise ``ValueError``.
     """
 
+    # Every key the reference writes to config.json, with the reference's default: a key missing from a file means
+    # this value for both libraries. Several defaults (SD-style blocks) are outside this family on purpose.
     config_defaults: ClassVar[dict[str, Any]] = {
         "sample_size": None,
         "in_channels": 4,
