@@ -276,6 +276,8 @@ class VQModel(ModelMixin):
     ``scaling_factor`` is stored but unused: the Kandinsky 2.2 pipelines neither scale nor unscale the latents.
     """
 
+    # The reference's defaults (a config.json missing a key means the same to both libraries); the K2.2 MoVQ values
+    # come from its config.json. The default norm_type "group" is outside the family and is rejected.
     config_defaults: ClassVar[dict[str, Any]] = {
         "in_channels": 3,
         "out_channels": 3,
