@@ -1,0 +1,208 @@
+"""jobs.py: validation, defaults, seeds and grouping, exact-size helpers, and the Engine on tiny checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from kandinsky22.jobs import (
+    DECODER_REPO,
+    INPAINT_REPO,
+    PRIOR_REPO,
+    Cancelled,
+    Engine,
+    Job,
+    crop_to_size,
+    fit_to_grid,
+    group_jobs,
+    mix_item_kind,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from kandinsky22.tiny import make_tiny_repos
+
+    return make_tiny_repos(tmp_path_factory.mktemp("k22tiny"))
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    return Engine(device="cpu")
+
+
+def _write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    channels = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    PIL.Image.fromarray(rng.integers(0, 256, channels, dtype=np.uint8)).save(path, format="PNG")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"task": "paint"}, "task must be one of text2img, img2img, inpaint, mix, depth; got 'paint'"),
+        ({"prompt": "  "}, "prompt must be a non-empty text for text2img"),
+        ({"steps": 0}, "steps must be from 1 to 1000, got 0"),
+        ({"steps": True}, "steps must be an integer from 1 to 1000, got True"),
+        ({"prior_steps": 2.5}, "prior_steps must be an integer"),
+        ({"guidance": 0.5}, "guidance must be from 1 to 100, got 0.5"),
+        ({"prior_guidance": math.nan}, "prior_guidance must be a number"),
+        ({"scheduler": "plms"}, "scheduler must be one of ddpm, ddim, dpm++, dpm++-karras, euler, euler-a, unipc"),
+        ({"width": 63}, "width must be from 64 to 2048, got 63"),
+        ({"height": 4096}, "height must be from 64 to 2048, got 4096"),
+        ({"num_images": 0}, "num_images must be from 1 to 16, got 0"),
+        ({"seed": -1}, "seed must be from 0 to"),
+        ({"seed": 2**63 - 1, "num_images": 2}, "runs past the largest seed"),
+        ({"task": "img2img"}, "img2img needs image"),
+        ({"task": "inpaint", "image": "a.png"}, "inpaint needs mask"),
+        ({"mask": "m.png"}, "mask is only used by inpaint, not by text2img"),
+        ({"task": "depth", "image": "a.png"}, "depth needs hint"),
+        ({"hint": "h.png"}, "hint is only used by depth"),
+        ({"strength": 0.5}, "strength is only used by img2img and by depth with an image"),
+        ({"task": "img2img", "image": "a.png", "strength": 1.5}, "strength must be from 0 to 1, got 1.5"),
+        ({"task": "img2img", "image": "a.png", "strength": 0}, "strength must be above 0"),
+        ({"task": "img2img", "image": "a.png", "strength": 0.1, "steps": 5}, "leaves no denoising step"),
+        ({"task": "depth", "hint": "h.png", "strength": 0.5}, "strength is only used by img2img and by depth with"),
+        ({"task": "mix", "prompt": ""}, "mix needs at least one item"),
+        ({"task": "mix", "prompt": "", "items": ["a", "b"], "weights": [1]}, "one weight per item: got 2 items"),
+        ({"task": "mix", "prompt": "", "items": ["a"], "weights": [0]}, "at least one mix weight must be non-zero"),
+        ({"task": "mix", "prompt": "", "items": [" "], "weights": [1]}, "items[0] is empty"),
+        ({"task": "mix", "items": ["a"], "weights": [1]}, "prompt is not used by mix"),
+        ({"items": ["a"], "weights": [1]}, "items and weights are only used by mix"),
+        ({"prior": ""}, "prior must be a hub id or a folder path"),
+        ({"negative": None}, "negative must be a string"),
+    ],
+)
+def test_validation_names_field_and_value(fields: dict, message: str) -> None:
+    job = Job(**{"prompt": "a red cat", **fields})
+    with pytest.raises(ValueError) as err:
+        job.validate()
+    assert message in str(err.value)
+
+
+def test_from_dict_rejects_unknown_fields_listing_allowed() -> None:
+    with pytest.raises(ValueError, match=r"unknown job field\(s\) colour; allowed: task, prompt, negative"):
+        Job.from_dict({"prompt": "x", "colour": "red"})
+    assert Job.from_dict(Job(prompt="x", seed=3).to_dict()) == Job(prompt="x", seed=3)
+
+
+def test_resolved_fills_task_defaults(tmp_path: Path) -> None:
+    job = Job(prompt="a red cat").resolved()
+    assert (job.width, job.height, job.strength, job.prior, job.decoder) == (512, 512, None, PRIOR_REPO, DECODER_REPO)
+    photo = _write_image(tmp_path / "photo.png", (300, 200))
+    img2img = Job(task="img2img", prompt="x", image=str(photo)).resolved()
+    assert (img2img.width, img2img.height, img2img.strength) == (300, 200, 0.3)
+    assert Job(task="img2img", prompt="x", image=str(photo), width=150).resolved().height == 100
+    assert Job(task="img2img", prompt="x", image=str(photo), height=100).resolved().width == 150
+    big = _write_image(tmp_path / "big.png", (3000, 1500))
+    inpaint = Job(task="inpaint", prompt="x", image=str(big), mask=str(big)).resolved()
+    assert (inpaint.width, inpaint.height, inpaint.decoder) == (1024, 512, INPAINT_REPO)
+    depth = Job(task="depth", prompt="x", hint=str(photo), image=str(photo)).resolved()
+    assert (depth.width, depth.strength) == (300, 0.5)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        Job(task="img2img", prompt="x", image=str(tmp_path / "missing.png")).resolved()
+
+
+def test_expand_gives_consecutive_seeds_and_single_image_jobs() -> None:
+    jobs = Job(prompt="x", seed=10, num_images=3).expand()
+    assert [(j.seed, j.num_images) for j in jobs] == [(10, 1), (11, 1), (12, 1)]
+    drawn = Job(prompt="x", num_images=2).expand()
+    assert drawn[0].seed is not None and drawn[1].seed == drawn[0].seed + 1
+
+
+def test_group_jobs_batches_only_compatible_jobs() -> None:
+    cat, dog = Job(prompt="cat", seed=1), Job(prompt="dog", seed=2)
+    other_steps = Job(prompt="cow", seed=3, steps=10)
+    a, b = (
+        Job(task="img2img", prompt="a", image="x.png", seed=1),
+        Job(task="img2img", prompt="b", image="x.png", seed=1),
+    )
+    groups = group_jobs([cat, other_steps, dog, a, b], max_batch=8)
+    assert groups == [[cat, dog], [other_steps], [a], [b]]  # text2img batches across prompts; img2img does not
+    assert group_jobs([cat, dog, cat], max_batch=2) == [[cat, dog], [cat]]
+
+
+def test_mix_items_are_images_by_suffix_or_existing_file(tmp_path: Path) -> None:
+    photo = _write_image(tmp_path / "photo", (64, 64))  # no suffix, but a file
+    assert [mix_item_kind(i) for i in ["a red cat", "missing.jpg", str(photo)]] == ["text", "image", "image"]
+
+
+def test_fit_to_grid_pads_and_crop_returns_the_resized_input() -> None:
+    rng = np.random.default_rng(0)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    padded = fit_to_grid(image, (80, 72), (128, 128), "RGB")
+    assert padded.size == (128, 128)
+    expected = np.asarray(image.resize((80, 72), PIL.Image.BICUBIC))
+    assert np.array_equal(np.asarray(crop_to_size(padded, (80, 72))), expected)
+    array = np.asarray(padded)
+    assert np.array_equal(array[:, 0], array[:, 23])  # edge replicated to the left of the 24 px offset
+    mask = fit_to_grid(PIL.Image.new("L", (10, 10), 255), (80, 72), (128, 128), "L", fill=0)
+    assert np.asarray(mask)[0, 0] == 0 and np.asarray(mask)[64, 64] == 255
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine on tiny checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _text2img(tiny: dict[str, Path], **fields) -> Job:
+    base = {"prompt": "a red cat", "prior": str(tiny["prior"]), "decoder": str(tiny["decoder"])}
+    return Job(**{**base, "steps": 3, "prior_steps": 3, "width": 80, "height": 72, **fields})
+
+
+def test_image_depends_only_on_its_own_seed(tiny: dict[str, Path], engine: Engine) -> None:
+    """Alone or second in a batch, an image comes from its own generator: equal up to float summation order."""
+    job = _text2img(tiny, seed=5, negative="blurry")
+    alone = np.asarray(engine.run([job])[0].image, dtype=np.int16)
+    batch = engine.run([_text2img(tiny, prompt="a horse", seed=9, negative="blurry"), job])
+    batched = np.asarray(batch[1].image, dtype=np.int16)
+    assert batch[1].job.seed == 5 and batch[1].image.size == (80, 72)
+    # Batched kernels sum in another order; fp32 differences of ~1e-5 flip a rounding level on a few pixels at most.
+    assert np.abs(alone - batched).max() <= 1
+    assert (alone != batched).mean() < 0.01
+    # Control: a shared generator or a different seed changes essentially every pixel.
+    other = np.asarray(engine.run([dataclasses.replace(job, seed=6)])[0].image, dtype=np.int16)
+    assert (alone != other).mean() > 0.5
+    assert np.array_equal(alone, np.asarray(engine.run([job])[0].image, dtype=np.int16))  # deterministic
+
+
+def test_progress_stages_timings_and_cancel(tiny: dict[str, Path], engine: Engine) -> None:
+    events: list[tuple[str, int, int]] = []
+    result = engine.run([_text2img(tiny, seed=1, steps=4, prior_steps=2)], progress=lambda *e: events.append(e))[0]
+    assert events == [("prior", 1, 2), ("prior", 2, 2)] + [("decoder", k, 4) for k in range(1, 5)] + [("decode", 1, 1)]
+    assert {"prior", "decoder", "decode"} <= set(result.timings) and all(v >= 0 for v in result.timings.values())
+
+    seen: list[tuple[str, int, int]] = []
+    with pytest.raises(Cancelled, match="decoder step 3 of 4"):
+        engine.run(
+            [_text2img(tiny, seed=1, steps=4, prior_steps=2)],
+            progress=lambda *e: seen.append(e),
+            cancel=lambda: len(seen) >= 4,  # 2 prior steps + 2 decoder steps done
+        )
+    assert seen[-1] == ("decoder", 2, 4)
+    assert len(engine.run([_text2img(tiny, seed=1, steps=2, prior_steps=2)])) == 1  # usable after a cancel
+
+
+def test_wrong_decoder_for_task_names_the_right_kind(tiny: dict[str, Path], engine: Engine, tmp_path: Path) -> None:
+    photo = _write_image(tmp_path / "photo.png", (64, 64))
+    job = Job(task="inpaint", prompt="x", image=str(photo), mask=str(photo), prior=str(tiny["prior"]))
+    with pytest.raises(ValueError, match="has a 4-channel UNet, but inpaint needs a 9-channel one"):
+        engine.run([dataclasses.replace(job, decoder=str(tiny["decoder"]), seed=0)])
+
+
+def test_run_rejects_incompatible_jobs(tiny: dict[str, Path], engine: Engine) -> None:
+    with pytest.raises(ValueError, match="use group_jobs"):
+        engine.run([_text2img(tiny, seed=1), _text2img(tiny, seed=2, steps=5)])
+    with pytest.raises(ValueError, match="single-image jobs"):
+        engine.run([_text2img(tiny, num_images=2)])
