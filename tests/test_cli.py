@@ -1,0 +1,263 @@
+"""The ``kandinsky22`` console script, run in subprocesses on checkpoints written by ``kandinsky22 make-tiny``.
+
+Model runs are grouped per subprocess (each pays torch's start-up); argument errors need no models and return fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from kandinsky22.jobs import Job
+from kandinsky22.recipe import read_recipe
+
+SCRIPT = shutil.which("kandinsky22")
+COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kandinsky22.cli"]
+FAST = ["--steps", "3", "--prior-steps", "3", "--quiet"]
+RECIPE_KEYS = {f.name for f in dataclasses.fields(Job)} | {"tool", "version", "device", "dtype", "inputs_sha256"}
+
+
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}  # tests never touch the network
+    return subprocess.run(
+        [*COMMAND, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def pixels(path: Path) -> np.ndarray:
+    with PIL.Image.open(path) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        return np.asarray(image)
+
+
+def write_image(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    PIL.Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path, format="PNG")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("k22tiny")
+    result = ok(run("make-tiny", str(root), "--json", cwd=root))
+    repos = json.loads(result.stdout)
+    assert set(repos) == {"prior", "decoder", "decoder-inpaint", "controlnet-depth"}
+    return repos
+
+
+def models(tiny: dict[str, str], decoder: str = "decoder") -> list[str]:
+    return ["--prior", tiny["prior"], "--decoder", tiny[decoder]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs on tiny checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_generate_exact_size_recipe_json_then_rerun_from_png_and_prompts_file(
+    tiny: dict[str, str], tmp_path: Path
+) -> None:
+    size = ["--width", "80", "--height", "72"]
+    result = ok(
+        run(
+            "generate",
+            "a red cat",
+            "--seed",
+            "7",
+            "--num-images",
+            "2",
+            *size,
+            *FAST,
+            "--json",
+            "-o",
+            "out/{n}-{seed}.png",
+            *models(tiny),
+            cwd=tmp_path,
+        )
+    )
+    summary = json.loads(result.stdout)
+    assert [(i["path"], i["seed"], i["width"], i["height"]) for i in summary["images"]] == [
+        ("out/1-7.png", 7, 80, 72),
+        ("out/2-8.png", 8, 80, 72),
+    ]
+    assert {"load", "prior", "decoder", "decode", "total"} <= set(summary["timings"])
+    assert set(summary["images"][0]["timings"]) >= {"prior", "decoder", "decode"}
+    assert (summary["device"], summary["dtype"]) == ("cpu", "fp32")
+    first, second = tmp_path / "out/1-7.png", tmp_path / "out/2-8.png"
+    assert pixels(first).shape == (72, 80, 3)
+    recipe = read_recipe(second)
+    assert set(recipe) == RECIPE_KEYS
+    expected = {"task": "text2img", "prompt": "a red cat", "seed": 8, "num_images": 1, "steps": 3, "prior_steps": 3}
+    expected |= {"width": 80, "height": 72, "scheduler": "ddpm", "guidance": 4.0, "prior": tiny["prior"]}
+    assert {k: recipe[k] for k in expected} == expected
+    assert not np.array_equal(pixels(first), pixels(second))
+
+    # --from-png re-runs the recorded job: pixel for pixel.
+    rerun = ok(run("generate", "--from-png", str(second), "--quiet", "-o", "again.png", cwd=tmp_path))
+    assert "seed 8" in rerun.stdout
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(second))
+
+    # A prompts file: one job per line (JSON lines override the command line); the same seed gives the same pixels
+    # as in the first run, in another process.
+    (tmp_path / "prompts.txt").write_text('# jobs\n{"prompt": "a red cat", "seed": 7}\n\na blue dog\n')
+    batch = ok(
+        run(
+            "generate",
+            "--prompts-file",
+            "prompts.txt",
+            "--seed",
+            "100",
+            *size,
+            *FAST,
+            "-o",
+            "batch/{n}.png",
+            *models(tiny),
+            cwd=tmp_path,
+        )
+    )
+    assert len(batch.stdout.splitlines()) == 2
+    assert np.array_equal(pixels(tmp_path / "batch/1.png"), pixels(first))
+    dog = read_recipe(tmp_path / "batch/2.png")
+    assert (dog["prompt"], dog["seed"], dog["width"]) == ("a blue dog", 100, 80)
+
+
+def test_img2img_writes_exact_size_and_overwrites_only_when_asked(tiny: dict[str, str], tmp_path: Path) -> None:
+    photo = write_image(tmp_path / "photo.png", (100, 60), seed=1)
+    (tmp_path / "result.png").write_bytes(b"old")
+    args = ["img2img", "a red cat", "--image", "photo.png", "--strength", "0.5", "--width", "80", "--height", "72"]
+    refused = run(*args, *FAST, "-o", "result.png", *models(tiny), cwd=tmp_path)
+    assert refused.returncode == 1 and "exists" in refused.stderr and "--overwrite" in refused.stderr
+    assert (tmp_path / "result.png").read_bytes() == b"old"
+    ok(run(*args, *FAST, "--seed", "3", "-o", "result.png", "--overwrite", *models(tiny), cwd=tmp_path))
+    assert pixels(tmp_path / "result.png").shape == (72, 80, 3)
+    recipe = read_recipe(tmp_path / "result.png")
+    assert (recipe["task"], recipe["strength"], recipe["image"]) == ("img2img", 0.5, str(photo.resolve()))
+    assert recipe["inputs_sha256"]["image"] == hashlib.sha256(photo.read_bytes()).hexdigest()
+
+
+def test_inpaint_defaults_to_the_input_size(tiny: dict[str, str], tmp_path: Path) -> None:
+    write_image(tmp_path / "photo.png", (100, 70), seed=1)
+    mask = np.zeros((70, 100), dtype=np.uint8)
+    mask[10:40, 20:70] = 255
+    PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    args = ["inpaint", "a hat", "--image", "photo.png", "--mask", "mask.png", "--seed", "1", "-o", "hat.png"]
+    ok(run(*args, *FAST, *models(tiny, "decoder-inpaint"), cwd=tmp_path))
+    assert pixels(tmp_path / "hat.png").shape == (70, 100, 3)
+    recipe = read_recipe(tmp_path / "hat.png")
+    assert (recipe["task"], recipe["width"], recipe["height"]) == ("inpaint", 100, 70)
+    assert set(recipe["inputs_sha256"]) == {"image", "mask"}
+
+
+def test_mix_of_a_text_and_an_image(tiny: dict[str, str], tmp_path: Path) -> None:
+    write_image(tmp_path / "style.png", (64, 64), seed=2)
+    args = ["mix", "--item", "a red cat", "--weight", "0.7", "--item", "style.png", "--weight", "0.3"]
+    ok(
+        run(
+            *args, "--width", "96", "--height", "64", "--seed", "5", *FAST, "-o", "mix.png", *models(tiny), cwd=tmp_path
+        )
+    )
+    assert pixels(tmp_path / "mix.png").shape == (64, 96, 3)
+    recipe = read_recipe(tmp_path / "mix.png")
+    assert recipe["items"] == ["a red cat", str((tmp_path / "style.png").resolve())]
+    assert recipe["weights"] == [0.7, 0.3] and recipe["inputs_sha256"]["items"][0] is None
+
+
+def test_depth_with_and_without_a_start_image(tiny: dict[str, str], tmp_path: Path) -> None:
+    write_image(tmp_path / "depth.png", (70, 90), seed=3, mode="L")
+    write_image(tmp_path / "photo.png", (70, 90), seed=4)
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "a robot"}\n{"prompt": "a robot", "image": "photo.png"}\n')
+    args = ["depth", "--hint", "depth.png", "--prompts-file", "jobs.jsonl", "--seed", "9", "-o", "robot-{n}.png"]
+    ok(run(*args, *FAST, *models(tiny, "controlnet-depth"), cwd=tmp_path))
+    for n in (1, 2):
+        assert pixels(tmp_path / f"robot-{n}.png").shape == (90, 70, 3)
+    plain, started = read_recipe(tmp_path / "robot-1.png"), read_recipe(tmp_path / "robot-2.png")
+    assert (plain["task"], plain["image"], plain["strength"]) == ("depth", None, None)
+    assert (started["image"], started["strength"]) == (str((tmp_path / "photo.png").resolve()), 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "choose a command: generate, img2img, inpaint, mix, depth, make-tiny"),
+        (["generate"], "generate needs a PROMPT (or --prompts-file, or --from-png)"),
+        (["generate", "x", "--steps", "0"], "argument --steps: must be from 1 to 1000, got 0"),
+        (["generate", "x", "--steps", "many"], "argument --steps: must be an integer from 1 to 1000, got 'many'"),
+        (["generate", "x", "--scheduler", "plms"], "argument --scheduler: invalid choice: 'plms' (choose from"),
+        (["generate", "x", "--width", "63"], "argument --width: must be from 64 to 2048, got 63"),
+        (["generate", "x", "--guidance", "0.5"], "argument --guidance: must be a number from 1 to 100, got '0.5'"),
+        (["generate", "x", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8' (choose from"),
+        (["generate", "x", "--device", "tpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps"),
+        (["generate", "x", "-o", "cat.jpg"], "--out must name a .png file"),
+        (["generate", "x", "-o", "{name}.png"], "--out pattern '{name}.png' may only use {n} and {seed}"),
+        (["generate", "--prompts-file", "bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
+        (
+            ["generate", "--prompts-file", "unknown.jsonl"],
+            "unknown.jsonl line 1: unknown job field(s) colour; allowed:",
+        ),
+        (["generate", "--from-png", "plain.png"], "--from-png: 'plain.png' holds no kandinsky22 recipe"),
+        (
+            ["generate", "--from-png", "plain.png", "--prompts-file", "p.txt"],
+            "--from-png and --prompts-file cannot be combined",
+        ),
+        (["img2img", "x"], "the following arguments are required: --image"),
+        (["img2img", "x", "--image", "plain.png", "--strength", "0.1", "--steps", "5"], "leaves no denoising step"),
+        (["img2img", "x", "--image", "plain.png", "--strength", "0"], "argument --strength: must be a number above 0"),
+        (["mix", "--item", "a", "--weight", "1", "--weight", "2"], "mix needs one weight per item: got 1 items and 2"),
+        (["mix"], "mix needs at least one --item TEXT_OR_IMAGE"),
+        (["generate", "x", "--prompts-file", "p.txt"], "give either PROMPT or --prompts-file, not both"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("a\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    (tmp_path / "unknown.jsonl").write_text('{"prompt": "a", "colour": "red"}\n')
+    write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "error: " in lines[0] and message in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_repeated_output_name_is_an_argument_error(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text('{"prompt": "a", "seed": 1}\n{"prompt": "b", "seed": 1}\n')
+    result = run("generate", "--prompts-file", "p.txt", "-o", "{seed}.png", cwd=tmp_path)
+    assert result.returncode == 2 and "gives '1.png' to images 1 and 2; add {n} to the pattern" in result.stderr
+
+
+def test_missing_model_folder_exits_1_naming_it(tmp_path: Path) -> None:
+    result = run("generate", "a red cat", "--decoder", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert result.returncode == 1
+    error, hint = result.stderr.splitlines()
+    assert f"no such model folder for --decoder: '{tmp_path / 'nowhere'}'" in error and "make-tiny" in hint
+    assert "Traceback" not in result.stderr
+    debug = run("generate", "a red cat", "--decoder", str(tmp_path / "nowhere"), "--debug", cwd=tmp_path)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_offline_hub_exits_1_naming_the_repository(tmp_path: Path) -> None:
+    result = run("generate", "a red cat", "--quiet", "-o", "x.png", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error, hint = result.stderr.splitlines()
+    assert "Could not get 'kandinsky-community/kandinsky-2-2-prior'" in error and "local folder" in hint
