@@ -95,23 +95,28 @@ def _rgb_array(array: np.ndarray, param: str) -> torch.Tensor:
     return tensor[:, :3] if tensor.shape[1] >= 3 else tensor.expand(-1, 3, -1, -1)
 
 
-def _rgb_batch(items: list, size: tuple[int, int], param: str, tensor_range: tuple[float, float]) -> torch.Tensor:
-    """Items → (B, 3, H, W) in [0, 1]; tensors must be in ``tensor_range`` and are mapped from it to [0, 1]."""
+def _rgb_batch(items: list, size: tuple[int, int], param: str, signed: bool) -> torch.Tensor:
+    """Items → (B, 3, H, W) in [-1, 1] (``signed``) or [0, 1]; tensors must already be in that range.
+
+    Tensors are used as they are (no round trip through another range, so their values reach the MoVQ unchanged).
+    """
+    low = -1.0 if signed else 0.0
     out = []
     for item in items:
-        if isinstance(item, PIL.Image.Image):
-            out.append(_pil_to_unit(item, "RGB", size, PIL.Image.BICUBIC)[None])
-        elif isinstance(item, np.ndarray):
-            out.append(_rgb_array(item, param))
-        else:
+        if isinstance(item, torch.Tensor):
             tensor = item.detach()
             if tensor.ndim == 3:
                 tensor = tensor[None]
             if tensor.ndim != 4 or tensor.shape[1] != 3:
                 raise ValueError(f"`{param}` tensors must be (B, 3, H, W) or (3, H, W), got shape {tuple(item.shape)}")
-            low, high = tensor_range
-            _check_range(tensor, low, high, param)
-            out.append((tensor.float().cpu() - low) / (high - low))
+            _check_range(tensor, low, 1.0, param)
+            out.append(tensor.float().cpu())
+            continue
+        if isinstance(item, PIL.Image.Image):
+            unit = _pil_to_unit(item, "RGB", size, PIL.Image.BICUBIC)[None]
+        else:
+            unit = _rgb_array(item, param)
+        out.append(unit * 2.0 - 1.0 if signed else unit)
     return _cat_same_size(out, param)
 
 
@@ -134,10 +139,8 @@ def image_to_tensor(image: ImageInput, size: tuple[int, int], resize: bool, para
     PIL images are always resized to ``size`` = (height, width). Arrays and tensors are resized (nearest) only when
     ``resize`` is true; otherwise they keep their size and the caller checks it with :func:`check_sizes`.
     """
-    unit = _rgb_batch(_as_list(image, param), size, param, tensor_range=(-1.0, 1.0))
-    if resize:
-        unit = _resize_nearest(unit, size)
-    return unit * 2.0 - 1.0
+    pixels = _rgb_batch(_as_list(image, param), size, param, signed=True)
+    return _resize_nearest(pixels, size) if resize else pixels
 
 
 def mask_to_tensor(mask: ImageInput, size: tuple[int, int], param: str = "mask_image") -> torch.Tensor:
@@ -175,7 +178,7 @@ def mask_to_tensor(mask: ImageInput, size: tuple[int, int], param: str = "mask_i
 
 def hint_to_tensor(hint: ImageInput, size: tuple[int, int], param: str = "hint") -> torch.Tensor:
     """``hint`` as a (B, 3, H, W) float32 tensor in [0, 1]; PIL hints are resized to ``size``, others keep theirs."""
-    return _rgb_batch(_as_list(hint, param), size, param, tensor_range=(0.0, 1.0))
+    return _rgb_batch(_as_list(hint, param), size, param, signed=False)
 
 
 def erode_keep_mask(keep: torch.Tensor) -> torch.Tensor:
@@ -204,10 +207,13 @@ def check_sizes(expected: tuple[int, int], how: str, **sizes: tuple[int, int]) -
     raise ValueError(f"size mismatch: {listed}; expected {expected[0]}x{expected[1]} ({how})")
 
 
+def check_count(count: int, batch: int, param: str) -> None:
+    """``param`` must give one item for all ``batch`` image embeddings, or one item per embedding."""
+    if count not in (1, batch):
+        raise ValueError(f"`{param}` has {count} items but there are {batch} image embeddings; pass 1 or {batch}")
+
+
 def match_batch(tensor: torch.Tensor, batch: int, param: str) -> torch.Tensor:
     """Broadcast a single item to ``batch`` items, or check that there is one item per embedding."""
-    if tensor.shape[0] == batch:
-        return tensor
-    if tensor.shape[0] == 1:
-        return tensor.expand(batch, *tensor.shape[1:])
-    raise ValueError(f"`{param}` has {tensor.shape[0]} items but there are {batch} image embeddings; pass 1 or {batch}")
+    check_count(tensor.shape[0], batch, param)
+    return tensor.expand(batch, *tensor.shape[1:]) if tensor.shape[0] != batch else tensor
