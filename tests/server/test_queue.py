@@ -132,7 +132,7 @@ def test_compatible_text2img_jobs_share_a_call_up_to_max_batch_images(runner):
         runner.release()
         finals = {s["id"]: wait_status(queue, s["id"], TERMINAL) for s in (blocker, a, b, other_size, d, too_many)}
         assert runner.calls == [["hold"], ["a", "b", "d"], ["c"], ["e"]]
-        assert [finals[s["id"]]["batch_size"] for s in (a, b, d, other_size)] == [3, 3, 3, 1]
+        assert [finals[s["id"]]["batch_size"] for s in (a, b, d, other_size, too_many)] == [4, 4, 4, 1, 2]
         # Each job gets its own outputs back, with its own seeds.
         assert queue.png(b["id"], 1) == b"b:8"
         assert finals[d["id"]]["seeds"] == [99]

@@ -72,6 +72,8 @@ class ServerConfig:
     # None: the fast path where the device is CUDA (it compiles; on CPU it would only cost start-up time).
     fast: bool | None = None
     api_key: str | None = None
+    # Pad every pipeline call to max_batch images, so an image is bit-identical whatever it was batched with.
+    batch_invariant: bool = False
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -123,20 +125,34 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
             "models loaded in %.1f s on %s (%s); ready", time.perf_counter() - started, info["device"], info["dtype"]
         )
 
+        max_batch = config.limits.max_batch
+
         def run_batch(jobs: Sequence[Job], progress: ProgressFn, should_cancel: Callable[[], bool]) -> list[JobOutput]:
             singles = [single for job in jobs for single in job.expand()]
-            results = iter(engine.run(singles, progress=progress, cancel=should_cancel))
+            results = []
+            call_of = []  # index of the pipeline call that made each image
+            call_timings = []
+            # A job asking for more images than max_batch runs in several calls: max_batch bounds a call's memory.
+            for start in range(0, len(singles), max_batch):
+                chunk = singles[start : start + max_batch]
+                # Batch-invariant mode: every call has max_batch images (copies of the first, thrown away), because
+                # matmul kernels choose their summation order by batch size: the last bits would follow the batch.
+                padding = [chunk[0]] * (max_batch - len(chunk)) if config.batch_invariant else []
+                made = engine.run(chunk + padding, progress=progress, cancel=should_cancel)[: len(chunk)]
+                results += made
+                call_of += [len(call_timings)] * len(made)
+                call_timings.append(made[0].timings)
             outputs = []
             for job in jobs:
-                mine = [next(results) for _ in range(job.num_images)]
+                mine, calls = results[: job.num_images], sorted(set(call_of[: job.num_images]))
+                results, call_of = results[job.num_images :], call_of[job.num_images :]
+                timings: dict[str, float] = {}
+                for call in calls:
+                    for stage, seconds in call_timings[call].items():
+                        timings[stage] = timings.get(stage, 0.0) + seconds
                 recipes = [make_recipe(r.job, engine.device_name, engine.dtype_name) for r in mine]
-                outputs.append(
-                    JobOutput(
-                        pngs=[png_bytes(r.image, recipe) for r, recipe in zip(mine, recipes)],
-                        seeds=[r.job.seed for r in mine],
-                        timings=dict(mine[0].timings),
-                    )
-                )
+                pngs = [png_bytes(r.image, recipe) for r, recipe in zip(mine, recipes)]
+                outputs.append(JobOutput(pngs=pngs, seeds=[r.job.seed for r in mine], timings=timings))
             return outputs
 
         return run_batch
@@ -213,12 +229,14 @@ class BodyLimitMiddleware:
             await self._too_large()(scope, receive, send)
             return
         received = 0
+        more_body = True
         started = False
 
         async def counted_receive() -> Message:
-            nonlocal received
+            nonlocal received, more_body
             message = await receive()
             received += len(message.get("body", b""))
+            more_body = message.get("more_body", False)
             if received > self.limit:
                 raise _BodyTooLarge
             return message
@@ -231,8 +249,16 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counted_receive, tracked_send)
         except _BodyTooLarge:
-            if not started:
-                await self._too_large()(scope, receive, send)
+            if started:
+                raise
+            # Read (and drop) what the client is still sending, up to another `limit`: closing a connection with
+            # unread data resets it, and the client would lose this answer. A client sending more is cut off.
+            drained = 0
+            while more_body and drained <= self.limit:
+                message = await receive()
+                drained += len(message.get("body", b""))
+                more_body = message.get("more_body", False)
+            await self._too_large()(scope, receive, send)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -311,7 +337,7 @@ def _job_request_schema() -> dict[str, Any]:
 def create_app(config: ServerConfig, load: Callable[[], RunBatch] | None = None) -> FastAPI:
     """The application; ``load`` defaults to :func:`engine_loader` (tests of the HTTP layer may pass their own)."""
     limits = config.limits
-    info: dict[str, Any] = {"device": None, "dtype": None, "fast": None}
+    info: dict[str, Any] = {"device": None, "dtype": None, "fast": None, "batch_invariant": config.batch_invariant}
     queue = JobQueue(load or engine_loader(config, info), limits)
     started_at = time.time()
 

@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-batch", type=_positive, default=4, help="images per pipeline call (default 4)")
+    limits.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="run every pipeline call with --max-batch images (padding with throwaway copies), so that an image is "
+        "bit-identical whatever it was batched with; without it, the last bits of a few pixels may differ, since "
+        "matmul kernels choose their summation order by batch size. Costs compute when the queue is short",
+    )
     limits.add_argument("--max-queue", type=_positive, default=64, help="jobs waiting before 429 (default 64)")
     limits.add_argument("--max-n", type=_positive, default=4, help="images per request (default 4)")
     limits.add_argument("--max-side", type=_positive, default=1024, help=f"pixels, up to {MAX_SIDE} (default 1024)")
@@ -105,6 +112,7 @@ def serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         fast=False if args.no_fast else None,
+        batch_invariant=args.batch_invariant,
         api_key=api_key,
         limits=Limits(
             max_batch=args.max_batch,

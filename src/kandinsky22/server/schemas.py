@@ -174,11 +174,14 @@ def _validated(job: Job) -> Job:
         job.validate()
     except ValueError as err:
         message = str(err)
-        param = message.split(" ", 1)[0].split("[", 1)[0]
-        param = _JOB_TO_REQUEST.get(param, param)
         for job_name, request_name in _JOB_TO_REQUEST.items():
             message = re.sub(rf"\b{job_name}\b", request_name, message)
-        raise RequestError(message, param=param if param in JobRequest.model_fields else None) from err
+        # The field is the message's first word ("steps must be ..."), else the last field it names
+        # ("img2img needs image ...", "... got 2 items and 1 weights").
+        words = re.findall(r"\w+", message)
+        named = [word for word in words if word in JobRequest.model_fields]
+        param = words[0] if words and words[0] in named else (named[-1] if named else None)
+        raise RequestError(message, param=param) from err
     return job
 
 

@@ -71,7 +71,7 @@ class JobRecord:
     # stage -> [step, total]; filled with the expected totals, corrected by the runner's progress reports.
     stages: dict[str, list[int]] = field(default_factory=dict)
     stage: str | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # images in the pipeline call that ran this job
     output: JobOutput | None = None
     error: str | None = None
     cancel_requested: bool = False
@@ -302,11 +302,12 @@ class JobQueue:
                         batch.append(record)
                         images += record.images
             now = self._clock()
+            images = sum(record.images for record in batch)
             for record in batch:
                 self._queue.remove(record)
                 record.status = "running"
                 record.started_at = now
-                record.batch_size = len(batch)
+                record.batch_size = images
                 self._touch(record)
             self._running = batch
             self._queue_changed()
@@ -343,7 +344,7 @@ class JobQueue:
                     with self._cond:
                         if record.status in TERMINAL:
                             continue
-                        record.batch_size = 1
+                        record.batch_size = record.images
                         self._running = [record]
                     self._run(run_batch, [record])
                 return

@@ -1,0 +1,292 @@
+"""End to end: a real ``kandinsky22 serve`` process on tiny checkpoints, over loopback HTTP.
+
+Tests that need queued jobs first start a "blocker" (see conftest), so what queues behind it is known exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import http.client
+import io
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import (
+    FAST,
+    MAX_BATCH,
+    MAX_BODY_MB,
+    MAX_QUEUE,
+    MAX_STEPS,
+    b64_png,
+    cancel,
+    pixels,
+    png_image,
+    recipe,
+    start_blocker,
+)
+
+# -- service routes ----------------------------------------------------------------------------------------------------
+
+
+def test_health_models_openapi_and_page(server, tiny_repos):
+    health = server.request("GET", "/v1/health")
+    assert health.status == 200 and health.json()["status"] == "ok"
+    models = server.request("GET", "/v1/models").json()
+    roles = {m["id"]: m["role"] for m in models["data"]}
+    assert roles[str(tiny_repos["prior"])] == "prior" and roles[str(tiny_repos["decoder"])] == "decoder"
+    assert set(models["tasks"]) == {"text2img", "img2img", "mix", "inpaint"}
+    assert models["limits"]["max_queue"] == MAX_QUEUE and models["limits"]["max_batch"] == MAX_BATCH
+    assert "ddpm" in models["schedulers"] and models["device"] == "cpu" and models["fast"] is False
+    schema = server.request("GET", "/openapi.json").json()
+    for path in ("/v1/images/generations", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/health"):
+        assert path in schema["paths"]
+    assert "JobRequest" in schema["components"]["schemas"]
+    assert server.request("GET", "/docs").status == 200
+    page = server.request("GET", "/")
+    assert page.status == 200 and b"Generate" in page.body
+    assert server.request("GET", "/static/app.js").status == 200
+
+
+# -- OpenAI-compatible endpoint ----------------------------------------------------------------------------------------
+
+
+def test_generations_b64_and_url_with_exact_size_seeds_and_recipe(server):
+    body = {"prompt": "a red cat", "n": 2, "size": "64x96", "seed": 11, **FAST}
+    response = server.request("POST", "/v1/images/generations", body)
+    assert response.status == 200, response.body
+    data = response.json()["data"]
+    assert [item["seed"] for item in data] == [11, 12]
+    images = [base64.b64decode(item["b64_json"]) for item in data]
+    assert [png_image(png).size for png in images] == [(64, 96), (64, 96)]
+    assert recipe(images[1])["seed"] == 12 and recipe(images[1])["prompt"] == "a red cat"
+    assert not np.array_equal(pixels(images[0]), pixels(images[1]))
+
+    by_url = server.request("POST", "/v1/images/generations", {**body, "response_format": "url"})
+    assert by_url.status == 200
+    url = by_url.json()["data"][0]["url"]
+    assert url.startswith(server.url + "/v1/jobs/")
+    png = server.request("GET", url.removeprefix(server.url))
+    assert png.status == 200 and png.headers["Content-Type"] == "image/png"
+    np.testing.assert_array_equal(pixels(png.body), pixels(images[0]))
+    job = server.request("GET", f"/v1/jobs/{by_url.headers['X-Job-Id']}").json()
+    assert job["status"] == "succeeded" and job["seeds"] == [11, 12]
+    assert {"prior_s", "decoder_s", "decode_s", "queue_s", "total_s"} <= set(job["timings"])
+
+
+# -- load ----------------------------------------------------------------------------------------------------------------
+
+
+def test_thirty_concurrent_requests_with_a_queue_of_eight(server):
+    before = server.request("GET", "/v1/health").json()["images_generated"]
+    blocker = start_blocker(server)
+
+    def generate(i: int):
+        body = {"prompt": f"request {i}", "size": "64x64", "seed": 1000 + i, **FAST}
+        return server.request("POST", "/v1/images/generations", body)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=30) as pool:
+        futures = [pool.submit(generate, i) for i in range(30)]
+        # With the worker busy, exactly MAX_QUEUE requests are admitted; the others are answered at once.
+        rejected = []
+        for future in concurrent.futures.as_completed(futures, timeout=120):
+            rejected.append(future.result())
+            if len(rejected) == 30 - MAX_QUEUE:
+                break
+        blocker_state = server.request("GET", f"/v1/jobs/{blocker}").json()
+        cancel(server, blocker)
+        responses = [future.result(timeout=120) for future in futures]
+
+    assert all(r.status in (200, 429) for r in responses), [r.status for r in responses]
+    ok = [r for r in responses if r.status == 200]
+    busy = [r for r in responses if r.status == 429]
+    assert len(ok) + len(busy) == 30
+    if blocker_state["status"] == "running":  # (it always is, unless it ran all its 2000 steps meanwhile)
+        assert len(ok) == MAX_QUEUE
+    for r in busy:
+        assert int(r.headers["Retry-After"]) >= 1 and r.error()["type"] == "rate_limit_error"
+    for r in ok:
+        (item,) = r.json()["data"]
+        assert png_image(base64.b64decode(item["b64_json"])).size == (64, 64)
+    # Nothing lost: every accepted request got its own image, and the server still answers.
+    seeds = sorted(r.json()["data"][0]["seed"] for r in ok)
+    assert len(set(seeds)) == len(ok)
+    health = server.request("GET", "/v1/health").json()
+    assert health["images_generated"] - before == len(ok)
+    assert health["queue"]["queued"] == 0 and health["queue"]["running"] == 0
+    assert server.request("POST", "/v1/images/generations", {"prompt": "after", "size": "64x64", **FAST}).status == 200
+
+
+# -- job API -------------------------------------------------------------------------------------------------------------
+
+
+def test_job_progress_events_from_queued_to_succeeded(server):
+    blocker = start_blocker(server)
+    created = server.request("POST", "/v1/jobs", {"prompt": "a red cat", "width": 64, "height": 64, **FAST})
+    assert created.status == 202 and created.headers["Location"] == f"/v1/jobs/{created.json()['id']}"
+    job_id = created.json()["id"]
+    events = server.events(job_id)
+    first = next(events)
+    assert first["status"] == "queued" and first["queue_position"] == 0
+    server.request("DELETE", f"/v1/jobs/{blocker}")
+    rest = list(events)
+    assert [e["status"] for e in rest][-1] == "succeeded"
+    assert {e["status"] for e in rest} <= {"queued", "running", "succeeded"}
+    final = rest[-1]
+    assert final["progress"]["stages"]["prior"] == {"step": 2, "steps": 2}
+    assert final["progress"]["stages"]["decoder"] == {"step": 2, "steps": 2}
+    assert final["images"][0]["url"].endswith(f"/v1/jobs/{job_id}/images/0.png")
+    assert server.request("GET", f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+
+
+def test_cancel_a_running_job_between_steps(server):
+    job_id = start_blocker(server)
+    cancelled = server.request("DELETE", f"/v1/jobs/{job_id}")
+    assert cancelled.status == 202 and cancelled.json()["cancel_requested"] is True
+    final = server.wait(job_id, {"succeeded", "failed", "cancelled"})
+    assert final["status"] == "cancelled" and final["images"] == []
+    stages = final["progress"]["stages"]
+    assert stages["decoder"]["step"] < MAX_STEPS or stages["prior"]["step"] < MAX_STEPS
+    assert server.request("GET", f"/v1/jobs/{job_id}/images/0.png").status == 404
+    again = server.request("DELETE", f"/v1/jobs/{job_id}")
+    assert again.status == 409 and "cancelled" in again.error()["message"]
+    assert server.request("POST", "/v1/images/generations", {"prompt": "after", "size": "64x64", **FAST}).status == 200
+
+
+def _source(size=(80, 64)) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _run_job(server, body) -> dict:
+    created = server.request("POST", "/v1/jobs", body)
+    assert created.status == 202, created.body
+    return server.wait(created.json()["id"], {"succeeded", "failed", "cancelled"})
+
+
+def test_img2img_inpaint_and_mix_jobs(server):
+    source = b64_png(_source())
+    mask = PIL.Image.new("L", (80, 64), 0)
+    mask.paste(255, (20, 16, 60, 48))
+    img2img = _run_job(server, {"task": "img2img", "prompt": "a red cat", "image": source, "strength": 0.5, **FAST})
+    assert img2img["status"] == "succeeded", img2img["error"]
+    # No size given: the output takes the input's.
+    assert (img2img["width"], img2img["height"]) == (80, 64)
+    inpaint = _run_job(
+        server, {"task": "inpaint", "prompt": "a hat", "image": source, "mask_image": b64_png(mask), **FAST}
+    )
+    assert inpaint["status"] == "succeeded", inpaint["error"]
+    mix = _run_job(
+        server,
+        {"task": "mix", "items": ["a red cat", {"image": source}], "weights": [0.3, 0.7], "width": 64, "height": 64},
+    )
+    assert mix["status"] == "succeeded", mix["error"]
+    png = server.request("GET", f"/v1/jobs/{inpaint['id']}/images/0.png").body
+    assert png_image(png).size == (80, 64) and recipe(png)["task"] == "inpaint"
+
+
+def test_multipart_upload(server):
+    buffer = io.BytesIO()
+    _source((64, 64)).save(buffer, format="PNG")
+    boundary = "kandinsky22-test-boundary"
+    parts = []
+    fields = {"task": "img2img", "prompt": "a red cat", "steps": "4", "prior_steps": "2", "strength": "0.5"}
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + buffer.getvalue()
+        + b"\r\n"
+    )
+    parts.append(f"--{boundary}--\r\n".encode())
+    created = server.request(
+        "POST", "/v1/jobs", raw=b"".join(parts), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert created.status == 202, created.body
+    assert created.json()["steps"] == 4 and created.json()["strength"] == 0.5
+    final = server.wait(created.json()["id"], {"succeeded", "failed", "cancelled"})
+    assert final["status"] == "succeeded", final["error"]
+
+
+# -- bad requests --------------------------------------------------------------------------------------------------------
+
+GEN = {"prompt": "a red cat", "size": "64x64", **FAST}
+
+
+def _bomb() -> str:
+    buffer = io.BytesIO()
+    PIL.Image.new("L", (5000, 5000)).save(buffer, format="PNG")  # 25 MP, a few KiB compressed
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+BAD_REQUESTS = [
+    ("/v1/images/generations", {**GEN, "size": "64"}, 400, "size"),
+    ("/v1/images/generations", {**GEN, "size": "4096x4096"}, 400, "width"),
+    ("/v1/images/generations", {**GEN, "steps": 0}, 400, "steps"),
+    ("/v1/images/generations", {**GEN, "steps": MAX_STEPS + 1}, 400, "steps"),
+    ("/v1/images/generations", {**GEN, "steps": "many"}, 400, "steps"),
+    ("/v1/images/generations", {**GEN, "n": 0}, 400, "n"),
+    ("/v1/images/generations", {**GEN, "n": 99}, 400, "n"),
+    ("/v1/images/generations", {**GEN, "prompt": "x" * 2001}, 400, "prompt"),
+    ("/v1/images/generations", {**GEN, "prompt": "  "}, 400, "prompt"),
+    ("/v1/images/generations", {**GEN, "guidance": 5}, 400, "guidance"),
+    ("/v1/images/generations", {**GEN, "guidance_scale": 0.5}, 400, "guidance_scale"),
+    ("/v1/images/generations", {**GEN, "scheduler": "magic"}, 400, "scheduler"),
+    ("/v1/images/generations", {**GEN, "response_format": "png"}, 400, "response_format"),
+    ("/v1/jobs", {"task": "paint", "prompt": "x"}, 400, "task"),
+    ("/v1/jobs", {"task": "img2img", "prompt": "x"}, 400, "image"),
+    ("/v1/jobs", {"task": "img2img", "prompt": "x", "image": "not base64!"}, 400, "image"),
+    ("/v1/jobs", {"task": "img2img", "prompt": "x", "image": base64.b64encode(b"GIF89 no").decode()}, 400, "image"),
+    ("/v1/jobs", {"task": "img2img", "prompt": "x", "image": _bomb()}, 400, "image"),
+    ("/v1/jobs", {"task": "mix", "items": ["/etc/hosts.png"], "weights": [1]}, 400, "items"),
+    ("/v1/jobs", {"task": "mix", "items": ["a", "b"], "weights": [1]}, 400, "weights"),
+    ("/v1/jobs", {"prompt": "x", "seed": -1}, 400, "seed"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS)
+def test_bad_requests_get_a_json_error_naming_the_field(server, path, body, status, param):
+    response = server.request("POST", path, body)
+    assert response.status == status, response.body
+    error = response.error()
+    assert error["param"] == param, error
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_malformed_bodies_and_unknown_routes(server):
+    garbage = server.request("POST", "/v1/jobs", raw=b"{not json", headers={"Content-Type": "application/json"})
+    assert garbage.status == 400 and "JSON" in garbage.error()["message"]
+    listed = server.request("POST", "/v1/jobs", [1, 2])
+    assert listed.status == 400
+    for method, path in (("GET", "/v1/jobs/nope"), ("DELETE", "/v1/jobs/nope"), ("GET", "/v1/jobs/nope/images/0.png")):
+        response = server.request(method, path)
+        assert response.status == 404 and response.error()["type"] == "not_found"
+    assert server.request("GET", "/v1/nothing").status == 404
+    assert server.request("PUT", "/v1/health").status == 405
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_limit_is_refused(server, chunked):
+    limit = MAX_BODY_MB * 1024 * 1024
+    conn = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/jobs")
+        conn.putheader("Content-Type", "application/json")
+        if chunked:
+            # No length announced: the server counts while reading, and reads what was sent before answering.
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            chunk = b"x" * (64 * 1024)
+            conn.send(b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 1)))
+            conn.send(b"0\r\n\r\n")
+        else:
+            # An announced length over the limit is refused before any of the body is sent.
+            conn.putheader("Content-Length", str(limit + 1))
+            conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read())["error"]["message"] == f"the request body is larger than {limit} bytes"
+    finally:
+        conn.close()
