@@ -31,3 +31,40 @@ def inpaint_repo(tmp_path_factory: pytest.TempPathFactory, prior_repo: Path) -> 
 @pytest.fixture(scope="session")
 def controlnet_repo(tmp_path_factory: pytest.TempPathFactory, prior_repo: Path) -> Path:
     return tiny_repos.build_controlnet_repo(tmp_path_factory.mktemp("repos") / "controlnet-depth", prior_repo)
+
+
+# Loaded pipelines, shared read-only by the tests of a worker. A test that changes a pipeline (scheduler, offload,
+# dtype) builds its own from ``pipe.components`` or loads a fresh one.
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def ref_prior(prior_repo: Path):
+    import diffusers
+
+    return _quiet(diffusers.KandinskyV22PriorPipeline.from_pretrained(prior_repo))
+
+
+@pytest.fixture(scope="session")
+def our_prior(prior_repo: Path):
+    from kandinsky22 import KandinskyV22PriorPipeline
+
+    return _quiet(KandinskyV22PriorPipeline.from_pretrained(prior_repo))
+
+
+@pytest.fixture(scope="session")
+def ref_decoder(decoder_repo: Path):
+    import diffusers
+
+    return _quiet(diffusers.KandinskyV22Pipeline.from_pretrained(decoder_repo))
+
+
+@pytest.fixture(scope="session")
+def our_decoder(decoder_repo: Path):
+    from kandinsky22 import KandinskyV22Pipeline
+
+    return _quiet(KandinskyV22Pipeline.from_pretrained(decoder_repo))

@@ -164,8 +164,9 @@ class _PriorBase(Pipeline):
         A negative prompt joins the batch, so that its own embedding comes out of the same run (reference §5.5),
         and is the CFG unconditional of both halves. A generator list of one per output embedding is reused for the
         negative half; a list covering the doubled batch (as the reference requires) is used as given.
+        ``allow_empty`` admits the empty prompt, which ``interpolate`` runs internally as the reference does.
         """
-        prompts = prompt_list(prompt)
+        prompts = list(prompt) if allow_empty else prompt_list(prompt)
         if negative_prompt is None:
             uncond = [""] * len(prompts) if guidance_scale > 1 else None
             check_generator(generator, len(prompts) * n, "embedding")

@@ -1,0 +1,202 @@
+"""Prior and emb2emb pipelines: parity with the reference on tiny checkpoints, the fixes, the input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from kandinsky22 import KandinskyPriorPipelineOutput, KandinskyV22PriorEmb2EmbPipeline
+
+TOL = 1e-4
+STEPS = 3
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def picture(seed: int, size: tuple[int, int] = (40, 48)) -> PIL.Image.Image:
+    return PIL.Image.fromarray((np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8))
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() < TOL
+
+
+def count_forward(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def emb2emb(our_prior, ref_prior):
+    import diffusers
+
+    ours = KandinskyV22PriorEmb2EmbPipeline(**our_prior.components)
+    ref = diffusers.KandinskyV22PriorEmb2EmbPipeline(**ref_prior.components)
+    for pipe in (ours, ref):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"prompt": "horse"},
+        {"prompt": ["horse", "red cat"], "negative_prompt": ["low quality", "blurry"], "num_images_per_prompt": 2},
+        {"prompt": ["horse", "red cat"], "num_images_per_prompt": 2, "guidance_scale": 1.0},
+    ],
+    ids=["plain", "negative-2x2", "no-guidance"],
+)
+def test_prior_matches_reference(our_prior, ref_prior, kwargs):
+    ours = our_prior(num_inference_steps=STEPS, generator=gen(), **kwargs)
+    ref = ref_prior(num_inference_steps=STEPS, generator=gen(), **kwargs)
+    assert isinstance(ours, KandinskyPriorPipelineOutput)
+    assert_close(ours.image_embeds, ref.image_embeds)
+    assert_close(ours.negative_image_embeds, ref.negative_image_embeds)
+
+
+def test_prior_callback_latents_tuple_and_generator_list_match_reference(our_prior, ref_prior):
+    def callback(pipe, i, t, kwargs):
+        return {"latents": kwargs["latents"] * 0.5} if i == 0 else {}
+
+    kwargs = {"num_inference_steps": STEPS, "callback_on_step_end": callback, "return_dict": False}
+    ours = our_prior(["horse", "cat"], generator=[gen(1), gen(2)], output_type="np", **kwargs)
+    ref = ref_prior(["horse", "cat"], generator=[gen(1), gen(2)], output_type="np", **kwargs)
+    assert isinstance(ours, tuple) and len(ours) == 2
+    for a, b in zip(ours, ref):
+        assert isinstance(a, np.ndarray) and np.abs(a - b).max() < TOL
+
+
+def test_prior_latents_argument_matches_reference(our_prior, ref_prior):
+    latents = torch.randn(2, 32, generator=gen(5))
+    ours = our_prior("horse", num_images_per_prompt=2, latents=latents, num_inference_steps=STEPS, generator=gen())
+    ref = ref_prior("horse", num_images_per_prompt=2, latents=latents, num_inference_steps=STEPS, generator=gen())
+    assert_close(ours.image_embeds, ref.image_embeds)
+
+
+def test_interpolate_mixing_text_and_images_matches_reference(our_prior, ref_prior):
+    items = ["horse", picture(0), "red cat", picture(1)]
+    weights = [0.2, 0.3, 0.1, 0.4]
+    kwargs = {"num_images_per_prompt": 2, "num_inference_steps": STEPS}
+    ours = our_prior.interpolate(items, weights, generator=gen(), **kwargs)
+    ref = ref_prior.interpolate(items, weights, generator=gen(), **kwargs)
+    assert_close(ours.image_embeds, ref.image_embeds)
+    assert_close(ours.negative_image_embeds, ref.negative_image_embeds)
+
+
+@pytest.mark.parametrize(
+    "negatives", [{"negative_prompt": "blurry"}, {"negative_prior_prompt": "ugly"}], ids=["text-negative", "prior-neg"]
+)
+def test_interpolate_text_negatives_match_reference(our_prior, ref_prior, negatives):
+    kwargs = {"num_inference_steps": STEPS, **negatives}
+    ours = our_prior.interpolate(["horse", picture(2)], [0.5, 0.5], generator=gen(), **kwargs)
+    ref = ref_prior.interpolate(["horse", picture(2)], [0.5, 0.5], generator=gen(), **kwargs)
+    assert_close(ours.image_embeds, ref.image_embeds)
+    assert_close(ours.negative_image_embeds, ref.negative_image_embeds)
+
+
+def test_interpolate_spends_no_prior_run_on_the_zero_negative(our_prior):
+    calls = count_forward(our_prior.prior)
+    our_prior.interpolate(["horse", picture(0)], [0.5, 0.5], num_inference_steps=STEPS, generator=gen())
+    assert calls[0] == STEPS  # one text condition; the reference runs the prior twice
+
+
+def test_zero_image_embedding_is_cached_per_encoder_device_and_dtype(prior_repo):
+    from kandinsky22 import KandinskyV22PriorPipeline
+
+    pipe = KandinskyV22PriorPipeline.from_pretrained(prior_repo)
+    pipe.set_progress_bar_config(disable=True)
+    calls = count_forward(pipe.image_encoder)
+    first = pipe("horse", num_inference_steps=2, generator=gen()).negative_image_embeds
+    second = pipe("cat", num_inference_steps=2, generator=gen()).negative_image_embeds
+    assert calls[0] == 1 and torch.equal(first, second)
+    pipe.to(torch.float64)
+    again = pipe("horse", num_inference_steps=2, generator=gen()).negative_image_embeds
+    assert calls[0] == 2 and again.dtype == torch.float64
+    assert (again - first.double()).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"strength": 0.5},
+        {"strength": 1.0, "negative_prompt": "blurry", "num_images_per_prompt": 2},
+        {"strength": 0.7, "image": "embeds", "guidance_scale": 1.0},
+    ],
+    ids=["image", "negative-2x", "embeds-no-guidance"],
+)
+def test_emb2emb_matches_reference(emb2emb, kwargs):
+    ours, ref = emb2emb
+    kwargs = dict(kwargs)
+    image = torch.randn(1, 32, generator=gen(3)) if kwargs.pop("image", None) == "embeds" else picture(3)
+    a = ours("horse", image, num_inference_steps=4, generator=gen(), **kwargs)
+    b = ref("horse", image, num_inference_steps=4, generator=gen(), **kwargs)
+    assert_close(a.image_embeds, b.image_embeds)
+    assert_close(a.negative_image_embeds, b.negative_image_embeds)
+
+
+def test_emb2emb_interpolate_accepts_text_and_returns_the_zero_negative(emb2emb, our_prior, ref_prior):
+    ours, ref = emb2emb
+    kwargs = {"num_inference_steps": STEPS, "num_images_per_prompt": 2}
+    mixed = ours.interpolate(["horse", picture(4)], [0.6, 0.4], generator=gen(), **kwargs)
+    expected = our_prior.interpolate(["horse", picture(4)], [0.6, 0.4], generator=gen(), **kwargs)
+    assert_close(mixed.image_embeds, expected.image_embeds)
+    assert_close(mixed.negative_image_embeds, ref_prior.get_zero_embed(2))
+    images_only = ours.interpolate([picture(4)], [1.0], **kwargs)
+    assert_close(images_only.image_embeds, ref.interpolate([picture(4)], [1.0], **kwargs).image_embeds)
+    assert torch.equal(images_only.negative_image_embeds, ours.interpolate([picture(4)], [1.0], **kwargs)[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["horse", 3]}, "prompt"),
+        ({"prompt": ["a", "b"], "negative_prompt": ["x", "y", "z"]}, "negative_prompt"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"output_type": "pil"}, "output_type"),
+        ({"callback_on_step_end_tensor_inputs": ["latents", "noise"]}, "noise"),
+        ({"generator": [torch.Generator()] * 3}, "generator"),
+        ({"latents": torch.zeros(2, 32)}, "latents"),
+    ],
+)
+def test_prior_input_errors(our_prior, kwargs, match):
+    kwargs = {"prompt": "horse", "num_inference_steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        our_prior(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((["horse", picture(0)], [1.0]), "weights"),
+        (([], []), "images_and_prompts"),
+        (([3.0], [1.0]), r"images_and_prompts\[0\]"),
+        (([torch.zeros(1, 7)], [1.0]), r"images_and_prompts\[0\]"),
+    ],
+)
+def test_interpolate_input_errors(our_prior, args, match):
+    with pytest.raises(ValueError, match=match):
+        our_prior.interpolate(*args, num_inference_steps=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strength": 0.0}, "strength"),
+        ({"strength": 0.1, "num_inference_steps": 4}, "strength"),
+        ({"image": torch.zeros(1, 16)}, "image"),
+        ({"image": [picture(0), picture(1), picture(2)], "prompt": ["a", "b"]}, "image"),
+    ],
+)
+def test_emb2emb_input_errors(emb2emb, kwargs, match):
+    kwargs = {"prompt": "horse", "image": picture(0), "num_inference_steps": 4, "strength": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        emb2emb[0](**kwargs)
