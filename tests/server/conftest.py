@@ -175,6 +175,8 @@ def model_args(repos: dict[str, Path]) -> list[str]:
         str(repos["decoder"]),
         "--inpaint-decoder",
         str(repos["decoder-inpaint"]),
+        "--depth-decoder",
+        str(repos["controlnet-depth"]),
     ]
 
 

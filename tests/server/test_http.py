@@ -37,7 +37,7 @@ def test_health_models_openapi_and_page(server, tiny_repos):
     models = server.request("GET", "/v1/models").json()
     roles = {m["id"]: m["role"] for m in models["data"]}
     assert roles[str(tiny_repos["prior"])] == "prior" and roles[str(tiny_repos["decoder"])] == "decoder"
-    assert set(models["tasks"]) == {"text2img", "img2img", "mix", "inpaint"}
+    assert set(models["tasks"]) == {"text2img", "img2img", "mix", "inpaint", "depth"}
     assert models["limits"]["max_queue"] == MAX_QUEUE and models["limits"]["max_batch"] == MAX_BATCH
     assert "ddpm" in models["schedulers"] and models["device"] == "cpu" and models["fast"] is False
     schema = server.request("GET", "/openapi.json").json()
@@ -165,7 +165,7 @@ def _run_job(server, body) -> dict:
     return server.wait(created.json()["id"], {"succeeded", "failed", "cancelled"})
 
 
-def test_img2img_inpaint_and_mix_jobs(server):
+def test_img2img_inpaint_mix_and_depth_jobs(server):
     source = b64_png(_source())
     mask = PIL.Image.new("L", (80, 64), 0)
     mask.paste(255, (20, 16, 60, 48))
@@ -182,6 +182,8 @@ def test_img2img_inpaint_and_mix_jobs(server):
         {"task": "mix", "items": ["a red cat", {"image": source}], "weights": [0.3, 0.7], "width": 64, "height": 64},
     )
     assert mix["status"] == "succeeded", mix["error"]
+    depth = _run_job(server, {"task": "depth", "prompt": "a room", "hint_image": source, **FAST})
+    assert depth["status"] == "succeeded", depth["error"]
     png = server.request("GET", f"/v1/jobs/{inpaint['id']}/images/0.png").body
     assert png_image(png).size == (80, 64) and recipe(png)["task"] == "inpaint"
 
