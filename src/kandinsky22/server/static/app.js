@@ -32,8 +32,10 @@ async function loadServerInfo() {
     return;
   }
   const info = await response.json();
-  const models = info.data.map((m) => m.id).join(" + ");
-  $("server-info").textContent = `${models} · ${info.device} · max batch ${info.limits.max_batch}`;
+  // A model id is a hub id or a folder: its last part names it; the full ids are in the tooltip.
+  const models = info.data.map((m) => m.id.split("/").filter(Boolean).pop()).join(" + ");
+  $("server-info").textContent = `${models} · ${info.device} ${info.dtype} · tasks: ${info.tasks.join(", ")}`;
+  $("server-info").title = info.data.map((m) => `${m.role}: ${m.id}`).join("\n");
   const scheduler = $("scheduler");
   for (const name of info.schedulers) {
     const option = document.createElement("option");
