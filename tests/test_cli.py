@@ -28,7 +28,8 @@ RECIPE_KEYS = {f.name for f in dataclasses.fields(Job)} | {"tool", "version", "d
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}  # tests never touch the network
+    # No network in tests; one thread per process, as the suite's workers (the models are tiny: threads only thrash).
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [*COMMAND, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600, check=False
     )
