@@ -31,8 +31,8 @@ SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 
-# Config keys of every scheduler class; ``from_config`` drops these silently when the target class does not use them,
-# so that ``B.from_config(a.config)`` swaps samplers without warnings (the reference's "compatibles" rule).
+# Config keys of every scheduler class: a class carries the ones it does not use without a warning, so that
+# ``B.from_config(a.config)`` swaps samplers quietly (the reference's "compatibles" rule).
 _ALL_SCHEDULER_KEYS: set[str] = set()
 
 
@@ -58,11 +58,13 @@ class SchedulerMixin:
         _ALL_SCHEDULER_KEYS.update(cls.config_defaults)
 
     def __init__(self, **config: Any) -> None:
-        unknown = sorted(k for k in config if k not in self.config_defaults and not k.startswith("_"))
+        unknown = sorted(k for k in config if k not in _ALL_SCHEDULER_KEYS and not k.startswith("_"))
         if unknown:
             logger.warning("%s ignores unknown config keys: %s", type(self).__name__, unknown)
         values = {k: _copy.deepcopy(config.get(k, default)) for k, default in self.config_defaults.items()}
-        self.config = Config(self._normalize(values))
+        # Other schedulers' keys ride along unused (as in the reference), so swapping A → B → A keeps A's settings.
+        carried = {k: v for k, v in config.items() if k in _ALL_SCHEDULER_KEYS and k not in self.config_defaults}
+        self.config = Config({**self._normalize(values), **carried})
         self._check_config()
         self._build()
         self._step_index: int | None = None
@@ -86,18 +88,13 @@ class SchedulerMixin:
     def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any):
         """Build from a config dict or another scheduler's ``.config``; ``overrides`` win.
 
-        Keys meant for another scheduler class are dropped silently, truly unknown keys with a warning. Keys the
-        reference marks as defaulted (``_use_default_values``) take this class's defaults instead.
+        Keys of another scheduler class are kept in ``.config`` but unused, silently; keys no scheduler knows are
+        dropped with a warning. Keys the reference marks as defaulted (``_use_default_values``) take this class's
+        defaults instead.
         """
         values = dict(config or {})
         defaulted = set(values.pop("_use_default_values", None) or ())
-        kept = {
-            k: v
-            for k, v in values.items()
-            if not k.startswith("_")
-            and k not in defaulted
-            and (k in cls.config_defaults or k not in _ALL_SCHEDULER_KEYS)
-        }
+        kept = {k: v for k, v in values.items() if not k.startswith("_") and k not in defaulted}
         kept.update(overrides)
         return cls(**kept)
 
@@ -182,6 +179,12 @@ class SchedulerMixin:
         self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=dtype)
         self._step_index = None
         self._begin_index = None
+
+    def _advance(self) -> int:
+        """The index of this step by counting (from ``begin_index``, default 0), and move the counter on."""
+        index = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        self._step_index = index + 1
+        return index
 
 
 def host_value(timestep: Any) -> float | int | None:
@@ -271,8 +274,49 @@ class SigmaSchedulerMixin(SchedulerMixin):
         return self._step_index
 
     def _noise_indices(self, timesteps: torch.Tensor) -> list[int]:
-        """Table indices for ``add_noise``: looked up per sample unless a begin index is set (then no device read)."""
+        """Table indices for ``add_noise``: looked up per sample (one read of ``timesteps``, before the loop) unless
+        a begin index is set, as the reference."""
         batch = len(timesteps)
         if self._begin_index is None:
             return [self._lookup(t) for t in torch.as_tensor(timesteps).tolist()]
         return [self._step_index if self._step_index is not None else self._begin_index] * batch
+
+
+class MultistepSolverMixin(SigmaSchedulerMixin):
+    """The exponential-integrator solvers in λ = log(α/σ) (DPM-Solver++, UniPC): they keep the last few model
+    predictions, and their tables add α, σ_t and λ per noise level.
+    """
+
+    init_noise_sigma = 1.0
+    _missing_timestep_is_last = True
+
+    def _build(self) -> None:
+        self.betas, self.alphas_cumprod = self._training_alphas_cumprod()
+        self.num_inference_steps = None
+        total = self.config.num_train_timesteps
+        # The full training grid, for add_noise before set_timesteps (stepping needs set_timesteps)
+        self._set_schedule(np.arange(total)[::-1], None, torch.int64)
+        self.sigmas = torch.from_numpy(tables.train_sigmas(self.alphas_cumprod))
+
+    def _install(self, timesteps: np.ndarray, sigmas: np.ndarray, device: torch.device | str | None) -> None:
+        """Install a run: int64 timesteps, the σ table (one entry longer: the σ of the last step's target), its α, σ_t
+        and λ, and an empty history."""
+        self._set_schedule(timesteps.astype(np.int64), device, torch.int64)
+        self.sigmas = torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float32))
+        self._alpha, self._sigma, self._lambda = tables.alpha_sigma_lambda(self.sigmas)
+        self._model_outputs: list[torch.Tensor] = []
+        self._lower_order_nums = 0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+    def _check_ready(self) -> None:
+        if self.num_inference_steps is None:
+            raise ValueError("Call set_timesteps(num_inference_steps) before step()")
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x = α·x₀ + σ_t·ε at the timesteps' noise levels (α = 1/√(σ²+1), σ_t = σ·α)."""
+        sigma = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        sigma = sigma[self._noise_indices(timesteps)].view((-1,) + (1,) * (original_samples.ndim - 1))
+        alpha = 1 / ((sigma**2 + 1) ** 0.5)
+        return alpha * original_samples + (sigma * alpha) * noise

@@ -59,8 +59,7 @@ class DDIMScheduler(SchedulerMixin):
         return sample
 
     def _current_timestep(self, timestep: Any) -> int:
-        index = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        self._step_index = index + 1
+        index = self._advance()
         value = host_value(timestep)
         return self._host_timesteps[index] if value is None else int(value)
 

@@ -117,6 +117,10 @@ class DDPMScheduler(SchedulerMixin):
         self.betas, self.alphas_cumprod = self._training_alphas_cumprod()
         self.num_inference_steps = None
         self._set_schedule(np.arange(self.config.num_train_timesteps)[::-1], None, torch.int64)
+
+    def _set_schedule(self, timesteps: np.ndarray, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        super()._set_schedule(timesteps, device, dtype)
+        # t → first position: the previous timestep is the table's next entry (reference: by index, first match)
         self._positions = {t: i for i, t in reversed(list(enumerate(self._host_timesteps)))}
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
@@ -125,7 +129,6 @@ class DDPMScheduler(SchedulerMixin):
         self.num_inference_steps = num_inference_steps
         grid = tables.spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
         self._set_schedule(grid, device, torch.int64)
-        self._positions = {t: i for i, t in reversed(list(enumerate(self._host_timesteps)))}
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         return sample
@@ -133,13 +136,11 @@ class DDPMScheduler(SchedulerMixin):
     def _current(self, timestep: Any) -> tuple[int, int]:
         """(t, t_prev): by value when the timestep is readable on the host, else by the step counter."""
         value = host_value(timestep)
-        if value is None:
-            index = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        elif int(value) in self._positions:
-            index = self._positions[int(value)]
-        else:
+        if value is not None and int(value) not in self._positions:
             raise ValueError(f"timestep={value} is not in this scheduler's timesteps; call set_timesteps first")
-        self._step_index = index + 1
+        if value is not None:
+            self._step_index = self._positions[int(value)]
+        index = self._advance()
         steps = self._host_timesteps
         return steps[index], (steps[index + 1] if index + 1 < len(steps) else -1)
 
@@ -231,17 +232,16 @@ class UnCLIPScheduler(SchedulerMixin):
 
     def _current(self, timestep: Any, prev_timestep: Any) -> tuple[int, int]:
         """(t, t_prev) as Python ints; device tensors are not read — the step counter indexes the table instead."""
-        index = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        index = self._advance()
+        steps = self._host_timesteps
         value = host_value(timestep)
-        t = self._host_timesteps[index] if value is None else int(value)
+        t = steps[index] if value is None else int(value)
         if prev_timestep is None:
-            prev = t - 1
-        else:
-            prev_value = host_value(prev_timestep)
-            steps = self._host_timesteps
-            prev = int(prev_value) if prev_value is not None else (steps[index + 1] if index + 1 < len(steps) else -1)
-        self._step_index = index + 1
-        return t, prev
+            return t, t - 1
+        prev_value = host_value(prev_timestep)
+        if prev_value is not None:
+            return t, int(prev_value)
+        return t, steps[index + 1] if index + 1 < len(steps) else -1
 
     def step(
         self,

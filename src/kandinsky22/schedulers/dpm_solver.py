@@ -14,17 +14,10 @@ import numpy as np
 import torch
 
 from . import tables
-from .base import (
-    PREDICTION_TYPES,
-    SchedulerOutput,
-    SigmaSchedulerMixin,
-    dynamic_threshold,
-    noise_channels,
-    predict_x0,
-)
+from .base import PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, dynamic_threshold, noise_channels, predict_x0
 
 
-class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
+class DPMSolverMultistepScheduler(MultistepSolverMixin):
     """DPM-Solver++ (``algorithm_type="dpmsolver++"``) of order 1–3 with ``solver_type`` "midpoint" or "heun".
 
     ``lower_order_final`` drops to lower orders on the last steps of short (< 15 step) schedules, which stabilises
@@ -63,8 +56,6 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
         "use_dynamic_shifting": False,
         "time_shift_type": "exponential",
     }
-    init_noise_sigma = 1.0
-    _missing_timestep_is_last = True
 
     def _normalize(self, values: dict[str, Any]) -> dict[str, Any]:
         if values["solver_type"] in ("logrho", "bh1", "bh2"):  # UniPC/DEIS solver types: the reference maps them
@@ -81,19 +72,6 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
         self._require_default(
             "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"
         )
-
-    def _build(self) -> None:
-        self.betas, self.alphas_cumprod = self._training_alphas_cumprod()
-        self.num_inference_steps = None
-        total = self.config.num_train_timesteps
-        self._install(np.linspace(0, total - 1, total)[::-1], tables.train_sigmas(self.alphas_cumprod), None)
-
-    def _install(self, timesteps: np.ndarray, sigmas: np.ndarray, device: torch.device | str | None) -> None:
-        self._set_schedule(timesteps, device, torch.int64)
-        self.sigmas = torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float32))
-        self._alpha, self._sigma, self._lambda = tables.alpha_sigma_lambda(self.sigmas)
-        self._model_outputs: list[torch.Tensor] = []
-        self._lower_order_nums = 0
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         c = self.config
@@ -114,10 +92,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
             sigmas = np.interp(grid, np.arange(len(train_sigmas)), train_sigmas)
         final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.final_sigmas_type == "sigma_min" else 0.0
         self.num_inference_steps = len(grid)
-        self._install(grid.astype(np.int64), np.append(sigmas, final), device)
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        return sample
+        self._install(grid, np.append(sigmas, final), device)
 
     def step(
         self,
@@ -129,8 +104,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
     ) -> SchedulerOutput | tuple[torch.Tensor]:
         """One solver step. ``generator`` is accepted for a uniform loop; DPM-Solver++ draws no noise."""
         c = self.config
-        if self.num_inference_steps is None:
-            raise ValueError("Call set_timesteps(num_inference_steps) before step()")
+        self._check_ready()
         i = self._index(timestep)
         n = len(self._host_timesteps)
         short = c.lower_order_final and n < 15
@@ -184,16 +158,3 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
         d2 = float(1.0 / (r0 + r1)) * (d1_0 - d1_1)
         x = x + float(alpha[t] * (em1 / h + 1.0)) * d1
         return x - float(alpha[t] * ((em1 + h) / h**2 - 0.5)) * d2
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return add_noise_solver(self.sigmas, self._noise_indices(timesteps), original_samples, noise)
-
-
-def add_noise_solver(
-    sigmas: torch.Tensor, indices: list[int], original_samples: torch.Tensor, noise: torch.Tensor
-) -> torch.Tensor:
-    """x = α·x₀ + σ_t·ε with α = 1/√(σ²+1), σ_t = σ·α: the variance-preserving form of noise level σ."""
-    sigma = sigmas.to(device=original_samples.device, dtype=original_samples.dtype)[indices]
-    sigma = sigma.view((-1,) + (1,) * (original_samples.ndim - 1))
-    alpha = 1 / ((sigma**2 + 1) ** 0.5)
-    return alpha * original_samples + (sigma * alpha) * noise

@@ -129,14 +129,10 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
 def alpha_sigma_lambda(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per noise level σ: α = 1/√(σ²+1), σ_t = σ·α and the half log-SNR λ = log α − log σ_t (DPM-Solver's λ).
 
-    Computed element by element on 0-dim float32 tensors: the reference evaluates these per step as 0-dim tensors,
-    and torch's vectorised log may round differently in the last bit, which h = λ_t − λ_s magnifies.
+    The logs are taken one 0-dim float32 tensor at a time, as the reference does per step: torch's vectorised log may
+    round differently in the last bit, which h = λ_t − λ_s magnifies. (+, ×, ÷ and √ round the same either way.)
     """
-    alphas, sigma_ts, lambdas = [], [], []
-    for sigma in sigmas:
-        alpha = 1 / ((sigma**2 + 1) ** 0.5)
-        sigma_t = sigma * alpha
-        alphas.append(alpha)
-        sigma_ts.append(sigma_t)
-        lambdas.append(torch.log(alpha) - torch.log(sigma_t))
-    return torch.stack(alphas), torch.stack(sigma_ts), torch.stack(lambdas)
+    alphas = 1 / ((sigmas**2 + 1) ** 0.5)
+    sigma_ts = sigmas * alphas
+    lambdas = torch.stack([torch.log(a) - torch.log(s) for a, s in zip(alphas, sigma_ts)])
+    return alphas, sigma_ts, lambdas

@@ -11,18 +11,10 @@ import numpy as np
 import torch
 
 from . import tables
-from .base import (
-    PREDICTION_TYPES,
-    SchedulerOutput,
-    SigmaSchedulerMixin,
-    dynamic_threshold,
-    noise_channels,
-    predict_x0,
-)
-from .dpm_solver import add_noise_solver
+from .base import PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, dynamic_threshold, noise_channels, predict_x0
 
 
-class UniPCMultistepScheduler(SigmaSchedulerMixin):
+class UniPCMultistepScheduler(MultistepSolverMixin):
     """UniPC with B(h) = h ("bh1") or e^h − 1 ("bh2", the default), in data prediction (``predict_x0``) or noise
     prediction form, order 1–3. Corrector steps listed in ``disable_corrector`` (step indices) are skipped.
     """
@@ -58,8 +50,6 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin):
         "sigma_max": None,
         "shift_terminal": None,
     }
-    init_noise_sigma = 1.0
-    _missing_timestep_is_last = True
 
     def _normalize(self, values: dict[str, Any]) -> dict[str, Any]:
         if values["solver_type"] in ("midpoint", "heun", "logrho"):  # DPM-Solver/DEIS types: the reference maps them
@@ -81,19 +71,9 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin):
             "shift_terminal",
         )
 
-    def _build(self) -> None:
-        self.betas, self.alphas_cumprod = self._training_alphas_cumprod()
-        self.num_inference_steps = None
-        total = self.config.num_train_timesteps
-        self._install(np.linspace(0, total - 1, total)[::-1], tables.train_sigmas(self.alphas_cumprod), None)
-
     def _install(self, timesteps: np.ndarray, sigmas: np.ndarray, device: torch.device | str | None) -> None:
-        self._set_schedule(timesteps, device, torch.int64)
-        self.sigmas = torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float32))
-        self._alpha, self._sigma, self._lambda = tables.alpha_sigma_lambda(self.sigmas)
-        self._model_outputs: list[torch.Tensor] = []
-        self._lower_order_nums = 0
-        self._last_sample: torch.Tensor | None = None
+        super()._install(timesteps, sigmas, device)
+        self._last_sample: torch.Tensor | None = None  # the predictor's input, for the next step's corrector
         self._this_order = 1
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
@@ -113,10 +93,7 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin):
             ac = self.alphas_cumprod
             final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.final_sigmas_type == "sigma_min" else 0.0
         self.num_inference_steps = len(grid)
-        self._install(grid.astype(np.int64), np.append(sigmas, final), device)
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        return sample
+        self._install(grid, np.append(sigmas, final), device)
 
     def _convert(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
         """The solver's working prediction: x̂₀ (``predict_x0``) or ε̂."""
@@ -144,8 +121,7 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin):
         """Correct the last prediction with this model output (UniC), then predict the next sample (UniP).
         ``generator`` is accepted for a uniform loop; UniPC draws no noise."""
         c = self.config
-        if self.num_inference_steps is None:
-            raise ValueError("Call set_timesteps(num_inference_steps) before step()")
+        self._check_ready()
         i = self._index(timestep)
         prediction = self._convert(noise_channels(model_output, sample), sample, i)
         if i > 0 and (i - 1) not in c.disable_corrector and self._last_sample is not None:
@@ -214,6 +190,3 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin):
         if residual is None:
             return base.to(x.dtype)
         return (base - scale * residual).to(x.dtype)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return add_noise_solver(self.sigmas, self._noise_indices(timesteps), original_samples, noise)
