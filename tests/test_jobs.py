@@ -78,6 +78,8 @@ def _write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "
         ({"task": "mix", "prompt": "", "items": ["a", "b"], "weights": [1]}, "one weight per item: got 2 items"),
         ({"task": "mix", "prompt": "", "items": ["a"], "weights": [0]}, "at least one mix weight must be non-zero"),
         ({"task": "mix", "prompt": "", "items": [" "], "weights": [1]}, "items[0] is empty"),
+        ({"task": "mix", "prompt": "", "items": [3], "weights": [1]}, "items[0] must be a text, an image file or"),
+        ({"task": "img2img", "image": 5}, "image must be an image file path or an image, got 5"),
         ({"task": "mix", "items": ["a"], "weights": [1]}, "prompt is not used by mix"),
         ({"items": ["a"], "weights": [1]}, "items and weights are only used by mix"),
         ({"prior": ""}, "prior must be a hub id or a folder path"),
@@ -199,6 +201,21 @@ def test_wrong_decoder_for_task_names_the_right_kind(tiny: dict[str, Path], engi
     job = Job(task="inpaint", prompt="x", image=str(photo), mask=str(photo), prior=str(tiny["prior"]))
     with pytest.raises(ValueError, match="has a 4-channel UNet, but inpaint needs a 9-channel one"):
         engine.run([dataclasses.replace(job, decoder=str(tiny["decoder"]), seed=0)])
+
+
+def test_fast_flag_enables_the_fast_path_where_a_pipeline_has_one(
+    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kandinsky22.pipelines.decoder import KandinskyV22Pipeline
+
+    enabled = []
+    monkeypatch.setattr(KandinskyV22Pipeline, "enable_fast_path", lambda pipe: enabled.append(pipe), raising=False)
+    fast = Engine(device="cpu", fast=True)
+    pipe = fast.decoder_pipeline(_text2img(tiny))
+    assert enabled == [pipe] and fast.fast_applied
+    slow = Engine(device="cpu")
+    slow.decoder_pipeline(_text2img(tiny))
+    assert enabled == [pipe] and not slow.fast_applied
 
 
 def test_run_rejects_incompatible_jobs(tiny: dict[str, Path], engine: Engine) -> None:

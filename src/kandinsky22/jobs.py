@@ -150,15 +150,24 @@ class Job:
             _check_float(f"weights[{i}]", weight, -MAX_GUIDANCE, MAX_GUIDANCE)
         if not any(self.weights):
             raise ValueError(f"at least one mix weight must be non-zero, got {self.weights}")
+        import PIL.Image
+
         for i, item in enumerate(self.items):
+            if not isinstance(item, (str, os.PathLike, PIL.Image.Image)):
+                raise ValueError(f"items[{i}] must be a text, an image file or an image, got {item!r}")
             if isinstance(item, str) and not item.strip():
                 raise ValueError(f"items[{i}] is empty; give a text or an image file")
 
     def _validate_inputs(self) -> None:
         needed = {"img2img": ("image",), "inpaint": ("image", "mask"), "depth": ("hint",)}.get(self.task, ())
         allowed = needed + (("image",) if self.task == "depth" else ())
+        import PIL.Image
+
         for name in ("image", "mask", "hint"):
-            given = getattr(self, name) is not None
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike, PIL.Image.Image)):
+                raise ValueError(f"{name} must be an image file path or an image, got {value!r}")
+            given = value is not None
             if name in needed and not given:
                 raise ValueError(f"{self.task} needs {name} (an image file)")
             if given and name not in allowed:
@@ -226,7 +235,8 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly fields; in-memory images become ``None`` (a file path is kept as a string)."""
-        data = dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # asdict would deep-copy images
+        data["weights"] = list(self.weights)
         for name in ("image", "mask", "hint"):
             data[name] = _source_text(getattr(self, name))
         data["items"] = [_source_text(item) if not _is_text_item(item) else item for item in self.items]
