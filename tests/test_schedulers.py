@@ -282,3 +282,17 @@ def test_return_dict_false_gives_the_reference_tuples() -> None:
     dpm.set_timesteps(3)
     (prev_sample,) = dpm.step(sample, dpm.timesteps[0], sample, return_dict=False)
     assert prev_sample.shape == SHAPE
+
+
+def test_ddim_with_eta_draws_noise_like_the_reference() -> None:
+    results = []
+    for library in (diffusers, ours):
+        scheduler = library.DDIMScheduler.from_config(CONFIGS["ddim_test"])
+        scheduler.set_timesteps(10)
+        generator = torch.Generator().manual_seed(3)
+        sample = torch.randn(SHAPE, generator=generator)
+        for t in scheduler.timesteps:
+            sample = scheduler.step(stand_in_model(sample, t, 4), t, sample, eta=0.7, generator=generator).prev_sample
+        results.append((sample, torch.randn(3, generator=generator)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
+    assert torch.equal(results[1][1], results[0][1])

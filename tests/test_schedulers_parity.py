@@ -157,11 +157,18 @@ def test_trajectory_matches_reference(name: str, config_name: str, steps: int) -
     compare(name, CONFIGS[config_name], steps)
 
 
-# Fast-solver options: orders, solver types, Karras σ, final steps, thresholding, on an 8-channel learned-range
-# decoder output (the official decoder config with variance_type="learned_range") or the cosine schedule.
-LEARNED_DECODER = {**CONFIGS["decoder"], "variance_type": "learned_range"}
+# Options beyond the five configs. Exact samplers: variance types, thresholding, prediction types. Fast solvers:
+# orders, solver types, Karras σ, final steps, thresholding, on an 8-channel learned-range decoder output (the
+# official decoder config with variance_type="learned_range") or the cosine schedule.
+DECODER = CONFIGS["decoder"]
+LEARNED_DECODER = {**DECODER, "variance_type": "learned_range"}
 COSINE = CONFIGS["cosine_learned"]
-FAST_VARIANTS = [
+OPTION_VARIANTS = [
+    ("DDPMScheduler", DECODER, {"thresholding": True, "sample_max_value": 2.0, "variance_type": "fixed_large"}),
+    ("DDPMScheduler", DECODER, {"variance_type": "fixed_small_log", "timestep_spacing": "linspace"}),
+    ("DDPMScheduler", LEARNED_DECODER, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("DDIMScheduler", DECODER, {"thresholding": True, "prediction_type": "sample", "set_alpha_to_one": True}),
+    ("UnCLIPScheduler", COSINE, {"variance_type": "fixed_small_log", "clip_sample": True}),
     *(
         ("DPMSolverMultistepScheduler", LEARNED_DECODER, {"solver_order": o, "solver_type": s, "use_karras_sigmas": k})
         for o in (1, 2, 3)
@@ -201,6 +208,6 @@ FAST_VARIANTS = [
 
 
 @pytest.mark.parametrize("steps", (1, 2, 7, 25))
-@pytest.mark.parametrize(("name", "base", "options"), FAST_VARIANTS)
-def test_fast_solver_options_match_reference(name: str, base: dict, options: dict, steps: int) -> None:
+@pytest.mark.parametrize(("name", "base", "options"), OPTION_VARIANTS)
+def test_options_match_reference(name: str, base: dict, options: dict, steps: int) -> None:
     compare(name, {**base, **options}, steps)

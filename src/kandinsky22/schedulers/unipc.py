@@ -148,13 +148,12 @@ class UniPCMultistepScheduler(MultistepSolverMixin):
         history = self._model_outputs
         m0 = history[-1]
         h = lam[t] - lam[s0]
-        rks, d1s = [], []
+        ratios, d1s = [], []  # r_k = (λ_{s_k} − λ_{s0})/h and the scaled differences D1_k = (m_k − m0)/r_k
         for k in range(1, order):
             rk = (lam[s0 - k] - lam[s0]) / h
-            rks.append(rk)
+            ratios.append(rk)
             d1s.append((history[-(k + 1)] - m0) / float(rk))
-        rks.append(torch.ones(()))
-        rks = torch.stack(rks)
+        rks = torch.stack([*ratios, torch.ones(())])
         hh = -h if self.config.predict_x0 else h
         h_phi_1 = torch.expm1(hh)  # h·φ₁(h) = e^h − 1
         h_phi_k = h_phi_1 / hh - 1
