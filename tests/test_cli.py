@@ -262,3 +262,44 @@ def test_offline_hub_exits_1_naming_the_repository(tmp_path: Path) -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     error, hint = result.stderr.splitlines()
     assert "Could not get 'kandinsky-community/kandinsky-2-2-prior'" in error and "local folder" in hint
+
+
+def test_argument_errors_come_back_without_importing_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; import kandinsky22.cli as cli; "
+        "rc = (cli.main(['img2img', 'x', '--image', 'a.png', '--strength', '0.1', '--steps', '5']), "
+        "cli.main(['generate', 'x', '--prior', '/nonexistent/prior'])); "
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "(2, 1) []"
+
+
+def test_out_of_memory_is_one_line_and_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    from kandinsky22 import cli, jobs
+
+    def run_out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    monkeypatch.setattr(jobs.Engine, "run", run_out_of_memory)
+    monkeypatch.setattr(jobs.Engine, "missing_models", lambda self, job: [])
+    args = [
+        "generate",
+        "x",
+        "--prior",
+        str(tmp_path),
+        "--decoder",
+        str(tmp_path),
+        "--quiet",
+        "-o",
+        str(tmp_path / "x.png"),
+    ]
+    assert cli.main(args) == 1
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error == "kandinsky22 generate: error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert hint.startswith("kandinsky22 generate: hint: try --dtype fp16, a smaller --width/--height")
+    assert not (tmp_path / "x.png").exists()
