@@ -30,6 +30,7 @@ from kandinsky22.jobs import (
     MIN_SIDE,
     SCHEDULERS,
     Job,
+    mix_item_kind,
 )
 
 PROG = "kandinsky22"
@@ -332,7 +333,7 @@ def _check_models(job: Job) -> None:
 def _prepare_job(job: Job, where: str) -> Job:
     for name in ("image", "mask", "hint", "prior", "decoder"):
         setattr(job, name, _absolute(getattr(job, name)))
-    job.items = [_absolute(item) for item in job.items]
+    job.items = [_absolute(item) if mix_item_kind(item) == "image" else item for item in job.items]
     try:
         job.validate()
     except ValueError as err:
