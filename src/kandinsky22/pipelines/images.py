@@ -117,7 +117,9 @@ def _rgb_batch(items: list, size: tuple[int, int], param: str, signed: bool) -> 
         else:
             unit = _rgb_array(item, param)
         out.append(unit * 2.0 - 1.0 if signed else unit)
-    return _cat_same_size(out, param)
+    # Contiguous whatever the source layout (HWC arrays arrive channels-last), so a PIL image and its numpy array
+    # give bit-identical results.
+    return _cat_same_size(out, param).contiguous()
 
 
 def _cat_same_size(tensors: list[torch.Tensor], param: str) -> torch.Tensor:
@@ -146,7 +148,8 @@ def image_to_tensor(image: ImageInput, size: tuple[int, int], resize: bool, para
 def mask_to_tensor(mask: ImageInput, size: tuple[int, int], param: str = "mask_image") -> torch.Tensor:
     """``mask`` as a (B, 1, H, W) float32 tensor in {0, 1}, 1 = repaint.
 
-    PIL masks are resized to ``size`` (Lanczos, as the reference); arrays and tensors keep their size.
+    PIL masks are resized to ``size`` (Lanczos, as the reference); arrays and tensors keep their size (the pipeline
+    resizes the mask to the latents, see :func:`check_mask_shape`).
     """
     out = []
     for item in _as_list(mask, param):
@@ -205,6 +208,17 @@ def check_sizes(expected: tuple[int, int], how: str, **sizes: tuple[int, int]) -
         return
     listed = ", ".join(f"`{name}` is {h}x{w}" for name, (h, w) in sizes.items())
     raise ValueError(f"size mismatch: {listed}; expected {expected[0]}x{expected[1]} ({how})")
+
+
+def check_mask_shape(expected: tuple[int, int], how: str, mask_size: tuple[int, int]) -> None:
+    """A mask is resized to the latents (nearest), as in the reference, so any size with the image's aspect ratio
+    (within a pixel) works; another aspect ratio would stretch it, so it raises ``ValueError`` naming both sizes."""
+    (height, width), (mask_h, mask_w) = expected, mask_size
+    if abs(mask_h * width / mask_w - height) > 1:
+        raise ValueError(
+            f"`mask_image` is {mask_h}x{mask_w}, which does not have the aspect ratio of the {height}x{width} image "
+            f"({how}); pass a mask of {height}x{width} (or any size with that aspect ratio)"
+        )
 
 
 def check_count(count: int, batch: int, param: str) -> None:

@@ -5,7 +5,8 @@ resized to the latents (nearest) and eroded by one latent pixel (``erode_keep_ma
 ``[latents | image latents · keep | keep]`` (4 + 4 + 1 channels); after every step the image latents, re-noised to
 the next timestep with the *start noise*, replace the kept region; after the last step the clean image latents do.
 Unlike the reference, every sample uses its own image and mask (the reference blends all with the first), masks
-given as tensors are not binarized in place, and arrays or tensors of the wrong size are refused with both sizes.
+given as tensors are not binarized in place, and an image array or tensor of the wrong size, or a mask of another
+aspect ratio, is refused naming the sizes (the reference crashes inside the loop, or stretches the mask).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kandinsky22.pipelines.decoder import DecoderPipeline, Embeds
 from kandinsky22.pipelines.images import (
     ImageInput,
     check_count,
+    check_mask_shape,
     check_sizes,
     erode_keep_mask,
     image_to_tensor,
@@ -75,7 +77,8 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         ``image``: PIL (any mode), numpy HWC (uint8, or float in [0, 1]) or tensors (B, 3, H, W) in [-1, 1].
         ``mask_image``: PIL (converted to "L"), numpy HW (uint8 0..255, bool or float in [0, 1]) or tensors
         ((B, 1,) H, W) in [0, 1]; binarized at 0.5. PIL inputs are resized to ``height`` × ``width`` (rounded up to a
-        multiple of 64 px for the official MoVQ); arrays and tensors must already have that size.
+        multiple of 64 px for the official MoVQ); image arrays and tensors must already have that size, mask arrays
+        and tensors its aspect ratio (the mask is resized to the latents, nearest, as in the reference).
         ``latents``: the start noise, (B·n, 4, h, w). ``kwargs``: the deprecated ``callback`` and ``callback_steps``.
         """
         callback, callback_steps = self._legacy_callback(kwargs)
@@ -91,7 +94,8 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         pixels = image_to_tensor(image, size, resize=False)
         repaint = mask_to_tensor(mask_image, size)
         how = f"height={height}, width={width}" + ("" if size == (height, width) else " rounded up")
-        check_sizes(size, how, image=tuple(pixels.shape[-2:]), mask_image=tuple(repaint.shape[-2:]))
+        check_sizes(size, how, image=tuple(pixels.shape[-2:]))
+        check_mask_shape(size, how, tuple(repaint.shape[-2:]))
         check_count(pixels.shape[0], batch, "image")
         check_count(repaint.shape[0], batch, "mask_image")
 
