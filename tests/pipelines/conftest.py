@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds tiny_repos.py (no package __init__)
 
 import tiny_repos  # noqa: E402
+
+# Under pytest-xdist every worker would start one intra-op thread per core: with 2 workers on 2 cores the OpenMP
+# threads oversubscribe the cores and spin-wait, which makes these tiny models 5-10x slower (measured: 0.5 s vs 4 s
+# for a 2-step text2img call). One thread per worker keeps the cores busy without contention.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ class _CombinedPipeline(Pipeline):
     # The decoder pipeline class as (module, name), imported when a pipeline is built: img2img and inpaint live in
     # modules that need not be imported for text2img.
     _decoder: ClassVar[tuple[str, str]] = ("kandinsky22.pipelines.decoder", "KandinskyV22Pipeline")
+    _decoder_takes_latents: ClassVar[bool] = True  # img2img starts from the image instead
 
     @classmethod
     def _decoder_class(cls) -> type:
@@ -181,6 +182,11 @@ class _CombinedPipeline(Pipeline):
             if not isinstance(latents, torch.Tensor) or latents.ndim not in (2, 4):
                 shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise ValueError(f"`latents` must be prior latents (N, D) or decoder latents (N, C, h, w), got {shape}")
+            if latents.ndim == 4 and not self._decoder_takes_latents:
+                raise ValueError(
+                    f"`latents` of shape {tuple(latents.shape)} would be decoder latents, but "
+                    f"{type(self).__name__} starts from `image`; only prior latents (N, D) are accepted"
+                )
             prior_latents, decoder_latents = (latents, None) if latents.ndim == 2 else (None, latents)
         image_embeds, negative_image_embeds = self.prior_pipe(
             prompt=prompts,
@@ -296,6 +302,7 @@ class KandinskyV22Img2ImgCombinedPipeline(_CombinedPipeline):
     """Text + image → image: prior, then the img2img decoder."""
 
     _decoder = ("kandinsky22.pipelines.img2img", "KandinskyV22Img2ImgPipeline")
+    _decoder_takes_latents = False
 
     @torch.no_grad()
     def __call__(

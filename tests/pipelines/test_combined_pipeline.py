@@ -1,0 +1,175 @@
+"""Combined pipelines (prior + decoder): parity with the reference, loading the official layouts, the fixes."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from kandinsky22 import (
+    KandinskyV22CombinedPipeline,
+    KandinskyV22Img2ImgCombinedPipeline,
+    KandinskyV22InpaintCombinedPipeline,
+    KandinskyV22Pipeline,
+    KandinskyV22PriorPipeline,
+)
+
+TOL = 1e-4
+FAST = {"num_inference_steps": 2, "prior_num_inference_steps": 3, "height": 64, "width": 64, "output_type": "np"}
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def picture(seed: int) -> PIL.Image.Image:
+    return PIL.Image.fromarray((np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8))
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def combined(decoder_repo):
+    """Ours and the reference's, each loaded from the decoder repo alone (the prior found through its model card)."""
+    import diffusers
+
+    ours = quiet(KandinskyV22CombinedPipeline.from_pretrained(decoder_repo))
+    ref = quiet(diffusers.KandinskyV22CombinedPipeline.from_pretrained(decoder_repo))
+    return ours, ref
+
+
+def test_text2img_combined_matches_reference_end_to_end(combined):
+    ours, ref = combined
+    kwargs = {"prompt": ["horse", "red cat"], "negative_prompt": ["blurry", "dark"], "num_images_per_prompt": 2, **FAST}
+    a = ours(generator=gen(), **kwargs).images
+    b = ref(generator=gen(), **kwargs).images
+    assert a.shape == (4, 64, 64, 3) and np.abs(a - b).max() < TOL
+
+
+def test_combined_callbacks_prior_latents_and_tuple_match_reference(combined):
+    ours, ref = combined
+
+    def prior_callback(pipe, i, t, kwargs):
+        return {"latents": kwargs["latents"] * 0.5} if i == 0 else {}
+
+    def callback(pipe, i, t, kwargs):
+        return {"latents": kwargs["latents"] * 0.9}
+
+    kwargs = {
+        "prompt": "horse",
+        "latents": torch.randn(1, 32, generator=gen(3)),
+        "prior_callback_on_step_end": prior_callback,
+        "callback_on_step_end": callback,
+        "return_dict": False,
+        **FAST,
+    }
+    (a,) = ours(generator=gen(), **kwargs)
+    (b,) = ref(generator=gen(), **kwargs)
+    assert np.abs(a - b).max() < TOL
+
+
+def test_decoder_latents_go_to_the_decoder(combined, our_prior, our_decoder):
+    """The reference sends every `latents` to the prior, where 4-D latents crash (§5.15)."""
+    ours, _ = combined
+    latents = torch.randn(1, 4, 32, 32, generator=gen(4))
+    image = ours("horse", latents=latents, generator=gen(), **FAST).images
+    g = gen()
+    embeds = our_prior("horse", num_inference_steps=3, generator=g)
+    expected = our_decoder(*embeds.to_tuple(), height=64, width=64, num_inference_steps=2, output_type="np",
+                           generator=g, latents=latents).images  # fmt: skip
+    assert np.abs(image - expected).max() < TOL
+
+
+def test_generator_list_per_image_with_a_negative_prompt_is_deterministic(combined):
+    """One generator per image serves the prior's doubled (negative) batch too; the reference needs 2·N there."""
+    ours, _ = combined
+    kwargs = {"prompt": ["horse", "cat"], "negative_prompt": "blurry", **FAST}
+    a = ours(generator=[gen(1), gen(2)], **kwargs).images
+    b = ours(generator=[gen(1), gen(2)], **kwargs).images
+    assert a.shape == (2, 64, 64, 3) and np.array_equal(a, b)
+
+
+def test_img2img_combined_matches_reference_and_pairs_images_with_their_prompts(decoder_repo):
+    import diffusers
+
+    ours = quiet(KandinskyV22Img2ImgCombinedPipeline.from_pretrained(decoder_repo))
+    ref = quiet(diffusers.KandinskyV22Img2ImgCombinedPipeline.from_pretrained(decoder_repo))
+    kwargs = {**FAST, "num_inference_steps": 4, "strength": 0.5}
+    a = ours("horse", picture(0), generator=gen(), **kwargs).images
+    b = ref("horse", picture(0), generator=gen(), **kwargs).images
+    assert np.abs(a - b).max() < TOL
+    # Two prompts, one image each, two images per prompt: image i goes with prompt i (the reference tiles the image
+    # list, pairing the second prompt with the first image). Per-sample generators make sample 2 reproducible alone.
+    gens = [gen(s) for s in range(4)]
+    both = ours(["horse", "cat"], [picture(0), picture(1)], num_images_per_prompt=2, generator=gens, **kwargs)
+    alone = ours("cat", picture(1), generator=[gen(2)], **kwargs)
+    assert np.abs(both.images[2] - alone.images[0]).max() < TOL
+
+
+def test_inpaint_combined_matches_reference(inpaint_repo):
+    import diffusers
+
+    ours = quiet(KandinskyV22InpaintCombinedPipeline.from_pretrained(inpaint_repo))
+    ref = quiet(diffusers.KandinskyV22InpaintCombinedPipeline.from_pretrained(inpaint_repo))
+    mask = np.zeros((64, 64), dtype=np.float32)
+    mask[:32, :32] = 1
+    # Compared as latents: the inpaint scheduler does not clip, latents reach ~10 and the tiny random MoVQ amplifies
+    # float32 rounding (a relative 2e-6 in the latents) to ~4e-4 in pixels.
+    kwargs = {**FAST, "output_type": "latent"}
+    a = ours("horse", picture(5), mask, generator=gen(), **kwargs).images
+    b = ref("horse", picture(5), mask, generator=gen(), **kwargs).images
+    assert a.shape == (1, 4, 32, 32) and (a - b).abs().max() < TOL
+
+
+def test_prior_from_prior_path_or_components_and_a_missing_prior(tmp_path, decoder_repo, prior_repo, our_prior):
+    import shutil
+
+    bare = tmp_path / "decoder-without-card"
+    shutil.copytree(decoder_repo, bare)
+    (bare / "README.md").unlink()
+    with pytest.raises(ValueError, match="prior_path"):
+        KandinskyV22CombinedPipeline.from_pretrained(bare)
+    by_path = KandinskyV22CombinedPipeline.from_pretrained(bare, prior_path=prior_repo)
+    assert isinstance(by_path.prior_prior, type(our_prior.prior))
+    shared = {f"prior_{name}": value for name, value in our_prior.components.items()}
+    by_components = KandinskyV22CombinedPipeline.from_pretrained(bare, **shared)
+    assert by_components.prior_pipe.prior is our_prior.prior
+
+
+def test_components_are_shared_and_replaceable(combined, our_decoder):
+    ours, _ = combined
+    decoder = KandinskyV22Pipeline(**{k: v for k, v in ours.components.items() if not k.startswith("prior_")})
+    assert decoder.unet is ours.unet is ours.decoder_pipe.unet
+    prior = KandinskyV22PriorPipeline(**{k[6:]: v for k, v in ours.components.items() if k.startswith("prior_")})
+    assert prior.text_encoder is ours.prior_text_encoder is ours.prior_pipe.text_encoder
+    again = KandinskyV22CombinedPipeline(**ours.components)
+    again.scheduler = our_decoder.scheduler
+    assert again.decoder_pipe.scheduler is our_decoder.scheduler and ours.scheduler is not again.scheduler
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"output_type": "jpeg"}, "output_type"),
+        ({"height": 0}, "height"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"callback_on_step_end_tensor_inputs": ["noise"]}, "noise"),
+        ({"latents": torch.zeros(1, 4, 4)}, "latents"),
+        ({"generator": [torch.Generator()] * 3}, "generator"),
+    ],
+)
+def test_combined_input_errors_come_before_the_prior_runs(combined, kwargs, match):
+    ours, _ = combined
+    calls = []
+    handle = ours.prior_prior.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=match):
+            ours(**{"prompt": "horse", **FAST, **kwargs})
+    finally:
+        handle.remove()
+    assert not calls
