@@ -43,10 +43,15 @@ def test_top_level_names_are_the_scheduler_classes() -> None:
         assert getattr(kandinsky22, name) is getattr(ours, name)
 
 
+@pytest.mark.parametrize("base", [{}, COSINE], ids=["defaults", "cosine"])
 @pytest.mark.parametrize("source", CLASS_NAMES)
-def test_from_config_swaps_between_all_classes(source: str, caplog: pytest.LogCaptureFixture) -> None:
-    original = getattr(ours, source).from_config(COSINE)
+def test_from_config_swaps_between_all_classes(source: str, base: dict, caplog: pytest.LogCaptureFixture) -> None:
+    original = getattr(ours, source).from_config(base)
     for target in CLASS_NAMES:
+        if target == "UnCLIPScheduler" and original.config.get("beta_schedule") != "squaredcos_cap_v2":
+            with pytest.raises(ValueError, match="'linear'"):  # as the reference: UnCLIP needs the cosine schedule
+                ours.UnCLIPScheduler.from_config(original.config)
+            continue
         with caplog.at_level(logging.WARNING, logger="kandinsky22"):
             swapped = getattr(ours, target).from_config(original.config)
         assert not caplog.records, f"{source} → {target} warned: {caplog.text}"

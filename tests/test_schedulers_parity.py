@@ -166,6 +166,7 @@ COSINE = CONFIGS["cosine_learned"]
 OPTION_VARIANTS = [
     ("DDPMScheduler", DECODER, {"thresholding": True, "sample_max_value": 2.0, "variance_type": "fixed_large"}),
     ("DDPMScheduler", DECODER, {"variance_type": "fixed_small_log", "timestep_spacing": "linspace"}),
+    ("DDPMScheduler", DECODER, {"variance_type": None}),  # a fast solver's default, swapped back to DDPM
     ("DDPMScheduler", LEARNED_DECODER, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
     ("DDIMScheduler", DECODER, {"thresholding": True, "prediction_type": "sample", "set_alpha_to_one": True}),
     ("UnCLIPScheduler", COSINE, {"variance_type": "fixed_small_log", "clip_sample": True}),

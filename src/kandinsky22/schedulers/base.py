@@ -1,11 +1,11 @@
 """What every scheduler shares: ``scheduler_config.json`` I/O, config swapping, copying, step bookkeeping, and the
-small tensor helpers (x₀ from the model output, clipping, dynamic thresholding).
+small tensor helpers (x₀ from the model output, the noise half of an 8-channel output, dynamic thresholding).
 
 A scheduler holds two kinds of state:
 
 * tables, built in ``__init__`` / ``set_timesteps`` on the host and never modified afterwards;
-* per-run state (the step counter, a multistep solver's history), replaced rather than mutated, so ``copy()`` —
-  a shallow copy with fresh lists — gives an independent sampler that shares only the read-only tables.
+* per-run state (the step counter, a multistep solver's history), replaced rather than modified in place, so
+  ``copy()`` — a shallow copy — gives an independent sampler that shares only the read-only tables.
 """
 
 from __future__ import annotations
@@ -67,8 +67,6 @@ class SchedulerMixin:
         self.config = Config({**self._normalize(values), **carried})
         self._check_config()
         self._build()
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
 
     # -- hooks ---------------------------------------------------------------------------------------------------
 
@@ -117,10 +115,9 @@ class SchedulerMixin:
         (folder / SCHEDULER_CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def copy(self):
-        """An independent scheduler in the same state: read-only tables are shared, per-run lists are copied."""
-        new = _copy.copy(self)
-        new.__dict__.update({k: list(v) for k, v in self.__dict__.items() if isinstance(v, list)})
-        return new
+        """An independent scheduler in the same state, for one more concurrent run. Cheap: the tables are shared
+        (never modified) and per-run state is only ever replaced, so a shallow copy suffices."""
+        return _copy.copy(self)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -177,8 +174,8 @@ class SchedulerMixin:
         """Install a run's timestep table: a host list for look-ups and ``.timesteps`` on ``device``."""
         self._host_timesteps: list = timesteps.tolist()
         self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=dtype)
-        self._step_index = None
-        self._begin_index = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
 
     def _advance(self) -> int:
         """The index of this step by counting (from ``begin_index``, default 0), and move the counter on."""

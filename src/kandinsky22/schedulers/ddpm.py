@@ -26,7 +26,16 @@ from .base import (
 from .noise import Generators, randn_tensor
 
 _ONE = f32(1.0)
-DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+# None (the fast solvers' default, met when swapping back to DDPM) acts as "fixed_small", as in the reference.
+DDPM_VARIANCE_TYPES = (
+    "fixed_small",
+    "fixed_small_log",
+    "fixed_large",
+    "fixed_large_log",
+    "learned",
+    "learned_range",
+    None,
+)
 
 
 def posterior_step(
@@ -55,7 +64,7 @@ def posterior_std(
     (Nichol & Dhariwal 2021, eq. 15). The variance is floored at 1e−20 so the last step (ᾱ_prev = 1) stays finite.
     """
     variance = torch.clamp(variance, min=1e-20)
-    if variance_type == "fixed_small":
+    if variance_type in ("fixed_small", None):
         return float(variance**0.5)
     if variance_type == "fixed_small_log":
         return float(torch.exp(0.5 * torch.log(variance)))
