@@ -1,0 +1,158 @@
+"""The pipeline base: save/load both ways, hub downloads, components, devices and dtypes, offloading, outputs."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kandinsky22 import (
+    DDIMScheduler,
+    KandinskyPriorPipelineOutput,
+    KandinskyV22CombinedPipeline,
+    KandinskyV22Img2ImgPipeline,
+    KandinskyV22Pipeline,
+    KandinskyV22PriorPipeline,
+    loading,
+)
+
+TOL = 1e-4
+DECODE = {"height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np"}
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def embeds() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(1, 32, generator=gen(10)), torch.randn(1, 32, generator=gen(11))
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_ours_saves_the_reference_loads(tmp_path, our_decoder, our_prior):
+    import diffusers
+
+    our_decoder.save_pretrained(tmp_path / "decoder")
+    our_prior.save_pretrained(tmp_path / "prior")
+    decoder = quiet(diffusers.KandinskyV22Pipeline.from_pretrained(tmp_path / "decoder"))
+    prior = quiet(diffusers.KandinskyV22PriorPipeline.from_pretrained(tmp_path / "prior"))
+    a = our_decoder(*embeds(), generator=gen(), **DECODE).images
+    b = decoder(*embeds(), generator=gen(), **DECODE).images
+    assert np.abs(a - b).max() < TOL
+    a = our_prior("horse", num_inference_steps=2, generator=gen()).image_embeds
+    b = prior("horse", num_inference_steps=2, generator=gen()).image_embeds
+    assert (a - b).abs().max() < TOL
+    index = json.loads((tmp_path / "prior" / "model_index.json").read_text())
+    assert index["_class_name"] == "KandinskyV22PriorPipeline"
+    assert index["image_processor"] == ["transformers", "CLIPImageProcessor"]
+    assert index["prior"] == ["diffusers", "PriorTransformer"]
+
+
+def test_combined_round_trips_both_ways(tmp_path, decoder_repo):
+    import diffusers
+
+    ours = quiet(KandinskyV22CombinedPipeline.from_pretrained(decoder_repo))
+    ours.save_pretrained(tmp_path / "ours")
+    ref = quiet(diffusers.KandinskyV22CombinedPipeline.from_pretrained(tmp_path / "ours"))
+    ref.save_pretrained(tmp_path / "ref")
+    back = quiet(KandinskyV22CombinedPipeline.from_pretrained(tmp_path / "ref"))
+    kwargs = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
+    a = ours("horse", generator=gen(), **kwargs).images
+    b = ref("horse", generator=gen(), **kwargs).images
+    c = back("horse", generator=gen(), **kwargs).images
+    assert np.abs(a - b).max() < TOL and np.abs(a - c).max() < TOL
+
+
+def test_image_processor_saved_under_its_pil_name_loads(tmp_path, prior_repo):
+    shutil.copytree(prior_repo, tmp_path / "prior")
+    index_path = tmp_path / "prior" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["image_processor"] = ["transformers", "CLIPImageProcessorPil"]
+    index_path.write_text(json.dumps(index))
+    pipe = KandinskyV22PriorPipeline.from_pretrained(tmp_path / "prior")
+    assert type(pipe.image_processor).__name__.startswith("CLIPImageProcessor")
+    assert pipe.image_processor.crop_size["height"] == 32
+
+
+def test_hub_id_downloads_only_the_needed_files(tmp_path, monkeypatch, decoder_repo):
+    hub = tmp_path / "hub"
+    shutil.copytree(decoder_repo, hub)
+    for sub in ("unet", "movq"):  # the official repos also hold .bin copies of every weight file
+        (hub / sub / "diffusion_pytorch_model.bin").write_bytes(b"not needed")
+    fetched: list[str] = []
+
+    def fake_download(repo_id: str, allow_patterns: list[str], revision=None, **kwargs) -> Path:
+        assert repo_id == "kandinsky-community/kandinsky-2-2-decoder"
+        local = tmp_path / "snapshot"
+        for file in hub.rglob("*"):
+            name = file.relative_to(hub).as_posix()
+            if file.is_file() and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (local / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(file, local / name)
+                fetched.append(name)
+        return local
+
+    monkeypatch.setattr(loading, "download_from_hub", fake_download)
+    pipe = KandinskyV22Pipeline.from_pretrained("kandinsky-community/kandinsky-2-2-decoder")
+    assert isinstance(pipe, KandinskyV22Pipeline)
+    assert not [name for name in fetched if name.endswith(".bin")]
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"} <= set(
+        fetched
+    )
+
+
+def test_components_share_modules_and_are_checked(our_decoder):
+    img2img = KandinskyV22Img2ImgPipeline(**our_decoder.components)
+    assert img2img.unet is our_decoder.unet and img2img.movq is our_decoder.movq
+    with pytest.raises(TypeError, match="missing"):
+        KandinskyV22Pipeline(unet=our_decoder.unet, scheduler=our_decoder.scheduler)
+    with pytest.raises(ValueError, match="vae"):
+        KandinskyV22Pipeline.from_pretrained("unused", vae=None)
+
+
+def test_to_dtype_and_device_and_loading_dtype(decoder_repo, prior_repo):
+    # DDIM and given start latents: no noise is drawn (draws in float64 and float32 differ for the same seed).
+    ddim = DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
+    pipe = quiet(KandinskyV22Pipeline.from_pretrained(decoder_repo, torch_dtype=torch.float64, scheduler=ddim))
+    assert pipe.dtype == torch.float64 and pipe.movq.dtype == torch.float64 and pipe.device == torch.device("cpu")
+    latents = torch.randn(1, 4, 32, 32, generator=gen(3))
+    a = pipe(*embeds(), latents=latents, **DECODE).images
+    pipe.to("cpu", torch.float32)
+    assert pipe.unet.dtype == torch.float32 and pipe.dtype == torch.float32
+    b = pipe(*embeds(), latents=latents, **DECODE).images
+    assert np.abs(a - b).max() < TOL
+    prior = KandinskyV22PriorPipeline.from_pretrained(prior_repo, torch_dtype=torch.float64)
+    assert prior.text_encoder.dtype == prior.image_encoder.dtype == prior.prior.dtype == torch.float64
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_cpu_offload_gives_the_same_images(decoder_repo, mode):
+    """On a CPU-only machine the offload target is the CPU: this checks the mechanics, not the memory saving."""
+    combined = quiet(KandinskyV22CombinedPipeline.from_pretrained(decoder_repo))
+    kwargs = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
+    expected = combined("horse", generator=gen(), **kwargs).images
+    getattr(combined, f"enable_{mode}_cpu_offload")(device="cpu")
+    assert combined.decoder_pipe._execution_device == torch.device("cpu")
+    images = combined("horse", generator=gen(), **kwargs).images
+    assert np.abs(images - expected).max() < TOL
+    if mode == "model":
+        assert combined.prior_pipe._offload is combined.decoder_pipe._offload
+        assert combined.decoder_pipe._offload.active is None  # the last model went back after the call
+
+
+def test_prior_output_access(our_prior):
+    out = our_prior("horse", num_inference_steps=2, generator=gen())
+    assert isinstance(out, KandinskyPriorPipelineOutput)
+    image_embeds, negative = out.to_tuple()
+    assert out[0] is image_embeds is out["image_embeds"] and out[1] is negative is out.negative_image_embeds
+    a, b = out
+    assert a is image_embeds and b is negative and len(out) == 2
