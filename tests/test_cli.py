@@ -55,9 +55,18 @@ def write_image(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB")
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("k22tiny")
-    result = ok(run("make-tiny", str(root), "--json", cwd=root))
-    repos = json.loads(result.stdout)
+    """``kandinsky22 make-tiny`` run once per test session, shared by the xdist workers through a file lock."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: the session's folder
+    listing = shared / "k22tiny-cli.json"
+    with FileLock(str(shared / "k22tiny-cli.lock")):
+        if not listing.is_file():
+            root = shared / "k22tiny-cli"
+            result = ok(run("make-tiny", str(root), "--json", cwd=shared))
+            listing.write_text(result.stdout)
+    repos = json.loads(listing.read_text())
     assert set(repos) == {"prior", "decoder", "decoder-inpaint", "controlnet-depth"}
     return repos
 
