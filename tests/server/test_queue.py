@@ -134,7 +134,7 @@ def test_compatible_text2img_jobs_share_a_call_up_to_max_batch_images(runner):
         assert runner.calls == [["hold"], ["a", "b", "d"], ["c"], ["e"]]
         assert [finals[s["id"]]["batch_size"] for s in (a, b, d, other_size, too_many)] == [4, 4, 4, 1, 2]
         # Each job gets its own outputs back, with its own seeds.
-        assert queue.png(b["id"], 1) == b"b:8"
+        assert queue.pngs(b["id"]) == [b"b:7", b"b:8"]
         assert finals[d["id"]]["seeds"] == [99]
     finally:
         queue.stop(TIMEOUT)
@@ -177,7 +177,7 @@ def test_cancel_queued_and_running_jobs(runner):
         with pytest.raises(JobFinished):
             queue.cancel(behind["id"])
         assert queue.cancel("no-such-job") is None
-        assert queue.png(running["id"], 0) is None
+        assert queue.pngs(running["id"]) is None
     finally:
         queue.stop(TIMEOUT)
 
@@ -226,7 +226,7 @@ def test_results_expire_after_their_ttl_and_beyond_the_cap():
             wait_status(queue, ids[-1], TERMINAL)
         # Three finished, cap two: the oldest went.
         assert queue.get(ids[0]) is None
-        assert queue.png(ids[1], 0) == b"b:7"
+        assert queue.pngs(ids[1]) == [b"b:7"]
         now[0] += 61
         assert queue.get(ids[1]) is None and queue.get(ids[2]) is None
     finally:

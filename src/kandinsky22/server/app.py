@@ -69,7 +69,7 @@ class ServerConfig:
     decoders: dict[str, str] = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "auto"
-    # None: the fast path where the device is CUDA (it compiles; on CPU it would only cost start-up time).
+    # None: the pipelines' fast path (enable_fast_path) where the device is CUDA, the device it is made for.
     fast: bool | None = None
     api_key: str | None = None
     # Pad every pipeline call to max_batch images, so an image is bit-identical whatever it was batched with.
@@ -334,11 +334,11 @@ def _job_request_schema() -> dict[str, Any]:
     }
 
 
-def create_app(config: ServerConfig, load: Callable[[], RunBatch] | None = None) -> FastAPI:
-    """The application; ``load`` defaults to :func:`engine_loader` (tests of the HTTP layer may pass their own)."""
+def create_app(config: ServerConfig) -> FastAPI:
+    """The application; its worker thread starts (and loads the models) when the server starts."""
     limits = config.limits
     info: dict[str, Any] = {"device": None, "dtype": None, "fast": None, "batch_invariant": config.batch_invariant}
-    queue = JobQueue(load or engine_loader(config, info), limits)
+    queue = JobQueue(engine_loader(config, info), limits)
     started_at = time.time()
 
     @contextlib.asynccontextmanager
@@ -353,7 +353,6 @@ def create_app(config: ServerConfig, load: Callable[[], RunBatch] | None = None)
         summary="Kandinsky 2.2 image generation: an OpenAI-compatible endpoint, a job API and a web page.",
         lifespan=lifespan,
     )
-    app.state.queue = queue
     app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
@@ -453,7 +452,11 @@ def create_app(config: ServerConfig, load: Callable[[], RunBatch] | None = None)
                         queue.cancel(job_id)
                     return error_response(499, "the client went away", "cancelled")
         headers = {"X-Job-Id": job_id}
-        if final is None or final["status"] == "cancelled":
+        pngs = queue.pngs(job_id)  # now: results are dropped after their TTL or beyond --max-results
+        if final is None or (final["status"] == "succeeded" and pngs is None):
+            message = "the results were dropped before they could be sent (raise --max-results)"
+            return error_response(500, message, "server_error", headers=headers)
+        if final["status"] == "cancelled":
             return error_response(503, "the job was cancelled", "cancelled", headers=headers)
         if final["status"] == "failed":
             return error_response(500, final["error"], "server_error", headers=headers)
@@ -464,7 +467,7 @@ def create_app(config: ServerConfig, load: Callable[[], RunBatch] | None = None)
             if body.response_format == "url":
                 item["url"] = f"{base}/v1/jobs/{job_id}/images/{k}.png"
             else:
-                item["b64_json"] = base64.b64encode(queue.png(job_id, k) or b"").decode()
+                item["b64_json"] = base64.b64encode(pngs[k]).decode()
             data.append(item)
         return JSONResponse({"created": int(final["created_at"]), "data": data}, headers=headers)
 
@@ -540,14 +543,14 @@ def create_app(config: ServerConfig, load: Callable[[], RunBatch] | None = None)
     )
     def job_image(job_id: str, index: int) -> Response:
         snapshot = _found(job_id, queue.get(job_id))
-        png = queue.png(job_id, index)
-        if png is None:
+        pngs = queue.pngs(job_id) or []
+        if not 0 <= index < len(pngs):
             raise RequestError(
                 f"job {job_id} has no image {index} (status {snapshot['status']}, {snapshot['images']} image(s))",
                 status=404,
                 error_type="not_found",
             )
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(pngs[index], media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     return app
 

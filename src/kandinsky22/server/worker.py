@@ -170,12 +170,11 @@ class JobQueue:
             record = self._jobs.get(job_id)
             return None if record is None else record.snapshot(self._position(record))
 
-    def png(self, job_id: str, index: int) -> bytes | None:
+    def pngs(self, job_id: str) -> list[bytes] | None:
+        """The job's PNG files; ``None`` before it succeeded or once its results were dropped."""
         with self._cond:
             record = self._jobs.get(job_id)
-            if record is None or record.output is None or not 0 <= index < len(record.output.pngs):
-                return None
-            return record.output.pngs[index]
+            return None if record is None or record.output is None else list(record.output.pngs)
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         """Cancel a queued job now, or a running one at its next step; ``None`` for an unknown id."""
