@@ -173,3 +173,17 @@ def test_combined_input_errors_come_before_the_prior_runs(combined, kwargs, matc
     finally:
         handle.remove()
     assert not calls
+
+
+def test_img2img_combined_checks_strength_before_the_prior_runs(combined):
+    img2img = KandinskyV22Img2ImgCombinedPipeline(**combined[0].components)
+    calls = []
+    handle = img2img.prior_prior.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="strength"):
+            img2img("horse", picture(0), strength=0.3, **FAST)  # int(2 * 0.3) = 0 steps
+        with pytest.raises(ValueError, match="latents"):
+            img2img("horse", picture(0), latents=torch.zeros(1, 4, 32, 32), **FAST)
+    finally:
+        handle.remove()
+    assert not calls

@@ -330,6 +330,7 @@ class KandinskyV22Img2ImgCombinedPipeline(_CombinedPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
     ) -> ImagePipelineOutput | tuple:
         """Images for ``prompt`` starting from ``image`` (one, or one per prompt); ``strength`` as in img2img."""
+        importlib.import_module(self._decoder[0]).strength_start(num_inference_steps, strength)  # before the prior
         return self._run(
             prompt,
             negative_prompt,
