@@ -446,8 +446,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Engine:
     """Loads the pipelines jobs need (cached: one prior, ``max_decoders`` decoder repositories) and runs jobs.
 
-    One run at a time (a lock), so the server can share one engine between requests. ``fast=True`` calls
-    ``enable_fast_path()`` on every pipeline that has one.
+    One run or load at a time (a re-entrant lock), so the server can share one engine between threads.
+    ``fast=True`` calls ``enable_fast_path()`` on every pipeline that has one.
     """
 
     def __init__(self, device: str = "auto", dtype: str = "auto", fast: bool = False, max_decoders: int = 2) -> None:
@@ -460,7 +460,7 @@ class Engine:
         # decoder repository → {pipeline class name: pipeline}; the pipelines of one repository share its modules.
         self._decoders: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._scheduler_configs: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def device_name(self) -> str:
@@ -488,10 +488,12 @@ class Engine:
     def prior_pipeline(self, repo: str) -> Any:
         from kandinsky22.pipelines.prior import KandinskyV22PriorPipeline
 
-        if repo not in self._priors:
-            self._priors.clear()  # one prior at a time: the official one is 1 B + 2.5 B parameters of CLIP
-            self._priors[repo] = self._prepare(KandinskyV22PriorPipeline.from_pretrained(repo, torch_dtype=self.dtype))
-        return self._priors[repo]
+        with self._lock:
+            if repo not in self._priors:
+                self._priors.clear()  # one prior at a time: the official one is 1 B + 2.5 B parameters of CLIP
+                pipe = KandinskyV22PriorPipeline.from_pretrained(repo, torch_dtype=self.dtype)
+                self._priors[repo] = self._prepare(pipe)
+            return self._priors[repo]
 
     def decoder_pipeline(self, job: Job) -> Any:
         """The decoder pipeline for ``job``'s task, sharing the modules of its repository once loaded."""
@@ -499,21 +501,21 @@ class Engine:
 
         class_name = _decoder_class(job)
         repo = job.decoder
-        pipes = self._decoders.get(repo)
-        if pipes is None:
-            while len(self._decoders) >= self.max_decoders:
-                self._decoders.popitem(last=False)
-            cls = getattr(kandinsky22, class_name)
-            pipe = cls.from_pretrained(repo, torch_dtype=self.dtype)
-            _check_decoder(pipe, job)
-            pipes = self._decoders[repo] = {class_name: self._prepare(pipe)}
-            self._scheduler_configs[repo] = dict(pipe.scheduler.config)
-        self._decoders.move_to_end(repo)
-        if class_name not in pipes:
-            loaded = next(iter(pipes.values()))
-            _check_decoder(loaded, job)
-            pipes[class_name] = self._prepare(getattr(kandinsky22, class_name)(**loaded.components))
-        return pipes[class_name]
+        with self._lock:
+            pipes = self._decoders.get(repo)
+            if pipes is None:
+                while len(self._decoders) >= self.max_decoders:
+                    self._decoders.popitem(last=False)
+                pipe = getattr(kandinsky22, class_name).from_pretrained(repo, torch_dtype=self.dtype)
+                _check_decoder(pipe, job)
+                pipes = self._decoders[repo] = {class_name: self._prepare(pipe)}
+                self._scheduler_configs[repo] = dict(pipe.scheduler.config)
+            self._decoders.move_to_end(repo)
+            if class_name not in pipes:
+                loaded = next(iter(pipes.values()))
+                _check_decoder(loaded, job)
+                pipes[class_name] = self._prepare(getattr(kandinsky22, class_name)(**loaded.components))
+            return pipes[class_name]
 
     def _scheduler(self, job: Job) -> Any:
         """A fresh decoder scheduler for one run (schedulers keep per-run state)."""
