@@ -334,11 +334,20 @@ def _job_request_schema() -> dict[str, Any]:
     }
 
 
-def create_app(config: ServerConfig) -> FastAPI:
-    """The application; its worker thread starts (and loads the models) when the server starts."""
+def create_app(
+    config: ServerConfig,
+    *,
+    loader: Callable[[ServerConfig, dict[str, Any]], Callable[[], RunBatch]] = engine_loader,
+    concurrency: int = 1,
+) -> FastAPI:
+    """The application; its worker thread starts (and loads the models) when the server starts.
+
+    ``loader`` and ``concurrency`` let Ray Serve (:mod:`kandinsky22.scale.serve_app`) run the pipeline calls on model
+    replicas, several at once, behind these same routes.
+    """
     limits = config.limits
     info: dict[str, Any] = {"device": None, "dtype": None, "fast": None, "batch_invariant": config.batch_invariant}
-    queue = JobQueue(engine_loader(config, info), limits)
+    queue = JobQueue(loader(config, info), limits, concurrency=concurrency)
     started_at = time.time()
 
     @contextlib.asynccontextmanager

@@ -128,6 +128,10 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if getattr(args, "ray", None) is not None:
+        from kandinsky22.scale.ray_serve import serve_on_ray  # Ray only with --ray: the plain server needs none
+
+        return serve_on_ray(args, config)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -107,10 +107,17 @@ class JobQueue:
     """Jobs by id, the FIFO of queued ones, and the worker thread that runs them with ``load()``'s runner.
 
     ``load`` runs in the worker thread (loading weights can take minutes; the server answers health checks
-    meanwhile) and returns the :data:`RunBatch` used for every job.
+    meanwhile) and returns the :data:`RunBatch` used for every job. ``concurrency`` worker threads take batches once
+    it is loaded: 1 where this process owns the one model; one per model replica under Ray Serve.
     """
 
-    def __init__(self, load: Callable[[], RunBatch], limits: Limits, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        load: Callable[[], RunBatch],
+        limits: Limits,
+        clock: Callable[[], float] = time.time,
+        concurrency: int = 1,
+    ):
         self.limits = limits
         self.state = "loading"
         self.load_error: str | None = None
@@ -119,9 +126,10 @@ class JobQueue:
         self._cond = threading.Condition()
         self._jobs: OrderedDict[str, JobRecord] = OrderedDict()
         self._queue: list[JobRecord] = []
-        self._running: list[JobRecord] = []
+        self._running: list[list[JobRecord]] = []  # the batches being run, one per busy worker thread
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self.concurrency = concurrency
+        self._threads: list[threading.Thread] = []
         # Seconds per pipeline call (moving average), for Retry-After; and how full the batches were.
         self._batch_seconds = 1.0
         self.batch_sizes: Counter[int] = Counter()
@@ -130,8 +138,12 @@ class JobQueue:
     # -- lifecycle ---------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="kandinsky22-worker", daemon=True)
-        self._thread.start()
+        self._start_thread(self._work)
+
+    def _start_thread(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name="kandinsky22-worker", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Cancel everything, let the running call stop at its next step, and join the worker."""
@@ -140,11 +152,13 @@ class JobQueue:
             for record in self._queue:
                 self._finish(record, "cancelled")
             self._queue.clear()
-            for record in self._running:
-                record.cancel_requested = True
+            for batch in self._running:
+                for record in batch:
+                    record.cancel_requested = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # -- the HTTP side -----------------------------------------------------------------------------------------------
 
@@ -189,7 +203,7 @@ class JobQueue:
                 self._queue.remove(record)
                 self._finish(record, "cancelled")
                 self._queue_changed()
-            elif any(not r.cancel_requested for r in self._running):
+            elif any(not r.cancel_requested for batch in self._running if record in batch for r in batch):
                 # The rest of its batch goes on; this job's images will be dropped.
                 self._finish(record, "cancelled")
             else:
@@ -217,7 +231,7 @@ class JobQueue:
             return {
                 "queue": {
                     "queued": len(self._queue),
-                    "running": len(self._running),
+                    "running": sum(len(batch) for batch in self._running),
                     "kept": len(self._jobs),
                     "max_queue": self.limits.max_queue,
                 },
@@ -249,8 +263,9 @@ class JobQueue:
         self._touch(record)
 
     def _retry_after(self) -> int:
-        batches_ahead = len(self._queue) / self.limits.max_batch + len(self._running) + 1
-        return max(1, min(300, math.ceil(batches_ahead * self._batch_seconds)))
+        running = sum(len(batch) for batch in self._running)
+        batches_ahead = len(self._queue) / self.limits.max_batch + running + 1
+        return max(1, min(300, math.ceil(batches_ahead * self._batch_seconds / self.concurrency)))
 
     def _evict(self) -> None:
         now = self._clock()
@@ -278,6 +293,11 @@ class JobQueue:
             return
         with self._cond:
             self.state = "ready"
+            for _ in range(self.concurrency - 1):
+                self._start_thread(self._serve, run_batch)
+        self._serve(run_batch)
+
+    def _serve(self, run_batch: RunBatch) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -308,7 +328,7 @@ class JobQueue:
                 record.started_at = now
                 record.batch_size = images
                 self._touch(record)
-            self._running = batch
+            self._running.append(batch)
             self._queue_changed()
             return batch
 
@@ -334,23 +354,25 @@ class JobQueue:
                 for record in batch:
                     if record.status not in TERMINAL:
                         self._finish(record, "cancelled")
-                self._running = []
+                self._running.remove(batch)
             return
         except Exception as err:
             if len(batch) > 1:
                 log.warning("a batch of %d jobs failed (%s); running them one by one", len(batch), err)
+                with self._cond:
+                    self._running.remove(batch)
                 for record in batch:
                     with self._cond:
                         if record.status in TERMINAL:
                             continue
                         record.batch_size = record.images
-                        self._running = [record]
+                        self._running.append([record])
                     self._run(run_batch, [record])
                 return
             log.exception("job %s failed", batch[0].id)
             with self._cond:
                 self._finish(batch[0], "failed", f"{type(err).__name__}: {err}")
-                self._running = []
+                self._running.remove(batch)
             return
         seconds = time.perf_counter() - started
         with self._cond:
@@ -365,5 +387,5 @@ class JobQueue:
                     record.output = output
                     self.images_done += len(output.pngs)
                     self._finish(record, "succeeded")
-            self._running = []
+            self._running.remove(batch)
             self._evict()
