@@ -183,7 +183,7 @@ def test_img2img_combined_checks_strength_before_the_prior_runs(combined):
         with pytest.raises(ValueError, match="strength"):
             img2img("horse", picture(0), strength=0.3, **FAST)  # int(2 * 0.3) = 0 steps
         with pytest.raises(ValueError, match="latents"):
-            img2img("horse", picture(0), latents=torch.zeros(1, 4, 32, 32), **FAST)
+            img2img("horse", picture(0), strength=1.0, latents=torch.zeros(1, 4, 32, 32), **FAST)
     finally:
         handle.remove()
     assert not calls
