@@ -240,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
         "at /. One worker owns the models; compatible requests are batched.",
     )
     add_serve_arguments(serve)
+    from kandinsky22.scale.ray_serve import add_arguments as add_ray_serve_arguments  # argparse only, no ray
+
+    add_ray_serve_arguments(serve)
+    from kandinsky22.batch import add_arguments as add_batch_arguments  # argparse only, no torch
+
+    batch = commands.add_parser(
+        "batch",
+        help="bulk generation from a JSON lines file: resumable, in one process or on a Ray cluster",
+        description="Generate every job of JOBS (one JSON object of job fields per line) into DIR, with a manifest; "
+        "a re-run skips the jobs that are complete. --ray spreads the work over a Ray cluster's GPUs.",
+    )
+    add_batch_arguments(batch)
     return parser
 
 
@@ -574,13 +586,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error(f"choose a command: {', '.join([*COMMAND_TASKS, 'make-tiny', 'serve'])} (see --help)")
+        parser.error(f"choose a command: {', '.join([*COMMAND_TASKS, 'make-tiny', 'serve', 'batch'])} (see --help)")
     prog = f"{PROG} {args.command}"
     try:
         if args.command == "serve":
             from kandinsky22.server.command import serve
 
             return serve(args)
+        if args.command == "batch":
+            from kandinsky22.batch import run_command
+
+            return run_command(args)
         return _make_tiny(args) if args.command == "make-tiny" else _run_jobs(args)
     except UsageError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -1,0 +1,108 @@
+"""``kandinsky22 serve --ray``: its extra arguments (importing this module is cheap) and the command.
+
+The application itself is in :mod:`kandinsky22.scale.serve_app`. The command deploys it on the cluster, prints the
+address, and deletes it again when interrupted (Ctrl-C or SIGTERM), as the plain server stops with its process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+from kandinsky22.batch import add_ray_address_argument
+
+if TYPE_CHECKING:
+    from kandinsky22.server.app import ServerConfig
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text!r}")
+    return int(text)
+
+
+def _amount(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--ray`` options of ``serve``, on ``parser``."""
+    ray = parser.add_argument_group("Ray Serve (one ingress replica; model replicas autoscaled on the cluster)")
+    add_ray_address_argument(ray, "serve")
+    ray.add_argument("--min-replicas", type=_count, default=1, help="model replicas kept up, 0 allowed (default 1)")
+    ray.add_argument("--max-replicas", type=_count, default=1, help="model replicas at most (default 1)")
+    ray.add_argument(
+        "--gpus-per-replica", type=_amount, help="GPUs per model replica (default: 1 if the cluster has GPUs, else 0)"
+    )
+    ray.add_argument("--cpus-per-replica", type=_amount, default=1.0, help="CPUs per model replica (default 1)")
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=_amount,
+        default=1.0,
+        help="pipeline calls per replica (running or waiting) the autoscaler aims at (default 1)",
+    )
+    ray.add_argument(
+        "--downscale-delay", type=_amount, default=600.0, help="seconds of low load before removing a replica (600)"
+    )
+
+
+def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
+    """Deploy on the cluster of ``args.ray`` and wait until interrupted; 2 for bad replica counts."""
+    prog = "kandinsky22 serve"
+    if args.max_replicas < max(1, args.min_replicas):
+        print(f"{prog}: error: --max-replicas must be at least 1 and at least --min-replicas", file=sys.stderr)
+        return 2
+    if args.target_ongoing_requests <= 0:
+        print(f"{prog}: error: --target-ongoing-requests must be above 0", file=sys.stderr)
+        return 2
+    from ray import serve
+
+    from kandinsky22.scale import connect, default_gpus
+    from kandinsky22.scale.serve_app import APP_NAME, ReplicaOptions, build_app
+
+    ray = connect(args.ray or None)
+    replicas = ReplicaOptions(
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        gpus_per_replica=default_gpus(ray, args.gpus_per_replica),
+        cpus_per_replica=args.cpus_per_replica,
+        target_ongoing_requests=args.target_ongoing_requests,
+        downscale_delay_s=args.downscale_delay,
+    )
+    # Ray Serve's proxy needs a port number: --port 0 takes one that is free now.
+    port = args.port or _free_port(args.host)
+    serve.start(http_options={"host": args.host, "port": port})
+    # SIGTERM ends the process through the `finally` below, so the application does not outlive the command.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve.run(build_app(config, replicas), name=APP_NAME, route_prefix="/")
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(
+            f"{prog}: listening on http://{shown}:{port}/ (Ray Serve application '{APP_NAME}', "
+            f"{replicas.min_replicas} to {replicas.max_replicas} model replica(s) with "
+            f"{replicas.gpus_per_replica:g} GPU(s) each; GET /v1/health says when ready)",
+            flush=True,
+        )
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(APP_NAME)
+    return 0
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
