@@ -572,7 +572,7 @@ class Engine:
                     guidance_scale=first.guidance,
                     generator=generators,
                     output_type="latent" if latent_output else "pil",
-                    **self._decoder_inputs(decoder, first, len(jobs)),
+                    **self._decoder_inputs(decoder, first),
                 ).images
                 timings["decoder"] = self._elapsed(started)
             started = time.perf_counter()
@@ -637,27 +637,21 @@ class Engine:
         negative = prior([first.negative] * len(jobs), generator=generators, **common).image_embeds
         return out.image_embeds, negative
 
-    def _decoder_inputs(self, decoder: Any, job: Job, batch: int) -> dict[str, Any]:
-        """Size and the task's image inputs, resized to the job's size and padded to the decoder's grid."""
-        import numpy as np
-        import torch
-
-        multiple = _movq_scale_factor(decoder) ** 2  # the reference's latent rounding: ceil(h / sf²) · sf
+    def _decoder_inputs(self, decoder: Any, job: Job) -> dict[str, Any]:
+        """Size and the task's image inputs (one for the whole batch), resized to the job's size and padded to the
+        decoder's grid."""
+        multiple = decoder.movq_scale_factor**2  # the reference's latent rounding: ceil(h / sf²) · sf
         size = (job.width, job.height)
         grid = grid_size(job.width, job.height, multiple)
         inputs: dict[str, Any] = {"width": grid[0], "height": grid[1]}
         if job.image is not None:
-            image = fit_to_grid(load_image(job.image, "image"), size, grid, "RGB")
-            inputs["image"] = [image] * batch
+            inputs["image"] = fit_to_grid(load_image(job.image, "image"), size, grid, "RGB")
         if job.strength is not None:
             inputs["strength"] = job.strength
         if job.mask is not None:
-            mask = fit_to_grid(load_image(job.mask, "mask"), size, grid, "L", fill=0)  # padding: keep
-            inputs["mask_image"] = [mask] * batch
+            inputs["mask_image"] = fit_to_grid(load_image(job.mask, "mask"), size, grid, "L", fill=0)  # pad: keep
         if job.hint is not None:
-            hint = fit_to_grid(load_image(job.hint, "hint"), size, grid, "RGB")
-            pixels = torch.from_numpy(np.asarray(hint, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-            inputs["hint"] = pixels[None].expand(batch, -1, -1, -1).to(self.device, self.dtype)
+            inputs["hint"] = fit_to_grid(load_image(job.hint, "hint"), size, grid, "RGB")
         return inputs
 
 
@@ -680,10 +674,6 @@ def _check_decoder(pipe: Any, job: Job) -> None:
             f"decoder '{job.decoder}' has a {have}-channel UNet, but {job.task} needs a {need}-channel one, "
             f"like {DEFAULT_DECODERS[job.task]}"
         )
-
-
-def _movq_scale_factor(decoder: Any) -> int:
-    return 2 ** (len(decoder.movq.config.block_out_channels) - 1)
 
 
 def _decode(decoder: Any, latents: Any) -> list[PIL.Image.Image]:
