@@ -142,6 +142,21 @@ def test_callback_on_step_end_and_latent_output(text2img, img2img, which):
     assert out.shape == (2, 4, 8, 8) and out.abs().sum() == 0
 
 
+def test_legacy_callback_every_callback_steps(text2img):
+    calls = []
+    text2img[1](
+        **_embeds(),
+        **_common(3),
+        hint=_hint(),
+        output_type="latent",
+        callback=lambda step, t, latents: calls.append((step, int(t), tuple(latents.shape))),
+        callback_steps=2,
+        generator=_seed(),
+    )
+    timesteps = text2img[1].scheduler.timesteps.tolist()
+    assert calls == [(0, timesteps[0], (1, 4, 8, 8)), (2, timesteps[2], (1, 4, 8, 8))]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Input errors (all raised before any model runs)
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import (
 )
 
 from kandinsky22.pipelines.images import (
+    check_mask_shape,
     check_sizes,
     erode_keep_mask,
     hint_to_tensor,
@@ -217,11 +218,20 @@ def test_hints_pil_numpy_tensor_agree():
             "`image` is 64x64, `mask_image` is 32x48; expected 64x64 \\(height=64, width=64\\)",
         ),
         (lambda: match_batch(torch.zeros(2, 3), 3, "image"), "`image` has 2 items but there are 3 image embeddings"),
+        (
+            lambda: check_mask_shape((64, 96), "height=64, width=96", (64, 64)),
+            "`mask_image` is 64x64, which does not have the aspect ratio of the 64x96 image",
+        ),
     ],
 )
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_masks_of_the_image_aspect_ratio_pass():
+    check_mask_shape((512, 768), "height=512, width=768", (500, 750))
+    check_mask_shape((64, 64), "height=64, width=64", (768, 768))
 
 
 def test_match_batch_broadcasts_one():

@@ -82,6 +82,24 @@ def test_parity_tensor_batch_per_sample_generators(ref, ours):
     _close(ours(**kwargs, generator=[_seed(s) for s in range(4)]).images, expected)
 
 
+def test_parity_multistep_scheduler(ref, ours):
+    """A run that starts mid-schedule with a multistep solver (whose step index must start at the kept part)."""
+    import kandinsky22
+
+    name = "DPMSolverMultistepScheduler"
+    ref = diffusers.KandinskyV22Img2ImgPipeline(
+        unet=ref.unet, movq=ref.movq, scheduler=getattr(diffusers, name).from_config(ref.scheduler.config)
+    )
+    ours = KandinskyV22Img2ImgPipeline(
+        unet=ours.unet, movq=ours.movq, scheduler=getattr(kandinsky22, name).from_config(ours.scheduler.config)
+    )
+    for pipe in (ref, ours):
+        pipe.set_progress_bar_config(disable=True)
+    kwargs = {**_embeds(), "image": _image(4), "height": 64, "width": 64, "num_inference_steps": 8, "strength": 0.5}
+    kwargs["output_type"] = "np"
+    _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fixes
 # ---------------------------------------------------------------------------------------------------------------------
