@@ -488,7 +488,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
         print(
             f"wrote tiny random-weight checkpoints in {time.perf_counter() - started:.1f}s; they draw noise, not "
             f'pictures. Try: {PROG} generate "a red cat" --prior {repos["prior"]} --decoder {repos["decoder"]} '
-            "--steps 4 --prior-steps 4 -o cat.png"
+            "--steps 4 --prior-steps 4 --width 256 --height 256 -o cat.png"
         )
     return 0
 
