@@ -125,11 +125,11 @@ class KandinskyV22ControlnetImg2ImgPipeline(_HintConditioning, KandinskyV22Img2I
         names = self._check_run(
             batch, num_inference_steps, n, output_type, generator, callback_on_step_end_tensor_inputs, callback_steps
         )
-        strength_start(num_inference_steps, strength)
+        first = strength_start(num_inference_steps, strength)
         latent_size = self._latent_size(height, width)
         hint = self._check_hint(hint, latent_size, batch)
         image_latents = self._image_latents(image, latent_size, batch, n)
-        timesteps = self._strength_timesteps(num_inference_steps, strength)
+        timesteps = self._kept_timesteps(num_inference_steps, first)
         start = self._noised(image_latents, timesteps, generator)
         state = self._conditioning(image_embeds, negative_image_embeds, n, guidance_scale)
         state["hint"] = self._hint_state(hint, batch, n, guidance_scale)

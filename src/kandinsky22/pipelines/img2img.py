@@ -45,8 +45,7 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if items and all(isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.shape[-3] == channels for x in items):
             latents = torch.cat([x if x.ndim == 4 else x[None] for x in items])
-            how = f"the latent size of height x width = {latent_size[0]}x{latent_size[1]} latent pixels"
-            check_sizes(latent_size, how, image=tuple(latents.shape[-2:]))
+            check_sizes(latent_size, "the latent size for this height and width", image=tuple(latents.shape[-2:]))
             return latents, True
         sf = self.movq_scale_factor
         return image_to_tensor(image, (latent_size[0] * sf, latent_size[1] * sf), resize=True), False
@@ -64,11 +63,11 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         latents = latents.to(device=device, dtype=self.unet.dtype)
         return latents.expand(batch, *latents.shape[1:]).repeat_interleave(n, dim=0)
 
-    def _strength_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
-        """The timesteps ``strength`` keeps; the scheduler is told where the run begins."""
-        start = strength_start(num_inference_steps, strength)
-        timesteps = self._timesteps(num_inference_steps)[start:]
-        self.scheduler.set_begin_index(start)
+    def _kept_timesteps(self, num_inference_steps: int, first: int) -> torch.Tensor:
+        """The timesteps from index ``first`` (see :func:`strength_start`); the scheduler is told where the run
+        begins, so a multistep solver starts its step counter there."""
+        timesteps = self._timesteps(num_inference_steps)[first:]
+        self.scheduler.set_begin_index(first)
         return timesteps
 
     def _noised(self, image_latents: torch.Tensor, timesteps: torch.Tensor, generator: Generator) -> torch.Tensor:
@@ -114,10 +113,10 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
             generator,
             callback_on_step_end_tensor_inputs,
         )
-        strength_start(num_inference_steps, strength)
+        first = strength_start(num_inference_steps, strength)
         latent_size = self._latent_size(height, width)
         image_latents = self._image_latents(image, latent_size, batch, num_images_per_prompt)
-        timesteps = self._strength_timesteps(num_inference_steps, strength)
+        timesteps = self._kept_timesteps(num_inference_steps, first)
         start = self._noised(image_latents, timesteps, generator)
         state = self._conditioning(image_embeds, negative_image_embeds, num_images_per_prompt, guidance_scale)
         latents = self._denoise(
