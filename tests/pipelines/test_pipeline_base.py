@@ -129,7 +129,7 @@ def test_to_dtype_and_device_and_loading_dtype(decoder_repo, prior_repo):
     pipe.to("cpu", torch.float32)
     assert pipe.unet.dtype == torch.float32 and pipe.dtype == torch.float32
     b = pipe(*embeds(), latents=latents, **DECODE).images
-    assert np.abs(a - b).max() < TOL
+    assert np.abs(a - b).max() < 1e-3  # float64 vs float32 rounding, amplified by the random tiny MoVQ
     prior = KandinskyV22PriorPipeline.from_pretrained(prior_repo, torch_dtype=torch.float64)
     assert prior.text_encoder.dtype == prior.image_encoder.dtype == prior.prior.dtype == torch.float64
 
