@@ -11,15 +11,7 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-import pytest
-from conftest import FAST, TERMINAL, Server, cancel, limit_args, model_args, pixels, start_blocker
-
-
-@pytest.fixture(scope="module")
-def invariant_server(tiny_repos):
-    server = Server([*model_args(tiny_repos), *limit_args(), "--batch-invariant"])
-    yield server
-    server.stop()
+from server_harness import FAST, TERMINAL, cancel, pixels, start_blocker
 
 
 def alone_then_batched(server) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,9 +47,9 @@ def alone_then_batched(server) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return reference, batched, second_of_three
 
 
-def test_batch_invariant_server_gives_identical_pixels(invariant_server):
-    assert invariant_server.request("GET", "/v1/models").json()["batch_invariant"] is True
-    reference, batched, second_of_three = alone_then_batched(invariant_server)
+def test_batch_invariant_server_gives_identical_pixels(other_server):
+    assert other_server.request("GET", "/v1/models").json()["batch_invariant"] is True
+    reference, batched, second_of_three = alone_then_batched(other_server)
     np.testing.assert_array_equal(batched, reference)
     np.testing.assert_array_equal(second_of_three, reference)
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import cancel, start_blocker
+from server_harness import cancel, start_blocker
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import (
+from server_harness import (
     FAST,
     MAX_BATCH,
     MAX_BODY_MB,
