@@ -44,9 +44,16 @@ class GatedRunner:
             if not self._free:
                 self._tokens -= 1
 
+    def wait_calls(self, n: int) -> None:
+        """Until ``n`` calls have started."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.calls) >= n, TIMEOUT)
+
     def __call__(self, jobs, progress, should_cancel):
         prompts = [job.prompt for job in jobs]
-        self.calls.append(prompts)
+        with self._cond:
+            self.calls.append(prompts)
+            self._cond.notify_all()
         self.running.set()
         for step in (1, 2):
             if "hold" in prompts:
@@ -95,8 +102,8 @@ def runner():
     runner.release()
 
 
-def start(runner: GatedRunner, **limits) -> JobQueue:
-    queue = JobQueue(lambda: runner, Limits(**limits))
+def start(runner: GatedRunner, concurrency: int = 1, **limits) -> JobQueue:
+    queue = JobQueue(lambda: runner, Limits(**limits), concurrency=concurrency)
     queue.start()
     return queue
 
@@ -229,6 +236,22 @@ def test_results_expire_after_their_ttl_and_beyond_the_cap():
         assert queue.pngs(ids[1]) == [b"b:7"]
         now[0] += 61
         assert queue.get(ids[1]) is None and queue.get(ids[2]) is None
+    finally:
+        queue.stop(TIMEOUT)
+
+
+def test_with_concurrency_two_batches_run_at_once(runner):
+    queue = start(runner, concurrency=2)
+    try:
+        first = queue.submit(make_job("hold", width=128))
+        second = queue.submit(make_job("hold", width=192))
+        runner.wait_calls(2)  # both calls started while neither could finish: they run side by side
+        assert queue.stats()["queue"]["running"] == 2
+        third = queue.submit(make_job("a"))
+        assert queue.get(third["id"])["queue_position"] == 0
+        runner.release()
+        for job in (first, second, third):
+            assert wait_status(queue, job["id"], TERMINAL)["status"] == "succeeded"
     finally:
         queue.stop(TIMEOUT)
 
