@@ -7,7 +7,7 @@ so a diffusers-format state dict loads as a strict copy.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +96,70 @@ class ResnetBlock2D(nn.Module):
             x, h = self.resample(x), self.resample(h)
         h = self.conv1(h)
         scale, shift = self.time_emb_proj(temb)[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
-        h = self.norm2(h) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # norm2(h) * (1 + scale) + shift in one kernel
         h = self.conv2(F.silu(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
 
 
-class AddedKVAttention(nn.Module):
+class FusibleProjections(nn.Module):
+    """Base of attention layers whose sibling projections (e.g. ``to_q``, ``to_k``, ``to_v``) can run as one GEMM.
+
+    ``projection_groups`` maps a group name to the ``nn.Linear`` children it holds. ``project(group, x)`` returns one
+    output per child. After ``fuse_projections()`` the children are replaced by one concatenated weight and bias
+    held by the layer itself (``<group>_weight``, ``<group>_bias``), so a group costs one matmul and one read of its
+    input instead of several; the outputs are views of that one result. The state dict still reads and writes the
+    children's keys (``to_q.weight``, …): checkpoints keep the official layout whether or not a model is fused.
+    """
+
+    projection_groups: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused_sizes: dict[str, list[int]] = {}  # group → output width of each fused child, in order
+
+    def fuse_projections(self) -> None:
+        """Concatenate each group's weights and biases (idempotent)."""
+        for group, names in self.projection_groups.items():
+            if group in self.fused_sizes:
+                continue
+            linears: list[nn.Linear] = [getattr(self, name) for name in names]
+            weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out, in)
+            bias = torch.cat([linear.bias.detach() for linear in linears])
+            for name in names:
+                delattr(self, name)
+            self.register_parameter(f"{group}_weight", nn.Parameter(weight, requires_grad=False))
+            self.register_parameter(f"{group}_bias", nn.Parameter(bias, requires_grad=False))
+            self.fused_sizes[group] = [linear.out_features for linear in linears]
+
+    def project(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        sizes = self.fused_sizes.get(group)
+        if sizes is None:
+            return tuple(getattr(self, name)(x) for name in self.projection_groups[group])
+        return F.linear(x, getattr(self, f"{group}_weight"), getattr(self, f"{group}_bias")).split(sizes, dim=-1)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # Write a fused group under its children's keys, so saved checkpoints keep the official layout. Each part is
+        # a copy: safetensors refuses tensors that share storage.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for group, sizes in self.fused_sizes.items():
+            for kind in ("weight", "bias"):
+                fused = destination.pop(f"{prefix}{group}_{kind}")
+                for name, part in zip(self.projection_groups[group], fused.split(sizes)):
+                    destination[f"{prefix}{name}.{kind}"] = part.detach().clone()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The inverse: a fused layer reads its children's keys and concatenates them.
+        for group in self.fused_sizes:
+            for kind in ("weight", "bias"):
+                keys = [f"{prefix}{name}.{kind}" for name in self.projection_groups[group]]
+                if all(key in state_dict for key in keys):
+                    state_dict[f"{prefix}{group}_{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class AddedKVAttention(FusibleProjections):
     """Self-attention over the pixels of a feature map whose keys and values are prefixed with context tokens.
 
     This is the reference's ``Attention`` + ``AttnAddedKVProcessor2_0`` ("SimpleCrossAttn"): the pixels are
@@ -111,6 +167,8 @@ class AddedKVAttention(nn.Module):
     *before* the pixel keys/values, and everything is one ``scaled_dot_product_attention`` call (scale
     ``head_dim**-0.5``). The output projection is added to the un-normed input.
     """
+
+    projection_groups = {"qkv": ("to_q", "to_k", "to_v"), "added_kv": ("add_k_proj", "add_v_proj")}
 
     def __init__(self, channels: int, context_dim: int, head_dim: int, groups: int = 32, eps: float = 1e-5) -> None:
         super().__init__()
@@ -125,14 +183,17 @@ class AddedKVAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        pixels = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); a view when x is channels_last
-        q = self.to_q(pixels)
-        k = torch.cat([self.add_k_proj(context), self.to_k(pixels)], dim=1)  # (B, L + HW, C)
-        v = torch.cat([self.add_v_proj(context), self.to_v(pixels)], dim=1)
+        # One copy to (B, HW, C) rows (free when x is channels_last), so each projection is a single GEMM with its
+        # bias; a strided input would cost a copy and a separate bias add per projection.
+        pixels = self.group_norm(x).flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
+        q, k, v = self.project("qkv", pixels)
+        context_k, context_v = self.project("added_kv", context)  # (B, L, C)
+        k = torch.cat([context_k, k], dim=1)  # (B, L + HW, C)
+        v = torch.cat([context_v, v], dim=1)
         q, k, v = (
             t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2) for t in (q, k, v)
         )  # (B, heads, T, head_dim)
         out = F.scaled_dot_product_attention(q, k, v)
         out = self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, HW, C)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        # (B, C, H, W) as a view with channels_last strides: the residual add reads it without a copy
+        return x + out.transpose(1, 2).unflatten(2, x.shape[-2:])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import Config, ModelMixin
+from .layers import FusibleProjections
 
 ENCODER_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 DECODER_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -88,12 +89,14 @@ class ResnetBlock(nn.Module):
         return shortcut + h
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(FusibleProjections):
     """Single-head self-attention over all pixels, with a residual connection.
 
     The reference sets the head dim to the channel count, so there is always one head (scale 1/sqrt(C)). The
     checkpoint names the norm ``group_norm`` in the encoder and ``spatial_norm`` in the decoder.
     """
+
+    projection_groups = {"qkv": ("to_q", "to_k", "to_v")}
 
     def __init__(self, channels: int, norm: NormFactory):
         super().__init__()
@@ -108,13 +111,12 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(channels, channels))
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, height, width = x.shape
         h = self.group_norm(x) if zq is None else self.spatial_norm(x, zq)
-        h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        # One copy to (B, HW, C) rows, so each projection is a single GEMM with its bias (see AddedKVAttention).
+        h = h.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
+        q, k, v = (t.unsqueeze(1) for t in self.project("qkv", h))  # (B, 1, HW, C)
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
-        h = self.to_out(h).transpose(1, 2).reshape(b, c, height, width)
-        return x + h
+        return x + self.to_out(h).transpose(1, 2).unflatten(2, x.shape[-2:])  # a view: no copy before the add
 
 
 class Downsample(nn.Module):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import Config, ModelMixin
+from .layers import FusibleProjections
 
 MASK_VALUE = -10000.0  # the reference's additive mask value (not -inf), kept for bit-compatible attention
 
@@ -47,8 +48,10 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(FusibleProjections):
     """Multi-head self-attention with biases; one SDPA call."""
+
+    projection_groups = {"qkv": ("to_q", "to_k", "to_v")}
 
     def __init__(self, dim: int, heads: int, head_dim: int, dropout: float):
         super().__init__()
@@ -61,9 +64,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, length, _ = x.shape
-        q, k, v = (
-            proj(x).view(b, length, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v)
-        )
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.project("qkv", x))
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, L, head_dim)
         return self.to_out(h.transpose(1, 2).reshape(b, length, -1))
 

@@ -198,17 +198,22 @@ class DecoderPipeline(Pipeline):
         learned_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
         step_kwargs = {"generator": generator} if step_accepts_generator(self.scheduler) else {}
         order = getattr(self.scheduler, "order", 1)
+        # The UNet reads the timestep from a device copy of the table made once: a per-step host-to-device copy would
+        # block until the GPU has caught up, so the host could not queue the next step's kernels ahead of it. The
+        # scheduler and the callbacks keep the host values.
+        unet_timesteps = timesteps.to(latents.device)
         state["latents"] = latents
         for i, t in enumerate(self.progress_bar(timesteps)):
             latents = state["latents"]
             latent_input = torch.cat([latents, latents]) if cfg else latents
             latent_input = self.scheduler.scale_model_input(latent_input, t)
-            out = unet(
+            (out,) = unet(
                 self._unet_input(latent_input, state, i),
-                t,
+                unet_timesteps[i],
                 encoder_hidden_states=None,
                 added_cond_kwargs=self._added_cond_kwargs(state),
-            ).sample
+                return_dict=False,
+            )
             eps, variance = out[:, :channels], out[:, channels:]
             if cfg:  # one batch of 2: [negative; positive]
                 eps_uncond, eps_cond = eps.chunk(2)

@@ -130,16 +130,18 @@ class _PriorBase(Pipeline):
         prior = self._use("prior")
         cfg = guidance_scale > 1
         state = dict(zip(("prompt_embeds", "text_encoder_hidden_states", "text_mask"), text), latents=latents)
+        prior_timesteps = timesteps.to(latents.device)  # one copy, not a blocking one per step (see the decoder loop)
         for i, t in enumerate(self.progress_bar(timesteps)):
             latents = state["latents"]
             x = torch.cat([latents, latents]) if cfg else latents
-            pred = prior(
+            (pred,) = prior(
                 x,
-                timestep=t,
+                timestep=prior_timesteps[i],
                 proj_embedding=state["prompt_embeds"],
                 encoder_hidden_states=state["text_encoder_hidden_states"],
                 attention_mask=state["text_mask"],
-            ).predicted_image_embedding
+                return_dict=False,
+            )
             if cfg:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
