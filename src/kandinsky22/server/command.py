@@ -61,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-invariant",
         action="store_true",
         help="run every pipeline call with --max-batch images (padding with throwaway copies), so that an image is "
-        "bit-identical whatever it was batched with; without it, the last bits of a few pixels may differ, since "
-        "matmul kernels choose their summation order by batch size. Costs compute when the queue is short",
+        "bit-identical whatever it was batched with. Without it an image looks the same but some pixel values may "
+        "differ by a level or a few (more in fp16), since matmul kernels choose their summation order by batch size. "
+        "Costs compute when the queue is short",
     )
     limits.add_argument("--max-queue", type=_positive, default=64, help="jobs waiting before 429 (default 64)")
     limits.add_argument("--max-n", type=_positive, default=4, help="images per request (default 4)")
