@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kandinsky22.jobs import MAX_IMAGES, Job, group_jobs
+from kandinsky22.jobs import MAX_IMAGES, Job, group_jobs, image_size, mix_item_kind
 
 MANIFEST = "manifest.jsonl"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -166,8 +166,9 @@ def _read_line(text: str, number: int, prior: str | None, decoders: dict[str, st
         _absolute_paths(job)
         for name in ("prior", "decoder"):
             check_model(getattr(job, name), name)
+        _check_inputs(job)
         job = job.resolved()
-    except (TypeError, ValueError, OSError) as err:  # OSError: a missing or unreadable input image
+    except (TypeError, ValueError, FileNotFoundError) as err:
         return BatchJob(job_id, number, error=f"line {number}: {err}")
     # The fingerprint leaves out a seed drawn here, so that an unseeded job stays the same job across runs.
     spec = hashlib.sha256(json.dumps(job.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -185,6 +186,18 @@ def _absolute_paths(job: Job) -> None:
     for name in ("image", "mask", "hint", "prior", "decoder"):
         setattr(job, name, absolute(getattr(job, name)))
     job.items = [absolute(item) for item in job.items]
+
+
+def _check_inputs(job: Job) -> None:
+    """Every input image exists and is an image (its header is read), so that a typo fails the line, not a worker."""
+    sources = [(name, getattr(job, name)) for name in ("image", "mask", "hint")]
+    sources += [(f"items[{i}]", item) for i, item in enumerate(job.items) if mix_item_kind(item) == "image"]
+    for name, source in sources:
+        if source is not None:
+            try:
+                image_size(source)
+            except OSError as err:  # a missing file, or one PIL cannot read
+                raise ValueError(f"{name}: {err}") from None
 
 
 def check_model(value: str | None, what: str) -> None:

@@ -18,6 +18,8 @@ from kandinsky22.batch import add_ray_address_argument
 if TYPE_CHECKING:
     from kandinsky22.server.app import ServerConfig
 
+STOP_TIMEOUT_S = 30.0
+
 
 def _count(text: str) -> int:
     if not text.isdigit():
@@ -97,7 +99,11 @@ def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.delete(APP_NAME)
+        # Bounded: when the cluster goes down too (a local one, signalled with this process group), the deletion
+        # would wait for it forever.
+        stopper = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
+        stopper.start()
+        stopper.join(STOP_TIMEOUT_S)
     return 0
 
 

@@ -1,0 +1,215 @@
+"""Bulk generation in one process (``kandinsky22.batch``): files, manifest, malformed lines, failures and resuming.
+
+The runs are in-process on ``make_tiny_repos`` checkpoints; one test goes through the console script. Ray runs are in
+``test_ray.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import pytest
+from filelock import FileLock
+
+from kandinsky22.batch import MANIFEST, PARTIAL_PREFIX, ImageResult, Summary, Unit, UnitRunner, run_batch
+from kandinsky22.recipe import read_recipe
+
+SCRIPT = shutil.which("kandinsky22")
+COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kandinsky22.cli"]
+
+
+@pytest.fixture(scope="session")
+def tiny_repos(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Path]:
+    """``make_tiny_repos`` output, built once per test session for all xdist workers (as tests/server/conftest.py)."""
+    from kandinsky22.tiny import make_tiny_repos
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "server-tiny-repos"
+    with FileLock(f"{root}.lock"):
+        done = root / "done.json"
+        if not done.exists():
+            repos = make_tiny_repos(root)
+            done.write_text(json.dumps({name: str(path) for name, path in repos.items()}))
+    return {name: Path(path) for name, path in json.loads(done.read_text()).items()}
+
+
+def job_line(i: int, **fields: Any) -> dict[str, Any]:
+    """A fast text2img job: 64 px, two steps per stage, seed 1000 + i."""
+    return {
+        "prompt": f"a red cat {i}",
+        "seed": 1000 + i,
+        "steps": 2,
+        "prior_steps": 2,
+        "width": 64,
+        "height": 64,
+        **fields,
+    }
+
+
+def write_jobs(path: Path, lines: list[dict[str, Any] | str]) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine() -> UnitRunner:
+    """One Engine for the module's runs: each model loads once."""
+    return UnitRunner(device="cpu")
+
+
+def run(jobs: Path, out: Path, repos: dict[str, Path], engine: UnitRunner, **options: Any) -> Summary:
+    def run_units(units: list[Unit]) -> Iterator[ImageResult]:
+        for unit in units:
+            yield from engine(unit.payload())
+
+    decoders = {"text2img": str(repos["decoder"]), "inpaint": str(repos["decoder-inpaint"])}
+    return run_batch(jobs, out, run_units, prior=str(repos["prior"]), decoders=decoders, **options)
+
+
+def manifest(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+
+
+def pngs(out: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(out.glob("*.png"))}
+
+
+def write_image(path: Path, mode: str, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    shape = (64, 64, 3) if mode == "RGB" else (64, 64)
+    PIL.Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+    return path
+
+
+def test_files_manifest_recipes_malformed_lines_and_failures(
+    tiny_repos: dict[str, Path], engine: UnitRunner, tmp_path: Path
+) -> None:
+    image, mask = write_image(tmp_path / "in.png", "RGB", 1), write_image(tmp_path / "mask.png", "L", 2)
+    lines: list[dict[str, Any] | str] = [
+        job_line(1),
+        "# a comment, then a blank line",
+        "",
+        job_line(2, num_images=2, id="hero"),
+        '{"prompt": "cut short", ',
+        job_line(3, colour="red"),
+        job_line(4, steps=0),
+        job_line(5, id="hero"),
+        job_line(6, id="../up"),
+        job_line(7, task="img2img", image=str(tmp_path / "missing.png"), steps=10),
+        ["not", "an", "object"],
+        # Valid, but the text2img decoder cannot inpaint: fails when it runs, alone.
+        job_line(8, task="inpaint", image=str(image), mask=str(mask), decoder=str(tiny_repos["decoder"])),
+        {key: value for key, value in job_line(9).items() if key != "seed"},
+    ]
+    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+    out = tmp_path / "out"
+    summary = run(jobs, out, tiny_repos, engine)
+
+    assert (summary.jobs, summary.done, summary.failed, summary.skipped, summary.images) == (11, 3, 8, 0, 4)
+    records = {record["line"]: record for record in manifest(out)}
+    assert sorted(records) == [1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    errors = {line: record["error"] for line, record in records.items() if record["error"] is not None}
+    assert errors[5].startswith("line 5: not valid JSON")
+    assert errors[6].startswith("line 6: unknown job field(s) colour")
+    assert errors[7] == "line 7: steps must be from 1 to 1000, got 0"
+    assert errors[8] == "line 8: id 'hero' is already used by line 4"
+    assert errors[9].startswith("line 9: id must be")
+    assert "missing.png" in errors[10] and errors[10].startswith("line 10: ")
+    assert errors[11] == "line 11: a line must be a JSON object of job fields"
+    assert "4-channel UNet" in errors[12] and records[12]["seed"] == 1008
+    assert all(records[line]["files"] == [] for line in errors)
+
+    assert records[1]["id"] == "000001" and records[1]["files"] == ["000001-0.png"]
+    assert records[4]["id"] == "hero" and records[4]["files"] == ["hero-0.png", "hero-1.png"]
+    drawn = records[13]["seed"]
+    assert isinstance(drawn, int)
+    assert set(pngs(out)) == {"000001-0.png", "hero-0.png", "hero-1.png", "000013-0.png"}
+    for name, seed in (("000001-0.png", 1001), ("hero-0.png", 1002), ("hero-1.png", 1003), ("000013-0.png", drawn)):
+        recipe = read_recipe(out / name)
+        assert (recipe["seed"], recipe["num_images"], recipe["width"], recipe["height"]) == (seed, 1, 64, 64)
+    assert set(records[1]["timings"]) >= {"prior", "decoder", "decode"}
+
+    # Again: complete jobs are skipped, failed ones retried (and fail again), each line still reported once.
+    before = pngs(out)
+    again = run(jobs, out, tiny_repos, engine)
+    assert (again.done, again.skipped, again.failed) == (0, 3, 8)
+    assert sorted(record["line"] for record in manifest(out)) == sorted(records)
+    assert pngs(out) == before
+
+
+def test_resume_after_an_interruption_redoes_exactly_the_unfinished_jobs(
+    tiny_repos: dict[str, Path], engine: UnitRunner, tmp_path: Path
+) -> None:
+    lines = [job_line(i, num_images=2 if i == 4 else 1) for i in range(1, 7)]
+    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+    reference = tmp_path / "reference"
+    run(jobs, reference, tiny_repos, engine)
+
+    out = tmp_path / "out"
+    first = run(jobs, out, tiny_repos, engine, limit=3)
+    assert (first.done, first.images) == (3, 3)
+    # What a run killed mid-way leaves: a job with some files but no manifest line (written in place, garbage), a
+    # partial file, a manifest line cut short, and a complete job whose file was deleted since.
+    (out / "000005-0.png").write_bytes(b"not a finished image")
+    (out / f"{PARTIAL_PREFIX}000006-0.png").write_bytes(b"half")
+    with open(out / MANIFEST, "a") as file:
+        file.write('{"id": "000006", "files": ["0000')
+    (out / "000002-0.png").unlink()
+
+    resumed = run(jobs, out, tiny_repos, engine)
+    assert (resumed.done, resumed.skipped, resumed.failed) == (4, 2, 0)
+    records = manifest(out)
+    assert sorted(record["id"] for record in records) == [f"{i:06d}" for i in range(1, 7)]
+    assert all(record["error"] is None for record in records)
+    assert not list(out.glob(PARTIAL_PREFIX + "*"))
+    assert pngs(out) == pngs(reference)
+
+    # A changed line is a new job: only it is redone.
+    lines[5]["prompt"] = "a blue horse"
+    write_jobs(jobs, lines)
+    changed = run(jobs, out, tiny_repos, engine)
+    assert (changed.done, changed.skipped) == (1, 5)
+    records = manifest(out)
+    assert sorted(record["id"] for record in records) == [f"{i:06d}" for i in range(1, 7)]
+    assert read_recipe(out / "000006-0.png")["prompt"] == "a blue horse"
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*COMMAND, "batch", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def test_console_script(tiny_repos: dict[str, Path], tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job_line(1), "{oops", job_line(3)])
+    models = ["--prior", str(tiny_repos["prior"]), "--decoder", str(tiny_repos["decoder"])]
+    result = cli(str(jobs), "--out", "out", *models, "--json", "--quiet", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr  # a job failed: the manifest says which
+    summary = json.loads(result.stdout)
+    assert (summary["jobs"], summary["done"], summary["failed"], summary["images"]) == (3, 2, 1, 2)
+    assert "1 job(s) failed" in result.stderr
+    assert sorted(pngs(tmp_path / "out")) == ["000001-0.png", "000003-0.png"]
+
+    write_jobs(jobs, [job_line(1), "# fixed later", job_line(3)])  # ids are line numbers: keep them
+    result = cli(str(jobs), "--out", "out", *models, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 jobs: 0 done, 2 already complete, 0 failed" in result.stdout
+
+    for args, code, message in (
+        (["missing.jsonl", "--out", "x"], 1, "no such jobs file"),
+        ([str(jobs), "--out", "x", "--workers", "2"], 2, "--workers and --gpus-per-worker need --ray"),
+        ([str(jobs), "--out", "x", "--prior", "no/such/folder/here"], 1, "no such model folder for --prior"),
+        ([str(jobs), "--out", "x", "--batch-size", "0"], 2, "--batch-size: must be a positive integer"),
+    ):
+        result = cli(*args, cwd=tmp_path)
+        assert result.returncode == code and message in result.stderr, (args, result.stderr)
