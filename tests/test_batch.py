@@ -27,8 +27,7 @@ SCRIPT = shutil.which("kandinsky22")
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kandinsky22.cli"]
 
 
-@pytest.fixture(scope="session")
-def tiny_repos(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Path]:
+def shared_tiny_repos(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Path]:
     """``make_tiny_repos`` output, built once per test session for all xdist workers (as tests/server/conftest.py)."""
     from kandinsky22.tiny import make_tiny_repos
 
@@ -40,6 +39,11 @@ def tiny_repos(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict
             repos = make_tiny_repos(root)
             done.write_text(json.dumps({name: str(path) for name, path in repos.items()}))
     return {name: Path(path) for name, path in json.loads(done.read_text()).items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_repos(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Path]:
+    return shared_tiny_repos(tmp_path_factory, worker_id)
 
 
 def job_line(i: int, **fields: Any) -> dict[str, Any]:

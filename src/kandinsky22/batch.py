@@ -605,6 +605,11 @@ def run_command(args: argparse.Namespace) -> int:
             return run_units(units, options, engine)
 
     bar = _ImageBar(enabled=not args.quiet)
+    # With --json, stdout carries the summary only: whatever else is printed meanwhile goes to stderr (Ray prints its
+    # workers' and raylets' messages on the driver's stdout).
+    stdout = sys.stdout
+    if args.json:
+        sys.stdout = sys.stderr
     try:
         summary = run_batch(
             jobs,
@@ -617,6 +622,7 @@ def run_command(args: argparse.Namespace) -> int:
             on_image=bar,
         )
     finally:
+        sys.stdout = stdout
         bar.close()
     if args.json:
         print(json.dumps({**dataclasses.asdict(summary), "images_per_s": round(summary.images_per_s, 4)}))

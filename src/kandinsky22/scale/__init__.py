@@ -7,16 +7,27 @@ without the extra.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 
-def connect(address: str | None) -> Any:
-    """Join the Ray cluster at ``address`` (see ``ray.init``), unless this process is already connected to one."""
+@contextlib.contextmanager
+def connected(address: str | None) -> Iterator[Any]:
+    """``ray``, joined to the cluster at ``address`` (see ``ray.init``) for the duration of the block.
+
+    A process that has joined a cluster already (a test, a notebook) stays on it, and stays joined afterwards.
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address)
-    return ray
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address=address)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def default_gpus(ray: Any, requested: float | None) -> float:

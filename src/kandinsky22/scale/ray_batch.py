@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kandinsky22.batch import ImageResult, Unit
-from kandinsky22.scale import connect, default_gpus
+from kandinsky22.scale import connected, default_gpus
 
 KILL_WORKER_ENV = "KANDINSKY22_KILL_WORKER"
 _COLUMNS = ("unit", "job", "index", "seed", "png", "error", "timings", "device", "dtype")
@@ -104,26 +104,26 @@ def run_units(units: list[Unit], options: RayOptions, engine: dict[str, Any]) ->
     """
     import json
 
-    ray = connect(options.address)
-    from ray.data import ActorPoolStrategy, DataContext
+    with connected(options.address) as ray:
+        from ray.data import ActorPoolStrategy, DataContext
 
-    DataContext.get_current().enable_progress_bars = options.progress_bars
-    gpus = default_gpus(ray, options.gpus_per_worker)
-    workers = options.workers
-    if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus else 1
-    # One unit per block, so the pool balances call by call and a result reaches the driver as soon as it is made.
-    rows = [{"unit": unit.index, "payload": unit.payload()} for unit in units]
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        _Worker,
-        fn_constructor_kwargs={"engine": engine, "kill_after": os.environ.get(KILL_WORKER_ENV)},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=workers),
-        num_gpus=gpus,
-        num_cpus=options.cpus_per_worker,
-    )
-    for row in dataset.iter_rows():
-        values = {name: row[name] for name in _COLUMNS}
-        values["timings"] = json.loads(values["timings"])
-        yield ImageResult(**values)
+        DataContext.get_current().enable_progress_bars = options.progress_bars
+        gpus = default_gpus(ray, options.gpus_per_worker)
+        workers = options.workers
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus else 1
+        # One unit per block, so the pool balances call by call and a result reaches the driver as soon as it is made.
+        rows = [{"unit": unit.index, "payload": unit.payload()} for unit in units]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            _Worker,
+            fn_constructor_kwargs={"engine": engine, "kill_after": os.environ.get(KILL_WORKER_ENV)},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=workers),
+            num_gpus=gpus,
+            num_cpus=options.cpus_per_worker,
+        )
+        for row in dataset.iter_rows():
+            values = {name: row[name] for name in _COLUMNS}
+            values["timings"] = json.loads(values["timings"])
+            yield ImageResult(**values)

@@ -11,13 +11,14 @@ import signal
 import socket
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kandinsky22.batch import add_ray_address_argument
 
 if TYPE_CHECKING:
     from kandinsky22.server.app import ServerConfig
 
+PROG = "kandinsky22 serve"
 STOP_TIMEOUT_S = 30.0
 
 
@@ -60,19 +61,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
     """Deploy on the cluster of ``args.ray`` and wait until interrupted; 2 for bad replica counts."""
-    prog = "kandinsky22 serve"
     if args.max_replicas < max(1, args.min_replicas):
-        print(f"{prog}: error: --max-replicas must be at least 1 and at least --min-replicas", file=sys.stderr)
+        print(f"{PROG}: error: --max-replicas must be at least 1 and at least --min-replicas", file=sys.stderr)
         return 2
     if args.target_ongoing_requests <= 0:
-        print(f"{prog}: error: --target-ongoing-requests must be above 0", file=sys.stderr)
+        print(f"{PROG}: error: --target-ongoing-requests must be above 0", file=sys.stderr)
         return 2
+    from kandinsky22.scale import connected
+
+    with connected(args.ray or None) as ray:
+        _deploy_and_wait(ray, args, config)
+    return 0
+
+
+def _deploy_and_wait(ray: Any, args: argparse.Namespace, config: ServerConfig) -> None:
     from ray import serve
 
-    from kandinsky22.scale import connect, default_gpus
+    from kandinsky22.scale import default_gpus
     from kandinsky22.scale.serve_app import APP_NAME, ReplicaOptions, build_app
 
-    ray = connect(args.ray or None)
     replicas = ReplicaOptions(
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
@@ -90,7 +97,7 @@ def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
         serve.run(build_app(config, replicas), name=APP_NAME, route_prefix="/")
         shown = f"[{args.host}]" if ":" in args.host else args.host
         print(
-            f"{prog}: listening on http://{shown}:{port}/ (Ray Serve application '{APP_NAME}', "
+            f"{PROG}: listening on http://{shown}:{port}/ (Ray Serve application '{APP_NAME}', "
             f"{replicas.min_replicas} to {replicas.max_replicas} model replica(s) with "
             f"{replicas.gpus_per_replica:g} GPU(s) each; GET /v1/health says when ready)",
             flush=True,
@@ -104,7 +111,6 @@ def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
         stopper = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
         stopper.start()
         stopper.join(STOP_TIMEOUT_S)
-    return 0
 
 
 def _free_port(host: str) -> int:

@@ -1,0 +1,233 @@
+"""Scaling out on a local Ray cluster: ``kandinsky22 batch --ray`` and ``kandinsky22 serve --ray``.
+
+One Ray instance for the module (Ray takes seconds to start); the commands run as subprocesses that join it by its
+address, as they would join a real cluster. Ray Data's actors and Ray Serve's replicas are separate processes, so the
+module needs 2 CPUs of Ray resources, one per actor or replica.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import pytest
+from test_batch import COMMAND, MANIFEST, job_line, pngs, shared_tiny_repos, write_jobs
+
+from kandinsky22.batch import run_batch, run_local
+from kandinsky22.jobs import Job
+from kandinsky22.recipe import job_from_recipe
+from kandinsky22.scale.ray_batch import KILL_WORKER_ENV
+
+ray = pytest.importorskip("ray")
+# Ray Serve's own configuration classes use a pydantic form that pydantic deprecates; nothing of ours.
+pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
+
+START_TIMEOUT = 300.0  # seconds for a command to join the cluster, start its actors and load the tiny models
+ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="session")
+def tiny_repos(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Path]:
+    return shared_tiny_repos(tmp_path_factory, worker_id)
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray instance; the environment (no hub, one thread) is set first, so its workers inherit it."""
+    saved = {name: os.environ.get(name) for name in ENV}
+    os.environ.update(ENV)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def one_thread_run(jobs: list[Job]) -> list[np.ndarray]:
+    """``Engine.run`` in this process with one torch thread, as in each actor or replica (one CPU each)."""
+    import torch
+
+    from kandinsky22.jobs import Engine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [np.asarray(result.image) for result in Engine(device="cpu").run(jobs)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def models(repos: dict[str, Path]) -> list[str]:
+    return ["--prior", str(repos["prior"]), "--decoder", str(repos["decoder"])]
+
+
+def test_batch_on_ray_resumes_survives_a_killed_worker_and_matches_one_process(
+    ray_address: str, tiny_repos: dict[str, Path], tmp_path: Path
+) -> None:
+    lines: list[dict[str, Any] | str] = [job_line(i) for i in range(1, 21)]
+    lines.insert(6, '{"prompt": "unfinished')  # line 7: reported, the 20 jobs go on
+    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+    decoders = {"text2img": str(tiny_repos["decoder"])}
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each actor (one CPU): the same kernels, so the same bits
+    try:
+        reference = tmp_path / "reference"
+        run_batch(
+            jobs,
+            reference,
+            lambda units: run_local(units, device="cpu"),
+            prior=str(tiny_repos["prior"]),
+            decoders=decoders,
+        )
+        # The first run stops after 4 jobs (as if interrupted); the Ray run must do the other 16 exactly once.
+        out = tmp_path / "out"
+        run_batch(
+            jobs,
+            out,
+            lambda units: run_local(units, device="cpu"),
+            prior=str(tiny_repos["prior"]),
+            decoders=decoders,
+            limit=4,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert len(pngs(out)) == 4
+
+    marker = tmp_path / "killed"
+    result = subprocess.run(
+        [*COMMAND, "batch", str(jobs), "--out", str(out), *models(tiny_repos), "--device", "cpu"]
+        + ["--ray", ray_address, "--workers", "2", "--json", "--quiet"],
+        env={**os.environ, **ENV, KILL_WORKER_ENV: f"{marker}:2"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr  # line 7 failed
+    summary = json.loads(result.stdout)  # nothing else on stdout, even with Ray's messages
+    assert (summary["jobs"], summary["skipped"], summary["done"], summary["failed"]) == (21, 4, 16, 1)
+    assert marker.exists()  # a worker was killed on its 2nd call, and its work redone
+
+    records = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    ids = [record["id"] for record in records]
+    assert sorted(ids) == sorted(set(ids)) == [f"{i:06d}" for i in range(1, 22)]
+    (failed,) = [record for record in records if record["error"] is not None]
+    assert failed["line"] == 7 and failed["error"].startswith("line 7: not valid JSON")
+    assert all(record["device"] == "cpu" for record in records if record["error"] is None)
+    assert len(pngs(reference)) == 20
+    assert pngs(out) == pngs(reference)  # same seeds, same bytes, each image once
+
+
+def read_listening(proc: subprocess.Popen, lines: queue.Queue[str | None]) -> str:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        match = re.search(r"listening on (http://\S+?)/? ", line)
+        if match:
+            return match.group(1)
+    proc.kill()
+    raise AssertionError(f"serve --ray did not start within {START_TIMEOUT:.0f} s (exit {proc.poll()})")
+
+
+def request(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_serve_on_ray_answers_health_and_generation_like_the_plain_server(
+    ray_address: str, tiny_repos: dict[str, Path]
+) -> None:
+    proc = subprocess.Popen(
+        [*COMMAND, "serve", "--port", "0", *models(tiny_repos), "--device", "cpu", "--ray", ray_address]
+        + ["--max-replicas", "1", "--cpus-per-replica", "1"],
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    output: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            output.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        base = read_listening(proc, lines)
+        status, health = 0, {}
+        for _ in range(60):  # the ingress is up once serve.run returned; it says ready once a replica answered
+            status, health = request(f"{base}/v1/health")
+            if status == 200:
+                break
+            time.sleep(1)
+        assert status == 200 and health["status"] == "ok", health
+
+        status, body = request(
+            f"{base}/v1/images/generations",
+            {"prompt": "a red cat", "size": "64x64", "n": 2, "seed": 77, "steps": 2, "prior_steps": 2},
+        )
+        assert status == 200, body
+        assert [item["seed"] for item in body["data"]] == [77, 78]
+        served = []
+        for item in body["data"]:
+            with PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as image:
+                served.append((np.asarray(image.convert("RGB")), json.loads(image.text["kandinsky22"])))
+        assert [recipe["seed"] for _, recipe in served] == [77, 78]
+        assert all(pixels.shape == (64, 64, 3) for pixels, _ in served)
+        # The replica ran the plain server's batch code: the same two-image call here gives the same pixels.
+        expected = one_thread_run([job_from_recipe(recipe) for _, recipe in served])
+        assert all(np.array_equal(pixels, want) for (pixels, _), want in zip(served, expected))
+
+        status, body = request(f"{base}/v1/images/generations", {"prompt": "a red cat", "size": "64x64", "steps": 0})
+        assert status == 400 and body["error"]["param"] == "steps"  # validated by the same routes
+        status, models_body = request(f"{base}/v1/models")
+        assert (
+            status == 200 and models_body["device"] == "cpu" and models_body["tasks"] == ["text2img", "img2img", "mix"]
+        )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(output[-30:])
+    from ray import serve
+
+    from kandinsky22.scale.serve_app import APP_NAME
+
+    assert APP_NAME not in serve.status().applications  # deleted when the command stopped
