@@ -231,3 +231,28 @@ def test_serve_on_ray_answers_health_and_generation_like_the_plain_server(
     from kandinsky22.scale.serve_app import APP_NAME
 
     assert APP_NAME not in serve.status().applications  # deleted when the command stopped
+
+
+def test_the_ingress_queue_runs_one_call_per_model_replica_at_once() -> None:
+    """``serve --ray`` gives the server's queue one worker thread per replica (``concurrency``): calls overlap."""
+    from kandinsky22.server.schemas import Limits
+    from kandinsky22.server.worker import JobOutput, JobQueue
+
+    both_running = threading.Barrier(2, timeout=60)
+
+    def run_batch(jobs: list[Job], progress: Any, should_cancel: Any) -> list[JobOutput]:
+        both_running.wait()  # a queue running one call at a time breaks the barrier: the jobs fail
+        return [JobOutput(pngs=[b"png"], seeds=[job.seed], timings={}) for job in jobs]
+
+    queue = JobQueue(lambda: run_batch, Limits(), concurrency=2)
+    queue.start()
+    try:
+        # Two sizes: two pipeline calls, not one batch.
+        ids = [queue.submit(Job(prompt="a cat", width=width, height=64, seed=1))["id"] for width in (64, 128)]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(queue.get(i)["status"] not in ("succeeded", "failed") for i in ids):
+            time.sleep(0.05)
+        assert [queue.get(i)["status"] for i in ids] == ["succeeded", "succeeded"]
+        assert queue.stats()["batch_sizes"] == {1: 2}
+    finally:
+        queue.stop(timeout=10)
