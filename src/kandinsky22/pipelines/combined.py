@@ -201,7 +201,7 @@ class _CombinedPipeline(Pipeline):
             callback_on_step_end=prior_callback_on_step_end,
             callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
         )
-        aligned = {name: _per_image(value, len(prompts), n) for name, value in align.items()}
+        aligned = {name: _per_image(name, value, len(prompts), n) for name, value in align.items()}
         if decoder_latents is not None:
             decoder_kwargs = {**decoder_kwargs, "latents": decoder_latents}
         return self.decoder_pipe(
@@ -221,7 +221,7 @@ class _CombinedPipeline(Pipeline):
         )
 
 
-def _per_image(value: Any, num_prompts: int, n: int) -> Any:
+def _per_image(name: str, value: Any, num_prompts: int, n: int) -> Any:
     """Image-like input given once per prompt → once per image (repeat each item n times), like the embeddings.
 
     The reference tiles lists instead (``k * list``), which pairs images with the wrong prompts when there are several
@@ -231,7 +231,9 @@ def _per_image(value: Any, num_prompts: int, n: int) -> Any:
         return value
     if isinstance(value, (list, tuple)) and len(value) == num_prompts:
         return [item for item in value for _ in range(n)]
-    if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[0] == num_prompts:
+    # A batch of tensors is NCHW; only a mask may also be batched without its channel axis, (B, H, W).
+    batch_ndims = (3, 4) if name == "mask_image" else (4,)
+    if isinstance(value, torch.Tensor) and value.ndim in batch_ndims and value.shape[0] == num_prompts:
         return value.repeat_interleave(n, dim=0)
     if isinstance(value, np.ndarray) and value.ndim == 4 and value.shape[0] == num_prompts:
         return np.repeat(value, n, axis=0)
