@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kandinsky22 import loading
+from kandinsky22 import fast, loading
 
 Generator = torch.Generator | list[torch.Generator] | None
 
@@ -353,6 +353,19 @@ class Pipeline:
         self._sequential_device = target
         for module in self._modules():
             _attach_sequential_offload(module, target)
+
+    # -- fast path ---------------------------------------------------------------------------------------------
+
+    def enable_fast_path(
+        self, shapes: Iterable[Sequence[int]] | None = None, backend: str = "inductor"
+    ) -> dict[str, float]:
+        """channels_last, fused attention projections, ``torch.compile(fullgraph=True)`` and, on CUDA, CUDA graphs for
+        this pipeline's UNet, MoVQ decoder and prior (see ``kandinsky22.fast``); call it after ``to(device)``.
+
+        ``shapes``: ``(height, width)`` or ``(height, width, images_per_call)`` to compile now rather than on first
+        use. Returns the warm-up seconds per component.
+        """
+        return fast.enable_fast_path(self, shapes, backend)
 
     # -- progress bar ------------------------------------------------------------------------------------------
 
