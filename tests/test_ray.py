@@ -26,8 +26,9 @@ import numpy as np
 import PIL.Image
 import pytest
 from test_batch import COMMAND, MANIFEST, job_line, pngs, shared_tiny_repos, write_jobs
+from test_batch import run as run_in_process
 
-from kandinsky22.batch import run_batch, run_local
+from kandinsky22.batch import UnitRunner
 from kandinsky22.jobs import Job
 from kandinsky22.recipe import job_from_recipe
 from kandinsky22.scale.ray_batch import KILL_WORKER_ENV
@@ -86,30 +87,17 @@ def test_batch_on_ray_resumes_survives_a_killed_worker_and_matches_one_process(
     lines: list[dict[str, Any] | str] = [job_line(i) for i in range(1, 21)]
     lines.insert(6, '{"prompt": "unfinished')  # line 7: reported, the 20 jobs go on
     jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
-    decoders = {"text2img": str(tiny_repos["decoder"])}
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each actor (one CPU): the same kernels, so the same bits
     try:
+        engine = UnitRunner(device="cpu")
         reference = tmp_path / "reference"
-        run_batch(
-            jobs,
-            reference,
-            lambda units: run_local(units, device="cpu"),
-            prior=str(tiny_repos["prior"]),
-            decoders=decoders,
-        )
+        run_in_process(jobs, reference, tiny_repos, engine)
         # The first run stops after 4 jobs (as if interrupted); the Ray run must do the other 16 exactly once.
         out = tmp_path / "out"
-        run_batch(
-            jobs,
-            out,
-            lambda units: run_local(units, device="cpu"),
-            prior=str(tiny_repos["prior"]),
-            decoders=decoders,
-            limit=4,
-        )
+        run_in_process(jobs, out, tiny_repos, engine, limit=4)
     finally:
         torch.set_num_threads(threads)
     assert len(pngs(out)) == 4
