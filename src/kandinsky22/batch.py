@@ -500,13 +500,14 @@ def _batch_size(text: str) -> int:
     return value
 
 
-def _resources(text: str) -> float:
+def resource_amount(text: str) -> float:
+    """argparse type: a finite number of at least 0 (a resource amount may be a fraction: 0.5 GPU shares one)."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0 (fractions share a device), got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text!r}")
     return value
 
 
@@ -547,8 +548,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray = parser.add_argument_group("Ray (bulk generation on Ray Data: one pipeline per actor)")
     add_ray_address_argument(ray, "run")
     ray.add_argument("--workers", type=_positive, help="actors (default: one per GPU of the cluster, or 1)")
-    ray.add_argument("--gpus-per-worker", type=_resources, help="GPUs per actor (default: 1 if the cluster has GPUs)")
-    ray.add_argument("--cpus-per-worker", type=_resources, default=1.0, help="CPUs per actor (default 1)")
+    ray.add_argument(
+        "--gpus-per-worker", type=resource_amount, help="GPUs per actor (default: 1 if the cluster has GPUs)"
+    )
+    ray.add_argument("--cpus-per-worker", type=resource_amount, default=1.0, help="CPUs per actor (default 1)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     out.add_argument("--quiet", action="store_true", help="no progress bar on stderr")

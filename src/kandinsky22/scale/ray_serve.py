@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from kandinsky22.batch import add_ray_address_argument
+from kandinsky22.batch import add_ray_address_argument, resource_amount
 
 if TYPE_CHECKING:
     from kandinsky22.server.app import ServerConfig
@@ -28,16 +28,6 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _amount(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--ray`` options of ``serve``, on ``parser``."""
     ray = parser.add_argument_group("Ray Serve (one ingress replica; model replicas autoscaled on the cluster)")
@@ -45,17 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--min-replicas", type=_count, default=1, help="model replicas kept up, 0 allowed (default 1)")
     ray.add_argument("--max-replicas", type=_count, default=1, help="model replicas at most (default 1)")
     ray.add_argument(
-        "--gpus-per-replica", type=_amount, help="GPUs per model replica (default: 1 if the cluster has GPUs, else 0)"
+        "--gpus-per-replica",
+        type=resource_amount,
+        help="GPUs per model replica (default: 1 if the cluster has GPUs, else 0)",
     )
-    ray.add_argument("--cpus-per-replica", type=_amount, default=1.0, help="CPUs per model replica (default 1)")
+    ray.add_argument("--cpus-per-replica", type=resource_amount, default=1.0, help="CPUs per model replica (default 1)")
     ray.add_argument(
         "--target-ongoing-requests",
-        type=_amount,
+        type=resource_amount,
         default=1.0,
         help="pipeline calls per replica (running or waiting) the autoscaler aims at (default 1)",
     )
     ray.add_argument(
-        "--downscale-delay", type=_amount, default=600.0, help="seconds of low load before removing a replica (600)"
+        "--downscale-delay",
+        type=resource_amount,
+        default=600.0,
+        help="seconds of low load before removing a replica (600)",
     )
 
 
