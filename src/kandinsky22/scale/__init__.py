@@ -18,7 +18,12 @@ def connected(address: str | None) -> Iterator[Any]:
 
     A process that has joined a cluster already (a test, a notebook) stays on it, and stays joined afterwards.
     """
-    import ray
+    try:
+        import ray
+    except ImportError as err:
+        from kandinsky22.cli import RuntimeFailure
+
+        raise RuntimeFailure("--ray needs Ray, which is not installed", 'pip install "kandinsky22[ray]"') from err
 
     if ray.is_initialized():
         yield ray
