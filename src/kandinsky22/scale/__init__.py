@@ -18,17 +18,23 @@ def connected(address: str | None) -> Iterator[Any]:
 
     A process that has joined a cluster already (a test, a notebook) stays on it, and stays joined afterwards.
     """
+    from kandinsky22.cli import RuntimeFailure
+
     try:
         import ray
     except ImportError as err:
-        from kandinsky22.cli import RuntimeFailure
-
         raise RuntimeFailure("--ray needs Ray, which is not installed", 'pip install "kandinsky22[ray]"') from err
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address=address)
+    try:
+        ray.init(address=address)
+    except ConnectionError as err:  # an OSError, whose generic hint (the hub) would mislead
+        raise RuntimeFailure(
+            f"cannot join the Ray cluster at {address or 'the default address'}: {err}",
+            "check --ray ADDRESS: auto needs a running cluster (`ray start --head`), local starts one here",
+        ) from err
     try:
         yield ray
     finally:
