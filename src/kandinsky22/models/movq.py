@@ -52,8 +52,9 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
-        return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
+        if zq.shape[-2:] != x.shape[-2:]:  # the decoder hands each block zq at its size already (see Decoder)
+            zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
+        return torch.addcmul(self.conv_b(zq), self.norm_layer(x), self.conv_y(zq))  # norm(x) * y + b in one pass
 
 
 NormFactory = Callable[[int], nn.Module]  # channels -> norm layer
@@ -249,7 +250,9 @@ class Decoder(nn.Module):
         x = self.conv_in(x)
         x = self.mid_block(x, zq)
         for block in self.up_blocks:
-            x = block(x, zq)
+            # All norms of a block see its input size (its upsampler comes last): resize zq once per block instead of
+            # once per norm. Nearest resizing of the same latents gives the same values either way.
+            x = block(x, F.interpolate(zq, size=x.shape[-2:], mode="nearest"))
         return self.conv_out(F.silu(self.conv_norm_out(x, zq)))
 
 
