@@ -7,6 +7,7 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
 * **Fused projections**: each attention's Q/K/V (and the UNet's added K/V) become one GEMM
   (``FusibleProjections``); the state dict keeps the official keys, so ``save_pretrained`` still writes them.
 * **torch.compile(fullgraph=True, dynamic=False)**: one graph per model, specialised to each shape it sees.
+* **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide.
 * **CUDA graphs** for the UNet and the prior on CUDA: the denoising step's ~1,000 kernels are replayed with one
   launch instead of being launched one by one from Python (Inductor's ``triton.cudagraphs``, a graph per shape).
   Not with model offloading, which moves the weights a graph would have baked in; the MoVQ decoder, which runs
@@ -68,6 +69,10 @@ def enable_fast_path(
     setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
     for model in models.values():
         _prepare(model, backend, offloaded)
+    if any(_on_cuda(model) for model in models.values()):
+        # Compiled convolutions call cuDNN; with the shapes fixed per graph, timing its algorithms once per shape
+        # (at warm-up) beats its heuristics. A process-wide setting, as everything here is opt-in.
+        torch.backends.cudnn.benchmark = True
     if offloaded:
         return {}  # the models are on the CPU between uses: they compile on first use on the execution device
     return _warm_up(components, models, targets)
@@ -176,7 +181,12 @@ def _warm_up_call(model: nn.Module, components: dict[str, Any], latent: tuple[in
     scheduler = components.get("prior_scheduler", components.get("scheduler"))
     timestep = _first_timestep(scheduler, device)
     return lambda: model(
-        x, timestep=timestep, proj_embedding=pooled, encoder_hidden_states=hidden, attention_mask=mask, return_dict=False
+        x,
+        timestep=timestep,
+        proj_embedding=pooled,
+        encoder_hidden_states=hidden,
+        attention_mask=mask,
+        return_dict=False,
     )
 
 
