@@ -182,12 +182,18 @@ class AddedKVAttention(FusibleProjections):
         # A list so the key reads ``to_out.0``; the reference keeps a no-op Dropout at index 1, which has no weights.
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the context tokens (B, L, C) each. They depend on the conditioning only, not on the
+        denoised sample, so the UNet computes them once per denoising run (``prepare_conditioning``)."""
+        context_k, context_v = self.project("added_kv", context)
+        return context_k, context_v
+
+    def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # One copy to (B, HW, C) rows (free when x is channels_last), so each projection is a single GEMM with its
         # bias; a strided input would cost a copy and a separate bias add per projection.
         pixels = self.group_norm(x).flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
         q, k, v = self.project("qkv", pixels)
-        context_k, context_v = self.project("added_kv", context)  # (B, L, C)
+        context_k, context_v = context_kv  # (B, L, C)
         k = torch.cat([context_k, k], dim=1)  # (B, L + HW, C)
         v = torch.cat([context_v, v], dim=1)
         q, k, v = (

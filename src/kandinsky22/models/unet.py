@@ -9,7 +9,7 @@ the reference's, so ``config.json`` files are shared with it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +53,18 @@ _ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
 @dataclass
 class UNet2DConditionOutput:
     sample: torch.Tensor  # (B, out_channels, H, W)
+
+
+@dataclass
+class UNetConditioning:
+    """What the UNet derives from ``added_cond_kwargs`` alone, the same at every denoising step: the addition to the
+    time embedding, the keys and values of the context tokens for each attention layer (in call order), and the
+    encoded hint. ``UNet2DConditionModel.prepare_conditioning`` builds it; the denoising loop builds it once per run
+    and passes it to every step, where the reference recomputes all of it each step."""
+
+    time_addition: torch.Tensor  # (B, time_dim)
+    context_kv: list[tuple[torch.Tensor, torch.Tensor]]  # (B, 32, C) keys and values per attention layer
+    hint: torch.Tensor | None = None  # (B, 4, H, W), concatenated to the sample (image_hint UNets)
 
 
 def _per_level(config: Mapping[str, Any], key: str, levels: int) -> list[int]:
@@ -153,6 +165,9 @@ class ImageTimeEmbedding(nn.Module):
 # Blocks: one resolution level each
 # ----------------------------------------------------------------------------------------------------------------------
 
+# The attention layers' precomputed context keys and values, consumed in call order (down, mid, up).
+ContextKV = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
 
 class DownBlock(nn.Module):
     """``layers`` × [resnet → attention?], then a resnet downsampler unless it is the last level.
@@ -190,12 +205,12 @@ class DownBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+        self, x: torch.Tensor, temb: torch.Tensor, context_kv: ContextKV, skips: list[torch.Tensor]
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, next(context_kv))
             skips.append(x)
         for downsampler in self.downsamplers:
             x = downsampler(x, temb)
@@ -213,9 +228,9 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([AddedKVAttention(channels, context_dim, head_dim, groups)])
         self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2))
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context_kv: ContextKV) -> torch.Tensor:
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context)
+        x = self.attentions[0](x, next(context_kv))
         return self.resnets[1](x, temb)
 
 
@@ -259,12 +274,12 @@ class UpBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+        self, x: torch.Tensor, temb: torch.Tensor, context_kv: ContextKV, skips: list[torch.Tensor]
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions:
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, next(context_kv))
         for upsampler in self.upsamplers:
             x = upsampler(x, temb)
         return x
@@ -390,22 +405,9 @@ class UNet2DConditionModel(ModelMixin):
             channels[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2
         )
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor | None = None,
-        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
-        return_dict: bool = True,
-    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
-        """Predict the ``out_channels`` (for K2.2: [noise | variance]) for ``sample`` (B, C, H, W) at ``timestep``.
-
-        ``added_cond_kwargs`` holds ``image_embeds`` (B, encoder_hid_dim) and, for "image_hint", ``hint``
-        (B, 3, 8H, 8W); C is ``in_channels`` minus the hint's 4 channels. ``timestep`` is a number, a 0-d tensor or
-        a (1,) / (B,) tensor, broadcast to the batch on the device without a host sync. ``encoder_hidden_states``
-        is ignored, as in the reference: the context tokens come from ``image_embeds``. H and W must be divisible
-        by 2 ** (levels - 1).
-        """
+    def prepare_conditioning(self, added_cond_kwargs: Mapping[str, torch.Tensor] | None) -> UNetConditioning:
+        """Everything ``forward`` derives from ``added_cond_kwargs`` (see ``forward``); pass it as ``conditioning`` to
+        skip that work at each step of a run with the same conditioning."""
         cond = added_cond_kwargs or {}
         image_embeds = cond.get("image_embeds")
         if image_embeds is None:
@@ -413,6 +415,7 @@ class UNet2DConditionModel(ModelMixin):
                 "UNet2DConditionModel needs added_cond_kwargs['image_embeds'] (the CLIP image embedding); "
                 f"got keys {sorted(cond)}"
             )
+        hint = None
         hint_encoder = self.add_embedding.input_hint_block
         if hint_encoder is not None:
             hint = cond.get("hint")
@@ -421,19 +424,50 @@ class UNet2DConditionModel(ModelMixin):
                     "UNet2DConditionModel with addition_embed_type='image_hint' needs added_cond_kwargs['hint'] "
                     f"(B, 3, 8H, 8W); got keys {sorted(cond)}"
                 )
-            sample = torch.cat([sample, hint_encoder(hint.to(sample.dtype))], dim=1)
+            hint = hint_encoder(hint.to(self.conv_in.weight.dtype))
+        context = self.encoder_hid_proj(image_embeds)  # (B, 32, cross_attention_dim)
+        attentions = [attn for block in self.down_blocks for attn in block.attentions]
+        attentions += [*self.mid_block.attentions, *(attn for block in self.up_blocks for attn in block.attentions)]
+        return UNetConditioning(
+            time_addition=self.add_embedding(image_embeds),
+            context_kv=[attn.context_kv(context) for attn in attentions],  # the order forward calls them in
+            hint=hint,
+        )
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+        conditioning: UNetConditioning | None = None,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        """Predict the ``out_channels`` (for K2.2: [noise | variance]) for ``sample`` (B, C, H, W) at ``timestep``.
+
+        ``added_cond_kwargs`` holds ``image_embeds`` (B, encoder_hid_dim) and, for "image_hint", ``hint``
+        (B, 3, 8H, 8W); C is ``in_channels`` minus the hint's 4 channels. ``conditioning``, from
+        ``prepare_conditioning(added_cond_kwargs)``, replaces ``added_cond_kwargs``. ``timestep`` is a number, a 0-d
+        tensor or a (1,) / (B,) tensor, broadcast to the batch on the device without a host sync.
+        ``encoder_hidden_states`` is ignored, as in the reference: the context tokens come from ``image_embeds``.
+        H and W must be divisible by 2 ** (levels - 1).
+        """
+        if conditioning is None:
+            conditioning = self.prepare_conditioning(added_cond_kwargs)
+        if conditioning.hint is not None:
+            sample = torch.cat([sample, conditioning.hint.to(sample.dtype)], dim=1)
 
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
-        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype)) + self.add_embedding(image_embeds)
+        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype)) + conditioning.time_addition
         temb = F.silu(emb)  # every resnet activates the time embedding before projecting it: do it once here
-        context = self.encoder_hid_proj(image_embeds)  # (B, 32, cross_attention_dim)
+        context_kv = iter(conditioning.context_kv)
 
         x = self.conv_in(sample)
         skips = [x]
         for down_block in self.down_blocks:
-            x = down_block(x, temb, context, skips)
-        x = self.mid_block(x, temb, context)
+            x = down_block(x, temb, context_kv, skips)
+        x = self.mid_block(x, temb, context_kv)
         for up_block in self.up_blocks:
-            x = up_block(x, temb, context, skips)
+            x = up_block(x, temb, context_kv, skips)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)

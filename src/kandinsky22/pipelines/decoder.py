@@ -8,7 +8,8 @@ each a method to override, all reading the per-call tensors from ``state``:
 * ``_unet_input(latent_input, state, i)`` — what the UNet sees besides the (CFG-doubled) latents. Default: the
   latents; inpaint concatenates ``state["masked_image"]`` and ``state["mask_image"]`` on the channel axis.
 * ``_added_cond_kwargs(state)`` — the UNet's ``added_cond_kwargs``. Default: ``{"image_embeds": ...}``;
-  controlnet adds ``"hint": state["hint"]``.
+  controlnet adds ``"hint": state["hint"]``. The UNet turns them into its per-run ``conditioning`` once per call
+  (again if a callback replaces one of these tensors).
 * ``_after_step(latents, state, i, timesteps)`` — applied to the scheduler's result of step ``i``. Default: none;
   inpaint blends the re-noised original back into the kept region.
 
@@ -202,16 +203,24 @@ class DecoderPipeline(Pipeline):
         # block until the GPU has caught up, so the host could not queue the next step's kernels ahead of it. The
         # scheduler and the callbacks keep the host values.
         unet_timesteps = timesteps.to(latents.device)
+        # What the UNet derives from its conditioning (the context tokens' keys and values in every attention layer,
+        # the time-embedding addition, an encoded hint) is the same at every step: prepared once, and again only if a
+        # callback swaps one of the conditioning tensors.
+        added: dict[str, torch.Tensor] = {}
+        conditioning = None
         state["latents"] = latents
         for i, t in enumerate(self.progress_bar(timesteps)):
             latents = state["latents"]
             latent_input = torch.cat([latents, latents]) if cfg else latents
             latent_input = self.scheduler.scale_model_input(latent_input, t)
+            current = self._added_cond_kwargs(state)
+            if conditioning is None or current.keys() != added.keys() or any(current[k] is not added[k] for k in added):
+                added, conditioning = current, unet.prepare_conditioning(current)
             (out,) = unet(
                 self._unet_input(latent_input, state, i),
                 unet_timesteps[i],
                 encoder_hidden_states=None,
-                added_cond_kwargs=self._added_cond_kwargs(state),
+                conditioning=conditioning,
                 return_dict=False,
             )
             eps, variance = out[:, :channels], out[:, channels:]
