@@ -51,7 +51,16 @@ def ray_address() -> Iterator[str]:
     """A local Ray instance; the environment (no hub, one thread) is set first, so its workers inherit it."""
     saved = {name: os.environ.get(name) for name in ENV}
     os.environ.update(ENV)
-    ray.init(num_cpus=2, include_dashboard=False)
+    # Ray gives its raylet a fixed 30 s to register; on a 2-core machine busy with the other xdist worker that can
+    # run out, so start-up gets three tries before the tests fail.
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
