@@ -48,7 +48,7 @@ def enable_fast_path(
 
     ``backend`` is torch.compile's backend: "inductor" generates kernels; "eager" / "aot_eager" only trace (no
     speed-up; for checking that the models compile without graph breaks). Call it after moving the pipeline to its
-    device. Calling it again only warms up the new shapes.
+    device, or after ``enable_model_cpu_offload()``. Calling it again only warms up the new shapes.
     """
     targets = _shape_list(shapes)
     if getattr(pipe, "_sequential_device", None) is not None:

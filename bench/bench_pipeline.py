@@ -1,0 +1,795 @@
+"""kandinsky22 against the reference (diffusers), side by side in one process, on the same random-weight components.
+
+Builds the official full-size configs (or ``--tiny`` scaled-down ones) with random weights once, as kandinsky22
+models on the device; the reference's UNet, MoVQ and prior get copies of the same state dicts (the keys are
+identical), and both pipelines share the transformers CLIP towers and an offline tokenizer. Then, in this order
+(each step is skipped when the ``--budget-s`` deadline would be passed; results are written after every
+measurement, so a run killed by its time limit keeps what it measured):
+
+1. equality: the same seed gives the same image (max |diff| on [0, 1] images, fp16 tolerance ``--tol``);
+2. eager text2img end to end, kandinsky22 vs reference, 1 image at the main size;
+3. per stage (text encoding, prior, decoder ms per UNet CFG step, MoVQ decode), peak GPU memory, MFU from a
+   FlopCounterMode count, and host syncs inside the decoder loop (CUDA only);
+4. kandinsky22's fast path (``enable_fast_path``): warm-up, equality with the eager images, speed;
+5. the reference's documented recipe (channels_last + ``torch.compile(mode="reduce-overhead", fullgraph=True)``
+   on the decoder UNet): warm-up, speed;
+6. 4 images per call (eager both; fast path vs compiled reference);
+7. the other sizes (eager both; the fast path);
+8. ``enable_model_cpu_offload`` (CUDA only): peak memory, and the GPU memory each model sees while it runs.
+
+    python bench/bench_pipeline.py --tiny                      # CPU, a few minutes
+    python bench/bench_pipeline.py --budget-s 480              # GPU, full size (see bench/gpu_check.sh)
+
+Needs diffusers (the reference) next to kandinsky22; the package itself never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+START = time.perf_counter()
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import kandinsky22  # noqa: E402
+from kandinsky22 import tiny  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs: the official ones (shared/reference/configs) and scaled-down ones for --tiny
+# ----------------------------------------------------------------------------------------------------------------------
+
+UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "image",
+    "addition_embed_type_num_heads": 64,
+    "attention_head_dim": 64,
+    "block_out_channels": [384, 768, 1152, 1536],
+    "cross_attention_dim": 768,
+    "down_block_types": ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
+    "encoder_hid_dim": 1280,
+    "encoder_hid_dim_type": "image_proj",
+    "in_channels": 4,
+    "layers_per_block": 3,
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "out_channels": 8,
+    "resnet_time_scale_shift": "scale_shift",
+    "sample_size": 64,
+    "up_block_types": ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
+}
+MOVQ = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 256, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "norm_type": "spatial",
+    "num_vq_embeddings": 16384,
+    "out_channels": 3,
+    "sample_size": 32,
+    "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
+    "vq_embed_dim": 4,
+}
+PRIOR = {
+    "num_attention_heads": 32,
+    "attention_head_dim": 64,
+    "num_layers": 20,
+    "embedding_dim": 1280,
+    "num_embeddings": 77,
+    "additional_embeddings": 4,
+    "dropout": 0.0,
+}
+# CLIP ViT-bigG/14 towers (kandinsky-2-2-prior/{text,image}_encoder/config.json)
+TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+VISION = {
+    "hidden_size": 1664,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+}
+TINY_TOWER = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+TINY_TEXT = {**TEXT, **TINY_TOWER, "projection_dim": tiny.TINY_EMBED_DIM, "vocab_size": tiny.tiny_vocab_size()}
+TINY_VISION = {**VISION, **TINY_TOWER, "projection_dim": tiny.TINY_EMBED_DIM, "image_size": 32, "patch_size": 4}
+
+DECODER_SCHEDULER = {k: v for k, v in tiny.DECODER_SCHEDULER.items() if not k.startswith("_")}
+PRIOR_SCHEDULER = {k: v for k, v in tiny.PRIOR_SCHEDULER.items() if not k.startswith("_")}
+PROMPT = "red cat, 4k photo"
+
+# Dense fp16/bf16 tensor-core peaks (no sparsity), for MFU.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results, budget, timing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Results:
+    """A JSON file rewritten after every measurement; also printed as it goes."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"meta": meta, "results": {}, "skipped": {}, "errors": {}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def save(self) -> None:
+        self.data["meta"]["elapsed_s"] = round(time.perf_counter() - START, 1)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        tmp.replace(self.path)
+
+    def put(self, key: str, value: Any, section: str = "results") -> None:
+        self.data[section][key] = value
+        print(f"[{time.perf_counter() - START:6.1f}s] {section}.{key} = {json.dumps(value)}", flush=True)
+        self.save()
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.deadline = START + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        if not self.cuda:
+            self.dtype = torch.float32  # CPU half-precision kernels are not what anyone runs
+        self.budget = Budget(args.budget_s)
+        out = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
+        name = "bench_pipeline_tiny_cpu.json" if args.tiny else "bench_pipeline.json"
+        self.results = Results(out / name, self.meta())
+        self.images: dict[str, torch.Tensor] = {}
+        self.estimates = {"fast_warmup": 20.0 if args.tiny else 150.0, "ref_compile": 20.0 if args.tiny else 110.0}
+
+    # -- bookkeeping --------------------------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        import diffusers
+
+        a = self.args
+        meta = {
+            "device": torch.cuda.get_device_name() if self.cuda else f"cpu ({platform.processor() or 'unknown'})",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if self.cuda else None,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "kandinsky22": kandinsky22.__version__,
+            "python": platform.python_version(),
+            "cpu_threads": torch.get_num_threads(),
+            "settings": {
+                "tiny": a.tiny,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "size": a.size,
+                "sizes": a.sizes,
+                "steps": a.steps,
+                "prior_steps": a.prior_steps,
+                "guidance_scale": 4.0,
+                "prior_guidance_scale": 4.0,
+                "scheduler": "DDPM (official decoder config), UnCLIP prior",
+                "repeats": a.repeats,
+                "budget_s": a.budget_s,
+                "tol": a.tol,
+                "compile_backend": a.backend,
+                "prompt": PROMPT,
+            },
+        }
+        return meta
+
+    def section(self, name: str, estimate_s: float, fn: Callable[[], None]) -> None:
+        """Run one measurement unless the deadline would be passed; an exception is recorded, not fatal."""
+        left = self.budget.left()
+        if left < estimate_s:
+            self.results.put(name, f"skipped: needs ~{estimate_s:.0f} s, {left:.0f} s left", "skipped")
+            return
+        try:
+            fn()
+        except Exception as err:  # a failed measurement must not cost the ones after it
+            traceback.print_exc()
+            self.results.put(name, f"{type(err).__name__}: {err}"[:2000], "errors")
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def timed(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        self.sync()
+        start = time.perf_counter()
+        out = fn()
+        self.sync()
+        return time.perf_counter() - start, out
+
+    def per_call_ms(self, fn: Callable[[], Any], iters: int) -> float:
+        """Mean ms per call after one warm-up call (CUDA events on the GPU)."""
+        fn()
+        if self.cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            begin.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return begin.elapsed_time(end) / iters
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) * 1000 / iters
+
+    def generator(self, seed: int = 0) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(seed)
+
+    # -- building -------------------------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        import diffusers
+
+        a = self.args
+        unet_cfg = tiny.tiny_unet_config(4, "image") if a.tiny else UNET
+        movq_cfg = tiny.tiny_movq_config() if a.tiny else MOVQ
+        prior_cfg = tiny.tiny_prior_config() if a.tiny else PRIOR
+        text_cfg, vision_cfg = (TINY_TEXT, TINY_VISION) if a.tiny else (TEXT, VISION)
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # random init directly in the run dtype, on the device
+        try:
+            with torch.device(self.device):
+                unet = kandinsky22.UNet2DConditionModel(**unet_cfg)
+                movq = kandinsky22.VQModel(**movq_cfg)
+                prior = kandinsky22.PriorTransformer(**prior_cfg)
+                # The checkpoint's CLIP statistics and learned tokens are zeros at init (the embeddings would all
+                # be 0): give them values so that the prior matters to the image.
+                with torch.no_grad():
+                    prior.clip_std.fill_(1.0)
+                    prior.positional_embedding.normal_(std=0.02)
+                    prior.prd_embedding.normal_(std=0.02)
+                text = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text_cfg))
+                vision = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**vision_cfg))
+                ref_models = [
+                    diffusers.UNet2DConditionModel(**unet_cfg),
+                    diffusers.VQModel(**movq_cfg),
+                    diffusers.PriorTransformer(**prior_cfg),
+                ]
+        finally:
+            torch.set_default_dtype(default_dtype)
+        for ours, ref in zip((unet, movq, prior), ref_models):
+            ref.load_state_dict(ours.state_dict(), strict=True)  # same keys: a strict copy
+        for model in (unet, movq, prior, text, vision, *ref_models):
+            model.eval().requires_grad_(False)
+        folder = tiny.write_tiny_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+        processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        processor = processor_cls(crop_size=vision_cfg["image_size"], size=vision_cfg["image_size"])
+        shared = {
+            "prior_image_encoder": vision,
+            "prior_text_encoder": text,
+            "prior_tokenizer": tokenizer,
+            "prior_image_processor": processor,
+        }
+        self.ours = kandinsky22.KandinskyV22CombinedPipeline(
+            unet=unet,
+            scheduler=kandinsky22.DDPMScheduler(**DECODER_SCHEDULER),
+            movq=movq,
+            prior_prior=prior,
+            prior_scheduler=kandinsky22.UnCLIPScheduler(**PRIOR_SCHEDULER),
+            **shared,
+        )
+        ref_unet, ref_movq, ref_prior = ref_models
+        self.ref = diffusers.KandinskyV22CombinedPipeline(
+            unet=ref_unet,
+            scheduler=diffusers.DDPMScheduler(**DECODER_SCHEDULER),
+            movq=ref_movq,
+            prior_prior=ref_prior,
+            prior_scheduler=diffusers.UnCLIPScheduler(**PRIOR_SCHEDULER),
+            **shared,
+        )
+        # The compiled paths change their models in place (layout, fused projections, compiled calls): they get copies,
+        # so that the eager pipelines stay eager for the measurements after them.
+        copies = {"unet": copy.deepcopy(unet), "movq": copy.deepcopy(movq), "prior_prior": copy.deepcopy(prior)}
+        self.fast_pipe = kandinsky22.KandinskyV22CombinedPipeline(**{**self.ours.components, **copies})
+        self.ref_compiled = diffusers.KandinskyV22CombinedPipeline(
+            **{**self.ref.components, "unet": copy.deepcopy(ref_unet)}
+        )
+        for pipe in (self.ours, self.ref, self.fast_pipe, self.ref_compiled):
+            pipe.set_progress_bar_config(disable=True)
+        self.sync()
+        params = {
+            "unet": unet.num_parameters(),
+            "movq": movq.num_parameters(),
+            "prior": prior.num_parameters(),
+            "text_encoder": sum(p.numel() for p in text.parameters()),
+            "image_encoder": sum(p.numel() for p in vision.parameters()),
+        }
+        self.results.put("build", {"seconds": round(time.perf_counter() - start, 1), "params": params})
+
+    # -- running the pipelines ------------------------------------------------------------------------------------
+
+    def run(self, pipe: Any, size: int, images: int = 1, steps: int | None = None, prior_steps: int | None = None):
+        """One text2img call; returns [0, 1] images (N, 3, H, W) as float32 (the reference's "pt" is [-1, 1])."""
+        out = pipe(
+            prompt=[PROMPT] * images,
+            num_inference_steps=steps or self.args.steps,
+            prior_num_inference_steps=prior_steps or self.args.prior_steps,
+            height=size,
+            width=size,
+            generator=self.generator(),
+            output_type="pt",
+        ).images
+        ours = isinstance(pipe, kandinsky22.KandinskyV22CombinedPipeline)
+        return out.float() if ours else (out.float() * 0.5 + 0.5).clamp(0, 1)
+
+    def e2e(self, entries: dict[str, Any], size: int, images: int = 1, repeats: int | None = None) -> dict[str, Any]:
+        """End-to-end time of each pipeline in ``entries`` (key → pipeline): one first call (reported apart: it shows
+        any compilation left), then ``repeats`` rounds in which the pipelines take turns, so that a load change on a
+        shared machine hits them alike. Wall and process-CPU seconds (the best of the rounds), and peak GPU memory."""
+        measured: dict[str, dict[str, Any]] = {}
+        for key, pipe in entries.items():
+            first, image = self.timed(lambda pipe=pipe: self.run(pipe, size, images))
+            self.images[key] = image
+            measured[key] = {"first_call_s": first, "times_s": [], "cpu_times_s": []}
+        for _ in range(repeats or self.args.repeats):
+            for key, pipe in entries.items():
+                before = torch.cuda.memory_allocated() if self.cuda else 0
+                if self.cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                cpu = time.process_time()
+                seconds, _ = self.timed(lambda pipe=pipe: self.run(pipe, size, images))
+                measured[key]["cpu_times_s"].append(time.process_time() - cpu)
+                measured[key]["times_s"].append(seconds)
+                if self.cuda:
+                    extra = torch.cuda.max_memory_allocated() - before
+                    weights = gpu_weight_bytes(pipe)
+                    measured[key].update(
+                        weights_on_gpu_GiB=weights / 2**30,
+                        run_extra_GiB=extra / 2**30,
+                        peak_alone_GiB=(weights + extra) / 2**30,
+                        process_peak_GiB=torch.cuda.max_memory_allocated() / 2**30,
+                    )
+        for key, value in measured.items():
+            best = min(value["times_s"])
+            value.update(best_s=best, best_cpu_s=min(value["cpu_times_s"]), images_per_s=images / best)
+            if self.cuda:
+                del value["cpu_times_s"]  # the host mostly waits for the GPU: CPU time says little there
+            self.results.put(key, rounded(value))
+        return measured
+
+    def compare(self, key: str, a: str, b: str) -> None:
+        """Max |a - b| on [0, 1] images, with the images' mean and std (a saturated image would compare trivially)."""
+        x, y = self.images[a], self.images[b]
+        abs_diff = (x - y).abs().flatten()
+        diff = float(abs_diff.max())
+        value = {
+            "max_abs_diff": diff,
+            "p99_9_abs_diff": float(abs_diff.kthvalue(max(1, int(0.999 * abs_diff.numel()))).values),
+            "mean_abs_diff": float(abs_diff.mean()),
+            "tol": self.args.tol,
+            "equal": diff <= self.args.tol,  # False for NaN images too
+            "image_mean_std": [float(x.mean()), float(x.std())],
+        }
+        self.results.put(key, rounded(value, 6))
+
+    # -- measurements ---------------------------------------------------------------------------------------------
+
+    def equality(self) -> None:
+        size = self.args.size
+        for name, pipe in (("ours", self.ours), ("ref", self.ref)):
+            self.run(pipe, 64 if self.args.tiny else 512, steps=2, prior_steps=2)  # cuDNN / allocator warm-up
+            self.images[f"{name}_eager_{size}"] = self.run(pipe, size)
+        self.compare(f"equal_eager_vs_ref_{size}", f"ours_eager_{size}", f"ref_eager_{size}")
+
+    def divergence(self) -> None:
+        """Where ours and the reference part, stage by stage from the same inputs: the prior's embeddings (same seed),
+        the decoder's final latents from the same embeddings, and MoVQ's images from the same latents. Random
+        weights amplify fp16 rounding far more than trained ones would; these figures tell which stage does."""
+        size, a = self.args.size, self.args
+        pairs = {"ours": self.ours, "ref": self.ref}
+        embeds = {
+            name: pipe.prior_pipe(PROMPT, num_inference_steps=a.prior_steps, generator=self.generator()).to_tuple()
+            for name, pipe in pairs.items()
+        }
+        emb, neg = (t.to(self.dtype) for t in embeds["ours"])
+        latents = {
+            name: pipe.decoder_pipe(
+                image_embeds=emb,
+                negative_image_embeds=neg,
+                height=size,
+                width=size,
+                num_inference_steps=a.steps,
+                generator=self.generator(),
+                output_type="latent",
+            ).images.float()
+            for name, pipe in pairs.items()
+        }
+        with torch.no_grad():
+            z = latents["ours"].to(self.dtype)
+            images = {
+                name: pipe.decoder_pipe.movq.decode(z, force_not_quantize=True).sample.float()
+                for name, pipe in pairs.items()
+            }
+
+        def rel(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+            x, y = x.float(), y.float()
+            return {"max_abs": float((x - y).abs().max()), "max_abs_ref": float(y.abs().max())}
+
+        value = {
+            "prior_image_embeds": rel(embeds["ours"][0], embeds["ref"][0]),
+            "decoder_latents_same_embeds": rel(latents["ours"], latents["ref"]),
+            "movq_images_same_latents_in_0_1": {"max_abs": float(((images["ours"] - images["ref"]) / 2).abs().max())},
+        }
+        self.results.put(f"divergence_{size}", rounded(value, 6))
+
+    def eager(self, size: int, images: int = 1) -> None:
+        ours, ref = f"ours_eager_e2e_{size}_bs{images}", f"ref_eager_e2e_{size}_bs{images}"
+        self.e2e({ours: self.ours, ref: self.ref}, size, images)
+        self.ratio(f"ratio_eager_ours_over_ref_{size}_bs{images}", ours, ref)
+        if not self.cuda:
+            self.ratio(f"ratio_eager_ours_over_ref_cpu_time_{size}_bs{images}", ours, ref, "best_cpu_s")
+
+    def stages(self, tag: str, pipes: dict[str, Any]) -> None:
+        """Per-stage timings of ``pipes`` (name → pipeline), the best of a few rounds in which the pipelines take turns;
+        the text encoder is shared, so it is timed once."""
+        a, size = self.args, self.args.size
+        latent = size // 8
+        iters = 10 if a.tiny else 20
+        dtype, dev = self.dtype, self.device
+        sample = torch.randn(2, 4, latent, latent, device=dev, dtype=dtype)
+        cond = {"image_embeds": torch.randn(2, self.ours.unet.config.encoder_hid_dim, device=dev, dtype=dtype)}
+        t = torch.tensor(500, device=dev)
+        emb, neg = self.ours.prior_pipe(PROMPT, num_inference_steps=2, generator=self.generator()).to_tuple()
+        tokens = self.ours.prior_tokenizer([PROMPT, ""], padding="max_length", max_length=77, return_tensors="pt")
+        ids = tokens.input_ids.to(dev)
+
+        def measures(pipe: Any) -> dict[str, Callable[[], float]]:
+            unet, movq = pipe.decoder_pipe.unet, pipe.decoder_pipe.movq
+            prior = lambda: pipe.prior_pipe(  # noqa: E731
+                PROMPT, num_inference_steps=a.prior_steps, generator=self.generator(), output_type="pt"
+            )
+            decoder = lambda: pipe.decoder_pipe(  # noqa: E731
+                image_embeds=emb,
+                negative_image_embeds=neg,
+                height=size,
+                width=size,
+                num_inference_steps=a.steps,
+                generator=self.generator(),
+                output_type="latent",
+            )
+            # Each UNet is called as its pipeline's loop calls it: ours with the conditioning prepared once per run.
+            ours = isinstance(pipe, kandinsky22.KandinskyV22CombinedPipeline)
+            unet_kwargs = {"conditioning": unet.prepare_conditioning(cond)} if ours else {"added_cond_kwargs": cond}
+            return {
+                "unet_cfg_step_ms": lambda: self.per_call_ms(
+                    lambda: unet(sample, t, None, return_dict=False, **unet_kwargs), iters
+                ),
+                "movq_decode_ms": lambda: self.per_call_ms(
+                    lambda: movq.decode(sample[:1], force_not_quantize=True), max(2, iters // 4)
+                ),
+                "prior_stage_s": lambda: self.timed(prior)[0],
+                "decoder_loop_ms_per_step": lambda: self.timed(decoder)[0] * 1000 / a.steps,
+            }
+
+        row: dict[str, Any] = {}
+        todo = {name: measures(pipe) for name, pipe in pipes.items()}
+        with torch.no_grad():
+            for _ in range(3 if a.tiny else 2):
+                for name, metrics in todo.items():
+                    for metric, measure in metrics.items():
+                        value = measure()
+                        row[f"{name}_{metric}"] = min(value, row.get(f"{name}_{metric}", value))
+            row["text_encoding_ms_shared"] = self.per_call_ms(lambda: self.ours.prior_text_encoder(ids), iters)
+        flops = self.results.data["results"].get("unet_flops", {}).get("unet_cfg_step")
+        peak = self.peak_flops()
+        for name in pipes if flops else []:
+            seconds = row[f"{name}_unet_cfg_step_ms"] / 1000
+            row[f"{name}_unet_tflops_per_s"] = flops / seconds / 1e12
+            if peak:
+                row[f"{name}_unet_mfu"] = flops / seconds / peak
+        self.results.put(f"stages_{tag}_{size}", rounded(row))
+
+    def peak_flops(self) -> float | None:
+        if not self.cuda:
+            return None
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+    def flops(self) -> None:
+        """FlopCounterMode counts of one UNet CFG step, one MoVQ decode, one prior CFG step, one whole call."""
+        a, size = self.args, self.args.size
+        latent, dev, dtype = size // 8, self.device, self.dtype
+        unet, movq, prior = self.ours.unet, self.ours.movq, self.ours.prior_prior
+        sample = torch.randn(2, 4, latent, latent, device=dev, dtype=dtype)
+        embeds = torch.randn(2, unet.config.encoder_hid_dim, device=dev, dtype=dtype)
+        width = prior.config.embedding_dim
+        x = torch.randn(2, width, device=dev, dtype=dtype)
+        hidden = torch.randn(2, 77, width, device=dev, dtype=dtype)
+        counts = {}
+        with torch.no_grad():
+            for name, fn in (
+                ("unet_cfg_step", lambda: unet(sample, 500, added_cond_kwargs={"image_embeds": embeds})),
+                ("movq_decode", lambda: movq.decode(sample[:1], force_not_quantize=True)),
+                ("prior_cfg_step", lambda: prior(x, 500, proj_embedding=x, encoder_hidden_states=hidden)),
+            ):
+                with FlopCounterMode(display=False) as counter:
+                    fn()
+                counts[name] = counter.get_total_flops()
+        counts["text2img_total"] = (
+            a.steps * counts["unet_cfg_step"] + a.prior_steps * counts["prior_cfg_step"] + counts["movq_decode"]
+        )
+        self.results.put("unet_flops", {"size": size, **counts})
+
+    def sync_check(self) -> None:
+        """Host syncs inside the decoder loop: steps 1… run under torch.cuda.set_sync_debug_mode("warn")."""
+        counts = {}
+        for name, pipe in (("ours", self.ours), ("ref", self.ref)):
+
+            def start_checking(pipe, step, timestep, tensors):
+                if step == 0:
+                    torch.cuda.set_sync_debug_mode("warn")
+                return tensors
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    pipe(
+                        prompt=PROMPT,
+                        num_inference_steps=10,
+                        prior_num_inference_steps=2,
+                        height=self.args.size,
+                        width=self.args.size,
+                        generator=self.generator(),
+                        output_type="latent",
+                        callback_on_step_end=start_checking,
+                    )
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            where = collections.Counter(
+                f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+            )
+            counts[f"{name}_syncs_in_9_decoder_steps"] = sum(where.values())
+            counts[f"{name}_sync_sites"] = dict(where.most_common(5))  # the Python lines that waited
+        self.results.put("host_syncs", counts)
+
+    def fast(self, shapes: list[tuple[int, int, int]], key: str) -> None:
+        start = time.perf_counter()
+        warm = self.fast_pipe.enable_fast_path(shapes=shapes, backend=self.args.backend)
+        seconds = time.perf_counter() - start
+        self.estimates["fast_warmup"] = seconds
+        self.results.put(key, rounded({"shapes": shapes, "seconds": seconds, "per_model_s": warm}, 2))
+
+    def ref_compile(self) -> None:
+        """The reference's documented recipe, on a copy of its UNet, with its warm-up (compile) time."""
+        unet = self.ref_compiled.decoder_pipe.unet
+        unet.to(memory_format=torch.channels_last)
+        options = {"mode": "reduce-overhead"} if self.args.backend == "inductor" else {"backend": self.args.backend}
+        self.ref_compiled.decoder_pipe.unet = torch.compile(unet, fullgraph=True, **options)
+        seconds, _ = self.timed(lambda: self.run(self.ref_compiled, self.args.size, steps=3, prior_steps=2))
+        self.estimates["ref_compile"] = seconds
+        self.results.put("ref_compiled_warmup_s", round(seconds, 1))
+
+    def offload(self) -> None:
+        """``enable_model_cpu_offload`` on a pipeline sharing our modules: the GPU memory each model adds when it
+        starts (its own weights, if offloading does what it should), the run's peak above what the other pipelines
+        keep resident, the time, and the image (equal to the one without offloading). On the CPU (--tiny) only the
+        mechanics and the image are checked: the memory figures are zeros there."""
+        size = self.args.size
+        allocated = torch.cuda.memory_allocated if self.cuda else lambda: 0
+        pipe = kandinsky22.KandinskyV22CombinedPipeline(**self.ours.components)
+        pipe.set_progress_bar_config(disable=True)
+        names = ("prior_text_encoder", "prior_prior", "unet", "movq")
+        starts: dict[str, float] = {}
+        hooks = []
+        for name in names:
+            module = getattr(pipe, name)
+
+            def record(module: Any, args: Any, name: str = name) -> None:
+                starts.setdefault(name, allocated())
+
+            hooks.append((module.decoder if name == "movq" else module).register_forward_pre_hook(record))
+        pipe.enable_model_cpu_offload(device=self.device)
+        try:
+            self.run(pipe, size, steps=2, prior_steps=2)
+            starts.clear()
+            base = allocated()
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            seconds, image = self.timed(lambda: self.run(pipe, size))
+            peak = torch.cuda.max_memory_allocated() - base if self.cuda else 0
+        finally:
+            for hook in hooks:
+                hook.remove()
+            pipe.to(self.device)  # back on the GPU for what follows (the modules are shared)
+        weights = {name: model_bytes(getattr(pipe, name)) / 2**30 for name in names}
+        value = {
+            "e2e_s": seconds,
+            "peak_above_resident_GiB": peak / 2**30,
+            "added_GiB_when_model_starts": {name: (v - base) / 2**30 for name, v in starts.items()},
+            "model_weights_GiB": weights,
+            "max_abs_diff_vs_without_offload": float((image - self.images[f"ours_eager_{size}"]).abs().max()),
+        }
+        self.results.put(f"ours_model_offload_{size}", rounded(value))
+
+    # -- the plan -------------------------------------------------------------------------------------------------
+
+    def main(self) -> None:
+        a, size = self.args, self.args.size
+        self.section("build", 0, self.build)
+        if not hasattr(self, "ours"):
+            return
+        cheap = 5.0 if a.tiny else 25.0  # seconds an eager measurement needs at most
+        self.section("equality", cheap, self.equality)
+        self.section("divergence", cheap, self.divergence)
+        self.section("eager", cheap, lambda: self.eager(size))
+        self.section("flops", 2, self.flops)
+        self.section("stages_eager", cheap, lambda: self.stages("eager", {"ours": self.ours, "ref": self.ref}))
+        if self.cuda:
+            self.section("host_syncs", cheap, self.sync_check)
+        self.section("offload", cheap, self.offload)
+
+        done: set[str] = set()
+
+        def fast_bs1() -> None:
+            self.fast([(size, size, 1)], f"ours_fast_warmup_{size}_bs1")
+            done.add("fast")
+            self.e2e({f"ours_fast_e2e_{size}_bs1": self.fast_pipe}, size)
+            self.compare(f"equal_fast_vs_eager_{size}", f"ours_fast_e2e_{size}_bs1", f"ours_eager_{size}")
+            self.compare(f"equal_fast_vs_ref_{size}", f"ours_fast_e2e_{size}_bs1", f"ref_eager_{size}")
+
+        def ref_bs1() -> None:
+            self.ref_compile()
+            done.add("ref")
+            self.e2e({f"ref_compiled_e2e_{size}_bs1": self.ref_compiled}, size)
+            # The reference against itself: the same pipeline, compiled or not. Its fp16 rounding noise floor.
+            self.compare(f"equal_ref_compiled_vs_ref_eager_{size}", f"ref_compiled_e2e_{size}_bs1", f"ref_eager_{size}")
+
+        self.section("fast", self.estimates["fast_warmup"] + cheap, fast_bs1)
+        self.section("ref_compiled", self.estimates["ref_compile"] + cheap, ref_bs1)
+        if done == {"fast", "ref"}:
+            compiled = {"ours_fast": self.fast_pipe, "ref_compiled": self.ref_compiled}
+            self.section("stages_compiled", cheap, lambda: self.stages("compiled", compiled))
+            self.ratio("ratio_fast_over_ref_compiled", f"ours_fast_e2e_{size}_bs1", f"ref_compiled_e2e_{size}_bs1")
+        self.ratio("ratio_fast_over_ref_eager", f"ours_fast_e2e_{size}_bs1", f"ref_eager_e2e_{size}_bs1")
+
+        # 4 images per call: the compiled paths first (each compiles the new batch size), then eager both
+        if "fast" in done:
+
+            def fast_bs4() -> None:
+                self.fast([(size, size, 4)], f"ours_fast_warmup_{size}_bs4")
+                self.e2e({f"ours_fast_e2e_{size}_bs4": self.fast_pipe}, size, 4, repeats=2)
+
+            self.section("fast_bs4", 0.8 * self.estimates["fast_warmup"] + cheap, fast_bs4)
+        if "ref" in done:
+            self.section(
+                "ref_compiled_bs4",
+                self.estimates["ref_compile"] + cheap,
+                lambda: self.e2e({f"ref_compiled_e2e_{size}_bs4": self.ref_compiled}, size, 4, repeats=2),
+            )
+        ours4, ref4 = f"ours_fast_e2e_{size}_bs4", f"ref_compiled_e2e_{size}_bs4"
+        self.ratio("ratio_bs4_images_per_s_fast_over_ref_compiled", ref4, ours4)
+        self.section("eager_bs4", 2 * cheap, lambda: self.eager(size, 4))
+
+        # the other sizes: eager both, then the fast path
+        others = [other for other in a.sizes if other != size]
+        for other in others:
+            self.section(f"eager_{other}", 2 * cheap, lambda other=other: self.eager(other))
+        for other in others if "fast" in done else []:
+
+            def fast_other(other: int = other) -> None:
+                self.fast([(other, other, 1)], f"ours_fast_warmup_{other}_bs1")
+                self.e2e({f"ours_fast_e2e_{other}_bs1": self.fast_pipe}, other)
+
+            self.section(f"fast_{other}", 0.8 * self.estimates["fast_warmup"] + cheap, fast_other)
+        self.results.put("total_s", round(time.perf_counter() - START, 1))
+
+    def ratio(self, key: str, numerator: str, denominator: str, field: str = "best_s") -> None:
+        results = self.results.data["results"]
+        if numerator in results and denominator in results:
+            self.results.put(key, round(results[numerator][field] / results[denominator][field], 3))
+
+
+def model_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def gpu_weight_bytes(pipe: Any) -> int:
+    """Bytes of the distinct parameter and buffer storages of ``pipe``'s models that are on the GPU."""
+    seen, total = set(), 0
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in [*component.parameters(), *component.buffers()]:
+            if tensor.is_cuda and tensor.untyped_storage().data_ptr() not in seen:
+                seen.add(tensor.untyped_storage().data_ptr())
+                total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="scaled-down configs on the CPU")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="GPU dtype (CPU: fp32)")
+    parser.add_argument("--size", type=int, help="main image size (default 768; --tiny: 128)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="all sizes (default 512 768 1024; --tiny: 64 128)")
+    parser.add_argument("--steps", type=int, default=50, help="decoder steps")
+    parser.add_argument("--prior-steps", type=int, default=25, help="prior steps")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per end-to-end measurement")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="skip what would end after this many seconds")
+    parser.add_argument("--tol", type=float, default=2e-2, help="max |diff| on [0, 1] images counted as equal")
+    parser.add_argument(
+        "--backend",
+        help="torch.compile backend of both compiled paths (default inductor; --tiny: eager, which checks the graphs "
+        "and the images but not the compiled speed: Inductor on a small CPU takes minutes to compile)",
+    )
+    parser.add_argument("--threads", type=int, help="CPU threads (--tiny default: 1, steadier on a shared machine)")
+    parser.add_argument("--out", help="results folder (default: $OUT, else bench/results)")
+    args = parser.parse_args(argv)
+    args.size = args.size or (128 if args.tiny else 768)
+    args.backend = args.backend or ("eager" if args.tiny else "inductor")
+    args.sizes = args.sizes or ([64, 128] if args.tiny else [512, 768, 1024])
+    threads = args.threads or (1 if args.tiny else None)
+    if threads:
+        torch.set_num_threads(threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    bench = Bench(args)
+    with contextlib.suppress(KeyboardInterrupt):
+        bench.main()
+    print(f"results: {bench.results.path}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

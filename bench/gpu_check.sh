@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU check of the fast-path issue: kandinsky22 against the reference (diffusers) at full size, in one process on
+# the same random-weight components (bench/bench_pipeline.py). Run from the repository root on the GPU machine, with
+# the reference's wheels (diffusers, plus any dependency the machine lacks) in .whl/:
+#
+#     bash bench/gpu_check.sh            # results and log in $OUT (else bench/results); extra arguments go to the
+#                                        # benchmark (bash bench/gpu_check.sh --tiny: the same run on the CPU)
+#
+# BUDGET_S (default 480) is the benchmark's own deadline, counted from its start: it skips what would end later.
+# Give the command about 90 s more than that (imports, pip, the last measurement running over).
+set -uo pipefail
+
+OUT="${OUT:-bench/results}"
+BUDGET_S="${BUDGET_S:-480}"
+mkdir -p "$OUT"
+LOG="$OUT/bench_pipeline.log"
+
+{
+  echo "== $(date -u +%FT%TZ) gpu_check.sh, budget ${BUDGET_S}s"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
+} | tee "$LOG"
+
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+  echo "no wheels in .whl/: carry the folder holding the diffusers wheel" | tee -a "$LOG"
+  exit 2
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  2>&1 | tee -a "$LOG"
+export PYTHONPATH="/tmp/site:$PWD/src"
+
+# Everything the benchmark imports, with versions; a missing module is named before any time is spent.
+python3 - <<'PY' 2>&1 | tee -a "$LOG"
+import importlib, sys
+missing = []
+for name in ("torch", "transformers", "diffusers", "safetensors", "huggingface_hub", "numpy", "PIL", "tqdm", "regex"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name} {getattr(module, '__version__', '?')}")
+    except Exception as err:
+        missing.append(f"{name} ({type(err).__name__}: {err})")
+if missing:
+    sys.exit("missing: " + "; ".join(missing) + " -- add their wheels to .whl/")
+import torch
+print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+PY
+status=${PIPESTATUS[0]}
+[ "$status" -eq 0 ] || exit "$status"
+
+PYTHONUNBUFFERED=1 python3 bench/bench_pipeline.py --budget-s "$BUDGET_S" --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
+exit "${PIPESTATUS[0]}"
