@@ -95,7 +95,7 @@ class ResnetBlock2D(nn.Module):
         if self.resample is not None:
             x, h = self.resample(x), self.resample(h)
         h = self.conv1(h)
-        scale, shift = self.time_emb_proj(temb)[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
+        scale, shift = self.time_emb_proj(temb).unflatten(1, (2, -1, 1, 1)).unbind(1)  # (B, C_out, 1, 1) each
         h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # norm2(h) * (1 + scale) + shift in one kernel
         h = self.conv2(F.silu(h))
         if self.conv_shortcut is not None:
@@ -183,23 +183,22 @@ class AddedKVAttention(FusibleProjections):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the context tokens (B, L, C) each. They depend on the conditioning only, not on the
-        denoised sample, so the UNet computes them once per denoising run (``prepare_conditioning``)."""
+        """Keys and values of the context tokens, (B, L, heads, head_dim) each. They depend on the conditioning only,
+        not on the denoised sample, so the UNet computes them once per denoising run (``prepare_conditioning``)."""
         context_k, context_v = self.project("added_kv", context)
-        return context_k, context_v
+        return tuple(t.unflatten(-1, (self.heads, self.head_dim)) for t in (context_k, context_v))  # (B, L, heads, d)
 
     def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        # One copy to (B, HW, C) rows (free when x is channels_last), so each projection is a single GEMM with its
-        # bias; a strided input would cost a copy and a separate bias add per projection.
-        pixels = self.group_norm(x).flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
-        q, k, v = self.project("qkv", pixels)
-        context_k, context_v = context_kv  # (B, L, C)
-        k = torch.cat([context_k, k], dim=1)  # (B, L + HW, C)
+        # Eager runs are bound by launching ops, so this works on 2-d rows: one copy of the normed pixels to (B·HW, C)
+        # (free when x is channels_last) makes each projection a single GEMM with its bias, without the reshapes a
+        # 3-d input costs around every projection.
+        b, c, h, w = x.shape
+        pixels = self.group_norm(x).permute(0, 2, 3, 1).reshape(-1, c)  # (B·HW, C)
+        q, k, v = (t.view(b, h * w, self.heads, self.head_dim) for t in self.project("qkv", pixels))
+        context_k, context_v = context_kv  # (B, L, heads, d)
+        k = torch.cat([context_k, k], dim=1)  # (B, L + HW, heads, d)
         v = torch.cat([context_v, v], dim=1)
-        q, k, v = (
-            t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2) for t in (q, k, v)
-        )  # (B, heads, T, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, HW, C)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.to_out[0](out.transpose(1, 2).reshape(-1, c))  # (B·HW, C)
         # (B, C, H, W) as a view with channels_last strides: the residual add reads it without a copy
-        return x + out.transpose(1, 2).unflatten(2, x.shape[-2:])
+        return x + out.view(b, h, w, c).permute(0, 3, 1, 2)

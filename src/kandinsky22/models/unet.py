@@ -63,7 +63,7 @@ class UNetConditioning:
     and passes it to every step, where the reference recomputes all of it each step."""
 
     time_addition: torch.Tensor  # (B, time_dim)
-    context_kv: list[tuple[torch.Tensor, torch.Tensor]]  # (B, 32, C) keys and values per attention layer
+    context_kv: list[tuple[torch.Tensor, torch.Tensor]]  # (B, 32, heads, head_dim) keys, values per attention layer
     hint: torch.Tensor | None = None  # (B, 4, H, W), concatenated to the sample (image_hint UNets)
 
 
