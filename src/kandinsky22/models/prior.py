@@ -62,11 +62,13 @@ class SelfAttention(FusibleProjections):
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        b, length, _ = x.shape
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.project("qkv", x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """``x``: the tokens as rows (B·L, D), as the blocks keep them (see ``PriorTransformer.forward``)."""
+        q, k, v = (
+            t.view(batch, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in self.project("qkv", x)
+        )
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, L, head_dim)
-        return self.to_out(h.transpose(1, 2).reshape(b, length, -1))
+        return self.to_out(h.transpose(1, 2).reshape(x.shape[0], -1))  # (B·L, inner)
 
 
 class GELUProjection(nn.Module):
@@ -98,8 +100,8 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), mask, batch)
         return x + self.ff(self.norm3(x))
 
 
@@ -193,10 +195,14 @@ class PriorTransformer(ModelMixin):
             # head; the reference repeats it per head, broadcasting is equivalent.
             mask = (padding[:, None, :] + causal)[:, None]  # (B, 1, 81, 81)
 
+        # The blocks work on the tokens as rows (B·81, D): every linear layer is then one GEMM with its bias and no
+        # reshapes around it (eager runs are bound by launching ops). Only attention views them per sample.
+        length = x.shape[1]
+        x = x.reshape(-1, x.shape[-1])
         for block in self.transformer_blocks:
-            x = block(x, mask)
+            x = block(x, mask, batch)
         # LayerNorm is per token, so normalizing only the prd token (the last) gives the reference's output.
-        predicted = self.proj_to_clip_embeddings(self.norm_out(x[:, -1]))
+        predicted = self.proj_to_clip_embeddings(self.norm_out(x.view(batch, length, -1)[:, -1]))
         return PriorTransformerOutput(predicted) if return_dict else (predicted,)
 
     def post_process_latents(self, prior_latents: torch.Tensor) -> torch.Tensor:
