@@ -763,7 +763,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", help="all sizes (default 512 768 1024; --tiny: 64 128)")
     parser.add_argument("--steps", type=int, default=50, help="decoder steps")
     parser.add_argument("--prior-steps", type=int, default=25, help="prior steps")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per end-to-end measurement")
+    parser.add_argument("--repeats", type=int, help="timed rounds per end-to-end measurement (default 3; --tiny: 5)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip what would end after this many seconds")
     parser.add_argument("--tol", type=float, default=2e-2, help="max |diff| on [0, 1] images counted as equal")
     parser.add_argument(
@@ -776,6 +776,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.size = args.size or (128 if args.tiny else 768)
     args.backend = args.backend or ("eager" if args.tiny else "inductor")
+    args.repeats = args.repeats or (5 if args.tiny else 3)
     args.sizes = args.sizes or ([64, 128] if args.tiny else [512, 768, 1024])
     threads = args.threads or (1 if args.tiny else None)
     if threads:
