@@ -55,7 +55,7 @@ def ray_address() -> Iterator[str]:
     # run out, so start-up gets three tries before the tests fail.
     for attempt in range(3):
         try:
-            ray.init(num_cpus=2, include_dashboard=False)
+            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")  # loopback only
             break
         except Exception:
             ray.shutdown()
