@@ -506,9 +506,11 @@ class Bench:
                 generator=self.generator(),
                 output_type="latent",
             )
-            # Each UNet is called as its pipeline's loop calls it: ours with the conditioning prepared once per run.
+            # Each UNet is called as its pipeline's loop calls it: ours with the conditioning prepared once per run
+            # (with the run's timesteps; this is the row of the one step measured).
             ours = isinstance(pipe, kandinsky22.KandinskyV22CombinedPipeline)
-            unet_kwargs = {"conditioning": unet.prepare_conditioning(cond)} if ours else {"added_cond_kwargs": cond}
+            conditioning = unet.prepare_conditioning(cond, t.reshape(1)).at(0) if ours else None
+            unet_kwargs = {"conditioning": conditioning} if ours else {"added_cond_kwargs": cond}
             return {
                 "unet_cfg_step_ms": lambda: self.per_call_ms(
                     lambda: unet(sample, t, None, return_dict=False, **unet_kwargs), iters

@@ -223,3 +223,47 @@ def test_missing_conditioning_raises():
     sample, cond = make_inputs(VARIANTS["image_hint"], batch=1, height=8, width=8)
     with pytest.raises(ValueError, match="hint"):
         hinted(sample, 1, added_cond_kwargs={"image_embeds": cond["image_embeds"]})
+
+
+@pytest.mark.parametrize("variant", ["image", "image_hint"])
+def test_per_run_time_modulation_equals_per_step(variant, monkeypatch):
+    """A conditioning prepared with the run's timesteps (one table of every resnet's scale and shift per step) gives
+    the outputs of the per-step computation; it must be selected per step; past its size cap it is not built."""
+    config = {**THREE_LEVELS, "in_channels": 8, "addition_embed_type": "image_hint"} if variant == "image_hint" else TINY
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**config).eval()
+    sample, cond = make_inputs(config, batch=2, height=8, width=8)
+    timesteps = torch.tensor([999, 500, 3])
+    with torch.no_grad():
+        per_run = model.prepare_conditioning(cond, timesteps)
+        assert per_run.modulation.shape[:3] == (3, 2, 2)
+        for i, t in enumerate(timesteps):
+            expected = model(sample, t, added_cond_kwargs=cond).sample
+            got = model(sample, t, conditioning=per_run.at(i)).sample
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"conditioning.at\(step\)"):
+            model(sample, 3, conditioning=per_run)
+        monkeypatch.setattr("kandinsky22.models.unet._MODULATION_TABLE_BYTES", per_run.modulation.nbytes - 1)
+        assert model.prepare_conditioning(cond, timesteps).modulation is None
+        assert model.prepare_conditioning(cond, timesteps).at(1).modulation is None
+
+
+def test_per_run_time_modulation_compiles_once():
+    """The compiled UNet takes each step's row of the table without a graph break or a recompilation per step."""
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**TINY).eval()
+    sample, cond = make_inputs(TINY, batch=2, height=8, width=8)
+    timesteps = torch.tensor([999, 666, 333, 1])
+    counts = {"graphs": 0}
+
+    def backend(graph, example_inputs):
+        counts["graphs"] += 1
+        return graph.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        per_run = model.prepare_conditioning(cond, timesteps)
+        for i, t in enumerate(timesteps):
+            expected = model(sample, t, conditioning=per_run.at(i)).sample
+            torch.testing.assert_close(compiled(sample, t, conditioning=per_run.at(i)).sample, expected)
+    assert counts["graphs"] == 1

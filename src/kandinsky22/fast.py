@@ -169,7 +169,8 @@ def _warm_up_call(model: nn.Module, components: dict[str, Any], latent: tuple[in
         if hint:
             cond["hint"] = torch.rand(2 * images, 3, 8 * latent[0], 8 * latent[1], device=device, dtype=dtype)
         timestep = _first_timestep(components.get("scheduler"), device)
-        conditioning = model.prepare_conditioning(cond)  # as the decoder loop passes it (once per run)
+        # As the decoder loop passes it: prepared once per run with the run's timesteps, one step's row per call.
+        conditioning = model.prepare_conditioning(cond, timestep.reshape(1)).at(0)
         return lambda: model(sample, timestep, encoder_hidden_states=None, conditioning=conditioning, return_dict=False)
     if isinstance(model, VQModel):
         latents = torch.randn(images, model.config.latent_channels, *latent, device=device, dtype=dtype)

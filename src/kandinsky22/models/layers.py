@@ -65,7 +65,7 @@ class ResnetBlock2D(nn.Module):
 
     ``resample`` "up" (nearest ×2) or "down" (average pool 2×2) is applied to both the residual input and the
     hidden state after the first norm, as the reference does, so the block changes the resolution.
-    ``temb`` is the already activated time embedding, ``silu(emb)``: the UNet computes it once for all blocks.
+    The time conditioning arrives as ``(1 + scale, shift)`` (see :meth:`time_modulation`).
     """
 
     def __init__(
@@ -90,13 +90,20 @@ class ResnetBlock2D(nn.Module):
         elif resample == "down":
             self.resample = nn.AvgPool2d(2)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def time_modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 + scale, shift)``, (B, C_out, 1, 1) each, from the activated time embedding (B, temb_channels)."""
+        scale, shift = self.time_emb_proj(temb).unflatten(1, (2, -1, 1, 1)).unbind(1)
+        return 1 + scale, shift
+
+    def forward(self, x: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``modulation`` is :meth:`time_modulation`'s ``(1 + scale, shift)`` (the UNet computes them for all blocks,
+        once per step or once per run)."""
         h = F.silu(self.norm1(x))
         if self.resample is not None:
             x, h = self.resample(x), self.resample(h)
         h = self.conv1(h)
-        scale, shift = self.time_emb_proj(temb).unflatten(1, (2, -1, 1, 1)).unbind(1)  # (B, C_out, 1, 1) each
-        h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # norm2(h) * (1 + scale) + shift in one kernel
+        scale_1, shift = modulation
+        h = torch.addcmul(shift, self.norm2(h), scale_1)  # norm2(h) * (1 + scale) + shift in one kernel
         h = self.conv2(F.silu(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)

@@ -9,6 +9,7 @@ the reference's, so ``config.json`` files are shared with it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -55,16 +56,32 @@ class UNet2DConditionOutput:
     sample: torch.Tensor  # (B, out_channels, H, W)
 
 
+# Largest per-run table of time modulations (bytes); a run that would need more computes them at each step instead.
+_MODULATION_TABLE_BYTES = 256 * 2**20
+
+
 @dataclass
 class UNetConditioning:
     """What the UNet derives from ``added_cond_kwargs`` alone, the same at every denoising step: the addition to the
     time embedding, the keys and values of the context tokens for each attention layer (in call order), and the
     encoded hint. ``UNet2DConditionModel.prepare_conditioning`` builds it; the denoising loop builds it once per run
-    and passes it to every step, where the reference recomputes all of it each step."""
+    and passes it to every step, where the reference recomputes all of it each step.
+
+    Given the run's timesteps, it also holds ``modulation``: every resnet's ``(1 + scale, shift)`` for every step,
+    (steps, 2, B, ΣC, 1, 1) with the resnets' channels side by side in call order — the time embedding, its MLP and
+    the 36 projections of a full-size UNet become one batch of work per run instead of ~100 small kernels per step.
+    ``at(i)`` selects step ``i``'s row, which ``forward`` then uses in place of its ``timestep``."""
 
     time_addition: torch.Tensor  # (B, time_dim)
     context_kv: list[tuple[torch.Tensor, torch.Tensor]]  # (B, 32, heads, head_dim) keys, values per attention layer
     hint: torch.Tensor | None = None  # (B, 4, H, W), concatenated to the sample (image_hint UNets)
+    modulation: torch.Tensor | None = None  # (steps, 2, B, ΣC, 1, 1) for a run, or (2, B, ΣC, 1, 1) for one step
+
+    def at(self, step: int) -> UNetConditioning:
+        """The conditioning of denoising step ``step`` (the same object without a per-run table)."""
+        if self.modulation is None or self.modulation.ndim != 6:
+            return self
+        return dataclasses.replace(self, modulation=self.modulation[step])
 
 
 def _per_level(config: Mapping[str, Any], key: str, levels: int) -> list[int]:
@@ -167,6 +184,8 @@ class ImageTimeEmbedding(nn.Module):
 
 # The attention layers' precomputed context keys and values, consumed in call order (down, mid, up).
 ContextKV = Iterator[tuple[torch.Tensor, torch.Tensor]]
+# The resnets' (1 + scale, shift), consumed in call order (down: resnets then downsampler; mid; up: resnets, upsampler).
+Modulations = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 class DownBlock(nn.Module):
@@ -205,15 +224,15 @@ class DownBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context_kv: ContextKV, skips: list[torch.Tensor]
+        self, x: torch.Tensor, modulations: Modulations, context_kv: ContextKV, skips: list[torch.Tensor]
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = resnet(x, next(modulations))
             if self.attentions:
                 x = self.attentions[i](x, next(context_kv))
             skips.append(x)
         for downsampler in self.downsamplers:
-            x = downsampler(x, temb)
+            x = downsampler(x, next(modulations))
             skips.append(x)
         return x
 
@@ -228,10 +247,10 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([AddedKVAttention(channels, context_dim, head_dim, groups)])
         self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2))
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context_kv: ContextKV) -> torch.Tensor:
-        x = self.resnets[0](x, temb)
+    def forward(self, x: torch.Tensor, modulations: Modulations, context_kv: ContextKV) -> torch.Tensor:
+        x = self.resnets[0](x, next(modulations))
         x = self.attentions[0](x, next(context_kv))
-        return self.resnets[1](x, temb)
+        return self.resnets[1](x, next(modulations))
 
 
 class UpBlock(nn.Module):
@@ -274,14 +293,14 @@ class UpBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context_kv: ContextKV, skips: list[torch.Tensor]
+        self, x: torch.Tensor, modulations: Modulations, context_kv: ContextKV, skips: list[torch.Tensor]
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            x = resnet(torch.cat([x, skips.pop()], dim=1), next(modulations))
             if self.attentions:
                 x = self.attentions[i](x, next(context_kv))
         for upsampler in self.upsamplers:
-            x = upsampler(x, temb)
+            x = upsampler(x, next(modulations))
         return x
 
 
@@ -404,10 +423,21 @@ class UNet2DConditionModel(ModelMixin):
         self.conv_out = nn.Conv2d(
             channels[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2
         )
+        # Every resnet in the order forward calls them (a plain list: not registered twice in the state dict).
+        self._resnets_in_call_order: list[ResnetBlock2D] = [
+            *(r for block in self.down_blocks for r in (*block.resnets, *block.downsamplers)),
+            *self.mid_block.resnets,
+            *(r for block in self.up_blocks for r in (*block.resnets, *block.upsamplers)),
+        ]
 
-    def prepare_conditioning(self, added_cond_kwargs: Mapping[str, torch.Tensor] | None) -> UNetConditioning:
+    def prepare_conditioning(
+        self, added_cond_kwargs: Mapping[str, torch.Tensor] | None, timesteps: torch.Tensor | None = None
+    ) -> UNetConditioning:
         """Everything ``forward`` derives from ``added_cond_kwargs`` (see ``forward``); pass it as ``conditioning`` to
-        skip that work at each step of a run with the same conditioning."""
+        skip that work at each step of a run with the same conditioning.
+
+        With ``timesteps`` (the run's 1-d table), the time modulation of every resnet at every step is computed here
+        too (unless the table would exceed 256 MiB): pass ``conditioning.at(i)`` at step ``i``."""
         cond = added_cond_kwargs or {}
         image_embeds = cond.get("image_embeds")
         if image_embeds is None:
@@ -428,11 +458,54 @@ class UNet2DConditionModel(ModelMixin):
         context = self.encoder_hid_proj(image_embeds)  # (B, 32, cross_attention_dim)
         attentions = [attn for block in self.down_blocks for attn in block.attentions]
         attentions += [*self.mid_block.attentions, *(attn for block in self.up_blocks for attn in block.attentions)]
+        time_addition = self.add_embedding(image_embeds)
         return UNetConditioning(
-            time_addition=self.add_embedding(image_embeds),
+            time_addition=time_addition,
             context_kv=[attn.context_kv(context) for attn in attentions],  # the order forward calls them in
             hint=hint,
+            modulation=None if timesteps is None else self._modulation_table(timesteps, time_addition),
         )
+
+    def _activated_time_embedding(self, timesteps: torch.Tensor, time_addition: torch.Tensor) -> torch.Tensor:
+        """``silu(time_embedding(timesteps) + time_addition)``, (B, time_dim): every resnet activates the time
+        embedding before projecting it, so it is done once here. ``timesteps`` is (B,) or broadcasts to it."""
+        dtype = self.time_embedding.linear_1.weight.dtype
+        return F.silu(self.time_embedding(self.time_proj(timesteps).to(dtype)) + time_addition)
+
+    def _modulation_table(self, timesteps: torch.Tensor, time_addition: torch.Tensor) -> torch.Tensor | None:
+        """Every resnet's ``(1 + scale, shift)`` at every step: (steps, 2, B, ΣC, 1, 1), or None if over the cap."""
+        timesteps = torch.as_tensor(timesteps, device=time_addition.device).reshape(-1)
+        steps, batch = timesteps.shape[0], time_addition.shape[0]
+        width = sum(r.time_emb_proj.out_features for r in self._resnets_in_call_order)  # 2 ΣC
+        if steps * batch * width * time_addition.element_size() > _MODULATION_TABLE_BYTES:
+            return None
+        # (steps · B, time_dim): row s·B + b is sample b at step s
+        temb = self._activated_time_embedding(timesteps.repeat_interleave(batch), time_addition.repeat(steps, 1))
+        parts = [r.time_modulation(temb) for r in self._resnets_in_call_order]  # (steps · B, C, 1, 1) pairs
+        table = torch.stack([torch.cat([part[k] for part in parts], dim=1) for k in (0, 1)])  # (2, steps · B, ΣC, 1, 1)
+        return table.unflatten(1, (steps, batch)).transpose(0, 1)  # (steps, 2, B, ΣC, 1, 1)
+
+    def _modulations(
+        self, conditioning: UNetConditioning, timestep: torch.Tensor | float | int, batch: int, device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each resnet's ``(1 + scale, shift)`` for this step, in call order: slices of the conditioning's per-step
+        row, or computed from ``timestep``."""
+        resnets = self._resnets_in_call_order
+        if conditioning.modulation is None:
+            timesteps = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)  # (B,), no host sync
+            temb = self._activated_time_embedding(timesteps, conditioning.time_addition)
+            return [r.time_modulation(temb) for r in resnets]
+        if conditioning.modulation.ndim != 5:
+            raise ValueError(
+                "this conditioning holds the time modulation of every step of a run: pass conditioning.at(step)"
+            )
+        scale_1, shift = conditioning.modulation.unbind(0)  # (B, ΣC, 1, 1) each
+        out, start = [], 0
+        for resnet in resnets:
+            end = start + resnet.time_emb_proj.out_features // 2
+            out.append((scale_1[:, start:end], shift[:, start:end]))
+            start = end
+        return out
 
     def forward(
         self,
@@ -447,8 +520,9 @@ class UNet2DConditionModel(ModelMixin):
 
         ``added_cond_kwargs`` holds ``image_embeds`` (B, encoder_hid_dim) and, for "image_hint", ``hint``
         (B, 3, 8H, 8W); C is ``in_channels`` minus the hint's 4 channels. ``conditioning``, from
-        ``prepare_conditioning(added_cond_kwargs)``, replaces ``added_cond_kwargs``. ``timestep`` is a number, a 0-d
-        tensor or a (1,) / (B,) tensor, broadcast to the batch on the device without a host sync.
+        ``prepare_conditioning(added_cond_kwargs)``, replaces ``added_cond_kwargs``; one made with the run's timesteps
+        and selected with ``.at(i)`` also replaces ``timestep`` (its value is then not read). ``timestep`` is a number,
+        a 0-d tensor or a (1,) / (B,) tensor, broadcast to the batch on the device without a host sync.
         ``encoder_hidden_states`` is ignored, as in the reference: the context tokens come from ``image_embeds``.
         H and W must be divisible by 2 ** (levels - 1).
         """
@@ -457,17 +531,15 @@ class UNet2DConditionModel(ModelMixin):
         if conditioning.hint is not None:
             sample = torch.cat([sample, conditioning.hint.to(sample.dtype)], dim=1)
 
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
-        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype)) + conditioning.time_addition
-        temb = F.silu(emb)  # every resnet activates the time embedding before projecting it: do it once here
+        modulations = iter(self._modulations(conditioning, timestep, sample.shape[0], sample.device))
         context_kv = iter(conditioning.context_kv)
 
         x = self.conv_in(sample)
         skips = [x]
         for down_block in self.down_blocks:
-            x = down_block(x, temb, context_kv, skips)
-        x = self.mid_block(x, temb, context_kv)
+            x = down_block(x, modulations, context_kv, skips)
+        x = self.mid_block(x, modulations, context_kv)
         for up_block in self.up_blocks:
-            x = up_block(x, temb, context_kv, skips)
+            x = up_block(x, modulations, context_kv, skips)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)

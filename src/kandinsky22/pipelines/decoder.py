@@ -204,8 +204,8 @@ class DecoderPipeline(Pipeline):
         # scheduler and the callbacks keep the host values.
         unet_timesteps = timesteps.to(latents.device)
         # What the UNet derives from its conditioning (the context tokens' keys and values in every attention layer,
-        # the time-embedding addition, an encoded hint) is the same at every step: prepared once, and again only if a
-        # callback swaps one of the conditioning tensors.
+        # the time-embedding addition, an encoded hint) is the same at every step, and its time modulations depend on
+        # the step only: all prepared once per run, and again only if a callback swaps a conditioning tensor.
         added: dict[str, torch.Tensor] = {}
         conditioning = None
         state["latents"] = latents
@@ -215,12 +215,12 @@ class DecoderPipeline(Pipeline):
             latent_input = self.scheduler.scale_model_input(latent_input, t)
             current = self._added_cond_kwargs(state)
             if conditioning is None or current.keys() != added.keys() or any(current[k] is not added[k] for k in added):
-                added, conditioning = current, unet.prepare_conditioning(current)
+                added, conditioning = current, unet.prepare_conditioning(current, unet_timesteps)
             (out,) = unet(
                 self._unet_input(latent_input, state, i),
                 unet_timesteps[i],
                 encoder_hidden_states=None,
-                conditioning=conditioning,
+                conditioning=conditioning.at(i),
                 return_dict=False,
             )
             eps, variance = out[:, :channels], out[:, channels:]
