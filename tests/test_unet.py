@@ -229,7 +229,9 @@ def test_missing_conditioning_raises():
 def test_per_run_time_modulation_equals_per_step(variant, monkeypatch):
     """A conditioning prepared with the run's timesteps (one table of every resnet's scale and shift per step) gives
     the outputs of the per-step computation; it must be selected per step; past its size cap it is not built."""
-    config = {**THREE_LEVELS, "in_channels": 8, "addition_embed_type": "image_hint"} if variant == "image_hint" else TINY
+    config = (
+        {**THREE_LEVELS, "in_channels": 8, "addition_embed_type": "image_hint"} if variant == "image_hint" else TINY
+    )
     torch.manual_seed(0)
     model = UNet2DConditionModel(**config).eval()
     sample, cond = make_inputs(config, batch=2, height=8, width=8)
