@@ -39,5 +39,17 @@ def randn_tensor(
             raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}: pass one per sample")
         per_sample = (1, *shape[1:])
         parts = [torch.randn(per_sample, generator=g, device=draw_device, dtype=dtype) for g in generator]
-        return torch.cat(parts).to(device)
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+        return _to_device(torch.cat(parts), device)
+    return _to_device(torch.randn(shape, generator=generator, device=draw_device, dtype=dtype), device)
+
+
+def _to_device(noise: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``noise`` on ``device``. From the CPU to a GPU it goes through pinned memory without waiting: a plain copy from
+    pageable memory blocks the host until the GPU has finished all the work queued before it, so a sampler drawing
+    noise at every step from a CPU generator (the reference's seeding convention) would stall the loop each step.
+    The pinned buffer is not reused before its copy has completed (PyTorch's host allocator records the stream)."""
+    if noise.device == device:
+        return noise
+    if noise.device.type == "cpu" and device.type == "cuda":
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
