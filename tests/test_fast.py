@@ -209,3 +209,45 @@ def test_denoising_loops_never_read_device_values_on_the_host() -> None:
     assert not [shape for shape in copies.shapes if len(shape) == 0]  # no per-step scalar copies
     with pytest.raises(RuntimeError):
         latents.sum().item()  # the premise: reading a meta value fails
+
+
+@pytest.mark.parametrize("scheduler", ["DDPMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_inpaint_loop_copies_only_noise_per_step(scheduler: str) -> None:
+    """Inpainting re-noises the kept image at every step (``add_noise``). On the ``meta`` device, a run of 6 steps
+    makes no more copies from the host than a run of 3 but for the CPU generator's noise of each extra step (DDPM
+    draws noise at every step; Euler and DPM-Solver++ do not): the scheduler's tables and the timesteps reach the
+    device once per run, where a copy per step would block the host on a GPU."""
+    torch.manual_seed(0)
+    unet = kandinsky22.UNet2DConditionModel(**tiny.tiny_unet_config(9, "image"))
+    movq = kandinsky22.VQModel(**tiny.tiny_movq_config())
+    sampler = getattr(kandinsky22, scheduler)(**_config(tiny.DECODER_SCHEDULER))
+    pipe = kandinsky22.KandinskyV22InpaintPipeline(unet=unet.eval(), scheduler=sampler, movq=movq.eval()).to("meta")
+    pipe.set_progress_bar_config(disable=True)
+    embeds = torch.empty(1, tiny.TINY_EMBED_DIM, device="meta")
+    mask = torch.zeros(64, 64)
+    mask[:32] = 1
+
+    def copies(steps: int) -> list[tuple[int, ...]]:
+        with _HostToDeviceCopies() as recorded:
+            pipe(
+                image_embeds=embeds,
+                negative_image_embeds=embeds,
+                image=torch.rand(1, 3, 64, 64),
+                mask_image=mask,
+                height=64,
+                width=64,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+            )
+        return recorded.shapes
+
+    short, long = copies(3), copies(6)
+    extra = list(long)
+    for shape in short:
+        extra.remove(shape) if shape in extra else None
+    noise_draws = 3 if scheduler == "DDPMScheduler" else 0
+    assert extra.count((1, 4, 8, 8)) == noise_draws, extra
+    # and the longer run's own tables, once: timesteps (6,) instead of (3,); σ (7,) instead of (4,)
+    tables = [(6,), (7,)] if scheduler != "DDPMScheduler" else [(6,)]
+    assert sorted(shape for shape in extra if shape != (1, 4, 8, 8)) == tables, extra

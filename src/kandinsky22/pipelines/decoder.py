@@ -17,7 +17,8 @@ How latents start is not a hook: each ``__call__`` passes its own start latents 
 encoded image noised to the first of the remaining timesteps).
 
 ``state`` is a dict of tensors: ``latents``, ``image_embeds`` (the UNet conditioning: ``[negative; positive]`` under
-classifier-free guidance, each repeated per image), ``negative_image_embeds`` and whatever a variant adds. The names
+classifier-free guidance, each repeated per image), ``negative_image_embeds``, ``timesteps_on_device`` (the loop's
+device copy of the timestep table, made once) and whatever a variant adds. The names
 listed in ``callback_on_step_end_tensor_inputs`` are handed to the callback after each step, and the tensors it
 returns replace those in ``state`` — so the hooks see what the callback set.
 
@@ -202,7 +203,7 @@ class DecoderPipeline(Pipeline):
         # The UNet reads the timestep from a device copy of the table made once: a per-step host-to-device copy would
         # block until the GPU has caught up, so the host could not queue the next step's kernels ahead of it. The
         # scheduler and the callbacks keep the host values.
-        unet_timesteps = timesteps.to(latents.device)
+        unet_timesteps = state["timesteps_on_device"] = timesteps.to(latents.device)
         # What the UNet derives from its conditioning (the context tokens' keys and values in every attention layer,
         # the time-embedding addition, an encoded hint) is the same at every step, and its time modulations depend on
         # the step only: all prepared once per run, and again only if a callback swaps a conditioning tensor.

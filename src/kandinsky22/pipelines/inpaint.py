@@ -45,8 +45,8 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
     ) -> torch.Tensor:
         """Put the image back where it is kept, noised to the level the next step expects (clean after the last)."""
         original = state["image_latents"]
-        if i < len(timesteps) - 1:
-            original = self.scheduler.add_noise(original, state["noise"], timesteps[i + 1 : i + 2])
+        if i < len(timesteps) - 1:  # the device copy of the timesteps: a host one would be copied at every step
+            original = self.scheduler.add_noise(original, state["noise"], state["timesteps_on_device"][i + 1 : i + 2])
         return _blend(original, latents, state["mask_image"])
 
     # -- __call__ -------------------------------------------------------------------------------------------------

@@ -170,6 +170,19 @@ class SchedulerMixin:
         """Start the run at table index ``begin_index`` (img2img: ``t_start``), without looking the timestep up."""
         self._begin_index = begin_index
 
+    def _on_device(self, table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """One of this scheduler's host tables on ``like``'s device and dtype, copied once and then reused: a copy
+        from the host at every call would block the host until the GPU had caught up, at every step that needs it.
+        A replaced or modified table is copied again."""
+        if table.device == like.device and table.dtype == like.dtype:
+            return table
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (id(table), like.device, like.dtype)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not table or hit[1] != table._version:
+            hit = cache[key] = (table, table._version, table.to(device=like.device, dtype=like.dtype))
+        return hit[2]
+
     def _set_schedule(self, timesteps: np.ndarray, device: torch.device | str | None, dtype: torch.dtype) -> None:
         """Install a run's timestep table: a host list for look-ups and ``.timesteps`` on ``device``."""
         self._host_timesteps: list = timesteps.tolist()
@@ -270,13 +283,17 @@ class SigmaSchedulerMixin(SchedulerMixin):
             self._step_index = 0 if value is None else self._lookup(value)
         return self._step_index
 
-    def _noise_indices(self, timesteps: torch.Tensor) -> list[int]:
-        """Table indices for ``add_noise``: looked up per sample (one read of ``timesteps``, before the loop) unless
-        a begin index is set, as the reference."""
-        batch = len(timesteps)
+    def _noise_levels(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """σ for ``add_noise``, (B, 1, …) on ``like``'s device and dtype: looked up per sample (one read of
+        ``timesteps``, before the loop) unless a begin index is set, as the reference; then every sample takes the
+        current step's σ, sliced on the device (no index copied from the host at each step)."""
+        sigma = self._on_device(self.sigmas, like)
         if self._begin_index is None:
-            return [self._lookup(t) for t in torch.as_tensor(timesteps).tolist()]
-        return [self._step_index if self._step_index is not None else self._begin_index] * batch
+            levels = sigma[[self._lookup(t) for t in torch.as_tensor(timesteps).tolist()]]
+        else:
+            index = self._step_index if self._step_index is not None else self._begin_index
+            levels = sigma[index : index + 1].expand(len(timesteps))
+        return levels.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 class MultistepSolverMixin(SigmaSchedulerMixin):
@@ -313,7 +330,6 @@ class MultistepSolverMixin(SigmaSchedulerMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x = α·x₀ + σ_t·ε at the timesteps' noise levels (α = 1/√(σ²+1), σ_t = σ·α)."""
-        sigma = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        sigma = sigma[self._noise_indices(timesteps)].view((-1,) + (1,) * (original_samples.ndim - 1))
+        sigma = self._noise_levels(timesteps, original_samples)
         alpha = 1 / ((sigma**2 + 1) ** 0.5)
         return alpha * original_samples + (sigma * alpha) * noise

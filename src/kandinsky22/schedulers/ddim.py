@@ -108,4 +108,4 @@ class DDIMScheduler(SchedulerMixin):
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
+        return add_noise_vp(self._on_device(self.alphas_cumprod, original_samples), original_samples, noise, timesteps)

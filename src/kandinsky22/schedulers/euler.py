@@ -62,9 +62,7 @@ class _EulerFamily(SigmaSchedulerMixin):
         return model_output * float(-sigma / (sigma**2 + 1) ** 0.5) + sample / float(sigma**2 + 1)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        sigma = sigma[self._noise_indices(timesteps)].view((-1,) + (1,) * (original_samples.ndim - 1))
-        return original_samples + noise * sigma
+        return original_samples + noise * self._noise_levels(timesteps, original_samples)
 
 
 class EulerDiscreteScheduler(_EulerFamily):
