@@ -478,22 +478,77 @@ class Bench:
         if not self.cuda:
             self.ratio(f"ratio_eager_ours_over_ref_cpu_time_{size}_bs{images}", ours, ref, "best_cpu_s")
 
+    def unet_step(self, pipe: Any) -> tuple[Callable[[], Any], torch.Tensor]:
+        """One UNet CFG step of ``pipe`` at ``--size`` (batch 2), called as its pipeline's loop calls it — ours with
+        the conditioning prepared once per run, with the run's timesteps (this is the row of the step measured) —,
+        and the latents it runs on (for the MoVQ decode)."""
+        latent = self.args.size // 8
+        dtype, dev = self.dtype, self.device
+        gen = torch.Generator(dev).manual_seed(3)
+        sample = torch.randn(2, 4, latent, latent, device=dev, dtype=dtype, generator=gen)
+        width = self.ours.unet.config.encoder_hid_dim
+        cond = {"image_embeds": torch.randn(2, width, device=dev, dtype=dtype, generator=gen)}
+        t = torch.tensor(500, device=dev)
+        unet = pipe.decoder_pipe.unet
+        if isinstance(pipe, kandinsky22.KandinskyV22CombinedPipeline):
+            kwargs = {"conditioning": unet.prepare_conditioning(cond, t.reshape(1)).at(0)}
+        else:
+            kwargs = {"added_cond_kwargs": cond}
+        return (lambda: unet(sample, t, None, return_dict=False, **kwargs)), sample
+
+    def kernel_profile(self, tag: str, pipes: dict[str, Any]) -> None:
+        """Where one UNet CFG step's time goes (torch.profiler, 5 steps): the device's busy time (the sum of its
+        kernels' times) against the wall time — their gap is the host overhead the GPU waits for —, the kernel
+        count, and the 8 kernels (or, on the CPU, operators) taking the most time."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        iters = 5
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        row: dict[str, Any] = {}
+        with torch.no_grad():
+            for name, pipe in pipes.items():
+                step, _ = self.unet_step(pipe)
+                wall_ms = self.per_call_ms(step, iters)
+                with profile(activities=activities) as prof:
+                    for _ in range(iters):
+                        step()
+                    self.sync()
+                kind = DeviceType.CUDA if self.cuda else DeviceType.CPU
+                events = [e for e in prof.key_averages() if e.device_type == kind]
+                if not self.cuda:  # the CPU's "kernels": the aten operators that do the work themselves
+                    events = [e for e in events if e.key.startswith("aten::")]
+
+                def self_us(e: Any) -> float:
+                    for attr in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+                        if self.cuda == (attr != "self_cpu_time_total") and hasattr(e, attr):
+                            return float(getattr(e, attr))
+                    return 0.0
+
+                busy_ms = sum(self_us(e) for e in events) / 1000 / iters
+                top = sorted(events, key=self_us, reverse=True)[:8]
+                row[name] = {
+                    "wall_ms_per_step": wall_ms,
+                    "busy_ms_per_step": busy_ms,
+                    "busy_fraction": busy_ms / wall_ms if wall_ms else None,
+                    "kernels_per_step": sum(e.count for e in events) / iters,
+                    "top": {e.key[:90]: round(self_us(e) / 1000 / iters, 3) for e in top},
+                }
+        self.results.put(f"kernel_profile_{tag}_{self.args.size}", rounded(row))
+
     def stages(self, tag: str, pipes: dict[str, Any]) -> None:
         """Per-stage timings of ``pipes`` (name → pipeline), the best of a few rounds in which the pipelines take turns;
         the text encoder is shared, so it is timed once."""
         a, size = self.args, self.args.size
-        latent = size // 8
         iters = 10 if a.tiny else 20
-        dtype, dev = self.dtype, self.device
-        sample = torch.randn(2, 4, latent, latent, device=dev, dtype=dtype)
-        cond = {"image_embeds": torch.randn(2, self.ours.unet.config.encoder_hid_dim, device=dev, dtype=dtype)}
-        t = torch.tensor(500, device=dev)
+        dev = self.device
         emb, neg = self.ours.prior_pipe(PROMPT, num_inference_steps=2, generator=self.generator()).to_tuple()
         tokens = self.ours.prior_tokenizer([PROMPT, ""], padding="max_length", max_length=77, return_tensors="pt")
         ids = tokens.input_ids.to(dev)
 
         def measures(pipe: Any) -> dict[str, Callable[[], float]]:
-            unet, movq = pipe.decoder_pipe.unet, pipe.decoder_pipe.movq
+            movq = pipe.decoder_pipe.movq
+            unet_step, sample = self.unet_step(pipe)
             prior = lambda: pipe.prior_pipe(  # noqa: E731
                 PROMPT, num_inference_steps=a.prior_steps, generator=self.generator(), output_type="pt"
             )
@@ -506,15 +561,8 @@ class Bench:
                 generator=self.generator(),
                 output_type="latent",
             )
-            # Each UNet is called as its pipeline's loop calls it: ours with the conditioning prepared once per run
-            # (with the run's timesteps; this is the row of the one step measured).
-            ours = isinstance(pipe, kandinsky22.KandinskyV22CombinedPipeline)
-            conditioning = unet.prepare_conditioning(cond, t.reshape(1)).at(0) if ours else None
-            unet_kwargs = {"conditioning": conditioning} if ours else {"added_cond_kwargs": cond}
             return {
-                "unet_cfg_step_ms": lambda: self.per_call_ms(
-                    lambda: unet(sample, t, None, return_dict=False, **unet_kwargs), iters
-                ),
+                "unet_cfg_step_ms": lambda: self.per_call_ms(unet_step, iters),
                 "movq_decode_ms": lambda: self.per_call_ms(
                     lambda: movq.decode(sample[:1], force_not_quantize=True), max(2, iters // 4)
                 ),
@@ -572,9 +620,12 @@ class Bench:
         self.results.put("unet_flops", {"size": size, **counts})
 
     def sync_check(self) -> None:
-        """Host syncs inside the decoder loop: steps 1… run under torch.cuda.set_sync_debug_mode("warn")."""
+        """Host syncs inside the decoder loop: steps 1… run under torch.cuda.set_sync_debug_mode("warn"). Also ours
+        with a CPU generator per image, as the CLI and the server seed: the DDPM noise of each step is drawn on the
+        CPU and must reach the GPU without a blocking copy."""
         counts = {}
-        for name, pipe in (("ours", self.ours), ("ref", self.ref)):
+        cases = (("ours", self.ours, None), ("ref", self.ref, None), ("ours_cpu_generator", self.ours, "cpu"))
+        for name, pipe, generator_device in cases:
 
             def start_checking(pipe, step, timestep, tensors):
                 if step == 0:
@@ -590,7 +641,7 @@ class Bench:
                         prior_num_inference_steps=2,
                         height=self.args.size,
                         width=self.args.size,
-                        generator=self.generator(),
+                        generator=[torch.Generator("cpu").manual_seed(0)] if generator_device else self.generator(),
                         output_type="latent",
                         callback_on_step_end=start_checking,
                     )
@@ -603,9 +654,19 @@ class Bench:
             counts[f"{name}_sync_sites"] = dict(where.most_common(5))  # the Python lines that waited
         self.results.put("host_syncs", counts)
 
+    @staticmethod
+    def cold_compile_caches() -> contextlib.AbstractContextManager:
+        """Empty compile caches (Inductor's and Triton's, on disk and in memory) for one warm-up measurement, so that
+        neither library's compile time profits from kernels the other one (or an earlier run) already built; real
+        users get these caches on a second start. Kept on disk afterwards: compiled code may still read them."""
+        from torch._inductor.utils import fresh_cache
+
+        return fresh_cache(delete=False)
+
     def fast(self, shapes: list[tuple[int, int, int]], key: str) -> None:
         start = time.perf_counter()
-        warm = self.fast_pipe.enable_fast_path(shapes=shapes, backend=self.args.backend)
+        with self.cold_compile_caches():
+            warm = self.fast_pipe.enable_fast_path(shapes=shapes, backend=self.args.backend)
         seconds = time.perf_counter() - start
         self.estimates["fast_warmup"] = seconds
         self.results.put(key, rounded({"shapes": shapes, "seconds": seconds, "per_model_s": warm}, 2))
@@ -616,7 +677,8 @@ class Bench:
         unet.to(memory_format=torch.channels_last)
         options = {"mode": "reduce-overhead"} if self.args.backend == "inductor" else {"backend": self.args.backend}
         self.ref_compiled.decoder_pipe.unet = torch.compile(unet, fullgraph=True, **options)
-        seconds, _ = self.timed(lambda: self.run(self.ref_compiled, self.args.size, steps=3, prior_steps=2))
+        with self.cold_compile_caches():
+            seconds, _ = self.timed(lambda: self.run(self.ref_compiled, self.args.size, steps=3, prior_steps=2))
         self.estimates["ref_compile"] = seconds
         self.results.put("ref_compiled_warmup_s", round(seconds, 1))
 
@@ -675,6 +737,9 @@ class Bench:
         self.section("eager", cheap, lambda: self.eager(size))
         self.section("flops", 2, self.flops)
         self.section("stages_eager", cheap, lambda: self.stages("eager", {"ours": self.ours, "ref": self.ref}))
+        self.section(
+            "kernel_profile_eager", cheap, lambda: self.kernel_profile("eager", {"ours": self.ours, "ref": self.ref})
+        )
         if self.cuda:
             self.section("host_syncs", cheap, self.sync_check)
         self.section("offload", cheap, self.offload)
@@ -700,6 +765,7 @@ class Bench:
         if done == {"fast", "ref"}:
             compiled = {"ours_fast": self.fast_pipe, "ref_compiled": self.ref_compiled}
             self.section("stages_compiled", cheap, lambda: self.stages("compiled", compiled))
+            self.section("kernel_profile_compiled", cheap, lambda: self.kernel_profile("compiled", compiled))
             self.ratio("ratio_fast_over_ref_compiled", f"ours_fast_e2e_{size}_bs1", f"ref_compiled_e2e_{size}_bs1")
         self.ratio("ratio_fast_over_ref_eager", f"ours_fast_e2e_{size}_bs1", f"ref_eager_e2e_{size}_bs1")
 
