@@ -312,3 +312,23 @@ def test_out_of_memory_is_one_line_and_a_hint(
     assert error == "kandinsky22 generate: error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert hint.startswith("kandinsky22 generate: hint: try --dtype fp16, a smaller --width/--height")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from kandinsky22.server.command import add_arguments
+
+    parser = argparse.ArgumentParser(prog="kandinsky22 serve")
+    add_arguments(parser)
+    assert parser.parse_args([]).warm_up == [(512, 512)]
+    assert parser.parse_args(["--warm-up", "768x512, 1024X1024"]).warm_up == [(768, 512), (1024, 1024)]
+    assert parser.parse_args(["--warm-up", "none"]).warm_up == []
+    for bad in ("512", "0x512", "512x", "99999x512", "512x512;768x768"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["--warm-up", bad])
+        assert exit_info.value.code == 2
+        assert "--warm-up: must be WIDTHxHEIGHT sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fast", "--no-fast"])
+    assert "not allowed with argument" in capsys.readouterr().err

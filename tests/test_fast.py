@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kandinsky22
@@ -160,7 +161,10 @@ def test_fast_path_gives_the_eager_images() -> None:
     # The sub-pipelines share the modules, so they are on the fast path too; a second call changes nothing.
     assert pipe.decoder_pipe.unet is pipe.unet
     pipe.enable_fast_path(backend="eager")
+    compiled = counters["stats"]["unique_graphs"]
     fast = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+    # The warm-up's graphs serve the call (its 3 steps, not the warm-up's one, change no guarded stride or mode).
+    assert counters["stats"]["unique_graphs"] == compiled
     assert fast.shape == eager.shape == (1, 3, 64, 64)
     assert (fast - eager).abs().max() < TOL
     assert set(pipe.unet.state_dict()) == set(_models()["unet"].state_dict())

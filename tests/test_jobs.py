@@ -209,13 +209,46 @@ def test_fast_flag_enables_the_fast_path_where_a_pipeline_has_one(
     from kandinsky22.pipelines.decoder import KandinskyV22Pipeline
 
     enabled = []
-    monkeypatch.setattr(KandinskyV22Pipeline, "enable_fast_path", lambda pipe: enabled.append(pipe), raising=False)
-    fast = Engine(device="cpu", fast=True)
+    calls = []
+
+    def enable(pipe, **kwargs):
+        enabled.append(pipe)
+        calls.append(kwargs)
+
+    monkeypatch.setattr(KandinskyV22Pipeline, "enable_fast_path", enable, raising=False)
+    fast = Engine(device="cpu", fast=True, warm_up=[(64, 80, 2)], compile_backend="aot_eager")
     pipe = fast.decoder_pipeline(_text2img(tiny))
     assert enabled == [pipe] and fast.fast_applied
+    assert calls == [{"shapes": [(64, 80, 2)], "backend": "aot_eager"}]
     slow = Engine(device="cpu")
     slow.decoder_pipeline(_text2img(tiny))
     assert enabled == [pipe] and not slow.fast_applied
+
+
+def test_fast_engine_reuses_its_warm_up_and_runs_other_shapes_eagerly(tiny: dict[str, Path]) -> None:
+    """The server's engine: the graphs compiled at load for the warm-up shapes serve the jobs of that shape (a run in
+    another grad mode than the warm-up's would fail their guards and compile again, at the first request), and a
+    size not warmed up runs eagerly instead of compiling while requests wait. The images are the eager engine's."""
+    from torch._dynamo.utils import counters
+
+    fast = Engine(device="cpu", fast=True, warm_up=[(64, 64, 1)], compile_backend="eager")
+    job = _text2img(tiny, seed=3, width=64, height=64)
+    fast.prior_pipeline(job.prior)
+    fast.decoder_pipeline(job)  # loading warms up
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0 and fast.warm_up_seconds > 0
+    # Still free to compile here: a job that does not match the warm-up's graphs would compile (and count).
+    warmed = np.asarray(fast.run([job])[0].image, dtype=np.int16)
+    assert counters["stats"]["unique_graphs"] == compiled, "the warmed-up shape was compiled again"
+    fast.compile_new_shapes = False  # as the server runs it
+    bigger = dataclasses.replace(job, width=128, height=96)
+    other = np.asarray(fast.run([bigger])[0].image, dtype=np.int16)
+    assert counters["stats"]["unique_graphs"] == compiled, "a size not warmed up was compiled"
+
+    eager = Engine(device="cpu")
+    for got, expected in ((warmed, job), (other, bigger)):
+        reference = np.asarray(eager.run([expected])[0].image, dtype=np.int16)
+        assert got.shape == reference.shape and np.abs(got - reference).max() <= 1  # fused GEMMs: last-bit changes
 
 
 def test_run_rejects_incompatible_jobs(tiny: dict[str, Path], engine: Engine) -> None:

@@ -15,6 +15,7 @@ returns exactly their area. The reference instead rounds the size up and returns
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -447,14 +448,30 @@ class Engine:
     """Loads the pipelines jobs need (cached: one prior, ``max_decoders`` decoder repositories) and runs jobs.
 
     One run or load at a time (a re-entrant lock), so the server can share one engine between threads.
-    ``fast=True`` calls ``enable_fast_path()`` on every pipeline that has one.
+    ``fast=True`` calls ``enable_fast_path(shapes=warm_up, backend=compile_backend)`` on every pipeline that has one:
+    ``warm_up`` lists the ``(height, width, images_per_call)`` compiled when a pipeline loads. With
+    ``compile_new_shapes=False`` (the server) any other shape runs eagerly instead of compiling — a compilation takes a
+    minute or more on full-size models, during which every queued request would wait.
     """
 
-    def __init__(self, device: str = "auto", dtype: str = "auto", fast: bool = False, max_decoders: int = 2) -> None:
+    def __init__(
+        self,
+        device: str = "auto",
+        dtype: str = "auto",
+        fast: bool = False,
+        max_decoders: int = 2,
+        warm_up: Sequence[tuple[int, int, int]] = (),
+        compile_new_shapes: bool = True,
+        compile_backend: str = "inductor",
+    ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.fast = fast
         self.fast_applied = False
+        self.warm_up = list(warm_up)
+        self.compile_new_shapes = compile_new_shapes
+        self.compile_backend = compile_backend
+        self.warm_up_seconds = 0.0
         self.max_decoders = max_decoders
         self._priors: OrderedDict[str, Any] = OrderedDict()
         # decoder repository → {pipeline class name: pipeline}; the pipelines of one repository share its modules.
@@ -481,7 +498,9 @@ class Engine:
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if self.fast and hasattr(pipe, "enable_fast_path"):
-            pipe.enable_fast_path()
+            started = time.perf_counter()
+            pipe.enable_fast_path(shapes=self.warm_up, backend=self.compile_backend)
+            self.warm_up_seconds += time.perf_counter() - started
             self.fast_applied = True
         return pipe
 
@@ -545,7 +564,11 @@ class Engine:
             raise ValueError("Engine.run needs jobs that differ only in prompt (text2img) and seed; use group_jobs")
         jobs = [job.with_seed() for job in jobs]
         first = jobs[0]
-        with self._lock, torch.inference_mode():
+        # no_grad, as the pipelines and the fast path's warm-up run (inference_mode would not match the compiled
+        # graphs' guards and make them compile again); on the fast path, shapes not warmed up run eagerly if asked.
+        eager_new_shapes = self.fast_applied and not self.compile_new_shapes
+        stance = torch.compiler.set_stance("eager_on_recompile") if eager_new_shapes else contextlib.nullcontext()
+        with self._lock, torch.no_grad(), stance:
             timings: dict[str, float] = {}
             started = time.perf_counter()
             loading = bool(self.missing_models(first))

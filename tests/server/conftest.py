@@ -36,10 +36,12 @@ def server(tiny_repos: dict[str, Path]):
 @pytest.fixture(scope="session")
 def other_server(tiny_repos: dict[str, Path]):
     """The options the main server does not use, in one process (each start costs seconds of CPU): an API key
-    (from the environment) and --batch-invariant. Its client sends the key unless a request gives other headers."""
+    (from the environment), --batch-invariant and the fast path with a warm-up (compiled with torch.compile's
+    "eager" backend, which traces without generating kernels). Its client sends the key unless a request gives
+    other headers."""
     args = ["--prior", str(tiny_repos["prior"]), "--decoder", str(tiny_repos["decoder"]), *limit_args()]
     server = Server(
-        [*args, "--batch-invariant"],
+        [*args, "--batch-invariant", "--fast", "--compile-backend", "eager", "--warm-up", "64x64"],
         env={"KANDINSKY22_API_KEY": API_KEY},
         headers={"Authorization": f"Bearer {API_KEY}"},
     )

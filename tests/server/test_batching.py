@@ -48,7 +48,9 @@ def alone_then_batched(server) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def test_batch_invariant_server_gives_identical_pixels(other_server):
-    assert other_server.request("GET", "/v1/models").json()["batch_invariant"] is True
+    models = other_server.request("GET", "/v1/models").json()
+    assert models["batch_invariant"] is True
+    assert models["fast"] is True and models["warm_up"] == ["64x64"]  # the fast path's graphs, padded calls too
     reference, batched, second_of_three = alone_then_batched(other_server)
     np.testing.assert_array_equal(batched, reference)
     np.testing.assert_array_equal(second_of_three, reference)

@@ -483,7 +483,9 @@ class UNet2DConditionModel(ModelMixin):
         temb = self._activated_time_embedding(timesteps.repeat_interleave(batch), time_addition.repeat(steps, 1))
         parts = [r.time_modulation(temb) for r in self._resnets_in_call_order]  # (steps · B, C, 1, 1) pairs
         table = torch.stack([torch.cat([part[k] for part in parts], dim=1) for k in (0, 1)])  # (2, steps · B, ΣC, 1, 1)
-        return table.unflatten(1, (steps, batch)).transpose(0, 1)  # (steps, 2, B, ΣC, 1, 1)
+        # (steps, 2, B, ΣC, 1, 1), contiguous: each step's row then has the same strides whatever the number of steps
+        # (a compiled UNet guards on them)
+        return table.unflatten(1, (steps, batch)).transpose(0, 1).contiguous()
 
     def _modulations(
         self, conditioning: UNetConditioning, timestep: torch.Tensor | float | int, batch: int, device: torch.device

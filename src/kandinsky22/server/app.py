@@ -71,6 +71,10 @@ class ServerConfig:
     dtype: str = "auto"
     # None: the pipelines' fast path (enable_fast_path) where the device is CUDA, the device it is made for.
     fast: bool | None = None
+    # (width, height) compiled at start-up on the fast path, each for 1 and max_batch images per call (max_batch only
+    # when batch_invariant). Other sizes and batch sizes run eagerly rather than stall the queue while compiling.
+    warm_up: list[tuple[int, int]] = field(default_factory=lambda: [(512, 512)])
+    compile_backend: str = "inductor"  # torch.compile's backend for the fast path ("eager"/"aot_eager": trace only)
     api_key: str | None = None
     # Pad every pipeline call to max_batch images, so an image is bit-identical whatever it was batched with.
     batch_invariant: bool = False
@@ -111,8 +115,16 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
 
         started = time.perf_counter()
         fast = resolve_device(config.device).type == "cuda" if config.fast is None else config.fast
+        max_batch = config.limits.max_batch
+        batches = [max_batch] if config.batch_invariant else sorted({1, max_batch})
         engine = Engine(
-            device=config.device, dtype=config.dtype, fast=fast, max_decoders=len(set(config.decoders.values()))
+            device=config.device,
+            dtype=config.dtype,
+            fast=fast,
+            max_decoders=len(set(config.decoders.values())),
+            warm_up=[(height, width, n) for width, height in config.warm_up for n in batches],
+            compile_new_shapes=False,
+            compile_backend=config.compile_backend,
         )
         # Load every repository now: the first request of a task must not stall everyone queued behind it for a load.
         # (Other tasks of a loaded repository only wrap its modules in another pipeline class, which is cheap.)
@@ -120,12 +132,18 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
         first_task = {decoder: task for task, decoder in reversed(config.decoders.items())}
         for decoder, task in first_task.items():
             engine.decoder_pipeline(Job(task=task, decoder=decoder))
-        info.update(device=engine.device_name, dtype=engine.dtype_name, fast=engine.fast_applied)
+        warmed = [f"{width}x{height}" for width, height in config.warm_up] if engine.fast_applied else []
+        info.update(device=engine.device_name, dtype=engine.dtype_name, fast=engine.fast_applied, warm_up=warmed)
+        if engine.fast_applied:
+            log.info(
+                "fast path: %s compiled for %s images per call in %.1f s; other sizes run eagerly",
+                ", ".join(warmed) or "no size",
+                " and ".join(map(str, batches)),
+                engine.warm_up_seconds,
+            )
         log.info(
             "models loaded in %.1f s on %s (%s); ready", time.perf_counter() - started, info["device"], info["dtype"]
         )
-
-        max_batch = config.limits.max_batch
 
         def run_batch(jobs: Sequence[Job], progress: ProgressFn, should_cancel: Callable[[], bool]) -> list[JobOutput]:
             singles = [single for job in jobs for single in job.expand()]
@@ -346,7 +364,13 @@ def create_app(
     replicas, several at once, behind these same routes.
     """
     limits = config.limits
-    info: dict[str, Any] = {"device": None, "dtype": None, "fast": None, "batch_invariant": config.batch_invariant}
+    info: dict[str, Any] = {
+        "device": None,
+        "dtype": None,
+        "fast": None,
+        "warm_up": None,
+        "batch_invariant": config.batch_invariant,
+    }
     queue = JobQueue(loader(config, info), limits, concurrency=concurrency)
     started_at = time.time()
 

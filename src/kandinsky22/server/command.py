@@ -35,6 +35,23 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    if text.strip().lower() == "none":
+        return []
+    sizes = []
+    for part in text.split(","):
+        width, sep, height = part.strip().lower().partition("x")
+        if not (
+            sep and width.isdigit() and height.isdigit() and 0 < int(width) <= MAX_SIDE and 0 < int(height) <= MAX_SIDE
+        ):
+            raise argparse.ArgumentTypeError(
+                f"must be WIDTHxHEIGHT sizes up to {MAX_SIDE}, separated by commas (e.g. 512x512,768x768), or 'none'; "
+                f"got {text!r}"
+            )
+        sizes.append((int(width), int(height)))
+    return sizes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` options, on ``parser``."""
     net = parser.add_argument_group("network")
@@ -52,8 +69,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--depth-decoder", help=f"controlnet-depth decoder: serves depth (e.g. {CONTROLNET_REPO})")
     models.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps")
     models.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="auto: fp16 on GPUs")
-    models.add_argument(
+    fast = models.add_mutually_exclusive_group()
+    fast.add_argument(
         "--no-fast", action="store_true", help="do not use the pipelines' fast path (on by default on CUDA)"
+    )
+    fast.add_argument("--fast", action="store_true", help="use the fast path on any device (default: on CUDA only)")
+    models.add_argument(
+        "--warm-up",
+        type=_sizes,
+        default=[(512, 512)],
+        metavar="SIZES",
+        help="WIDTHxHEIGHT[,WIDTHxHEIGHT...] the fast path compiles at start-up, each for 1 and --max-batch images "
+        "per call (a minute or more each on a GPU); other sizes and batch sizes run eagerly instead of compiling while "
+        "requests wait. 'none': compile nothing ahead (default 512x512, the API's default size)",
+    )
+    models.add_argument(
+        "--compile-backend",
+        choices=("inductor", "aot_eager", "eager"),
+        default="inductor",
+        help="torch.compile backend of the fast path (default inductor; the others only trace, for checks)",
     )
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-batch", type=_positive, default=4, help="images per pipeline call (default 4)")
@@ -112,7 +146,9 @@ def serve(args: argparse.Namespace) -> int:
         decoders=decoders,
         device=args.device,
         dtype=args.dtype,
-        fast=False if args.no_fast else None,
+        fast=False if args.no_fast else True if args.fast else None,
+        warm_up=args.warm_up,
+        compile_backend=args.compile_backend,
         batch_invariant=args.batch_invariant,
         api_key=api_key,
         limits=Limits(
