@@ -163,7 +163,12 @@ def test_fast_path_gives_the_eager_images() -> None:
     pipe.enable_fast_path(backend="eager")
     compiled = counters["stats"]["unique_graphs"]
     fast = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
-    # The warm-up's graphs serve the call (its 3 steps, not the warm-up's one, change no guarded stride or mode).
+    # The warm-up's graphs serve the call (its 3 steps, not the warm-up's one, change no guarded stride or mode), and
+    # a call with a negative prompt (the prior then runs both prompts in one batch) or another scheduler.
+    pipe("red cat", negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **CALL)
+    pipe.decoder_pipe.scheduler = kandinsky22.EulerDiscreteScheduler(**_config(tiny.DECODER_SCHEDULER))
+    pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL)
+    pipe.decoder_pipe.scheduler = kandinsky22.DDPMScheduler(**_config(tiny.DECODER_SCHEDULER))
     assert counters["stats"]["unique_graphs"] == compiled
     assert fast.shape == eager.shape == (1, 3, 64, 64)
     assert (fast - eager).abs().max() < TOL

@@ -14,7 +14,8 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   once per call, is compiled without graphs so that no graph pool holds its full-resolution activations.
 
 ``shapes`` lists the ``(height, width)`` or ``(height, width, images_per_call)`` to compile ahead of time, so the
-first request at those sizes does not pay for compilation. Any other shape compiles on first use.
+first request at those sizes does not pay for compilation (the prior also for twice the images: a negative prompt
+runs it on both prompts in one batch). Any other shape compiles on first use.
 
 The results equal the eager path's up to floating-point rounding (fusion changes GEMM shapes, Inductor fuses
 elementwise ops). The eager path stays the default: compilation takes a minute or more on full-size models.
@@ -142,16 +143,19 @@ def _warm_up(
     for height, width, images in shapes:
         latent = (math.ceil(height / scale**2) * scale, math.ceil(width / scale**2) * scale)
         for name, model in models.items():
-            key = (name, images) if isinstance(model, PriorTransformer) else (name, images, latent)
-            if key in done:  # the prior's inputs do not depend on the image size
-                continue
-            done.add(key)
-            calls = _warm_up_call(model, components, latent, images)
-            start = time.perf_counter()
-            for _ in range(_WARMUP_CALLS):
-                calls()
-            _synchronize(model)
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+            # A negative prompt runs the prior on both prompts in one batch: it is warmed up for both batch sizes.
+            prior = isinstance(model, PriorTransformer)
+            for batch in (images, 2 * images) if prior else (images,):
+                key = (name, batch) if prior else (name, batch, latent)
+                if key in done:  # the prior's inputs do not depend on the image size
+                    continue
+                done.add(key)
+                calls = _warm_up_call(model, components, latent, batch)
+                start = time.perf_counter()
+                for _ in range(_WARMUP_CALLS):
+                    calls()
+                _synchronize(model)
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
     return seconds
 
 
