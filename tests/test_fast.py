@@ -260,3 +260,14 @@ def test_inpaint_loop_copies_only_noise_per_step(scheduler: str) -> None:
     # and the longer run's own tables, once: timesteps (6,) instead of (3,); σ (7,) instead of (4,)
     tables = [(6,), (7,)] if scheduler != "DDPMScheduler" else [(6,)]
     assert sorted(shape for shape in extra if shape != (1, 4, 8, 8)) == tables, extra
+
+
+def test_warm_up_without_negative_prompts_leaves_the_doubled_prior_batch() -> None:
+    torch._dynamo.reset()  # graphs compiled by other tests (same code, same shapes) would serve these calls
+    pipe = _pipeline()
+    pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", negative_prompts=False)
+    compiled = counters["stats"]["unique_graphs"]
+    pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL)
+    assert counters["stats"]["unique_graphs"] == compiled
+    pipe("red cat", negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **CALL)
+    assert counters["stats"]["unique_graphs"] == compiled + 1  # the prior at twice the batch, compiled on first use

@@ -14,8 +14,9 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   once per call, is compiled without graphs so that no graph pool holds its full-resolution activations.
 
 ``shapes`` lists the ``(height, width)`` or ``(height, width, images_per_call)`` to compile ahead of time, so the
-first request at those sizes does not pay for compilation (the prior also for twice the images: a negative prompt
-runs it on both prompts in one batch). Any other shape compiles on first use.
+first request at those sizes does not pay for compilation (the prior also for twice the images, unless
+``negative_prompts=False``: a negative prompt runs it on both prompts in one batch). Any other shape compiles on
+first use.
 
 The results equal the eager path's up to floating-point rounding (fusion changes GEMM shapes, Inductor fuses
 elementwise ops). The eager path stays the default: compilation takes a minute or more on full-size models.
@@ -43,13 +44,15 @@ _WARMUP_CALLS = 3
 
 
 def enable_fast_path(
-    pipe: Any, shapes: Iterable[Sequence[int]] | None = None, backend: str = "inductor"
+    pipe: Any, shapes: Iterable[Sequence[int]] | None = None, backend: str = "inductor", negative_prompts: bool = True
 ) -> dict[str, float]:
     """Apply the fast path to ``pipe``'s models and compile them for ``shapes``; returns the warm-up seconds per model.
 
     ``backend`` is torch.compile's backend: "inductor" generates kernels; "eager" / "aot_eager" only trace (no
     speed-up; for checking that the models compile without graph breaks). Call it after moving the pipeline to its
     device, or after ``enable_model_cpu_offload()``. Calling it again only warms up the new shapes.
+    ``negative_prompts``: also warm the prior up for twice the images (a negative prompt runs it on both prompts in
+    one batch); without it the first call with a negative prompt compiles that batch size.
     """
     targets = _shape_list(shapes)
     if getattr(pipe, "_sequential_device", None) is not None:
@@ -76,7 +79,7 @@ def enable_fast_path(
         torch.backends.cudnn.benchmark = True
     if offloaded:
         return {}  # the models are on the CPU between uses: they compile on first use on the execution device
-    return _warm_up(components, models, targets)
+    return _warm_up(components, models, targets, negative_prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ def _shape_list(shapes: Iterable[Sequence[int]] | None) -> list[tuple[int, int, 
 
 @torch.no_grad()
 def _warm_up(
-    components: dict[str, Any], models: dict[str, nn.Module], shapes: list[tuple[int, int, int]]
+    components: dict[str, Any], models: dict[str, nn.Module], shapes: list[tuple[int, int, int]], negative: bool
 ) -> dict[str, float]:
     seconds: dict[str, float] = {}
     done: set[tuple] = set()
@@ -145,7 +148,7 @@ def _warm_up(
         for name, model in models.items():
             # A negative prompt runs the prior on both prompts in one batch: it is warmed up for both batch sizes.
             prior = isinstance(model, PriorTransformer)
-            for batch in (images, 2 * images) if prior else (images,):
+            for batch in (images, 2 * images) if prior and negative else (images,):
                 key = (name, batch) if prior else (name, batch, latent)
                 if key in done:  # the prior's inputs do not depend on the image size
                     continue

@@ -357,15 +357,19 @@ class Pipeline:
     # -- fast path ---------------------------------------------------------------------------------------------
 
     def enable_fast_path(
-        self, shapes: Iterable[Sequence[int]] | None = None, backend: str = "inductor"
+        self,
+        shapes: Iterable[Sequence[int]] | None = None,
+        backend: str = "inductor",
+        negative_prompts: bool = True,
     ) -> dict[str, float]:
         """channels_last, fused attention projections, ``torch.compile(fullgraph=True)`` and, on CUDA, CUDA graphs for
         this pipeline's UNet, MoVQ decoder and prior (see ``kandinsky22.fast``); call it after ``to(device)``.
 
         ``shapes``: ``(height, width)`` or ``(height, width, images_per_call)`` to compile now rather than on first
-        use. Returns the warm-up seconds per component.
+        use; ``negative_prompts=False`` skips warming the prior up for the doubled batch a negative prompt gives.
+        Returns the warm-up seconds per component.
         """
-        return fast.enable_fast_path(self, shapes, backend)
+        return fast.enable_fast_path(self, shapes, backend, negative_prompts)
 
     # -- progress bar ------------------------------------------------------------------------------------------
 
