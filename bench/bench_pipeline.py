@@ -663,6 +663,16 @@ class Bench:
 
         return fresh_cache(delete=False)
 
+    @staticmethod
+    def compile_phases() -> dict[str, float]:
+        """Seconds spent so far in each phase of torch.compile (dynamo tracing, AOT, Inductor, Triton builds...), the
+        12 largest, from ``torch._dynamo.utils.compile_times``: where a warm-up's time goes."""
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        phases = sorted(((float(v), n) for n, v in zip(names, values)), reverse=True)[:12]
+        return {name: round(seconds, 2) for seconds, name in phases}
+
     def fast(self, shapes: list[tuple[int, int, int]], key: str) -> None:
         start = time.perf_counter()
         with self.cold_compile_caches():
@@ -670,7 +680,8 @@ class Bench:
             warm = self.fast_pipe.enable_fast_path(shapes=shapes, backend=self.args.backend, negative_prompts=False)
         seconds = time.perf_counter() - start
         self.estimates["fast_warmup"] = seconds
-        self.results.put(key, rounded({"shapes": shapes, "seconds": seconds, "per_model_s": warm}, 2))
+        phases = self.compile_phases()  # cumulative over the process: the first warm-up's are ours alone
+        self.results.put(key, rounded({"shapes": shapes, "seconds": seconds, "per_model_s": warm, "phases": phases}, 2))
 
     def ref_compile(self) -> None:
         """The reference's documented recipe, on a copy of its UNet, with its warm-up (compile) time."""
@@ -682,6 +693,7 @@ class Bench:
             seconds, _ = self.timed(lambda: self.run(self.ref_compiled, self.args.size, steps=3, prior_steps=2))
         self.estimates["ref_compile"] = seconds
         self.results.put("ref_compiled_warmup_s", round(seconds, 1))
+        self.results.put("compile_phases_after_ref_warmup", self.compile_phases())  # cumulative: ours + the reference
 
     def offload(self) -> None:
         """``enable_model_cpu_offload`` on a pipeline sharing our modules: the GPU memory each model adds when it

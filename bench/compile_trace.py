@@ -1,0 +1,109 @@
+"""The CPU share of the fast path's compile warm-up: torch.compile's tracing of each full-size model, ours and the
+reference's UNet, on the ``meta`` device (no weights, no GPU).
+
+A warm-up is dynamo's bytecode tracing, AOT autograd's functionalization and decompositions, then Inductor's
+lowering, code generation and Triton builds. The first two are Python work on the host whatever the GPU; this script
+times them with the "eager" backend (dynamo only) and "aot_eager" (dynamo + AOT), for the models as the fast path
+compiles them (fused projections, channels_last, fp16, called as the pipelines call them at 768²). The Inductor and
+Triton share needs a GPU (``bench_pipeline.py``'s warm-up rows).
+
+    python bench/compile_trace.py        # ~2 min on a 2-core VM; writes bench/results/compile_trace_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import MOVQ, PRIOR, UNET  # noqa: E402
+
+import kandinsky22  # noqa: E402
+from kandinsky22.models.movq import VQModel  # noqa: E402
+from kandinsky22.models.prior import PriorTransformer  # noqa: E402
+from kandinsky22.models.unet import UNet2DConditionModel  # noqa: E402
+
+META = torch.device("meta")
+DTYPE = torch.float16
+
+
+def t(*shape: int) -> torch.Tensor:
+    return torch.empty(*shape, device=META, dtype=DTYPE)
+
+
+def calls() -> dict[str, tuple[torch.nn.Module, Callable[[Callable], Any]]]:
+    """(module the fast path compiles, a call of it as the pipelines make it) per model."""
+    import diffusers
+
+    with torch.device(META):
+        unet = UNet2DConditionModel(**UNET).to(DTYPE).eval()
+        movq = VQModel(**MOVQ).to(DTYPE).eval()
+        prior = PriorTransformer(**PRIOR).to(DTYPE).eval()
+        ref_unet = diffusers.UNet2DConditionModel.from_config(UNET).to(DTYPE).eval()
+    for model in (unet, movq, prior):
+        for module in model.modules():
+            if hasattr(module, "fuse_projections"):
+                module.fuse_projections()
+    for model in (unet, movq, ref_unet):
+        model.to(memory_format=torch.channels_last)
+    step = torch.zeros((), dtype=torch.int64, device=META)
+    embeds = t(2, UNET["encoder_hid_dim"])
+    conditioning = unet.prepare_conditioning({"image_embeds": embeds}, step.reshape(1)).at(0)
+    width = PRIOR["embedding_dim"]
+    mask = torch.ones(2, PRIOR["num_embeddings"], dtype=torch.bool, device=META)
+    prior_inputs = {"proj_embedding": t(2, width), "encoder_hidden_states": t(2, 77, width), "attention_mask": mask}
+    return {
+        "unet": (unet, lambda f: f(t(2, 4, 96, 96), step, None, conditioning=conditioning, return_dict=False)),
+        "movq_decoder": (movq.decoder, lambda f: f(t(1, 4, 96, 96), t(1, 4, 96, 96))),
+        "prior": (prior, lambda f: f(t(2, width), timestep=step, return_dict=False, **prior_inputs)),
+        "reference_unet": (
+            ref_unet,
+            lambda f: f(t(2, 4, 96, 96), step, None, added_cond_kwargs={"image_embeds": embeds}, return_dict=False),
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compile_trace_cpu.json")
+    args = parser.parse_args(argv)
+    import diffusers
+
+    results: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for name, (module, call) in calls().items():
+            results[name] = {}
+            for backend in ("eager", "aot_eager"):
+                torch._dynamo.reset()
+                compiled = torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
+                start = time.perf_counter()
+                call(compiled)  # traces, then runs the graph on meta tensors (shapes only)
+                results[name][backend] = round(time.perf_counter() - start, 2)
+            print(
+                f"{name:15s} dynamo {results[name]['eager']:6.2f} s   dynamo + AOT {results[name]['aot_eager']:6.2f} s"
+            )
+    meta = {
+        "what": "seconds to trace each model with torch.compile backends eager and aot_eager, meta device, 768²",
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "kandinsky22": kandinsky22.__version__,
+        "command": "python bench/compile_trace.py",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
