@@ -819,6 +819,28 @@ class Bench:
             self.results.put(key, round(results[numerator][field] / results[denominator][field], 3))
 
 
+def write_cpu_results(
+    path: Path, what: str, script: str, argv: list[str] | None, results: dict, **settings: Any
+) -> None:
+    """The JSON of a CPU measurement script: what it measured, where, with which versions and command, and when."""
+    import diffusers
+
+    meta = {
+        "what": what,
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "kandinsky22": kandinsky22.__version__,
+        **settings,
+        "command": " ".join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def model_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 

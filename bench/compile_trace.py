@@ -13,8 +13,6 @@ Triton share needs a GPU (``bench_pipeline.py``'s warm-up rows).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -24,9 +22,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import MOVQ, PRIOR, UNET  # noqa: E402
+from bench_pipeline import MOVQ, PRIOR, UNET, write_cpu_results  # noqa: E402
 
-import kandinsky22  # noqa: E402
 from kandinsky22.models.movq import VQModel  # noqa: E402
 from kandinsky22.models.prior import PriorTransformer  # noqa: E402
 from kandinsky22.models.unet import UNet2DConditionModel  # noqa: E402
@@ -75,7 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compile_trace_cpu.json")
     args = parser.parse_args(argv)
-    import diffusers
 
     results: dict[str, dict[str, float]] = {}
     with torch.no_grad():
@@ -90,19 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{name:15s} dynamo {results[name]['eager']:6.2f} s   dynamo + AOT {results[name]['aot_eager']:6.2f} s"
             )
-    meta = {
-        "what": "seconds to trace each model with torch.compile backends eager and aot_eager, meta device, 768²",
-        "machine": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "kandinsky22": kandinsky22.__version__,
-        "command": "python bench/compile_trace.py",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    what = "seconds to trace each model with torch.compile backends eager and aot_eager, meta device, 768²"
+    write_cpu_results(args.out, what, "compile_trace.py", argv, results)
 
 
 if __name__ == "__main__":

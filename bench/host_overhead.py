@@ -20,8 +20,6 @@ Runs on the CPU in about a minute; needs diffusers (the reference) installed.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -33,9 +31,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import MOVQ, PRIOR, UNET  # noqa: E402
+from bench_pipeline import MOVQ, PRIOR, UNET, write_cpu_results  # noqa: E402
 
-import kandinsky22  # noqa: E402
 from kandinsky22.models.movq import VQModel  # noqa: E402
 from kandinsky22.models.prior import PriorTransformer  # noqa: E402
 from kandinsky22.models.unet import UNet2DConditionModel  # noqa: E402
@@ -132,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "host_overhead_cpu.json")
     args = parser.parse_args(argv)
-    import diffusers
 
     torch.set_num_threads(1)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -157,22 +153,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"time ratio {entry['ratio_median']:.3f}",
                 flush=True,
             )
-    meta = {
-        "what": "ms per eager call on the CPU of thin models with the official structure (host overhead)",
-        "machine": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "kandinsky22": kandinsky22.__version__,
-        "dtype": args.dtype,
-        "repeats": args.repeats,
-        "command": "python bench/host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_cpu_results(
+        args.out,
+        "ms per eager call on the CPU of thin models with the official structure (host overhead)",
+        "host_overhead.py",
+        argv,
+        results,
+        threads=torch.get_num_threads(),
+        dtype=args.dtype,
+        repeats=args.repeats,
+    )
 
 
 if __name__ == "__main__":
