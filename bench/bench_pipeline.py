@@ -37,7 +37,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -655,13 +655,18 @@ class Bench:
         self.results.put("host_syncs", counts)
 
     @staticmethod
-    def cold_compile_caches() -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def cold_compile_caches() -> Iterator[None]:
         """Empty compile caches (Inductor's and Triton's, on disk and in memory) for one warm-up measurement, so that
         neither library's compile time profits from kernels the other one (or an earlier run) already built; real
-        users get these caches on a second start. Kept on disk afterwards: compiled code may still read them."""
+        users get these caches on a second start. Kept on disk afterwards: compiled code may still read them. The
+        compile worker processes are restarted inside, so that they too use the fresh folders."""
+        from torch._inductor.async_compile import shutdown_compile_workers
         from torch._inductor.utils import fresh_cache
 
-        return fresh_cache(delete=False)
+        with fresh_cache(delete=False):
+            shutdown_compile_workers()
+            yield
 
     @staticmethod
     def compile_phases() -> dict[str, float]:
