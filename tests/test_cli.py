@@ -332,3 +332,28 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         parser.parse_args(["--fast", "--no-fast"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("negative", [[], ["--negative", "blurry"]], ids=["plain", "negative"])
+def test_fast_compiles_the_runs_shapes_when_the_models_load(
+    negative: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--fast hands the engine the run's (height, width, images per call) to warm up, and the prior's doubled batch
+    only when a job has a negative prompt; a note says it compiles."""
+    import PIL.Image
+
+    from kandinsky22 import cli, jobs
+
+    seen = []
+
+    def fake_run(self, group, progress=None, cancel=None):
+        seen.append((self.fast, self.warm_up, self.negative_prompts))
+        return [jobs.Result(PIL.Image.new("RGB", (job.width, job.height)), job, {}) for job in group]
+
+    monkeypatch.setattr(jobs.Engine, "run", fake_run)
+    monkeypatch.setattr(jobs.Engine, "missing_models", lambda self, job: [])
+    args = ["generate", "x", "--prior", str(tmp_path), "--decoder", str(tmp_path), "--fast"]
+    sizes = ["--width", "96", "--height", "64", "--num-images", "3", "--batch-size", "2", *negative]
+    assert cli.main([*args, *sizes, "-o", str(tmp_path / "x.png")]) == 0
+    assert seen[0] == (True, [(64, 96, 1), (64, 96, 2)], bool(negative))
+    assert "fast path: compiling for 96x64 (1 per call), 96x64 (2 per call)" in capsys.readouterr().err

@@ -219,7 +219,7 @@ def test_fast_flag_enables_the_fast_path_where_a_pipeline_has_one(
     fast = Engine(device="cpu", fast=True, warm_up=[(64, 80, 2)], compile_backend="aot_eager")
     pipe = fast.decoder_pipeline(_text2img(tiny))
     assert enabled == [pipe] and fast.fast_applied
-    assert calls == [{"shapes": [(64, 80, 2)], "backend": "aot_eager"}]
+    assert calls == [{"shapes": [(64, 80, 2)], "backend": "aot_eager", "negative_prompts": True}]
     slow = Engine(device="cpu")
     slow.decoder_pipeline(_text2img(tiny))
     assert enabled == [pipe] and not slow.fast_applied

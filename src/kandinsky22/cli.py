@@ -516,14 +516,22 @@ def _run_jobs(args: argparse.Namespace) -> int:
 
         disable_progress_bars()
 
-    engine = Engine(device=args.device, dtype=args.dtype, fast=args.fast)
+    groups = group_jobs(singles, args.batch_size)
+    # With --fast, the shapes of this run are compiled when the models load (a note says so), not in the middle of
+    # the first step's progress bar; the prior's doubled batch only if a job has a negative prompt.
+    shapes = sorted({(group[0].height, group[0].width, len(group)) for group in groups}) if args.fast else []
+    negative = any(job.negative or job.negative_prior for job in singles)
+    engine = Engine(device=args.device, dtype=args.dtype, fast=args.fast, warm_up=shapes, negative_prompts=negative)
     _note(args, f"device {engine.device_name}, {engine.dtype_name}; seeds {', '.join(str(j.seed) for j in singles)}")
+    if shapes:
+        sizes = ", ".join(f"{width}x{height} ({n} per call)" for height, width, n in shapes)
+        _note(args, f"fast path: compiling for {sizes} as the models load (a minute or more per size on a GPU)")
     bars = StageBars(enabled=not args.quiet)
     index = {id(job): i for i, job in enumerate(singles)}
     records: list[dict[str, Any] | None] = [None] * len(singles)
     totals: dict[str, float] = {}
     try:
-        for group in group_jobs(singles, args.batch_size):
+        for group in groups:
             for model in engine.missing_models(group[0]):
                 _note(args, f"loading {model}" + ("" if Path(model).exists() else " (downloads on first use)"))
             results = engine.run(group, progress=bars)

@@ -448,8 +448,8 @@ class Engine:
     """Loads the pipelines jobs need (cached: one prior, ``max_decoders`` decoder repositories) and runs jobs.
 
     One run or load at a time (a re-entrant lock), so the server can share one engine between threads.
-    ``fast=True`` calls ``enable_fast_path(shapes=warm_up, backend=compile_backend)`` on every pipeline that has one:
-    ``warm_up`` lists the ``(height, width, images_per_call)`` compiled when a pipeline loads. With
+    ``fast=True`` calls ``enable_fast_path(shapes=warm_up, backend=compile_backend, negative_prompts=...)`` on every
+    pipeline that has one: ``warm_up`` lists the ``(height, width, images_per_call)`` compiled when a pipeline loads. With
     ``compile_new_shapes=False`` (the server) any other shape runs eagerly instead of compiling — a compilation takes a
     minute or more on full-size models, during which every queued request would wait.
     """
@@ -463,6 +463,7 @@ class Engine:
         warm_up: Sequence[tuple[int, int, int]] = (),
         compile_new_shapes: bool = True,
         compile_backend: str = "inductor",
+        negative_prompts: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -471,6 +472,7 @@ class Engine:
         self.warm_up = list(warm_up)
         self.compile_new_shapes = compile_new_shapes
         self.compile_backend = compile_backend
+        self.negative_prompts = negative_prompts
         self.warm_up_seconds = 0.0
         self.max_decoders = max_decoders
         self._priors: OrderedDict[str, Any] = OrderedDict()
@@ -499,7 +501,9 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         if self.fast and hasattr(pipe, "enable_fast_path"):
             started = time.perf_counter()
-            pipe.enable_fast_path(shapes=self.warm_up, backend=self.compile_backend)
+            pipe.enable_fast_path(
+                shapes=self.warm_up, backend=self.compile_backend, negative_prompts=self.negative_prompts
+            )
             self.warm_up_seconds += time.perf_counter() - started
             self.fast_applied = True
         return pipe
