@@ -81,8 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZES",
         help="WIDTHxHEIGHT[,WIDTHxHEIGHT...] the fast path compiles at start-up, each for 1 and --max-batch images "
         "per call (a minute or more each on a GPU); other sizes and batch sizes run eagerly instead of compiling while "
-        "requests wait. 'none': nothing ahead, the first request compiles its shape (default 512x512, the API's "
-        "default size)",
+        "requests wait. 'none': compile nothing, everything runs eagerly (default 512x512, the API's default size)",
     )
     models.add_argument(
         "--compile-backend",
