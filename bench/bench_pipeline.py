@@ -186,9 +186,17 @@ class Bench:
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
         if not self.cuda:
             self.dtype = torch.float32  # CPU half-precision kernels are not what anyone runs
+        elif self.dtype == torch.float32:
+            # fp32 on a GPU is for the equality check without half-precision rounding: true fp32, not TF32.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.budget = Budget(args.budget_s)
         out = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
-        name = "bench_pipeline_tiny_cpu.json" if args.tiny else "bench_pipeline.json"
+        name = (
+            "bench_pipeline_tiny_cpu.json"
+            if args.tiny
+            else f"bench_pipeline{'' if args.dtype == 'fp16' else '_' + args.dtype}.json"
+        )
         self.results = Results(out / name, self.meta())
         self.images: dict[str, torch.Tensor] = {}
         self.estimates = {"fast_warmup": 20.0 if args.tiny else 150.0, "ref_compile": 20.0 if args.tiny else 110.0}
@@ -223,6 +231,7 @@ class Bench:
                 "budget_s": a.budget_s,
                 "tol": a.tol,
                 "compile_backend": a.backend,
+                "tf32": torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 if self.cuda else None,
                 "prompt": PROMPT,
             },
         }
