@@ -333,6 +333,13 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
         parser.parse_args(["--fast", "--no-fast"])
     assert "not allowed with argument" in capsys.readouterr().err
 
+    from kandinsky22 import cli
+
+    assert cli.main(["serve", "--warm-up", "512x512,1024x768", "--max-side", "768"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "kandinsky22 serve: error: --warm-up 1024x768 is larger than --max-side 768: no request could use it"
+    )
+
 
 @pytest.mark.parametrize("negative", [[], ["--negative", "blurry"]], ids=["plain", "negative"])
 def test_fast_compiles_the_runs_shapes_when_the_models_load(

@@ -130,6 +130,14 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_side > MAX_SIDE or args.max_steps > MAX_STEPS:
         print(f"{prog}: error: --max-side is at most {MAX_SIDE} and --max-steps at most {MAX_STEPS}", file=sys.stderr)
         return 2
+    too_large = [f"{width}x{height}" for width, height in args.warm_up if max(width, height) > args.max_side]
+    if too_large:
+        print(
+            f"{prog}: error: --warm-up {', '.join(too_large)} is larger than --max-side {args.max_side}: no request "
+            "could use it",
+            file=sys.stderr,
+        )
+        return 2
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         print(
