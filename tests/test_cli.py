@@ -321,7 +321,7 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
 
     parser = argparse.ArgumentParser(prog="kandinsky22 serve")
     add_arguments(parser)
-    assert parser.parse_args([]).warm_up == [(512, 512)]
+    assert parser.parse_args([]).warm_up is None  # serve() then takes 512x512 if --max-side allows it
     assert parser.parse_args(["--warm-up", "768x512, 1024X1024"]).warm_up == [(768, 512), (1024, 1024)]
     assert parser.parse_args(["--warm-up", "none"]).warm_up == []
     for bad in ("512", "0x512", "512x", "99999x512", "512x512;768x768"):

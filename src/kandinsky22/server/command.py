@@ -77,7 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument(
         "--warm-up",
         type=_sizes,
-        default=[(512, 512)],
         metavar="SIZES",
         help="WIDTHxHEIGHT[,WIDTHxHEIGHT...] the fast path compiles at start-up, each for 1 and --max-batch images "
         "per call (a minute or more each on a GPU); other sizes and batch sizes run eagerly instead of compiling while "
@@ -130,7 +129,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_side > MAX_SIDE or args.max_steps > MAX_STEPS:
         print(f"{prog}: error: --max-side is at most {MAX_SIDE} and --max-steps at most {MAX_STEPS}", file=sys.stderr)
         return 2
-    too_large = [f"{width}x{height}" for width, height in args.warm_up if max(width, height) > args.max_side]
+    # The default is the API's default size, when requests may have it; a size given that no request can have is a mistake.
+    warm_up = args.warm_up if args.warm_up is not None else [(512, 512)] if args.max_side >= 512 else []
+    too_large = [f"{width}x{height}" for width, height in warm_up if max(width, height) > args.max_side]
     if too_large:
         print(
             f"{prog}: error: --warm-up {', '.join(too_large)} is larger than --max-side {args.max_side}: no request "
@@ -155,7 +156,7 @@ def serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         fast=False if args.no_fast else True if args.fast else None,
-        warm_up=args.warm_up,
+        warm_up=warm_up,
         compile_backend=args.compile_backend,
         batch_invariant=args.batch_invariant,
         api_key=api_key,
