@@ -555,7 +555,7 @@ class Bench:
         tokens = self.ours.prior_tokenizer([PROMPT, ""], padding="max_length", max_length=77, return_tensors="pt")
         ids = tokens.input_ids.to(dev)
 
-        def measures(pipe: Any) -> dict[str, Callable[[], float]]:
+        def measures(pipe: Any, other_form: bool) -> dict[str, Callable[[], float]]:
             movq = pipe.decoder_pipe.movq
             unet_step, sample = self.unet_step(pipe)
             prior = lambda: pipe.prior_pipe(  # noqa: E731
@@ -577,10 +577,13 @@ class Bench:
                 ),
                 "prior_stage_s": lambda: self.timed(prior)[0],
                 "decoder_loop_ms_per_step": lambda: self.timed(decoder)[0] * 1000 / a.steps,
+                **({"prior_stage_other_form_s": lambda: self.other_form(pipe, prior)} if other_form else {}),
             }
 
         row: dict[str, Any] = {}
-        todo = {name: measures(pipe) for name, pipe in pipes.items()}
+        # Our eager prior also in the context form it does not choose by default (kv vs tokens, see PriorContext),
+        # to check that choice on this device.
+        todo = {name: measures(pipe, name == "ours" and tag == "eager") for name, pipe in pipes.items()}
         with torch.no_grad():
             for _ in range(3 if a.tiny else 2):
                 for name, metrics in todo.items():
@@ -596,6 +599,15 @@ class Bench:
             if peak:
                 row[f"{name}_unet_mfu"] = flops / seconds / peak
         self.results.put(f"stages_{tag}_{size}", rounded(row))
+
+    def other_form(self, pipe: Any, run: Callable[[], Any]) -> float:
+        """Seconds of ``run`` with our prior forced into the context form its default does not pick here."""
+        prior = pipe.prior_pipe.prior
+        prior.cache_prompt = not prior.caches_prompt()
+        try:
+            return self.timed(run)[0]
+        finally:
+            prior.cache_prompt = None
 
     def peak_flops(self) -> float | None:
         if not self.cuda:

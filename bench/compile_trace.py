@@ -63,11 +63,14 @@ def calls() -> dict[str, tuple[torch.nn.Module, Callable[[Callable], Any]]]:
     conditioning = unet.prepare_conditioning({"image_embeds": embeds}, step.reshape(1)).at(0)
     width = PRIOR["embedding_dim"]
     mask = torch.ones(2, PRIOR["num_embeddings"], dtype=torch.bool, device=META)
-    prior_inputs = {"proj_embedding": t(2, width), "encoder_hidden_states": t(2, 77, width), "attention_mask": mask}
+    # As the fast path calls it: the prompt's keys and values prepared once per run (the kv form), one step's row.
+    prior_context = prior.prepare_context(
+        t(2, width), t(2, 77, width), mask, timesteps=step.reshape(1), cache_prompt=True
+    ).at(0)
     return {
         "unet": (unet, lambda f: f(t(2, 4, 96, 96), step, None, conditioning=conditioning, return_dict=False)),
         "movq_decoder": (movq.decoder, lambda f: f(t(1, 4, 96, 96), t(1, 4, 96, 96))),
-        "prior": (prior, lambda f: f(t(2, width), timestep=step, return_dict=False, **prior_inputs)),
+        "prior": (prior, lambda f: f(t(2, width), timestep=step, context=prior_context, return_dict=False)),
         "reference_unet": (
             ref_unet,
             lambda f: f(t(2, 4, 96, 96), step, None, added_cond_kwargs={"image_embeds": embeds}, return_dict=False),

@@ -91,6 +91,79 @@ def test_padded_text_tokens_are_ignored(models):
     assert (ours(timestep=10, **changed).predicted_image_embedding[0] - a[0]).abs().max() > 1e-3
 
 
+# Three layers: the prompt's keys and values of one layer feed the next.
+DEEP = {**TINY, "num_layers": 3}
+
+
+@pytest.fixture(scope="module")
+def deep_models():
+    torch.manual_seed(1)
+    ref = diffusers.PriorTransformer(**DEEP).eval()
+    randomize(ref)
+    ours = PriorTransformer(**DEEP).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("cache_prompt", [True, False], ids=["kv", "tokens"])
+@torch.no_grad()
+def test_context_prepared_once_per_run_matches_reference(deep_models, cache_prompt):
+    # A run's loop: the prompt's context (with every step's time token) built once, one row per step.
+    ref, ours = deep_models
+    inputs = make_inputs()
+    text = {k: inputs[k] for k in ("proj_embedding", "encoder_hidden_states", "attention_mask")}
+    timesteps = torch.tensor([999, 500, 3, 0])
+    context = ours.prepare_context(*text.values(), timesteps=timesteps, cache_prompt=cache_prompt)
+    assert (context.kv is not None) == cache_prompt and (context.tokens is None) == cache_prompt
+    for i, t in enumerate(timesteps):
+        x = torch.randn(BATCH, 32)
+        expected = ref(x, t, **text).predicted_image_embedding
+        # the step's row replaces the timestep: a wrong timestep argument is not read
+        (predicted,) = ours(x, timestep=12345, context=context.at(i), return_dict=False)
+        torch.testing.assert_close(predicted, expected, atol=ATOL, rtol=ATOL)
+        # a context without the time table takes the step's timestep
+        without_time = ours.prepare_context(*text.values(), cache_prompt=cache_prompt)
+        torch.testing.assert_close(
+            ours(x, t, context=without_time).predicted_image_embedding, expected, atol=ATOL, rtol=ATOL
+        )
+
+
+@torch.no_grad()
+def test_cached_prompt_step_computes_only_the_step_tokens(deep_models):
+    # The kv form runs 3 tokens per sample through the layers instead of 81: a small fraction of the FLOPs.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, ours = deep_models
+    inputs = make_inputs()
+    text = [inputs[k] for k in ("proj_embedding", "encoder_hidden_states", "attention_mask")]
+    x = inputs["hidden_states"]
+    flops = {}
+    for cache in (True, False):
+        context = ours.prepare_context(*text, cache_prompt=cache)
+        with FlopCounterMode(display=False) as counter:
+            ours(x, 10, context=context)
+        flops[cache] = counter.get_total_flops()
+    assert flops[True] < flops[False] / 10, flops
+
+
+@torch.no_grad()
+def test_context_defaults(deep_models):
+    _, ours = deep_models
+    inputs = make_inputs()
+    text = [inputs[k] for k in ("proj_embedding", "encoder_hidden_states", "attention_mask")]
+    assert ours.caches_prompt() and ours.prepare_context(*text).kv is not None  # the CPU default: the kv form
+    ours.cache_prompt = False  # the attribute overrides the default
+    try:
+        assert not ours.caches_prompt() and ours.prepare_context(*text).kv is None
+    finally:
+        ours.cache_prompt = None
+    # No mask, no causal attention: every token sees the later ones, nothing can be cached.
+    context = ours.prepare_context(*text[:2], None)
+    assert context.kv is None and context.mask is None
+    with pytest.raises(ValueError, match="proj_embedding"):
+        ours(inputs["hidden_states"], 10)
+
+
 @torch.no_grad()
 def test_post_process_latents_matches_reference(models):
     ref, ours = models

@@ -184,19 +184,14 @@ def _warm_up_call(model: nn.Module, components: dict[str, Any], latent: tuple[in
         return lambda: model.decode(latents, force_not_quantize=True)
     cfg = model.config
     batch, width = 2 * images, cfg.embedding_dim
-    x, pooled = torch.randn(2, batch, width, device=device, dtype=dtype)  # distinct tensors: dynamo guards on aliasing
+    x, pooled = torch.randn(2, batch, width, device=device, dtype=dtype)
     hidden = torch.randn(batch, cfg.num_embeddings, width, device=device, dtype=dtype)
     mask = torch.ones(batch, cfg.num_embeddings, dtype=torch.bool, device=device)
     scheduler = components.get("prior_scheduler", components.get("scheduler"))
     timestep = _first_timestep(scheduler, device)
-    return lambda: model(
-        x,
-        timestep=timestep,
-        proj_embedding=pooled,
-        encoder_hidden_states=hidden,
-        attention_mask=mask,
-        return_dict=False,
-    )
+    # As the prior loop passes it: prepared once per run (the prompt's keys and values), one step's row per call.
+    context = model.prepare_context(pooled, hidden, mask, timesteps=timestep.reshape(1)).at(0)
+    return lambda: model(x, timestep=timestep, context=context, return_dict=False)
 
 
 def _first_timestep(scheduler: Any, device: torch.device) -> torch.Tensor:

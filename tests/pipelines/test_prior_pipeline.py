@@ -72,6 +72,27 @@ def test_prior_callback_latents_tuple_and_generator_list_match_reference(our_pri
         assert isinstance(a, np.ndarray) and np.abs(a - b).max() < TOL
 
 
+def test_prior_callback_swapping_the_prompt_tensors_matches_reference(our_prior, ref_prior):
+    # The prompt's context (its keys and values in every layer) is prepared once per run: a callback that replaces a
+    # prompt tensor must be seen by the next steps, as in the reference.
+    def callback(pipe, i, t, kwargs):
+        if i == 0:
+            return {"text_encoder_hidden_states": kwargs["text_encoder_hidden_states"] * 0.5}
+        if i == 1:
+            mask = kwargs["text_mask"].clone()
+            mask[:, 3:] = False
+            return {"text_mask": mask, "prompt_embeds": kwargs["prompt_embeds"] + 1}
+        return {}
+
+    names = ["latents", "prompt_embeds", "text_encoder_hidden_states", "text_mask"]
+    kwargs = {"num_inference_steps": STEPS, "callback_on_step_end": callback}
+    ours = our_prior("horse", generator=gen(3), callback_on_step_end_tensor_inputs=names, **kwargs)
+    ref = ref_prior("horse", generator=gen(3), callback_on_step_end_tensor_inputs=names, **kwargs)
+    plain = our_prior("horse", generator=gen(3), num_inference_steps=STEPS)
+    assert_close(ours.image_embeds, ref.image_embeds)
+    assert (ours.image_embeds - plain.image_embeds).abs().max() > 1e-3  # the swaps did change the result
+
+
 def test_prior_latents_argument_matches_reference(our_prior, ref_prior):
     latents = torch.randn(2, 32, generator=gen(5))
     ours = our_prior("horse", num_images_per_prompt=2, latents=latents, num_inference_steps=STEPS, generator=gen())

@@ -129,19 +129,19 @@ class _PriorBase(Pipeline):
         """The prior loop over ``timesteps`` (a host table); returns un-normalized image embeddings."""
         prior = self._use("prior")
         cfg = guidance_scale > 1
-        state = dict(zip(("prompt_embeds", "text_encoder_hidden_states", "text_mask"), text), latents=latents)
+        names = ("prompt_embeds", "text_encoder_hidden_states", "text_mask")
+        state = dict(zip(names, text), latents=latents)
         prior_timesteps = timesteps.to(latents.device)  # one copy, not a blocking one per step (see the decoder loop)
+        # What the prior derives from the prompt (its tokens, their keys and values in every layer, the mask) and the
+        # time tokens of every step: prepared once per run, and again only if a callback swaps a prompt tensor.
+        prompt, context = None, None
         for i, t in enumerate(self.progress_bar(timesteps)):
             latents = state["latents"]
             x = torch.cat([latents, latents]) if cfg else latents
-            (pred,) = prior(
-                x,
-                timestep=prior_timesteps[i],
-                proj_embedding=state["prompt_embeds"],
-                encoder_hidden_states=state["text_encoder_hidden_states"],
-                attention_mask=state["text_mask"],
-                return_dict=False,
-            )
+            if context is None or any(state[name] is not current for name, current in zip(names, prompt)):
+                prompt = tuple(state[name] for name in names)
+                context = prior.prepare_context(*prompt, timesteps=prior_timesteps)
+            (pred,) = prior(x, timestep=prior_timesteps[i], context=context.at(i), return_dict=False)
             if cfg:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
