@@ -364,3 +364,40 @@ def test_fast_compiles_the_runs_shapes_when_the_models_load(
     assert cli.main([*args, *sizes, "-o", str(tmp_path / "x.png")]) == 0
     assert seen[0] == (True, [(64, 96, 1), (64, 96, 2)], bool(negative))
     assert "fast path: compiling for 96x64 (1 per call), 96x64 (2 per call)" in capsys.readouterr().err
+
+
+def test_compile_cache_sets_the_inductor_cache_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--compile-cache DIR: torch.compile's caches go to DIR (created), for generate with --fast and for serve; a
+    folder that cannot be one, or the option without the fast path, is an argument error naming it."""
+    import PIL.Image
+
+    from kandinsky22 import cli, jobs
+
+    # set here so that monkeypatch restores the variable (or its absence) after the test
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    seen = []
+    monkeypatch.setattr(
+        jobs.Engine,
+        "run",
+        lambda self, group, progress=None, cancel=None: (
+            seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+            or [jobs.Result(PIL.Image.new("RGB", (job.width, job.height)), job, {}) for job in group]
+        ),
+    )
+    monkeypatch.setattr(jobs.Engine, "missing_models", lambda self, job: [])
+    args = ["generate", "x", "--prior", str(tmp_path), "--decoder", str(tmp_path), "-o", str(tmp_path / "x.png")]
+    cache = tmp_path / "cache" / "inner"
+    assert cli.main([*args, "--fast", "--compile-cache", str(cache)]) == 0
+    assert seen == [str(cache)] and cache.is_dir()
+
+    assert cli.main([*args, "--overwrite", "--compile-cache", str(cache)]) == 2
+    assert "error: --compile-cache needs --fast" in capsys.readouterr().err
+    a_file = tmp_path / "x.png"  # written above
+    assert cli.main([*args, "--overwrite", "--fast", "--compile-cache", str(a_file)]) == 2
+    assert f"error: --compile-cache: compile cache folder '{a_file}' cannot be created" in capsys.readouterr().err
+    assert cli.main(["serve", "--no-fast", "--compile-cache", str(cache)]) == 2
+    assert "error: --compile-cache has no use with --no-fast" in capsys.readouterr().err
+    assert cli.main(["serve", "--compile-cache", str(a_file)]) == 2
+    assert f"kandinsky22 serve: error: --compile-cache: compile cache folder '{a_file}'" in capsys.readouterr().err

@@ -25,8 +25,10 @@ elementwise ops). The eager path stays the default: compilation takes a minute o
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +82,26 @@ def enable_fast_path(
     if offloaded:
         return {}  # the models are on the CPU between uses: they compile on first use on the execution device
     return _warm_up(components, models, targets, negative_prompts)
+
+
+def use_compile_cache(folder: str | os.PathLike) -> Path:
+    """Keep torch.compile's caches (the compiled graphs and kernels of the fast path) in ``folder`` instead of
+    torch's default, ``$TMPDIR/torchinductor_$USER``; returns the absolute folder.
+
+    A later process that compiles the same models for the same shapes with the same torch reads them back instead of
+    compiling again: its warm-up takes seconds where the first takes minutes (dynamo still traces the models). A folder
+    that outlives the machine's temporary files (a volume of a container, a folder shipped with a deployment) keeps
+    that for restarts. Process-wide (it sets ``TORCHINDUCTOR_CACHE_DIR``): call it before the first compilation.
+    """
+    path = Path(folder).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"compile cache folder {str(folder)!r} cannot be created: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"compile cache folder {str(folder)!r} is not writable")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

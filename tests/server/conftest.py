@@ -34,16 +34,19 @@ def server(tiny_repos: dict[str, Path]):
 
 
 @pytest.fixture(scope="session")
-def other_server(tiny_repos: dict[str, Path]):
+def other_server(tiny_repos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """The options the main server does not use, in one process (each start costs seconds of CPU): an API key
     (from the environment), --batch-invariant and the fast path with a warm-up (compiled with torch.compile's
-    "eager" backend, which traces without generating kernels). Its client sends the key unless a request gives
-    other headers."""
+    "eager" backend, which traces without generating kernels) and a compile cache folder. Its client sends the key
+    unless a request gives other headers."""
     args = ["--prior", str(tiny_repos["prior"]), "--decoder", str(tiny_repos["decoder"]), *limit_args()]
+    cache = tmp_path_factory.mktemp("compile-cache") / "new"
     server = Server(
-        [*args, "--batch-invariant", "--fast", "--compile-backend", "eager", "--warm-up", "64x64"],
+        [*args, "--batch-invariant", "--fast", "--compile-backend", "eager", "--warm-up", "64x64"]
+        + ["--compile-cache", str(cache)],
         env={"KANDINSKY22_API_KEY": API_KEY},
         headers={"Authorization": f"Bearer {API_KEY}"},
     )
+    server.compile_cache = cache
     yield server
     server.stop()

@@ -51,6 +51,9 @@ def test_batch_invariant_server_gives_identical_pixels(other_server):
     models = other_server.request("GET", "/v1/models").json()
     assert models["batch_invariant"] is True
     assert models["fast"] is True and models["warm_up"] == ["64x64"]  # the fast path's graphs, padded calls too
+    # --compile-cache: the folder is made and the start-up log names it
+    assert other_server.compile_cache.is_dir()
+    assert any(f"(compile cache: {other_server.compile_cache})" in line for line in other_server.output)
     reference, batched, second_of_three = alone_then_batched(other_server)
     np.testing.assert_array_equal(batched, reference)
     np.testing.assert_array_equal(second_of_three, reference)

@@ -20,6 +20,7 @@ import hmac
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -136,10 +137,11 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
         info.update(device=engine.device_name, dtype=engine.dtype_name, fast=engine.fast_applied, warm_up=warmed)
         if engine.fast_applied:
             log.info(
-                "fast path: %s compiled for %s images per call in %.1f s; other sizes run eagerly",
+                "fast path: %s compiled for %s images per call in %.1f s (compile cache: %s); other sizes run eagerly",
                 ", ".join(warmed) or "no size",
                 " and ".join(map(str, batches)),
                 engine.warm_up_seconds,
+                os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"),
             )
         log.info(
             "models loaded in %.1f s on %s (%s); ready", time.perf_counter() - started, info["device"], info["dtype"]

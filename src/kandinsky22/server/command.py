@@ -88,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="inductor",
         help="torch.compile backend of the fast path (default inductor; the others only trace, for checks)",
     )
+    models.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="keep the fast path's torch.compile caches in DIR (default: torch's, in the temporary folder): a restart "
+        "with the same models, --warm-up and torch reads them instead of compiling (seconds instead of minutes); "
+        "use a folder that outlives the machine's temporary files, e.g. a container volume",
+    )
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-batch", type=_positive, default=4, help="images per pipeline call (default 4)")
     limits.add_argument(
@@ -139,6 +146,20 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.compile_cache is not None:
+        if args.no_fast:
+            print(
+                f"{prog}: error: --compile-cache has no use with --no-fast (only the fast path compiles)",
+                file=sys.stderr,
+            )
+            return 2
+        from kandinsky22.fast import use_compile_cache
+
+        try:
+            use_compile_cache(args.compile_cache)
+        except ValueError as err:
+            print(f"{prog}: error: --compile-cache: {err}", file=sys.stderr)
+            return 2
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         print(
