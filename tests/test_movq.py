@@ -152,3 +152,28 @@ def test_unsupported_config_is_rejected(key, value):
     with pytest.raises(ValueError, match=key) as err:
         VQModel(**{**TWO_LEVEL, key: value})
     assert f"{key}={value!r}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("feature", "latent"),
+    [((8, 8), (8, 8)), ((16, 32), (8, 8)), ((64, 64), (8, 8)), ((24, 24), (8, 8)), ((20, 12), (8, 6))],
+    ids=["same", "x2-x4", "x8", "x3-fallback", "fractional-fallback"],
+)
+@torch.no_grad()
+def test_spatial_norm_matches_reference(feature, latent):
+    # Power-of-two factors run the 1x1 convolutions on the latents and broadcast them (nearest resizing repeats each
+    # latent pixel); other sizes resize first, as the reference always does.
+    from diffusers.models.attention_processor import SpatialNorm as ReferenceSpatialNorm
+
+    from kandinsky22.models.movq import SpatialNorm
+
+    torch.manual_seed(0)
+    ref = ReferenceSpatialNorm(64, 4)
+    for p in ref.parameters():
+        p.data.normal_()
+    ours = SpatialNorm(64, 4)
+    ours.load_state_dict(ref.state_dict())
+    x, zq = torch.randn(2, 64, *feature), torch.randn(2, 4, *latent)
+    torch.testing.assert_close(ours(x, zq), ref(x, zq), atol=1e-5, rtol=1e-5)
+    channels_last = ours(x.to(memory_format=torch.channels_last), zq)  # the fast path's layout
+    torch.testing.assert_close(channels_last, ref(x, zq), atol=1e-5, rtol=1e-5)

@@ -52,9 +52,19 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        if zq.shape[-2:] != x.shape[-2:]:  # the decoder hands each block zq at its size already (see Decoder)
+        """``norm(x) * conv_y(zq') + conv_b(zq')``, zq' being ``zq`` resized (nearest) to ``x``'s size."""
+        (height, width), (zq_height, zq_width) = x.shape[-2:], zq.shape[-2:]
+        fh, fw = height // zq_height, width // zq_width
+        if fh * zq_height != height or fw * zq_width != width or (fh & (fh - 1)) or (fw & (fw - 1)):
             zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
-        return torch.addcmul(self.conv_b(zq), self.norm_layer(x), self.conv_y(zq))  # norm(x) * y + b in one pass
+            return torch.addcmul(self.conv_b(zq), self.norm_layer(x), self.conv_y(zq))  # norm(x) * y + b in one pass
+        # Nearest resizing by a power-of-two factor repeats each latent pixel in an fh × fw block (exactly: the source
+        # index i / f is exact in floating point). A 1x1 convolution commutes with that, so both run on the latents
+        # and broadcast over each block: no full-size scale and shift maps are written and read back.
+        norm = self.norm_layer(x).unflatten(3, (zq_width, fw)).unflatten(2, (zq_height, fh))  # (B, C, h, fh, w, fw)
+        scale = self.conv_y(zq)[:, :, :, None, :, None]
+        shift = self.conv_b(zq)[:, :, :, None, :, None]
+        return torch.addcmul(shift, norm, scale).flatten(4, 5).flatten(2, 3)
 
 
 NormFactory = Callable[[int], nn.Module]  # channels -> norm layer
@@ -250,9 +260,7 @@ class Decoder(nn.Module):
         x = self.conv_in(x)
         x = self.mid_block(x, zq)
         for block in self.up_blocks:
-            # All norms of a block see its input size (its upsampler comes last): resize zq once per block instead of
-            # once per norm. Nearest resizing of the same latents gives the same values either way.
-            x = block(x, F.interpolate(zq, size=x.shape[-2:], mode="nearest"))
+            x = block(x, zq)  # each SpatialNorm brings zq to its feature map's size
         return self.conv_out(F.silu(self.conv_norm_out(x, zq)))
 
 
