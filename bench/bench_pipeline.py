@@ -487,6 +487,19 @@ class Bench:
         if not self.cuda:
             self.ratio(f"ratio_eager_ours_over_ref_cpu_time_{size}_bs{images}", ours, ref, "best_cpu_s")
 
+    def eager_channels_last(self, size: int) -> None:
+        """Our eager pipeline with the UNet and MoVQ in channels_last (NHWC), against it as it is (NCHW), alternating:
+        whether the layout the fast path uses also pays without compiling (cuDNN's tensor-core convolutions are NHWC;
+        the eager norms and elementwise kernels may not be). Runs on the fast path's model copies, not yet compiled
+        (the fast path lays them out so anyway)."""
+        pipe = self.fast_pipe
+        for model in (pipe.decoder_pipe.unet, pipe.decoder_pipe.movq):
+            model.to(memory_format=torch.channels_last)
+        nchw, nhwc = f"ours_eager_nchw_again_e2e_{size}_bs1", f"ours_eager_channels_last_e2e_{size}_bs1"
+        self.e2e({nchw: self.ours, nhwc: pipe}, size)
+        self.ratio(f"ratio_eager_channels_last_over_nchw_{size}", nhwc, nchw)
+        self.compare(f"equal_eager_channels_last_vs_nchw_{size}", nhwc, nchw)
+
     def unet_step(self, pipe: Any) -> tuple[Callable[[], Any], torch.Tensor]:
         """One UNet CFG step of ``pipe`` at ``--size`` (batch 2), called as its pipeline's loop calls it — ours with
         the conditioning prepared once per run, with the run's timesteps (this is the row of the step measured) —,
@@ -774,6 +787,7 @@ class Bench:
         self.section("equality", cheap, self.equality)
         self.section("divergence", cheap, self.divergence)
         self.section("eager", cheap, lambda: self.eager(size))
+        self.section("eager_channels_last", cheap, lambda: self.eager_channels_last(size))
         self.section("flops", 2, self.flops)
         self.section("stages_eager", cheap, lambda: self.stages("eager", {"ours": self.ours, "ref": self.ref}))
         self.section(
