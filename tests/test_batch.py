@@ -214,6 +214,15 @@ def test_console_script(tiny_repos: dict[str, Path], tmp_path: Path) -> None:
         ([str(jobs), "--out", "x", "--workers", "2"], 2, "--workers and --gpus-per-worker need --ray"),
         ([str(jobs), "--out", "x", "--prior", "no/such/folder/here"], 1, "no such model folder for --prior"),
         ([str(jobs), "--out", "x", "--batch-size", "0"], 2, "--batch-size: must be a positive integer"),
+        ([str(jobs), "--out", "x", "--compile-cache", "c"], 2, "--compile-cache needs --fast"),
+        ([str(jobs), "--out", "x", "--fast", "--compile-cache", str(jobs)], 2, "compile cache folder"),
     ):
         result = cli(*args, cwd=tmp_path)
         assert result.returncode == code and message in result.stderr, (args, result.stderr)
+
+
+def test_unit_runner_keeps_compile_caches_where_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each worker process (a Ray actor, or this one) points torch.compile's caches at the folder of --compile-cache.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))  # restored after the test
+    UnitRunner(device="cpu", fast=True, compile_cache=str(tmp_path / "cache"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()

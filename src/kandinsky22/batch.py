@@ -424,9 +424,15 @@ def run_batch(
 class UnitRunner:
     """Runs units with one :class:`~kandinsky22.jobs.Engine`, which loads each model once, on first use."""
 
-    def __init__(self, device: str = "auto", dtype: str = "auto", fast: bool = False) -> None:
+    def __init__(
+        self, device: str = "auto", dtype: str = "auto", fast: bool = False, compile_cache: str | None = None
+    ) -> None:
         from kandinsky22.jobs import Engine
 
+        if compile_cache is not None:  # in this process: each Ray actor is one
+            from kandinsky22.fast import use_compile_cache
+
+            use_compile_cache(compile_cache)
         self.engine = Engine(device=device, dtype=dtype, fast=fast)
 
     def __call__(self, payload: str) -> list[ImageResult]:
@@ -473,11 +479,9 @@ def _png_bytes(image: Any, recipe: dict[str, Any]) -> bytes:
         return save_png(image, Path(scratch) / "image.png", recipe).read_bytes()
 
 
-def run_local(
-    units: list[Unit], device: str = "auto", dtype: str = "auto", fast: bool = False
-) -> Iterator[ImageResult]:
-    """The units one after the other in this process."""
-    runner = UnitRunner(device=device, dtype=dtype, fast=fast)
+def run_local(units: list[Unit], **engine: Any) -> Iterator[ImageResult]:
+    """The units one after the other in this process; ``engine``: :class:`UnitRunner`'s arguments."""
+    runner = UnitRunner(**engine)
     for unit in units:
         yield from runner(unit.payload())
 
@@ -539,6 +543,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on GPUs, fp32 on CPU")
     run.add_argument("--fast", action="store_true", help="use the pipelines' fast path where they have one")
     run.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="with --fast: keep torch.compile's caches in DIR (each worker; with --ray a path valid on every node, "
+        "e.g. a shared file system): workers and later runs read what one compiled instead of compiling again",
+    )
+    run.add_argument(
         "--batch-size",
         type=_batch_size,
         default=1,
@@ -586,7 +596,16 @@ def run_command(args: argparse.Namespace) -> int:
             raise RuntimeFailure(
                 str(err), "pass an existing folder or a hub id (`kandinsky22 make-tiny DIR`)"
             ) from None
-    engine = {"device": args.device, "dtype": args.dtype, "fast": args.fast}
+    if args.compile_cache is not None:
+        if not args.fast:
+            raise UsageError("--compile-cache needs --fast (only the fast path compiles)")
+        from kandinsky22.fast import use_compile_cache
+
+        try:  # here too: a folder that cannot be one fails now, not in every worker
+            args.compile_cache = str(use_compile_cache(args.compile_cache))
+        except ValueError as err:
+            raise UsageError(f"--compile-cache: {err}") from None
+    engine = {"device": args.device, "dtype": args.dtype, "fast": args.fast, "compile_cache": args.compile_cache}
     if args.ray is None:
 
         def runner(units: list[Unit]) -> Iterator[ImageResult]:
