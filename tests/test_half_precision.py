@@ -8,7 +8,7 @@ difference — a norm, a softmax or an embedding computed in a different precisi
 up as an error above the reference's own (computing the UNet's timestep embedding in fp16 gives 1.3–1.5× in fp16).
 
 On these tiny random models (CPU, mean |error| over the output): UNet fp16 ours 5.6e-4 vs reference 5.7e-4, bf16
-4.2e-3 vs 4.4e-3; MoVQ decode fp16 1.0e-3 vs 1.0e-3; the prior's are equal.
+4.2e-3 vs 4.4e-3; MoVQ decode fp16 1.0e-3 vs 1.0e-3; the prior's are equal (also through its prompt context, either form).
 """
 
 from __future__ import annotations
@@ -96,12 +96,14 @@ def test_movq_decode(dtype, tmp_path):
     check(errors(ours_fn, ref_fn, ours, ref, dtype))
 
 
+@pytest.mark.parametrize("context", [None, "kv", "tokens"], ids=["direct", "context-kv", "context-tokens"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_prior(dtype, tmp_path):
+def test_prior(dtype, context, tmp_path):
+    # Directly, and as the loop calls it: the prompt's context prepared once, in either form (PriorContext).
     torch.manual_seed(0)
     import diffusers
 
-    ref = diffusers.PriorTransformer(**prior_cases.TINY).eval()
+    ref = diffusers.PriorTransformer(**prior_cases.DEEP).eval()
     prior_cases.randomize(ref)
     ref.save_pretrained(tmp_path)
     ours = PriorTransformer.from_pretrained(tmp_path)
@@ -111,7 +113,11 @@ def test_prior(dtype, tmp_path):
         return {k: v.to(dt) if v.is_floating_point() else v for k, v in inputs.items()}
 
     def ours_fn(dt):
-        return ours(timestep=500, **cast(dt)).predicted_image_embedding
+        if context is None:
+            return ours(timestep=500, **cast(dt)).predicted_image_embedding
+        x, *text = cast(dt).values()
+        prepared = ours.prepare_context(*text, timesteps=torch.tensor([999, 500]), cache_prompt=context == "kv")
+        return ours(x, 12345, context=prepared.at(1)).predicted_image_embedding
 
     def ref_fn(dt):
         return ref(timestep=500, **cast(dt)).predicted_image_embedding
