@@ -76,6 +76,9 @@ class ServerConfig:
     # when batch_invariant). Other sizes and batch sizes run eagerly rather than stall the queue while compiling.
     warm_up: list[tuple[int, int]] = field(default_factory=lambda: [(512, 512)])
     compile_backend: str = "inductor"  # torch.compile's backend for the fast path ("eager"/"aot_eager": trace only)
+    # torch.compile's cache folder in the process that loads the models (this one, or each Ray Serve replica); None:
+    # torch's default. See kandinsky22.fast.use_compile_cache.
+    compile_cache: str | None = None
     api_key: str | None = None
     # Pad every pipeline call to max_batch images, so an image is bit-identical whatever it was batched with.
     batch_invariant: bool = False
@@ -116,6 +119,10 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
 
         started = time.perf_counter()
         fast = resolve_device(config.device).type == "cuda" if config.fast is None else config.fast
+        if fast and config.compile_cache is not None:
+            from kandinsky22.fast import use_compile_cache
+
+            use_compile_cache(config.compile_cache)
         max_batch = config.limits.max_batch
         batches = [max_batch] if config.batch_invariant else sorted({1, max_batch})
         engine = Engine(

@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="keep the fast path's torch.compile caches in DIR (default: torch's, in the temporary folder): a restart "
         "with the same models, --warm-up and torch reads them instead of compiling (seconds instead of minutes); "
-        "use a folder that outlives the machine's temporary files, e.g. a container volume",
+        "use a folder that outlives the machine's temporary files, e.g. a container volume (with --ray: a path valid on "
+        "every replica's node)",
     )
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-batch", type=_positive, default=4, help="images per pipeline call (default 4)")
@@ -155,8 +156,8 @@ def serve(args: argparse.Namespace) -> int:
             return 2
         from kandinsky22.fast import use_compile_cache
 
-        try:
-            use_compile_cache(args.compile_cache)
+        try:  # here, so that a folder that cannot be one is an argument error (the model loader uses it: Ray replicas)
+            args.compile_cache = str(use_compile_cache(args.compile_cache))
         except ValueError as err:
             print(f"{prog}: error: --compile-cache: {err}", file=sys.stderr)
             return 2
@@ -179,6 +180,7 @@ def serve(args: argparse.Namespace) -> int:
         fast=False if args.no_fast else True if args.fast else None,
         warm_up=warm_up,
         compile_backend=args.compile_backend,
+        compile_cache=args.compile_cache,
         batch_invariant=args.batch_invariant,
         api_key=api_key,
         limits=Limits(
