@@ -97,7 +97,14 @@ def _deploy_and_wait(ray: Any, args: argparse.Namespace, config: ServerConfig) -
             f"{replicas.gpus_per_replica:g} GPU(s) each; GET /v1/health says when ready)",
             flush=True,
         )
-        threading.Event().wait()
+        # From here Ctrl-C and SIGTERM only set a flag that the main thread polls: Python runs a signal handler
+        # between bytecodes of the main thread, which a poll gives it at least twice a second, whatever Ray's own
+        # threads are doing (an untimed wait left a SIGINT unanswered for minutes once, on a loaded machine).
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
