@@ -114,6 +114,7 @@ def test_context_prepared_once_per_run_matches_reference(deep_models, cache_prom
     text = {k: inputs[k] for k in ("proj_embedding", "encoder_hidden_states", "attention_mask")}
     timesteps = torch.tensor([999, 500, 3, 0])
     context = ours.prepare_context(*text.values(), timesteps=timesteps, cache_prompt=cache_prompt)
+    without_time = ours.prepare_context(*text.values(), cache_prompt=cache_prompt)  # takes each step's timestep
     assert (context.kv is not None) == cache_prompt and (context.tokens is None) == cache_prompt
     for i, t in enumerate(timesteps):
         x = torch.randn(BATCH, 32)
@@ -121,8 +122,6 @@ def test_context_prepared_once_per_run_matches_reference(deep_models, cache_prom
         # the step's row replaces the timestep: a wrong timestep argument is not read
         (predicted,) = ours(x, timestep=12345, context=context.at(i), return_dict=False)
         torch.testing.assert_close(predicted, expected, atol=ATOL, rtol=ATOL)
-        # a context without the time table takes the step's timestep
-        without_time = ours.prepare_context(*text.values(), cache_prompt=cache_prompt)
         torch.testing.assert_close(
             ours(x, t, context=without_time).predicted_image_embedding, expected, atol=ATOL, rtol=ATOL
         )
