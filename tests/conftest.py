@@ -2,7 +2,16 @@
 
 import os
 
+import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture(params=["phases", "upsample_first"])
+def upsampling(request, monkeypatch):
+    """Both forms of the convolution after a nearest ×2 upsampling (``UpsampleConv2d``, in the UNet's up-resnets and
+    MoVQ's upsamplers): the tiny test inputs are below its pixel threshold, so the phase form is forced with 0."""
+    monkeypatch.setattr("kandinsky22.models.layers._PHASES_MIN_PIXELS", 0 if request.param == "phases" else 10**9)
+    return request.param

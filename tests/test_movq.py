@@ -74,7 +74,7 @@ def test_encode_matches_reference(models, image):
 
 @pytest.mark.parametrize("force_not_quantize", [True, False])
 @torch.no_grad()
-def test_decode_matches_reference(models, image, force_not_quantize):
+def test_decode_matches_reference(models, image, force_not_quantize, upsampling):
     ref, ours = models
     z = ref.encode(image).latents
     expected = ref.decode(z, force_not_quantize=force_not_quantize).sample
@@ -125,7 +125,7 @@ def _jsonable(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def test_decoder_traces_without_graph_breaks():
+def test_decoder_traces_without_graph_breaks(upsampling):
     torch.manual_seed(0)
     model = VQModel(**TWO_LEVEL).eval()
     z = torch.randn(1, 4, 4, 3)

@@ -3,13 +3,16 @@ save/load round trips in both directions, zero graph breaks, and errors for conf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from kandinsky22.models.layers import UpsampleConv2d
 from kandinsky22.models.unet import UNet2DConditionModel, UNet2DConditionOutput
 
 diffusers = pytest.importorskip("diffusers")
@@ -95,7 +98,7 @@ def max_error(ours: nn.Module, reference: nn.Module, sample, timestep, cond) -> 
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_parity_with_reference(variant, tmp_path):
+def test_parity_with_reference(variant, tmp_path, upsampling):
     config = VARIANTS[variant]
     reference = build_reference(config)
     reference.save_pretrained(tmp_path)
@@ -112,7 +115,7 @@ def test_parity_with_reference(variant, tmp_path):
     assert torch.equal(as_tuple[0], as_output.sample)
 
 
-def test_parity_three_levels(tmp_path):
+def test_parity_three_levels(tmp_path, upsampling):
     reference = build_reference(THREE_LEVELS)
     reference.save_pretrained(tmp_path)
     ours = UNet2DConditionModel.from_pretrained(tmp_path)
@@ -120,7 +123,7 @@ def test_parity_three_levels(tmp_path):
     assert max_error(ours, reference, sample, torch.tensor([1, 400, 999]), cond) < TOL
 
 
-def test_parity_channels_last(tmp_path):
+def test_parity_channels_last(tmp_path, upsampling):
     config = VARIANTS["image_hint"]
     reference = build_reference(config)
     reference.save_pretrained(tmp_path)
@@ -175,7 +178,7 @@ def test_round_trip_ours_to_reference(tmp_path):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_no_graph_breaks(variant):
+def test_no_graph_breaks(variant, upsampling):
     config = VARIANTS[variant]
     torch.manual_seed(0)
     model = UNet2DConditionModel(**config).eval()
@@ -250,7 +253,7 @@ def test_per_run_time_modulation_equals_per_step(variant, monkeypatch):
         assert model.prepare_conditioning(cond, timesteps).at(1).modulation is None
 
 
-def test_per_run_time_modulation_compiles_once():
+def test_per_run_time_modulation_compiles_once(upsampling):
     """The compiled UNet takes each step's row of the table without a graph break or a recompilation per step."""
     torch.manual_seed(0)
     model = UNet2DConditionModel(**TINY).eval()
@@ -269,3 +272,47 @@ def test_per_run_time_modulation_compiles_once():
             expected = model(sample, t, conditioning=per_run.at(i)).sample
             torch.testing.assert_close(compiled(sample, t, conditioning=per_run.at(i)).sample, expected)
     assert counts["graphs"] == 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("batch", "height", "width"), [(1, 5, 7), (2, 8, 3), (3, 1, 1)])
+@torch.no_grad()
+def test_upsample_conv_equals_upsampling_then_convolving(batch, height, width, channels_last, upsampling):
+    """Both forms, with phase kernels made at the call or passed in, in both memory formats (fp64: only the order of
+    the sums differs)."""
+    torch.manual_seed(0)
+    conv = UpsampleConv2d(6, 5).double()
+    x = torch.randn(batch, 6, height, width, dtype=torch.float64)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    for got in (conv(x), conv(x, conv.phase_weight())):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert set(conv.state_dict()) == {"weight", "bias"}  # the 3x3 convolution's keys, nothing derived
+
+
+@torch.no_grad()
+def test_conditioning_holds_the_phase_kernels_where_the_weights_are(upsampling):
+    """prepare_conditioning makes each upsampling resnet's phase kernels once per run, and forward uses them; it leaves
+    them out for a compiled UNet (its graph derives them) and where the weights are not on the inputs' device
+    (sequential offload moves them in for each call)."""
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**THREE_LEVELS).eval()
+    sample, cond = make_inputs(THREE_LEVELS, batch=2, height=8, width=12)
+    conditioning = model.prepare_conditioning(cond)
+    convs = [r.conv1 for block in model.up_blocks for r in block.upsamplers]
+    assert len(conditioning.phase_weights) == len(convs) == 2
+    for (weight, bias), conv in zip(conditioning.phase_weights, convs):
+        expected_weight, expected_bias = conv.phase_weight()
+        assert torch.equal(weight, expected_weight) and torch.equal(bias, expected_bias)
+    with_kernels = model(sample, 7, conditioning=conditioning).sample
+    without = model(sample, 7, conditioning=dataclasses.replace(conditioning, phase_weights=None)).sample
+    torch.testing.assert_close(with_kernels, without, atol=0, rtol=0)
+
+    model.compile(backend="eager")
+    assert model.prepare_conditioning(cond).phase_weights is None
+    model._compiled_call_impl = None
+    assert model.prepare_conditioning(cond).phase_weights is not None
+    convs[0].weight = nn.Parameter(torch.empty_like(convs[0].weight, device="meta"))
+    assert model.prepare_conditioning(cond).phase_weights is None

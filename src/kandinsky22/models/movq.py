@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import Config, ModelMixin
-from .layers import FusibleProjections
+from .layers import FusibleProjections, UpsampleConv2d
 
 ENCODER_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 DECODER_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -142,14 +142,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
+    """Nearest-neighbour x2, then a 3x3 conv (one :class:`UpsampleConv2d`, at the input's resolution)."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = UpsampleConv2d(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(x)
 
 
 class ResolutionBlock(nn.Module):

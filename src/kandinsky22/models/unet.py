@@ -70,12 +70,16 @@ class UNetConditioning:
     Given the run's timesteps, it also holds ``modulation``: every resnet's ``(1 + scale, shift)`` for every step,
     (steps, 2, B, ΣC, 1, 1) with the resnets' channels side by side in call order — the time embedding, its MLP and
     the 36 projections of a full-size UNet become one batch of work per run instead of ~100 small kernels per step.
-    ``at(i)`` selects step ``i``'s row, which ``forward`` then uses in place of its ``timestep``."""
+    ``at(i)`` selects step ``i``'s row, which ``forward`` then uses in place of its ``timestep``.
+
+    ``phase_weights``: the 2x2 phase kernels of each upsampling resnet's ``conv1`` (``UpsampleConv2d.phase_weight``),
+    derived from its weights once per run instead of at each step."""
 
     time_addition: torch.Tensor  # (B, time_dim)
     context_kv: list[tuple[torch.Tensor, torch.Tensor]]  # (B, 32, heads, head_dim) keys, values per attention layer
     hint: torch.Tensor | None = None  # (B, 4, H, W), concatenated to the sample (image_hint UNets)
     modulation: torch.Tensor | None = None  # (steps, 2, B, ΣC, 1, 1) for a run, or (2, B, ΣC, 1, 1) for one step
+    phase_weights: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # per upsampling resnet, call order
 
     def at(self, step: int) -> UNetConditioning:
         """The conditioning of denoising step ``step`` (the same object without a per-run table)."""
@@ -186,6 +190,8 @@ class ImageTimeEmbedding(nn.Module):
 ContextKV = Iterator[tuple[torch.Tensor, torch.Tensor]]
 # The resnets' (1 + scale, shift), consumed in call order (down: resnets then downsampler; mid; up: resnets, upsampler).
 Modulations = Iterator[tuple[torch.Tensor, torch.Tensor]]
+# The upsampling resnets' conv1 phase kernels (UpsampleConv2d.phase_weight), in call order, or None (made at the call).
+PhaseWeights = Iterator[tuple[torch.Tensor, torch.Tensor | None] | None]
 
 
 class DownBlock(nn.Module):
@@ -293,14 +299,19 @@ class UpBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, modulations: Modulations, context_kv: ContextKV, skips: list[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        modulations: Modulations,
+        context_kv: ContextKV,
+        skips: list[torch.Tensor],
+        phase_weights: PhaseWeights,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), next(modulations))
             if self.attentions:
                 x = self.attentions[i](x, next(context_kv))
         for upsampler in self.upsamplers:
-            x = upsampler(x, next(modulations))
+            x = upsampler(x, next(modulations), next(phase_weights))
         return x
 
 
@@ -429,6 +440,7 @@ class UNet2DConditionModel(ModelMixin):
             *self.mid_block.resnets,
             *(r for block in self.up_blocks for r in (*block.resnets, *block.upsamplers)),
         ]
+        self._upsampling_convs = [r.conv1 for block in self.up_blocks for r in block.upsamplers]
 
     def prepare_conditioning(
         self, added_cond_kwargs: Mapping[str, torch.Tensor] | None, timesteps: torch.Tensor | None = None
@@ -459,11 +471,18 @@ class UNet2DConditionModel(ModelMixin):
         attentions = [attn for block in self.down_blocks for attn in block.attentions]
         attentions += [*self.mid_block.attentions, *(attn for block in self.up_blocks for attn in block.attentions)]
         time_addition = self.add_embedding(image_embeds)
+        upsamplers = self._upsampling_convs
+        # The phase kernels, once per run: not for a compiled UNet, whose graph derives them (fused into one pass over
+        # the weights; as inputs, a CUDA graph would keep a copy of them per shape), nor where the weights are not on
+        # the inputs' device (sequential offload brings them in for each call only).
+        compiled = getattr(self, "_compiled_call_impl", None) is not None
+        per_run = not compiled and all(conv.weight.device == time_addition.device for conv in upsamplers)
         return UNetConditioning(
             time_addition=time_addition,
             context_kv=[attn.context_kv(context) for attn in attentions],  # the order forward calls them in
             hint=hint,
             modulation=None if timesteps is None else self._modulation_table(timesteps, time_addition),
+            phase_weights=[conv.phase_weight() for conv in upsamplers] if per_run else None,
         )
 
     def _activated_time_embedding(self, timesteps: torch.Tensor, time_addition: torch.Tensor) -> torch.Tensor:
@@ -535,6 +554,7 @@ class UNet2DConditionModel(ModelMixin):
 
         modulations = iter(self._modulations(conditioning, timestep, sample.shape[0], sample.device))
         context_kv = iter(conditioning.context_kv)
+        phase_weights = iter(conditioning.phase_weights or [None] * len(self._upsampling_convs))
 
         x = self.conv_in(sample)
         skips = [x]
@@ -542,6 +562,6 @@ class UNet2DConditionModel(ModelMixin):
             x = down_block(x, modulations, context_kv, skips)
         x = self.mid_block(x, modulations, context_kv)
         for up_block in self.up_blocks:
-            x = up_block(x, modulations, context_kv, skips)
+            x = up_block(x, modulations, context_kv, skips, phase_weights)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)

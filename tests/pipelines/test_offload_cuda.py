@@ -1,0 +1,30 @@
+"""On a CUDA device (skipped elsewhere): CPU offloading gives the images of a pipeline kept on the GPU.
+
+The CPU-only suite offloads to the CPU itself, which checks the mechanics but not that every tensor a step needs is
+on the GPU when it runs — e.g. the UNet's per-run phase kernels, which it leaves out where sequential offloading
+keeps the weights on the CPU between calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kandinsky22 import KandinskyV22CombinedPipeline
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+KWARGS = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_cuda_offload_gives_the_images_of_a_resident_pipeline(decoder_repo, mode, upsampling):
+    pipe = KandinskyV22CombinedPipeline.from_pretrained(decoder_repo)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cuda")
+    expected = pipe("horse", generator=torch.Generator().manual_seed(0), **KWARGS).images
+    pipe.to("cpu")
+    getattr(pipe, f"enable_{mode}_cpu_offload")(device="cuda")
+    images = pipe("horse", generator=torch.Generator().manual_seed(0), **KWARGS).images
+    assert np.abs(images - expected).max() < 1e-4
