@@ -571,6 +571,9 @@ class Bench:
         def measures(pipe: Any, other_form: bool) -> dict[str, Callable[[], float]]:
             movq = pipe.decoder_pipe.movq
             unet_step, sample = self.unet_step(pipe)
+            unet_ms = lambda: self.per_call_ms(unet_step, iters)  # noqa: E731
+            decode = lambda: movq.decode(sample[:1], force_not_quantize=True)  # noqa: E731
+            movq_ms = lambda: self.per_call_ms(decode, max(2, iters // 4))  # noqa: E731
             prior = lambda: pipe.prior_pipe(  # noqa: E731
                 PROMPT, num_inference_steps=a.prior_steps, generator=self.generator(), output_type="pt"
             )
@@ -583,19 +586,23 @@ class Bench:
                 generator=self.generator(),
                 output_type="latent",
             )
+            others = {
+                "prior_stage_other_form_s": lambda: self.other_form(pipe, prior),
+                "unet_cfg_step_upsample_first_ms": lambda: self.upsample_first(unet_ms),
+                "movq_decode_upsample_first_ms": lambda: self.upsample_first(movq_ms),
+            }
             return {
-                "unet_cfg_step_ms": lambda: self.per_call_ms(unet_step, iters),
-                "movq_decode_ms": lambda: self.per_call_ms(
-                    lambda: movq.decode(sample[:1], force_not_quantize=True), max(2, iters // 4)
-                ),
+                "unet_cfg_step_ms": unet_ms,
+                "movq_decode_ms": movq_ms,
                 "prior_stage_s": lambda: self.timed(prior)[0],
                 "decoder_loop_ms_per_step": lambda: self.timed(decoder)[0] * 1000 / a.steps,
-                **({"prior_stage_other_form_s": lambda: self.other_form(pipe, prior)} if other_form else {}),
+                **(others if other_form else {}),
             }
 
         row: dict[str, Any] = {}
         # Our eager prior also in the context form it does not choose by default (kv vs tokens, see PriorContext),
-        # to check that choice on this device.
+        # and our UNet step and MoVQ decode with the convolutions after an upsampling done the reference's way
+        # (upsample, then convolve; see UpsampleConv2d), to check those choices on this device.
         todo = {name: measures(pipe, name == "ours" and tag == "eager") for name, pipe in pipes.items()}
         with torch.no_grad():
             for _ in range(3 if a.tiny else 2):
@@ -612,6 +619,18 @@ class Bench:
             if peak:
                 row[f"{name}_unet_mfu"] = flops / seconds / peak
         self.results.put(f"stages_{tag}_{size}", rounded(row))
+
+    @staticmethod
+    def upsample_first(measure: Callable[[], float]) -> float:
+        """``measure()`` with our UpsampleConv2d upsampling first, at any input size (not with its phase kernels)."""
+        from kandinsky22.models import layers
+
+        threshold = layers._PHASES_MIN_PIXELS
+        layers._PHASES_MIN_PIXELS = 2**62
+        try:
+            return measure()
+        finally:
+            layers._PHASES_MIN_PIXELS = threshold
 
     def other_form(self, pipe: Any, run: Callable[[], Any]) -> float:
         """Seconds of ``run`` with our prior forced into the context form its default does not pick here."""
