@@ -90,10 +90,11 @@ class UpsampleConv2d(nn.Conv2d):
         """The four phases' 2x2 kernels, (4 · out, in, 2, 2) ordered ``(a, c, out)``, and the bias repeated to match."""
         out, inp = self.out_channels, self.in_channels
         # With a zero tap on each side (z, w0, w1, w2, z), sums of neighbours are w0, w0 + w1, w1 + w2, w2: tap t of
-        # phase a is sum 2t + a. Both axes at once: (out, in, 4, 4) = (out, in, t, a, s, c).
-        w = F.pad(self.weight, (1, 1, 1, 1))
+        # phase a is sum 2t + a. Both axes at once: (out, in, 4, 4) = (out, in, t, a, s, c). Half-precision weights
+        # are summed in fp32 (exactly) and rounded once.
+        w = F.pad(self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)), (1, 1, 1, 1))
         w = w[:, :, 1:] + w[:, :, :-1]
-        w = (w[..., 1:] + w[..., :-1]).view(out, inp, 2, 2, 2, 2)
+        w = (w[..., 1:] + w[..., :-1]).to(self.weight.dtype).view(out, inp, 2, 2, 2, 2)
         if self.weight.is_contiguous(memory_format=torch.channels_last):  # keep the layout the fast path chose
             weight = w.permute(3, 5, 0, 2, 4, 1).reshape(4 * out, 2, 2, inp).permute(0, 3, 1, 2)
         else:
