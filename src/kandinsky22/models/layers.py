@@ -169,10 +169,10 @@ class ResnetBlock2D(nn.Module):
         """``modulation`` is :meth:`time_modulation`'s ``(1 + scale, shift)`` (the UNet computes them for all blocks,
         once per step or once per run); ``phase_weight``, for an "up" block, ``conv1.phase_weight()`` made ahead."""
         h = F.silu(self.norm1(x))
-        if isinstance(self.resample, nn.AvgPool2d):
-            h = self.resample(h)
         if self.resample is not None:
             x = self.resample(x)
+            if isinstance(self.resample, nn.AvgPool2d):  # "up": conv1 upsamples the hidden state itself
+                h = self.resample(h)
         h = self.conv1(h) if phase_weight is None else self.conv1(h, phase_weight)
         scale_1, shift = modulation
         h = torch.addcmul(shift, self.norm2(h), scale_1)  # norm2(h) * (1 + scale) + shift in one kernel
