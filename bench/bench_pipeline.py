@@ -13,9 +13,11 @@ measurement, so a run killed by its time limit keeps what it measured):
 4. kandinsky22's fast path (``enable_fast_path``): warm-up, equality with the eager images, speed;
 5. the reference's documented recipe (channels_last + ``torch.compile(mode="reduce-overhead", fullgraph=True)``
    on the decoder UNet): warm-up, speed;
-6. 4 images per call (eager both; fast path vs compiled reference);
-7. the other sizes (eager both; the fast path);
-8. ``enable_model_cpu_offload`` (CUDA only): peak memory, and the GPU memory each model sees while it runs.
+6. 4 images per call, fast path vs compiled reference (both or neither: each compiles the new batch size);
+7. diagnostics: where fp16 rounding makes the two part (stage by stage), and ``enable_model_cpu_offload`` (on CUDA:
+   peak memory, and the GPU memory each model adds when it runs);
+8. 4 images per call, eager both;
+9. the other sizes (eager both; the fast path).
 
     python bench/bench_pipeline.py --tiny                      # CPU, a few minutes
     python bench/bench_pipeline.py --budget-s 480              # GPU, full size (see bench/gpu_check.sh)
@@ -804,7 +806,6 @@ class Bench:
             return
         cheap = 5.0 if a.tiny else 25.0  # seconds an eager measurement needs at most
         self.section("equality", cheap, self.equality)
-        self.section("divergence", cheap, self.divergence)
         self.section("eager", cheap, lambda: self.eager(size))
         self.section("eager_channels_last", cheap, lambda: self.eager_channels_last(size))
         self.section("flops", 2, self.flops)
@@ -814,7 +815,6 @@ class Bench:
         )
         if self.cuda:
             self.section("host_syncs", cheap, self.sync_check)
-        self.section("offload", cheap, self.offload)
 
         done: set[str] = set()
 
@@ -841,22 +841,21 @@ class Bench:
             self.ratio("ratio_fast_over_ref_compiled", f"ours_fast_e2e_{size}_bs1", f"ref_compiled_e2e_{size}_bs1")
         self.ratio("ratio_fast_over_ref_eager", f"ours_fast_e2e_{size}_bs1", f"ref_eager_e2e_{size}_bs1")
 
-        # 4 images per call: the compiled paths first (each compiles the new batch size), then eager both
-        if "fast" in done:
-
-            def fast_bs4() -> None:
-                self.fast([(size, size, 4)], f"ours_fast_warmup_{size}_bs4")
-                self.e2e({f"ours_fast_e2e_{size}_bs4": self.fast_pipe}, size, 4, repeats=2)
-
-            self.section("fast_bs4", 0.8 * self.estimates["fast_warmup"] + cheap, fast_bs4)
-        if "ref" in done:
-            self.section(
-                "ref_compiled_bs4",
-                self.estimates["ref_compile"] + cheap,
-                lambda: self.e2e({f"ref_compiled_e2e_{size}_bs4": self.ref_compiled}, size, 4, repeats=2),
-            )
+        # 4 images per call, compiled: both or neither (each compiles the new batch size; one alone gives no ratio)
         ours4, ref4 = f"ours_fast_e2e_{size}_bs4", f"ref_compiled_e2e_{size}_bs4"
+
+        def compiled_bs4() -> None:
+            self.fast([(size, size, 4)], f"ours_fast_warmup_{size}_bs4")
+            self.e2e({ours4: self.fast_pipe}, size, 4, repeats=2)
+            self.e2e({ref4: self.ref_compiled}, size, 4, repeats=2)
+
+        if done == {"fast", "ref"}:
+            estimate = 0.8 * self.estimates["fast_warmup"] + self.estimates["ref_compile"] + 2 * cheap
+            self.section("compiled_bs4", estimate, compiled_bs4)
         self.ratio("ratio_bs4_images_per_s_fast_over_ref_compiled", ref4, ours4)
+        # diagnostics: where fp16 makes the two part, and model offloading's memory
+        self.section("divergence", cheap, self.divergence)
+        self.section("offload", cheap, self.offload)
         self.section("eager_bs4", 2 * cheap, lambda: self.eager(size, 4))
 
         # the other sizes: eager both, then the fast path
