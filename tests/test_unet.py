@@ -309,6 +309,10 @@ def test_conditioning_holds_the_phase_kernels_where_the_weights_are(upsampling):
     with_kernels = model(sample, 7, conditioning=conditioning).sample
     without = model(sample, 7, conditioning=dataclasses.replace(conditioning, phase_weights=None)).sample
     torch.testing.assert_close(with_kernels, without, atol=0, rtol=0)
+    # forward takes the kernels it is given (the phase form) or does without them (upsampling first)
+    zeroed = [(torch.zeros_like(weight), bias) for weight, bias in conditioning.phase_weights]
+    changed = model(sample, 7, conditioning=dataclasses.replace(conditioning, phase_weights=zeroed)).sample
+    assert (changed - with_kernels).abs().max() > 1e-3 if upsampling == "phases" else torch.equal(changed, with_kernels)
 
     model.compile(backend="eager")
     assert model.prepare_conditioning(cond).phase_weights is None
