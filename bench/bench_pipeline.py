@@ -197,11 +197,13 @@ class Bench:
         name = (
             "bench_pipeline_tiny_cpu.json"
             if args.tiny
-            else f"bench_pipeline{'' if args.dtype == 'fp16' else '_' + args.dtype}.json"
+            else f"bench_pipeline{'' if args.dtype == 'fp16' else '_' + args.dtype}"
+            f"{'' if args.plan == 'full' else '_' + args.plan}.json"
         )
         self.results = Results(out / name, self.meta())
         self.images: dict[str, torch.Tensor] = {}
-        self.estimates = {"fast_warmup": 20.0 if args.tiny else 150.0, "ref_compile": 20.0 if args.tiny else 110.0}
+        # Seconds, until measured in this run: on an H200 (second run) our warm-up took 121 s, the reference's 65 s.
+        self.estimates = {"fast_warmup": 20.0 if args.tiny else 125.0, "ref_compile": 20.0 if args.tiny else 70.0}
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
 
@@ -489,18 +491,30 @@ class Bench:
         if not self.cuda:
             self.ratio(f"ratio_eager_ours_over_ref_cpu_time_{size}_bs{images}", ours, ref, "best_cpu_s")
 
-    def eager_channels_last(self, size: int) -> None:
-        """Our eager pipeline with the UNet and MoVQ in channels_last (NHWC), against it as it is (NCHW), alternating:
-        whether the layout the fast path uses also pays without compiling (cuDNN's tensor-core convolutions are NHWC;
-        the eager norms and elementwise kernels may not be). Runs on the fast path's model copies, not yet compiled
-        (the fast path lays them out so anyway)."""
-        pipe = self.fast_pipe
-        for model in (pipe.decoder_pipe.unet, pipe.decoder_pipe.movq):
+    def eager_layouts(self, size: int) -> None:
+        """Our eager pipeline as it runs (on CUDA the pipelines lay the UNet and MoVQ out channels_last, and the norms
+        keep that layout) against the same models in NCHW, alternating; then channels_last with PyTorch's own norms
+        (which return NCHW, so that cuDNN converts back before each convolution), which is what eager channels_last
+        gave before the norms kept the layout. Runs on the fast path's model copies, not yet compiled."""
+        from kandinsky22.models import layers
+
+        pipe, models = self.fast_pipe, (self.fast_pipe.decoder_pipe.unet, self.fast_pipe.decoder_pipe.movq)
+        for model in models:
+            model.to(memory_format=torch.contiguous_format)
+        again, nchw = f"ours_eager_again_e2e_{size}_bs1", f"ours_eager_nchw_e2e_{size}_bs1"
+        self.e2e({again: self.ours, nchw: pipe}, size)
+        self.ratio(f"ratio_eager_as_it_runs_over_nchw_{size}", again, nchw)
+        self.compare(f"equal_eager_as_it_runs_vs_nchw_{size}", again, nchw)
+        for model in models:
             model.to(memory_format=torch.channels_last)
-        nchw, nhwc = f"ours_eager_nchw_again_e2e_{size}_bs1", f"ours_eager_channels_last_e2e_{size}_bs1"
-        self.e2e({nchw: self.ours, nhwc: pipe}, size)
-        self.ratio(f"ratio_eager_channels_last_over_nchw_{size}", nhwc, nchw)
-        self.compare(f"equal_eager_channels_last_vs_nchw_{size}", nhwc, nchw)
+        pytorch_norms = f"ours_eager_channels_last_pytorch_norms_e2e_{size}_bs1"
+        devices = layers.NHWC_NORM_DEVICES
+        layers.NHWC_NORM_DEVICES = set()
+        try:
+            self.e2e({pytorch_norms: pipe}, size)  # after the pair above, not alternating with it
+        finally:
+            layers.NHWC_NORM_DEVICES = devices
+        self.ratio(f"ratio_eager_channels_last_pytorch_norms_over_as_it_runs_{size}", pytorch_norms, again)
 
     def unet_step(self, pipe: Any) -> tuple[Callable[[], Any], torch.Tensor]:
         """One UNet CFG step of ``pipe`` at ``--size`` (batch 2), called as its pipeline's loop calls it — ours with
@@ -743,16 +757,19 @@ class Bench:
         phases = self.compile_phases()  # cumulative over the process: the first warm-up's are ours alone
         self.results.put(key, rounded({"shapes": shapes, "seconds": seconds, "per_model_s": warm, "phases": phases}, 2))
 
-    def ref_compile(self) -> None:
-        """The reference's documented recipe, on a copy of its UNet, with its warm-up (compile) time."""
+    def ref_compile(self, images: int = 1) -> None:
+        """The reference's documented recipe, on a copy of its UNet, with its warm-up (compile) time for ``images``
+        images per call."""
         unet = self.ref_compiled.decoder_pipe.unet
         unet.to(memory_format=torch.channels_last)
         options = {"mode": "reduce-overhead"} if self.args.backend == "inductor" else {"backend": self.args.backend}
         self.ref_compiled.decoder_pipe.unet = torch.compile(unet, fullgraph=True, **options)
         with self.cold_compile_caches():
-            seconds, _ = self.timed(lambda: self.run(self.ref_compiled, self.args.size, steps=3, prior_steps=2))
+            seconds, _ = self.timed(
+                lambda: self.run(self.ref_compiled, self.args.size, images=images, steps=3, prior_steps=2)
+            )
         self.estimates["ref_compile"] = seconds
-        self.results.put("ref_compiled_warmup_s", round(seconds, 1))
+        self.results.put("ref_compiled_warmup_s" + ("" if images == 1 else f"_bs{images}"), round(seconds, 1))
         self.results.put("compile_phases_after_ref_warmup", self.compile_phases())  # cumulative: ours + the reference
 
     def offload(self) -> None:
@@ -805,9 +822,13 @@ class Bench:
         if not hasattr(self, "ours"):
             return
         cheap = 5.0 if a.tiny else 25.0  # seconds an eager measurement needs at most
+        if a.plan == "followup":
+            self.followup(size, cheap)
+            self.results.put("total_s", round(time.perf_counter() - START, 1))
+            return
         self.section("equality", cheap, self.equality)
         self.section("eager", cheap, lambda: self.eager(size))
-        self.section("eager_channels_last", cheap, lambda: self.eager_channels_last(size))
+        self.section("eager_layouts", cheap, lambda: self.eager_layouts(size))
         self.section("flops", 2, self.flops)
         self.section("stages_eager", cheap, lambda: self.stages("eager", {"ours": self.ours, "ref": self.ref}))
         self.section(
@@ -870,6 +891,27 @@ class Bench:
 
             self.section(f"fast_{other}", 0.8 * self.estimates["fast_warmup"] + cheap, fast_other)
         self.results.put("total_s", round(time.perf_counter() - START, 1))
+
+    def followup(self, size: int, cheap: float) -> None:
+        """A shorter plan for a second device call: equality and the eager measurements (layouts, kernel profile),
+        then the 4-image compiled pair, each side compiled for 4 images straight away (one compilation each, not the
+        1-image one first)."""
+        self.section("equality", cheap, self.equality)
+        self.section("eager", cheap, lambda: self.eager(size))
+        self.section("eager_layouts", cheap, lambda: self.eager_layouts(size))
+        self.section(
+            "kernel_profile_eager", cheap, lambda: self.kernel_profile("eager", {"ours": self.ours, "ref": self.ref})
+        )
+        ours4, ref4 = f"ours_fast_e2e_{size}_bs4", f"ref_compiled_e2e_{size}_bs4"
+
+        def compiled_bs4() -> None:
+            self.fast([(size, size, 4)], f"ours_fast_warmup_{size}_bs4")
+            self.e2e({ours4: self.fast_pipe}, size, 4, repeats=2)
+            self.ref_compile(images=4)
+            self.e2e({ref4: self.ref_compiled}, size, 4, repeats=2)
+
+        self.section("compiled_bs4", self.estimates["fast_warmup"] + self.estimates["ref_compile"] + cheap, compiled_bs4)
+        self.ratio("ratio_bs4_images_per_s_fast_over_ref_compiled", ref4, ours4)
 
     def ratio(self, key: str, numerator: str, denominator: str, field: str = "best_s") -> None:
         results = self.results.data["results"]
@@ -934,6 +976,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, help="CPU threads (--tiny default: 1, steadier on a shared machine)")
     parser.add_argument("--out", help="results folder (default: $OUT, else bench/results)")
+    parser.add_argument(
+        "--plan",
+        choices=["full", "followup"],
+        default="full",
+        help="full: every measurement (see above); followup: equality, the eager layouts and kernel profile, and the "
+        "4-image compiled pair only (a second device call)",
+    )
     args = parser.parse_args(argv)
     args.size = args.size or (128 if args.tiny else 768)
     args.backend = args.backend or ("eager" if args.tiny else "inductor")

@@ -1,5 +1,6 @@
 """VQModel (MoVQ): parity with diffusers.VQModel on tiny checkpoints, official key layout, round trip, tracing, errors."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -88,6 +89,16 @@ def test_decode_matches_reference(models, image, force_not_quantize, upsampling)
 
 
 @torch.no_grad()
+def test_channels_last_decode_matches_reference(models, image, upsampling, group_norms):
+    """The layout the fast path uses, and that eager CUDA runs keep through the norms."""
+    ref, ours = models
+    ours = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    z = ref.encode(image).latents
+    expected = ref.decode(z, force_not_quantize=True).sample
+    torch.testing.assert_close(ours.decode(z, force_not_quantize=True).sample, expected, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_forward_matches_reference(models, image):
     ref, ours = models
     torch.testing.assert_close(ours(image).sample, ref(image).sample, atol=ATOL, rtol=0)
@@ -160,7 +171,7 @@ def test_unsupported_config_is_rejected(key, value):
     ids=["same", "x2-x4", "x8", "x3-fallback", "fractional-fallback"],
 )
 @torch.no_grad()
-def test_spatial_norm_matches_reference(feature, latent):
+def test_spatial_norm_matches_reference(feature, latent, group_norms):
     # Power-of-two factors run the 1x1 convolutions on the latents and broadcast them (nearest resizing repeats each
     # latent pixel); other sizes resize first, as the reference always does.
     from diffusers.models.attention_processor import SpatialNorm as ReferenceSpatialNorm

@@ -156,3 +156,37 @@ def test_prior_output_access(our_prior):
     assert out[0] is image_embeds is out["image_embeds"] and out[1] is negative is out.negative_image_embeds
     a, b = out
     assert a is image_embeds and b is negative and len(out) == 2
+
+
+def test_conv_models_are_laid_out_channels_last_where_the_device_prefers_it(decoder_repo, monkeypatch, group_norms):
+    """On CUDA the pipelines keep the UNet and MoVQ channels_last (forced here for the CPU): at construction, after
+    ``to()`` and when offloading is enabled. The images stay those of the NCHW models."""
+    from kandinsky22.pipelines import base
+
+    def layout(pipe):
+        return {
+            name: next(p for p in getattr(pipe, name).parameters() if p.dim() == 4).is_contiguous(
+                memory_format=torch.channels_last
+            )
+            for name in ("unet", "movq")
+        }
+
+    kwargs = {"prompt": "horse", **DECODE, "prior_num_inference_steps": 2}
+    expected = quiet(KandinskyV22CombinedPipeline.from_pretrained(decoder_repo))(generator=gen(), **kwargs).images
+    monkeypatch.setattr(base, "CHANNELS_LAST_DEVICES", {"cpu"})
+    pipe = quiet(KandinskyV22CombinedPipeline.from_pretrained(decoder_repo))
+    assert layout(pipe) == {"unet": True, "movq": True}
+    images = pipe(generator=gen(), **kwargs).images
+    assert np.abs(images - expected).max() < 1e-5
+    for model in (pipe.unet, pipe.movq):
+        model.to(memory_format=torch.contiguous_format)
+    pipe.to("cpu")
+    assert layout(pipe) == {"unet": True, "movq": True}
+    monkeypatch.setattr(base, "CHANNELS_LAST_DEVICES", set())
+    pipe.unet.to(memory_format=torch.contiguous_format)
+    pipe.to("cpu")
+    assert layout(pipe) == {"unet": False, "movq": True}  # elsewhere the layout is left as it is
+    monkeypatch.setattr(base, "CHANNELS_LAST_DEVICES", {"cpu"})
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert layout(pipe) == {"unet": True, "movq": True}
+    assert np.abs(pipe(generator=gen(), **kwargs).images - expected).max() < 1e-5

@@ -20,6 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kandinsky22 import fast, loading
+from kandinsky22.models.movq import VQModel
+from kandinsky22.models.unet import UNet2DConditionModel
 
 Generator = torch.Generator | list[torch.Generator] | None
 
@@ -206,6 +208,11 @@ def offload_device(gpu_id: int | None, device: torch.device | str | None) -> tor
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# Device types on which the pipelines keep the UNet's and MoVQ's weights channels_last (see
+# Pipeline._prefer_channels_last). Not the CPU: there, PyTorch's eager kernels are tuned for NCHW.
+CHANNELS_LAST_DEVICES = {"cuda"}
+
+
 class Pipeline:
     """Components by name, ``from_pretrained`` / ``save_pretrained``, ``to``, offloading and the progress bar.
 
@@ -228,6 +235,7 @@ class Pipeline:
         self._progress_bar_config: dict[str, Any] = {}
         self._offload: _ModelOffload | None = None
         self._sequential_device: torch.device | None = None
+        self._prefer_channels_last()
 
     # -- components --------------------------------------------------------------------------------------------
 
@@ -301,7 +309,23 @@ class Pipeline:
         """``to(device)``, ``to(dtype)`` or ``to(device, dtype)`` on every model; returns the pipeline."""
         for module in self._modules():
             module.to(*args, **kwargs)
+        self._prefer_channels_last()
         return self
+
+    def _prefer_channels_last(self) -> None:
+        """Where the models run on CUDA, lay the convolutional ones (UNet, MoVQ) out channels_last. cuDNN's
+        tensor-core convolutions are NHWC: given NCHW inputs and weights they convert both at every call (a quarter of
+        an eager 768x768 UNet step on an H200, in `bench/bench_pipeline.py`'s kernel profile). The norms between the
+        convolutions keep the layout (``models.layers.GroupNorm``). The values are the same; only the order of the
+        sums in a convolution may change, as it may between cuDNN's algorithms."""
+        if self._execution_device.type not in CHANNELS_LAST_DEVICES:
+            return
+        for module in self._modules():
+            if not isinstance(module, (UNet2DConditionModel, VQModel)):
+                continue
+            weight = next((p for p in module.parameters() if p.dim() == 4), None)
+            if weight is not None and not weight.is_contiguous(memory_format=torch.channels_last):
+                module.to(memory_format=torch.channels_last)
 
     @property
     def device(self) -> torch.device:
@@ -343,6 +367,7 @@ class Pipeline:
         self.to("cpu")
         self._offload = offload
         self._sequential_device = None
+        self._prefer_channels_last()
 
     def enable_sequential_cpu_offload(
         self, gpu_id: int | None = None, device: torch.device | str | None = None
@@ -351,6 +376,7 @@ class Pipeline:
         target = offload_device(gpu_id, device)
         self._offload = None
         self._sequential_device = target
+        self._prefer_channels_last()
         for module in self._modules():
             _attach_sequential_offload(module, target)
 
