@@ -7,7 +7,8 @@ identical), and both pipelines share the transformers CLIP towers and an offline
 measurement, so a run killed by its time limit keeps what it measured):
 
 1. equality: the same seed gives the same image (max |diff| on [0, 1] images, fp16 tolerance ``--tol``);
-2. eager text2img end to end, kandinsky22 vs reference, 1 image at the main size;
+2. eager text2img end to end, kandinsky22 vs reference, 1 image at the main size; ours as it runs (channels_last on
+   CUDA) against the same models in NCHW;
 3. per stage (text encoding, prior, decoder ms per UNet CFG step, MoVQ decode), peak GPU memory, MFU from a
    FlopCounterMode count, and host syncs inside the decoder loop (CUDA only);
 4. kandinsky22's fast path (``enable_fast_path``): warm-up, equality with the eager images, speed;
@@ -21,6 +22,7 @@ measurement, so a run killed by its time limit keeps what it measured):
 
     python bench/bench_pipeline.py --tiny                      # CPU, a few minutes
     python bench/bench_pipeline.py --budget-s 480              # GPU, full size (see bench/gpu_check.sh)
+    python bench/bench_pipeline.py --plan followup             # GPU, a second call: equality, eager, 4-image compiled
 
 Needs diffusers (the reference) next to kandinsky22; the package itself never imports it.
 """
@@ -492,29 +494,15 @@ class Bench:
             self.ratio(f"ratio_eager_ours_over_ref_cpu_time_{size}_bs{images}", ours, ref, "best_cpu_s")
 
     def eager_layouts(self, size: int) -> None:
-        """Our eager pipeline as it runs (on CUDA the pipelines lay the UNet and MoVQ out channels_last, and the norms
-        keep that layout) against the same models in NCHW, alternating; then channels_last with PyTorch's own norms
-        (which return NCHW, so that cuDNN converts back before each convolution), which is what eager channels_last
-        gave before the norms kept the layout. Runs on the fast path's model copies, not yet compiled."""
-        from kandinsky22.models import layers
-
-        pipe, models = self.fast_pipe, (self.fast_pipe.decoder_pipe.unet, self.fast_pipe.decoder_pipe.movq)
-        for model in models:
+        """Our eager pipeline as it runs (on CUDA the pipelines lay the UNet and MoVQ out channels_last) against the
+        same models in NCHW, alternating. Runs on the fast path's model copies, not yet compiled."""
+        pipe = self.fast_pipe
+        for model in (pipe.decoder_pipe.unet, pipe.decoder_pipe.movq):
             model.to(memory_format=torch.contiguous_format)
         again, nchw = f"ours_eager_again_e2e_{size}_bs1", f"ours_eager_nchw_e2e_{size}_bs1"
         self.e2e({again: self.ours, nchw: pipe}, size)
         self.ratio(f"ratio_eager_as_it_runs_over_nchw_{size}", again, nchw)
         self.compare(f"equal_eager_as_it_runs_vs_nchw_{size}", again, nchw)
-        for model in models:
-            model.to(memory_format=torch.channels_last)
-        pytorch_norms = f"ours_eager_channels_last_pytorch_norms_e2e_{size}_bs1"
-        devices = layers.NHWC_NORM_DEVICES
-        layers.NHWC_NORM_DEVICES = set()
-        try:
-            self.e2e({pytorch_norms: pipe}, size)  # after the pair above, not alternating with it
-        finally:
-            layers.NHWC_NORM_DEVICES = devices
-        self.ratio(f"ratio_eager_channels_last_pytorch_norms_over_as_it_runs_{size}", pytorch_norms, again)
 
     def unet_step(self, pipe: Any) -> tuple[Callable[[], Any], torch.Tensor]:
         """One UNet CFG step of ``pipe`` at ``--size`` (batch 2), called as its pipeline's loop calls it — ours with

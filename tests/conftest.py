@@ -15,12 +15,3 @@ def upsampling(request, monkeypatch):
     MoVQ's upsamplers): the tiny test inputs are below its pixel threshold, so the phase form is forced with 0."""
     monkeypatch.setattr("kandinsky22.models.layers._PHASES_MIN_PIXELS", 0 if request.param == "phases" else 10**9)
     return request.param
-
-
-@pytest.fixture(params=["native", "channels_last"])
-def group_norms(request, monkeypatch):
-    """Both GroupNorm forms on channels_last inputs: PyTorch's kernel, and the reduction over the channels_last layout
-    (``kandinsky22.models.layers.group_norm_channels_last``) that eager CUDA runs use, here forced on the CPU too."""
-    if request.param == "channels_last":
-        monkeypatch.setattr("kandinsky22.models.layers.NHWC_NORM_DEVICES", {"cuda", "cpu"})
-    return request.param

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky22.models.layers import UpsampleConv2d, group_norm_channels_last
+from kandinsky22.models.layers import UpsampleConv2d
 from kandinsky22.models.unet import UNet2DConditionModel, UNet2DConditionOutput
 
 diffusers = pytest.importorskip("diffusers")
@@ -123,8 +123,7 @@ def test_parity_three_levels(tmp_path, upsampling):
     assert max_error(ours, reference, sample, torch.tensor([1, 400, 999]), cond) < TOL
 
 
-@torch.no_grad()
-def test_parity_channels_last(tmp_path, upsampling, group_norms):
+def test_parity_channels_last(tmp_path, upsampling):
     config = VARIANTS["image_hint"]
     reference = build_reference(config)
     reference.save_pretrained(tmp_path)
@@ -321,36 +320,3 @@ def test_conditioning_holds_the_phase_kernels_where_the_weights_are(upsampling):
     assert model.prepare_conditioning(cond).phase_weights is not None
     convs[0].weight = nn.Parameter(torch.empty_like(convs[0].weight, device="meta"))
     assert model.prepare_conditioning(cond).phase_weights is None
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("affine", [True, False])
-def test_group_norm_channels_last_equals_pytorchs(dtype, affine, monkeypatch):
-    from kandinsky22.models import layers
-
-    calls = []
-
-    def spy(*args):
-        calls.append(1)
-        return group_norm_channels_last(*args)
-
-    monkeypatch.setattr(layers, "NHWC_NORM_DEVICES", {"cuda", "cpu"})
-    monkeypatch.setattr(layers, "group_norm_channels_last", spy)
-    torch.manual_seed(0)
-    norm = layers.GroupNorm(4, 12, eps=1e-6, affine=affine).to(dtype)
-    if affine:
-        nn.init.normal_(norm.weight)
-        nn.init.normal_(norm.bias)
-    x = (3 * torch.randn(2, 12, 5, 7, dtype=dtype) + 1).to(memory_format=torch.channels_last)  # odd, non-square
-    expected = F.group_norm(x.contiguous(), 4, norm.weight, norm.bias, 1e-6)
-    with torch.no_grad():
-        got = norm(x)
-    assert calls == [1]
-    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
-    torch.testing.assert_close(got, expected, atol=1e-12 if dtype == torch.float64 else 2e-6, rtol=0)
-    # Not taken where it does not apply: NCHW input, gradients wanted (its out= form has no autograd)
-    with torch.no_grad():
-        torch.testing.assert_close(norm(x.contiguous()), expected, atol=1e-12 if dtype == torch.float64 else 2e-6, rtol=0)
-    x.requires_grad_(True)
-    norm(x).sum().backward()
-    assert calls == [1] and x.grad is not None

@@ -158,7 +158,7 @@ def test_prior_output_access(our_prior):
     assert a is image_embeds and b is negative and len(out) == 2
 
 
-def test_conv_models_are_laid_out_channels_last_where_the_device_prefers_it(decoder_repo, monkeypatch, group_norms):
+def test_conv_models_are_laid_out_channels_last_where_the_device_prefers_it(decoder_repo, monkeypatch):
     """On CUDA the pipelines keep the UNet and MoVQ channels_last (forced here for the CPU): at construction, after
     ``to()`` and when offloading is enabled. The images stay those of the NCHW models."""
     from kandinsky22.pipelines import base

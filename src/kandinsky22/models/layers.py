@@ -61,52 +61,6 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-# Devices on which GroupNorm normalises a channels_last input in place of its layout (see GroupNorm). On the CPU,
-# PyTorch's own kernel already keeps channels_last; tests add "cpu" to check the arithmetic.
-NHWC_NORM_DEVICES = {"cuda"}
-
-
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and checkpoint keys) that keeps a channels_last input channels_last.
-
-    PyTorch's CUDA kernel makes its input contiguous and returns NCHW. Between two channels_last convolutions that
-    costs two layout conversions per norm: the norm's copy, and cuDNN's conversion back for the next convolution. On
-    the devices in ``NHWC_NORM_DEVICES`` an eager call instead reduces over the channels_last layout as it lies
-    (:func:`group_norm_channels_last`; inference only: with gradients it is PyTorch's). Under ``torch.compile`` the
-    compiler makes its own kernel for either layout.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type in NHWC_NORM_DEVICES
-            and x.dim() == 4
-            and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.weight) if t is not None))
-        ):
-            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-
-
-def group_norm_channels_last(
-    x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    """``F.group_norm`` of a channels_last (B, C, H, W) tensor, returned channels_last, with the arithmetic of
-    PyTorch's CUDA kernel: statistics accumulated in fp32 (the mean kept in ``x``'s dtype), then one pass
-    ``x * a + b`` in fp32, with ``a = rstd * weight`` and ``b = bias - mean * a`` per (sample, channel), rounded once
-    as it is stored. Seven kernels, five of them on (B, C)-sized tensors."""
-    n, c, h, w = x.shape
-    rows = x.permute(0, 2, 3, 1).view(n, h * w, groups, c // groups)  # the channels_last memory, as it lies
-    var, mean = torch.var_mean(rows, dim=(1, 3), correction=0)  # (n, groups)
-    scale = var.to(torch.promote_types(x.dtype, torch.float32)).add_(eps).rsqrt_().unsqueeze(-1)  # (n, groups, 1)
-    scale = scale.expand(n, groups, c // groups) if weight is None else scale * weight.view(groups, -1)
-    mean = mean.unsqueeze(-1)
-    shift = -mean * scale if bias is None else torch.addcmul(bias.view(groups, -1), mean, scale, value=-1)
-    out = torch.empty_like(x)  # channels_last, in x's dtype
-    return torch.addcmul(shift.reshape(n, c, 1, 1), x, scale.reshape(n, c, 1, 1), out=out)
-
-
 # Below this many input pixels (batch × height × width) the phase kernels' 16/9 more weights cost more than the
 # arithmetic they save (CPU, full-size UNet widths: 1.38× the time at 2 × 4², 0.95× at 2 × 8², 0.63× at 2 × 16²), and
 # UpsampleConv2d upsamples first instead.
@@ -185,14 +139,14 @@ class ResnetBlock2D(nn.Module):
         resample: Literal["up", "down"] | None = None,
     ) -> None:
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = (
             UpsampleConv2d(in_channels, out_channels)
             if resample == "up"
             else nn.Conv2d(in_channels, out_channels, 3, padding=1)
         )
         self.time_emb_proj = nn.Linear(temb_channels, 2 * out_channels)
-        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.resample: nn.Module | None = None
@@ -298,7 +252,7 @@ class AddedKVAttention(FusibleProjections):
     def __init__(self, channels: int, context_dim: int, head_dim: int, groups: int = 32, eps: float = 1e-5) -> None:
         super().__init__()
         self.heads, self.head_dim = channels // head_dim, head_dim
-        self.group_norm = GroupNorm(groups, channels, eps=eps)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import Config, ModelMixin
-from .layers import FusibleProjections, GroupNorm, UpsampleConv2d
+from .layers import FusibleProjections, UpsampleConv2d
 
 ENCODER_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 DECODER_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -47,7 +47,7 @@ class SpatialNorm(nn.Module):
 
     def __init__(self, channels: int, zq_channels: int):
         super().__init__()
-        self.norm_layer = GroupNorm(32, channels, eps=NORM_EPS)  # 32 groups hard-coded in the reference
+        self.norm_layer = nn.GroupNorm(32, channels, eps=NORM_EPS)  # 32 groups hard-coded in the reference
         self.conv_y = nn.Conv2d(zq_channels, channels, 1)
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
@@ -71,7 +71,7 @@ NormFactory = Callable[[int], nn.Module]  # channels -> norm layer
 
 
 def group_norm(groups: int) -> NormFactory:
-    return lambda channels: GroupNorm(groups, channels, eps=NORM_EPS)
+    return lambda channels: nn.GroupNorm(groups, channels, eps=NORM_EPS)
 
 
 def spatial_norm(zq_channels: int) -> NormFactory:

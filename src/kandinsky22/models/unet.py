@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kandinsky22.loading import ModelMixin
-from kandinsky22.models.layers import AddedKVAttention, GroupNorm, ResnetBlock2D, TimestepEmbedding, Timesteps
+from kandinsky22.models.layers import AddedKVAttention, ResnetBlock2D, TimestepEmbedding, Timesteps
 
 # Block type → whether it has attention layers.
 _DOWN_BLOCKS = {"ResnetDownsampleBlock2D": False, "SimpleCrossAttnDownBlock2D": True}
@@ -430,7 +430,7 @@ class UNet2DConditionModel(ModelMixin):
         )
         # Registered after up_blocks, as in the reference, so the state dict lists keys in the reference's order.
         self.mid_block = MidBlock(channels[-1], time_dim, groups, eps, context_dim, head_dims[-1])
-        self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps)
+        self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps)
         self.conv_out = nn.Conv2d(
             channels[0], cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2
         )
