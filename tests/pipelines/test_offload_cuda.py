@@ -18,9 +18,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(autouse=True)
 def true_fp32():
-    """fp32 convolutions and matmuls in fp32: PyTorch lets cuDNN use TF32 (10-bit mantissas) by default, and then which
-    sums are rounded depends on the algorithm cuDNN picks. With TF32, on an H200, sequential offloading's images were
-    1.3e-3 from the resident pipeline's (model offloading's were within 1e-4). So the comparison is made in true fp32."""
+    """fp32 convolutions and matmuls in fp32. PyTorch lets cuDNN use TF32 (10-bit mantissas) by default; with it, on an
+    H200, sequential offloading's images were 1.3e-3 from the resident pipeline's (model offloading's within 1e-4; why
+    the two differ under TF32 was not established). In true fp32 both were within 1e-4 (the H200's next run)."""
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield

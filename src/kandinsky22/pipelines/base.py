@@ -209,7 +209,8 @@ def offload_device(gpu_id: int | None, device: torch.device | str | None) -> tor
 
 
 # Device types on which the pipelines keep the UNet's and MoVQ's weights channels_last (see
-# Pipeline._prefer_channels_last). Not the CPU: there, PyTorch's eager kernels are tuned for NCHW.
+# Pipeline._prefer_channels_last). Not the CPU: there the tiny benchmark's eager pipeline took 1.015-1.05x its NCHW
+# time in channels_last (bench/README.md).
 CHANNELS_LAST_DEVICES = {"cuda"}
 
 
