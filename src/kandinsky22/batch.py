@@ -570,7 +570,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``kandinsky22 batch``: 0 when every job is complete, 1 when some failed (see the manifest)."""
-    from kandinsky22.cli import DEVICE_PATTERN, RuntimeFailure, UsageError
+    from kandinsky22.cli import DEVICE_PATTERN, RuntimeFailure, UsageError, apply_compile_cache
 
     if not DEVICE_PATTERN.match(args.device):
         raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
@@ -596,15 +596,7 @@ def run_command(args: argparse.Namespace) -> int:
             raise RuntimeFailure(
                 str(err), "pass an existing folder or a hub id (`kandinsky22 make-tiny DIR`)"
             ) from None
-    if args.compile_cache is not None:
-        if not args.fast:
-            raise UsageError("--compile-cache needs --fast (only the fast path compiles)")
-        from kandinsky22.fast import use_compile_cache
-
-        try:  # here too: a folder that cannot be one fails now, not in every worker
-            args.compile_cache = str(use_compile_cache(args.compile_cache))
-        except ValueError as err:
-            raise UsageError(f"--compile-cache: {err}") from None
+    apply_compile_cache(args)  # here too: a folder that cannot be one fails now, not in every worker
     engine = {"device": args.device, "dtype": args.dtype, "fast": args.fast, "compile_cache": args.compile_cache}
     if args.ray is None:
 

@@ -499,16 +499,23 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_jobs(args: argparse.Namespace) -> int:
-    if args.compile_cache is not None:
-        if not args.fast:
-            raise UsageError("--compile-cache needs --fast (only the fast path compiles)")
-        from kandinsky22.fast import use_compile_cache
+def apply_compile_cache(args: argparse.Namespace) -> None:
+    """``--compile-cache``: checked (it needs ``--fast``; the folder must be one) and made this process's cache, its
+    absolute path put back in ``args`` for the workers (``kandinsky22 batch``)."""
+    if args.compile_cache is None:
+        return
+    if not args.fast:
+        raise UsageError("--compile-cache needs --fast (only the fast path compiles)")
+    from kandinsky22.fast import use_compile_cache
 
-        try:
-            use_compile_cache(args.compile_cache)
-        except ValueError as err:
-            raise UsageError(f"--compile-cache: {err}") from None
+    try:
+        args.compile_cache = str(use_compile_cache(args.compile_cache))
+    except ValueError as err:
+        raise UsageError(f"--compile-cache: {err}") from None
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
+    apply_compile_cache(args)
     jobs, recipe = build_jobs(args)
     singles = [single for job in jobs for single in job.expand()]
     paths = plan_outputs(args.out, singles, args.overwrite)
