@@ -237,6 +237,7 @@ class Bench:
                 "budget_s": a.budget_s,
                 "tol": a.tol,
                 "compile_backend": a.backend,
+                "compile_scope": a.compile_scope,
                 "tf32": torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 if self.cuda else None,
                 "prompt": PROMPT,
             },
@@ -527,11 +528,18 @@ class Bench:
         cond = {"image_embeds": torch.randn(2, width, device=dev, dtype=dtype, generator=gen)}
         t = torch.tensor(500, device=dev)
         unet = pipe.decoder_pipe.unet
+        # The arguments as each pipeline's loop passes them: a compiled model sees the same call (another keyword set
+        # would make dynamo compile it again, ~1 min at full size), our CUDA graphs the captured signature.
         if isinstance(pipe, kandinsky22.KandinskyV22CombinedPipeline):
-            kwargs = {"conditioning": unet.prepare_conditioning(cond, t.reshape(1)).at(0)}
-        else:
-            kwargs = {"added_cond_kwargs": cond}
-        return (lambda: unet(sample, t, None, return_dict=False, **kwargs)), sample
+            conditioning = unet.prepare_conditioning(cond, t.reshape(1)).at(0)
+            return (
+                lambda: unet(sample, t, encoder_hidden_states=None, conditioning=conditioning, return_dict=False)
+            ), sample
+        return (
+            lambda: unet(
+                sample=sample, timestep=t, encoder_hidden_states=None, added_cond_kwargs=cond, return_dict=False
+            )
+        ), sample
 
     def kernel_profile(self, tag: str, pipes: dict[str, Any]) -> None:
         """Where one UNet CFG step's time goes (torch.profiler, 5 steps): the device's busy time (the sum of its
@@ -750,11 +758,42 @@ class Bench:
         start = time.perf_counter()
         with self.cold_compile_caches():
             # The benchmark's prompts have no negative prompt: the prior's doubled batch is not warmed up.
-            warm = self.fast_pipe.enable_fast_path(shapes=shapes, backend=self.args.backend, negative_prompts=False)
+            warm = self.fast_pipe.enable_fast_path(
+                shapes=shapes, backend=self.args.backend, negative_prompts=False, compile_scope=self.args.compile_scope
+            )
         seconds = time.perf_counter() - start
         self.estimates["fast_warmup"] = seconds
         phases = self.compile_phases()  # cumulative over the process: the first warm-up's are ours alone
         self.results.put(key, rounded({"shapes": shapes, "seconds": seconds, "per_model_s": warm, "phases": phases}, 2))
+
+    def fast_other_scope(self, size: int) -> None:
+        """Our fast path in the other ``compile_scope`` ("model" against "blocks"), on fresh copies of the eager
+        models, against the main scope's fast path in the same run: its warm-up from cold caches, the end-to-end time
+        (the two alternating), the UNet CFG step, and the images against our eager ones."""
+        scope = "model" if self.args.compile_scope == "blocks" else "blocks"
+        ours = self.ours.components
+        copies = {name: copy.deepcopy(ours[name]) for name in ("unet", "movq", "prior_prior")}
+        pipe = kandinsky22.KandinskyV22CombinedPipeline(**{**ours, **copies})
+        pipe.set_progress_bar_config(disable=True)
+        start = time.perf_counter()
+        with self.cold_compile_caches():
+            warm = pipe.enable_fast_path(
+                shapes=[(size, size, 1)], backend=self.args.backend, negative_prompts=False, compile_scope=scope
+            )
+        seconds = time.perf_counter() - start
+        self.results.put(f"ours_fast_{scope}_warmup_{size}_bs1", rounded({"seconds": seconds, "per_model_s": warm}, 2))
+        main, other = f"ours_fast_{self.args.compile_scope}_again_e2e_{size}_bs1", f"ours_fast_{scope}_e2e_{size}_bs1"
+        self.e2e({main: self.fast_pipe, other: pipe}, size)
+        self.ratio(f"ratio_fast_{scope}_over_{self.args.compile_scope}_{size}", other, main)
+        self.compare(f"equal_fast_{scope}_vs_eager_{size}", other, f"ours_eager_{size}")
+        iters = 10 if self.args.tiny else 20
+        with torch.no_grad():
+            steps = {name: self.unet_step(p)[0] for name, p in ((main, self.fast_pipe), (other, pipe))}
+            step_ms = {name: self.per_call_ms(step, iters) for name, step in steps.items()}
+        self.results.put(f"unet_cfg_step_ms_by_scope_{size}", rounded(step_ms, 3))
+        del pipe, copies, steps
+        if self.cuda:
+            torch.cuda.empty_cache()
 
     def ref_compile(self, images: int = 1) -> None:
         """The reference's documented recipe, on a copy of its UNet, with its warm-up (compile) time for ``images``
@@ -860,6 +899,13 @@ class Bench:
             self.section("kernel_profile_compiled", cheap, lambda: self.kernel_profile("compiled", compiled))
             self.ratio("ratio_fast_over_ref_compiled", f"ours_fast_e2e_{size}_bs1", f"ref_compiled_e2e_{size}_bs1")
         self.ratio("ratio_fast_over_ref_eager", f"ours_fast_e2e_{size}_bs1", f"ref_eager_e2e_{size}_bs1")
+        if "fast" in done:  # the other compile scope, for its warm-up and speed against this one's
+            factor = 2.0 if a.compile_scope == "blocks" else 0.8
+            self.section(
+                "fast_other_scope",
+                factor * self.estimates["fast_warmup"] + 3 * cheap,
+                lambda: self.fast_other_scope(size),
+            )
 
         # 4 images per call, compiled: both or neither (each compiles the new batch size; one alone gives no ratio)
         if done == {"fast", "ref"}:
@@ -976,6 +1022,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="full",
         help="full: every measurement (see above); followup: equality, the eager layouts and kernel profile, and the "
         "4-image compiled pair only (a second device call)",
+    )
+    parser.add_argument(
+        "--compile-scope",
+        choices=["blocks", "model"],
+        default="blocks",
+        help="our fast path's compile_scope (default blocks); the full plan also measures the other one",
     )
     args = parser.parse_args(argv)
     args.size = args.size or (128 if args.tiny else 768)

@@ -33,15 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import write_cpu_results  # noqa: E402
 from compile_trace import calls  # noqa: E402
 
-from kandinsky22.models import movq, prior  # noqa: E402
-from kandinsky22.models.layers import AddedKVAttention, ResnetBlock2D  # noqa: E402
-from kandinsky22.models.unet import UNet2DConditionModel  # noqa: E402
+from kandinsky22 import PriorTransformer, UNet2DConditionModel, VQModel, fast  # noqa: E402
 
-# The repeated blocks of each model, compiled one by one in the regional form.
+# The repeated blocks of each model, compiled one by one in the regional form (compile_scope="blocks").
 BLOCKS: dict[str, tuple[type[nn.Module], ...]] = {
-    "unet": (ResnetBlock2D, AddedKVAttention),
-    "movq_decoder": (movq.ResnetBlock, movq.SelfAttention),
-    "prior": (prior.TransformerBlock,),
+    "unet": fast.BLOCKS[UNet2DConditionModel],
+    "movq_decoder": fast.BLOCKS[VQModel],
+    "prior": fast.BLOCKS[PriorTransformer],
 }
 
 

@@ -7,6 +7,7 @@ fails ``fullgraph=True``) without generating kernels, which would take minutes o
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kandinsky22
-from kandinsky22 import tiny
-from kandinsky22.models.layers import FusibleProjections
+from kandinsky22 import fast, tiny
+from kandinsky22.models import movq, prior
+from kandinsky22.models.layers import AddedKVAttention, FusibleProjections, ResnetBlock2D
 
 TOL = 1e-4  # fp32, max |fast - eager| on [0, 1] images and on model outputs
 
@@ -149,18 +151,34 @@ def _config(values: dict) -> dict:
 CALL = {"num_inference_steps": 3, "prior_num_inference_steps": 3, "height": 64, "width": 64, "output_type": "pt"}
 
 
-def test_fast_path_gives_the_eager_images() -> None:
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_fast_path_gives_the_eager_images(scope: str) -> None:
+    torch._dynamo.reset()  # graphs compiled by other tests (same code, same shapes) would serve these calls
     pipe = _pipeline()
     eager = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
-    warm_up = pipe.enable_fast_path(shapes=[(64, 64)], backend="eager")
+    warm_up = pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope=scope)
     assert set(warm_up) == {"unet", "movq", "prior_prior"}
-    for module in (pipe.unet, pipe.movq.decoder, pipe.prior_prior):
-        assert module._compiled_call_impl is not None
+    blocks = {
+        pipe.unet: (ResnetBlock2D, AddedKVAttention),
+        pipe.movq.decoder: (movq.ResnetBlock, movq.SelfAttention),
+        pipe.prior_prior: (prior.TransformerBlock,),
+    }
+    for module, kinds in blocks.items():
+        inner = [m for m in module.modules() if isinstance(m, kinds)]
+        assert inner
+        if scope == "model":  # the model is one graph (no CUDA graph on the CPU)
+            assert module._compiled_call_impl is not None
+            assert all(m._compiled_call_impl is None for m in inner)
+        else:  # each block is compiled, the model runs them from eager code
+            assert module._compiled_call_impl is None
+            assert all(m._compiled_call_impl is not None for m in inner)
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(m.fused_sizes for m in pipe.unet.modules() if isinstance(m, FusibleProjections))
     # The sub-pipelines share the modules, so they are on the fast path too; a second call changes nothing.
     assert pipe.decoder_pipe.unet is pipe.unet
-    pipe.enable_fast_path(backend="eager")
+    pipe.enable_fast_path(backend="eager", compile_scope=scope)
+    with pytest.raises(ValueError, match="compile_scope"):
+        pipe.enable_fast_path(backend="eager", compile_scope="model" if scope == "blocks" else "blocks")
     compiled = counters["stats"]["unique_graphs"]
     fast = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
     # The warm-up's graphs serve the call (its 3 steps, not the warm-up's one, change no guarded stride or mode), and
@@ -173,6 +191,27 @@ def test_fast_path_gives_the_eager_images() -> None:
     assert fast.shape == eager.shape == (1, 3, 64, 64)
     assert (fast - eager).abs().max() < TOL
     assert set(pipe.unet.state_dict()) == set(_models()["unet"].state_dict())
+
+
+def test_blocks_of_one_structure_share_one_graph() -> None:
+    """With compile_scope="blocks", the prior's identical transformer blocks compile once, not once each."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = kandinsky22.PriorTransformer(**{**tiny.tiny_prior_config(), "num_layers": 3}).eval()
+    _, args, kwargs = _calls(_models())["prior"]
+    with torch.no_grad():
+        expected = model(*args, **kwargs)[0]
+    fast._prepare(model, "eager", offloaded=False, scope="blocks")
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        out = model(*args, **kwargs)[0]
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert (out - expected).abs().max() < TOL
+
+
+def test_fast_path_rejects_an_unknown_scope() -> None:
+    with pytest.raises(ValueError, match="compile_scope.*'layers'"):
+        _pipeline().enable_fast_path(backend="eager", compile_scope="layers")
 
 
 def test_fast_path_input_errors() -> None:
@@ -262,12 +301,145 @@ def test_inpaint_loop_copies_only_noise_per_step(scheduler: str) -> None:
     assert sorted(shape for shape in extra if shape != (1, 4, 8, 8)) == tables, extra
 
 
-def test_warm_up_without_negative_prompts_leaves_the_doubled_prior_batch() -> None:
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_warm_up_without_negative_prompts_leaves_the_doubled_prior_batch(scope: str) -> None:
     torch._dynamo.reset()  # graphs compiled by other tests (same code, same shapes) would serve these calls
     pipe = _pipeline()
-    pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", negative_prompts=False)
+    pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", negative_prompts=False, compile_scope=scope)
     compiled = counters["stats"]["unique_graphs"]
     pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL)
     assert counters["stats"]["unique_graphs"] == compiled
     pipe("red cat", negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **CALL)
-    assert counters["stats"]["unique_graphs"] == compiled + 1  # the prior at twice the batch, compiled on first use
+    # the prior at twice the batch, compiled on first use: the model, or its block for the prompt's tokens (once per
+    # run, in prepare_context) and for a step's
+    assert counters["stats"]["unique_graphs"] == compiled + (1 if scope == "model" else 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CUDA graphs (CudaGraphCall), with a CPU stand-in for the capture
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _rerun_capture(call):
+    """A CUDA graph's semantics on the CPU: ``replay`` runs the captured call again on the same static inputs and
+    writes its results into the same output tensors, which the caller got at capture."""
+    output = call()
+    static_out: list[torch.Tensor] = []
+    fast._signature(output, static_out)
+
+    class Graph:
+        def replay(self) -> None:
+            fresh: list[torch.Tensor] = []
+            fast._signature(call(), fresh)
+            for static, value in zip(static_out, fresh):
+                static.copy_(value)
+
+    return Graph(), output
+
+
+def _graph(model: torch.nn.Module) -> fast.CudaGraphCall:
+    model._compiled_call_impl = fast.CudaGraphCall(model, model._call_impl, _rerun_capture, "cpu")
+    return model._compiled_call_impl
+
+
+def test_graphed_unet_and_prior_give_the_eager_images() -> None:
+    """The pipelines' real calls through CudaGraphCall: the UNet's and the prior's arguments (their per-run
+    conditioning dataclasses among them) are keyed and copied in, one capture serves every step of every call."""
+    pipe = _pipeline()
+    eager = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+    eager_negative = pipe("red cat", negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **CALL)
+    unet, prior_calls = _graph(pipe.unet), _graph(pipe.prior_prior)
+    with torch.no_grad():
+        graphed = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+        again = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+        negative = pipe("red cat", negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **CALL)
+    assert (graphed - eager).abs().max() < TOL
+    assert torch.equal(graphed, again)
+    assert (negative.images - eager_negative.images).abs().max() < TOL
+    assert unet.captures == 1  # 3 steps × 3 calls, one shape
+    assert prior_calls.captures == 2  # one prompt, then prompt and negative prompt in one batch
+
+
+def test_cuda_graph_call_keys_copies_and_clones() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+
+    @dataclasses.dataclass
+    class Extra:
+        shift: torch.Tensor
+        negate: bool
+
+    def forward(x: torch.Tensor, extra: Extra, *ignored: object) -> torch.Tensor:
+        return model(x) * (-1 if extra.negate else 1) + extra.shift
+
+    def direct(x: torch.Tensor, extra: Extra) -> torch.Tensor:
+        with torch.no_grad():
+            return forward(x, extra)
+
+    call = fast.CudaGraphCall(model, forward, _rerun_capture, "cpu")
+    shift = torch.zeros(3)
+    x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        first = call(x1, Extra(shift, False))
+        second = call(x2, Extra(shift, False))  # same signature: replayed, shift not copied again
+        assert call.captures == 1
+        assert torch.equal(first, direct(x1, Extra(shift, False)))  # a clone: the replay did not overwrite it
+        assert torch.equal(second, direct(x2, Extra(shift, False)))
+        shift.add_(1.0)  # the same tensor object, changed in place: copied in again
+        assert torch.equal(call(x2, Extra(shift, False)), direct(x2, Extra(shift, False)))
+        assert torch.equal(call(x2, Extra(torch.ones(3), False)), direct(x2, Extra(torch.ones(3), False)))
+        assert call.captures == 1
+        # another non-tensor value, shape or layout is another graph
+        assert torch.equal(call(x2, Extra(shift, True)), direct(x2, Extra(shift, True)))
+        x3 = torch.randn(5, 4)
+        assert torch.equal(call(x3, Extra(shift, False)), direct(x3, Extra(shift, False)))
+        assert torch.equal(call(x3.t().contiguous().t(), Extra(shift, False)), direct(x3, Extra(shift, False)))
+        assert call.captures == 4
+        # weights at a new address (a model moved or cast): captured afresh, with the new values
+        model.weight.data = model.weight.data * 2
+        assert torch.equal(call(x2, Extra(shift, False)), direct(x2, Extra(shift, False)))
+        assert call.captures == 5
+        assert len(call.replays) <= fast._GRAPHS_PER_MODEL
+    # autograd on, a Python number (a timestep as an int would be a graph per step) or an argument it does not key:
+    # a direct call, no graph
+    assert call(x2, Extra(shift, False)).requires_grad
+    with torch.no_grad():
+        for extra_argument in (object(), 981, 0.5):
+            assert torch.equal(call(x2, Extra(shift, False), extra_argument), direct(x2, Extra(shift, False)))
+        # keyword order is not part of the key
+        assert torch.equal(call(extra=Extra(shift, False), x=x2), call(x=x2, extra=Extra(shift, False)))
+    assert call.captures == 6
+
+
+def test_cuda_graph_call_keeps_the_most_recent_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast, "_GRAPHS_PER_MODEL", 2)
+    model = torch.nn.Linear(4, 3)
+    call = fast.CudaGraphCall(model, model, _rerun_capture, "cpu")
+    with torch.no_grad():
+        for batch in (1, 2, 1, 3, 1):
+            assert torch.equal(call(torch.ones(batch, 4)), model(torch.ones(batch, 4)))
+    assert call.captures == 3  # batch 1 stayed (used last), batch 2 was dropped for 3
+    assert [key[0][1][0][1][0][1] for key in call.replays] == [(3, 4), (1, 4)]
+
+
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_warm_up_captures_the_graphs_the_pipeline_replays(scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path as on CUDA (CUDA graphs for the UNet and the prior), with the CPU stand-in for the capture: the
+    warm-up calls the models as the pipeline's loops do, so a call at a warmed-up shape captures nothing more."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # the fast path sets it
+    monkeypatch.setattr(fast, "_on_cuda", lambda model: True)
+    monkeypatch.setattr(fast, "_capture", _rerun_capture)
+    original = fast.CudaGraphCall
+    monkeypatch.setattr(fast, "CudaGraphCall", lambda model, fn: original(model, fn, device_type="cpu"))
+    pipe = _pipeline()
+    eager = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+    pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope=scope)
+    graphs = {name: getattr(pipe, name)._compiled_call_impl for name in ("unet", "prior_prior")}
+    assert all(isinstance(g, original) for g in graphs.values())
+    assert pipe.movq._compiled_call_impl is None  # MoVQ runs once per call: no graph holds its activations
+    assert {name: g.captures for name, g in graphs.items()} == {"unet": 1, "prior_prior": 2}  # prior: 1 and 2 prompts
+    with torch.no_grad():
+        fast_images = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+        pipe("red cat", negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **CALL)
+    assert {name: g.captures for name, g in graphs.items()} == {"unet": 1, "prior_prior": 2}
+    assert (fast_images - eager).abs().max() < TOL

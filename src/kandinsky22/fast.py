@@ -6,12 +6,16 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
 * **channels_last** weights for the convolutional models: cuDNN's and Inductor's fast convolutions are NHWC.
 * **Fused projections**: each attention's Q/K/V (and the UNet's added K/V) become one GEMM
   (``FusibleProjections``); the state dict keeps the official keys, so ``save_pretrained`` still writes them.
-* **torch.compile(fullgraph=True, dynamic=False)**: one graph per model, specialised to each shape it sees.
+* **torch.compile(fullgraph=True, dynamic=False)**, specialised to each shape it sees, in one of two scopes:
+  ``"blocks"`` (the default) compiles each repeated block (the UNet's resnets and attentions, MoVQ's resnets and
+  attentions, the prior's transformer blocks) as a graph of its own, and blocks of one structure and shape share one
+  compilation: the warm-up generates code for the distinct blocks only. ``"model"`` compiles each model as one graph
+  (Inductor may fuse across block boundaries; the warm-up generates code for every block).
 * **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide.
-* **CUDA graphs** for the UNet and the prior on CUDA: the denoising step's ~1,000 kernels are replayed with one
-  launch instead of being launched one by one from Python (Inductor's ``triton.cudagraphs``, a graph per shape).
-  Not with model offloading, which moves the weights a graph would have baked in; the MoVQ decoder, which runs
-  once per call, is compiled without graphs so that no graph pool holds its full-resolution activations.
+* **CUDA graphs** for the UNet and the prior on CUDA (``CudaGraphCall``): the whole denoising step, ~700 kernels
+  with the glue between the blocks, is captured once per input shape and replayed with one launch, so no Python runs
+  per step inside the model. Not with model offloading, which moves the weights a graph would have baked in; the MoVQ
+  decoder, which runs once per call, has no graph, so that no graph pool holds its full-resolution activations.
 
 ``shapes`` lists the ``(height, width)`` or ``(height, width, images_per_call)`` to compile ahead of time, so the
 first request at those sizes does not pay for compilation (the prior also for twice the images, unless
@@ -24,29 +28,49 @@ elementwise ops). The eager path stays the default: compilation takes a minute o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kandinsky22.models.layers import FusibleProjections
+from kandinsky22.models import movq, prior
+from kandinsky22.models.layers import AddedKVAttention, FusibleProjections, ResnetBlock2D
 from kandinsky22.models.movq import VQModel
 from kandinsky22.models.prior import PriorTransformer
 from kandinsky22.models.unet import UNet2DConditionModel
 
-# Compiled calls of one model at distinct shapes (sizes × batch sizes) kept before dynamo falls back to eager.
-_RECOMPILE_LIMIT = 64
+COMPILE_SCOPES = ("blocks", "model")
+# The repeated blocks of each model, compiled one by one with compile_scope="blocks".
+BLOCKS: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
+    UNet2DConditionModel: (ResnetBlock2D, AddedKVAttention),
+    VQModel: (movq.ResnetBlock, movq.SelfAttention),
+    PriorTransformer: (prior.TransformerBlock,),
+}
+# Compiled graphs kept per code object before dynamo falls back to eager. Every compiled module shares one code
+# object (``Module._call_impl``), so this counts all distinct (block structure, shape) pairs of all models: ~35 per
+# (size, batch) with compile_scope="blocks".
+_RECOMPILE_LIMIT = 2048
+# CUDA graphs kept per model (one per input shape, the least recently used dropped first): each holds a memory pool
+# the size of one step's activations.
+_GRAPHS_PER_MODEL = 8
 # Calls per model and shape at warm-up: Inductor's CUDA graphs run once eagerly, record on the second, replay after.
 _WARMUP_CALLS = 3
 
 
 def enable_fast_path(
-    pipe: Any, shapes: Iterable[Sequence[int]] | None = None, backend: str = "inductor", negative_prompts: bool = True
+    pipe: Any,
+    shapes: Iterable[Sequence[int]] | None = None,
+    backend: str = "inductor",
+    negative_prompts: bool = True,
+    compile_scope: str = "blocks",
 ) -> dict[str, float]:
     """Apply the fast path to ``pipe``'s models and compile them for ``shapes``; returns the warm-up seconds per model.
 
@@ -55,8 +79,12 @@ def enable_fast_path(
     device, or after ``enable_model_cpu_offload()``. Calling it again only warms up the new shapes.
     ``negative_prompts``: also warm the prior up for twice the images (a negative prompt runs it on both prompts in
     one batch); without it the first call with a negative prompt compiles that batch size.
+    ``compile_scope``: "blocks" (each repeated block compiled on its own, shared by the blocks of one structure and
+    shape: the shorter warm-up) or "model" (each model as one graph).
     """
     targets = _shape_list(shapes)
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}; got {compile_scope!r}")
     if getattr(pipe, "_sequential_device", None) is not None:
         raise ValueError(
             "enable_fast_path() does not combine with enable_sequential_cpu_offload(): compiled models need their "
@@ -70,11 +98,18 @@ def enable_fast_path(
     if not models:
         raise ValueError(f"{type(pipe).__name__} has no UNet, MoVQ or prior to put on the fast path")
 
+    for name, model in models.items():
+        scope = getattr(model, "_fast_path_scope", None)
+        if scope is not None and scope != compile_scope:
+            raise ValueError(
+                f"{name} is already on the fast path with compile_scope={scope!r}; got compile_scope={compile_scope!r}"
+            )
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
-    setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):  # recompile_limit was cache_size_limit before torch 2.6
+            setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
     for model in models.values():
-        _prepare(model, backend, offloaded)
+        _prepare(model, backend, offloaded, compile_scope)
     if any(_on_cuda(model) for model in models.values()):
         # Compiled convolutions call cuDNN; with the shapes fixed per graph, timing its algorithms once per shape
         # (at warm-up) beats its heuristics. A process-wide setting, as everything here is opt-in.
@@ -109,33 +144,164 @@ def use_compile_cache(folder: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _prepare(model: nn.Module, backend: str, offloaded: bool) -> None:
-    """Fuse, lay out and compile ``model`` in place (once: a model shared by several pipelines is left as it is)."""
+def _prepare(model: nn.Module, backend: str, offloaded: bool, scope: str) -> None:
+    """Fuse, lay out, compile and (on CUDA) graph ``model`` in place, once: a model shared by several pipelines is
+    left as it is the second time."""
+    if getattr(model, "_fast_path_scope", None) is not None:
+        return
     for module in model.modules():
         if isinstance(module, FusibleProjections):
             module.fuse_projections()
-    if isinstance(model, PriorTransformer):
-        _compile(model, backend, cuda_graphs=_on_cuda(model) and not offloaded)
-        return
-    model.to(memory_format=torch.channels_last)
-    if isinstance(model, UNet2DConditionModel):
-        _compile(model, backend, cuda_graphs=_on_cuda(model) and not offloaded)
+    if not isinstance(model, PriorTransformer):
+        model.to(memory_format=torch.channels_last)
+    target = model.decoder if isinstance(model, VQModel) else model
+    if scope == "model":
+        _compile(target, backend)
     else:
-        _compile(model.decoder, backend, cuda_graphs=False)
+        blocks = BLOCKS[next(kind for kind in BLOCKS if isinstance(model, kind))]
+        for module in target.modules():
+            if isinstance(module, blocks):
+                _compile(module, backend)
+    if _on_cuda(model) and not offloaded and not isinstance(model, VQModel):
+        model._compiled_call_impl = CudaGraphCall(model, model._compiled_call_impl or model._call_impl)
+    model._fast_path_scope = scope
 
 
 def _on_cuda(model: nn.Module) -> bool:
     return next(model.parameters()).device.type == "cuda"
 
 
-def _compile(module: nn.Module, backend: str, cuda_graphs: bool) -> None:
-    if getattr(module, "_compiled_call_impl", None) is not None:
-        return
-    options = None
-    if backend == "inductor":
-        # 1x1 convolutions as matmuls (diffusion-fast's setting for channels_last UNets and VAEs).
-        options = {"triton.cudagraphs": cuda_graphs, "conv_1x1_as_mm": True}
+def _compile(module: nn.Module, backend: str) -> None:
+    # 1x1 convolutions as matmuls (diffusion-fast's setting for channels_last UNets and VAEs). Inductor's own CUDA
+    # graphs stay off: CudaGraphCall captures the whole step, glue included.
+    options = {"triton.cudagraphs": False, "conv_1x1_as_mm": True} if backend == "inductor" else None
     module.compile(fullgraph=True, dynamic=False, backend=backend, options=options)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CUDA graphs: a model's call captured once per input signature, replayed after
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside its tuples, lists, dicts and dataclasses."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    return value
+
+
+def _signature(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """A hashable description of ``value``'s structure, flags and tensor layouts; appends its tensors to ``tensors``
+    (dicts in key order, so that keyword order does not matter). Raises ``TypeError`` on a value it does not key:
+    a Python number among the arguments would be baked into the graph (a timestep passed as an int: a graph per
+    step), so a call with one runs directly."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_signature(v, tensors) for v in value))
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda item: str(item[0]))
+        return (dict, tuple((k, _signature(v, tensors)) for k, v in items))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = tuple((f.name, _signature(getattr(value, f.name), tensors)) for f in dataclasses.fields(value))
+        return (type(value), fields)
+    if value is None or isinstance(value, (bool, str)):
+        return (type(value), value)
+    raise TypeError(f"no CUDA-graph key for a {type(value).__name__}")
+
+
+class _Replay:
+    """One captured call: static copies of its inputs, the graph, its static outputs.
+
+    ``replay`` copies the new inputs into the static ones (skipping a tensor that is the very object copied last time,
+    unmodified since: the per-run conditioning, passed again at every step) and returns clones of the outputs, which
+    the next replay overwrites."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, graph_factory: Callable | None = None) -> None:
+        self.static_args, self.static_kwargs = _map_tensors((args, kwargs), torch.clone)
+        self.static: list[torch.Tensor] = []
+        _signature((self.static_args, self.static_kwargs), self.static)
+        self.last_source: list[torch.Tensor | None] = [None] * len(self.static)
+        self.last_version: list[int] = [-1] * len(self.static)
+        self.fn = fn
+        self.graph, self.output = (graph_factory or _capture)(lambda: fn(*self.static_args, **self.static_kwargs))
+
+    def replay(self, tensors: list[torch.Tensor]) -> Any:
+        for i, (static, tensor) in enumerate(zip(self.static, tensors)):
+            if tensor is self.last_source[i] and tensor._version == self.last_version[i]:
+                continue
+            static.copy_(tensor)
+            self.last_source[i], self.last_version[i] = tensor, tensor._version
+        self.graph.replay()
+        return _map_tensors(self.output, torch.clone)
+
+
+def _capture(call: Callable[[], Any]) -> tuple[Any, Any]:
+    """``torch.cuda.CUDAGraph`` of ``call``: two runs on a side stream first (compilation, cuDNN's and Triton's
+    autotuning, lazy initialisation: nothing of that may happen while capturing), then the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        output = call()
+    return graph, output
+
+
+class CudaGraphCall:
+    """Calls a model through a CUDA graph per input signature (shapes, strides, dtypes, non-tensor arguments):
+    captured at the first call with that signature, replayed at later ones.
+
+    A call with autograd on, with a tensor off the GPU, with a Python number or another argument it does not key
+    (see ``_signature``), or made while another graph is being captured runs ``fn`` directly. The graphs bake in the weights' addresses, so they are keyed on them too: a
+    model moved or cast since is captured afresh. At most ``_GRAPHS_PER_MODEL`` graphs are kept.
+    ``graph_factory`` and ``device_type`` replace the capture and the device (tests on the CPU: any callable
+    returning ``(object with replay(), output)`` that re-runs the call in place on the static tensors)."""
+
+    def __init__(
+        self, model: nn.Module, fn: Callable, graph_factory: Callable | None = None, device_type: str = "cuda"
+    ) -> None:
+        self.model_ref = weakref.ref(model)
+        self.fn = fn
+        self.graph_factory = graph_factory
+        self.device_type = device_type
+        self.replays: OrderedDict[Any, _Replay] = OrderedDict()
+        self.captures = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensors: list[torch.Tensor] = []
+        try:
+            key = _signature((args, kwargs), tensors)
+        except TypeError:
+            return self.fn(*args, **kwargs)
+        on_gpu = all(t.device.type == self.device_type for t in tensors)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if torch.is_grad_enabled() or not on_gpu or capturing:
+            return self.fn(*args, **kwargs)
+        model = self.model_ref()
+        weights = tuple(t.data_ptr() for t in [*model.parameters(), *model.buffers()]) if model is not None else ()
+        key = (key, weights)
+        replay = self.replays.get(key)
+        if replay is None:
+            replay = _Replay(self.fn, args, kwargs, self.graph_factory)
+            self.captures += 1
+            self.replays[key] = replay
+            while len(self.replays) > _GRAPHS_PER_MODEL:
+                self.replays.popitem(last=False)
+        else:
+            self.replays.move_to_end(key)
+        return replay.replay(tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -224,5 +390,5 @@ def _first_timestep(scheduler: Any, device: torch.device) -> torch.Tensor:
 
 
 def _synchronize(model: nn.Module) -> None:
-    if _on_cuda(model):
+    if next(model.parameters()).is_cuda:
         torch.cuda.synchronize()

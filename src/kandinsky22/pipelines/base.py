@@ -389,15 +389,17 @@ class Pipeline:
         shapes: Iterable[Sequence[int]] | None = None,
         backend: str = "inductor",
         negative_prompts: bool = True,
+        compile_scope: str = "blocks",
     ) -> dict[str, float]:
         """channels_last, fused attention projections, ``torch.compile(fullgraph=True)`` and, on CUDA, CUDA graphs for
         this pipeline's UNet, MoVQ decoder and prior (see ``kandinsky22.fast``); call it after ``to(device)``.
 
         ``shapes``: ``(height, width)`` or ``(height, width, images_per_call)`` to compile now rather than on first
         use; ``negative_prompts=False`` skips warming the prior up for the doubled batch a negative prompt gives.
-        Returns the warm-up seconds per component.
+        ``compile_scope``: "blocks" (each repeated block compiled once per structure and shape: the shorter warm-up)
+        or "model" (each model as one graph). Returns the warm-up seconds per component.
         """
-        return fast.enable_fast_path(self, shapes, backend, negative_prompts)
+        return fast.enable_fast_path(self, shapes, backend, negative_prompts, compile_scope)
 
     # -- progress bar ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,73 @@
+"""On a CUDA device (skipped elsewhere): the fast path's CUDA graphs give the eager images, captured once per shape.
+
+The CPU suite checks CudaGraphCall's keying and copying with a stand-in for the capture (tests/test_fast.py); this
+captures real graphs, with torch.compile's "eager" backend (tracing only) and with Inductor (its Triton kernels
+replayed inside our graph).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kandinsky22 import KandinskyV22CombinedPipeline, KandinskyV22InpaintCombinedPipeline, fast
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def true_fp32():
+    """fp32 convolutions and matmuls in fp32, not TF32 (see test_offload_cuda.py), and cuDNN's autotuning (which the
+    fast path turns on) set back afterwards."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = flags
+
+
+KWARGS = {"num_inference_steps": 3, "prior_num_inference_steps": 3, "height": 64, "width": 64, "output_type": "np"}
+
+
+def _run(pipe, **kwargs):
+    return pipe("horse", generator=torch.Generator().manual_seed(0), **KWARGS, **kwargs).images
+
+
+@pytest.mark.parametrize(("scope", "backend"), [("blocks", "eager"), ("model", "eager"), ("blocks", "inductor")])
+def test_cuda_graphs_give_the_eager_images(decoder_repo, scope, backend):
+    torch._dynamo.reset()
+    pipe = KandinskyV22CombinedPipeline.from_pretrained(decoder_repo)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cuda")
+    expected, expected_negative = _run(pipe), _run(pipe, negative_prompt="blurry")
+    pipe.enable_fast_path(shapes=[(64, 64)], backend=backend, compile_scope=scope)
+    graphs = {name: getattr(pipe, name)._compiled_call_impl for name in ("unet", "prior_prior")}
+    assert all(isinstance(g, fast.CudaGraphCall) for g in graphs.values())
+    images, again, negative = _run(pipe), _run(pipe), _run(pipe, negative_prompt="blurry")
+    # warm-up captured the UNet once, the prior for one and two prompts; the calls replay them
+    assert {name: g.captures for name, g in graphs.items()} == {"unet": 1, "prior_prior": 2}
+    tol = 1e-4 if backend == "eager" else 1e-3  # Inductor reorders fp32 reductions
+    assert np.abs(images - expected).max() < tol
+    assert np.abs(negative - expected_negative).max() < tol
+    assert np.array_equal(images, again)
+    # moved off the GPU and back: the weights are elsewhere, so the graphs are captured again, with the same images
+    pipe.to("cpu")
+    pipe.to("cuda")
+    assert np.abs(_run(pipe) - expected).max() < tol
+    assert graphs["unet"].captures == 2
+
+
+def test_cuda_graphs_serve_inpainting(inpaint_repo):
+    """The inpainting UNet (9 input channels, the masked image concatenated each step) through the graphs."""
+    torch._dynamo.reset()
+    pipe = KandinskyV22InpaintCombinedPipeline.from_pretrained(inpaint_repo)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cuda")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.float32)
+    mask[:32] = 1
+    expected = _run(pipe, image=image, mask_image=mask)
+    pipe.enable_fast_path(shapes=[(64, 64)], backend="eager")
+    assert np.abs(_run(pipe, image=image, mask_image=mask) - expected).max() < 1e-4
+    assert pipe.unet._compiled_call_impl.captures == 1
