@@ -278,6 +278,7 @@ class CudaGraphCall:
         self.device_type = device_type
         self.replays: OrderedDict[Any, _Replay] = OrderedDict()
         self.captures = 0
+        self.enabled = True  # False: every call runs ``fn`` directly (the compiled model without graphs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors: list[torch.Tensor] = []
@@ -287,7 +288,7 @@ class CudaGraphCall:
             return self.fn(*args, **kwargs)
         on_gpu = all(t.device.type == self.device_type for t in tensors)
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if torch.is_grad_enabled() or not on_gpu or capturing:
+        if not self.enabled or torch.is_grad_enabled() or not on_gpu or capturing:
             return self.fn(*args, **kwargs)
         model = self.model_ref()
         weights = tuple(t.data_ptr() for t in [*model.parameters(), *model.buffers()]) if model is not None else ()

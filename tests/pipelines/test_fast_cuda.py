@@ -59,7 +59,10 @@ def test_cuda_graphs_give_the_eager_images(decoder_repo, scope, backend):
 
 
 def test_cuda_graphs_serve_inpainting(inpaint_repo):
-    """The inpainting UNet (9 input channels, the masked image concatenated each step) through the graphs."""
+    """The inpainting UNet (9 input channels, the masked image concatenated each step) through the graphs: the same
+    images as the same compiled models called without them. (Not compared with the eager pipeline: on this tiny
+    random-weight model the latents grow to ~28 in 3 steps, and MoVQ turns the 1e-6 rounding of another memory
+    layout into up to 3.3e-3 on the image — on the CPU too, with channels_last alone; H200 run 4.)"""
     torch._dynamo.reset()
     pipe = KandinskyV22InpaintCombinedPipeline.from_pretrained(inpaint_repo)
     pipe.set_progress_bar_config(disable=True)
@@ -67,7 +70,13 @@ def test_cuda_graphs_serve_inpainting(inpaint_repo):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     mask = np.zeros((64, 64), np.float32)
     mask[:32] = 1
-    expected = _run(pipe, image=image, mask_image=mask)
     pipe.enable_fast_path(shapes=[(64, 64)], backend="eager")
-    assert np.abs(_run(pipe, image=image, mask_image=mask) - expected).max() < 1e-4
-    assert pipe.unet._compiled_call_impl.captures == 1
+    graphs = [pipe.unet._compiled_call_impl, pipe.prior_prior._compiled_call_impl]
+    for g in graphs:
+        g.enabled = False
+    direct = _run(pipe, image=image, mask_image=mask)
+    for g in graphs:
+        g.enabled = True
+    graphed = _run(pipe, image=image, mask_image=mask)
+    assert np.abs(graphed - direct).max() < 1e-5
+    assert graphs[0].captures == 1
