@@ -613,6 +613,7 @@ class Bench:
                 "prior_stage_other_form_s": lambda: self.other_form(pipe, prior),
                 "unet_cfg_step_upsample_first_ms": lambda: self.upsample_first(unet_ms),
                 "movq_decode_upsample_first_ms": lambda: self.upsample_first(movq_ms),
+                "movq_decode_other_layout_ms": lambda: self.other_layout(movq, movq_ms),
             }
             return {
                 "unet_cfg_step_ms": unet_ms,
@@ -654,6 +655,19 @@ class Bench:
             return measure()
         finally:
             layers._PHASES_MIN_PIXELS = threshold
+
+    @staticmethod
+    def other_layout(model: torch.nn.Module, measure: Callable[[], float]) -> float:
+        """``measure()`` with ``model`` in the memory layout it does not have (NCHW on CUDA, where the pipelines make
+        it channels_last; channels_last elsewhere). H200 run 4 timed our eager MoVQ decode at 70.9 ms channels_last,
+        where run 2 had timed 50.9 ms NCHW: this measures both in one run."""
+        kernel = next(w for w in model.parameters() if w.ndim == 4 and w.shape[1] > 1 and w.shape[-1] > 1)
+        channels_last = kernel.is_contiguous(memory_format=torch.channels_last)
+        model.to(memory_format=torch.contiguous_format if channels_last else torch.channels_last)
+        try:
+            return measure()
+        finally:
+            model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def other_form(self, pipe: Any, run: Callable[[], Any]) -> float:
         """Seconds of ``run`` with our prior forced into the context form its default does not pick here."""

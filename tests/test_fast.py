@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from graph_standin import fast_path_as_on_cuda, rerun_capture
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -320,25 +321,8 @@ def test_warm_up_without_negative_prompts_leaves_the_doubled_prior_batch(scope: 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _rerun_capture(call):
-    """A CUDA graph's semantics on the CPU: ``replay`` runs the captured call again on the same static inputs and
-    writes its results into the same output tensors, which the caller got at capture."""
-    output = call()
-    static_out: list[torch.Tensor] = []
-    fast._signature(output, static_out)
-
-    class Graph:
-        def replay(self) -> None:
-            fresh: list[torch.Tensor] = []
-            fast._signature(call(), fresh)
-            for static, value in zip(static_out, fresh):
-                static.copy_(value)
-
-    return Graph(), output
-
-
 def _graph(model: torch.nn.Module) -> fast.CudaGraphCall:
-    model._compiled_call_impl = fast.CudaGraphCall(model, model._call_impl, _rerun_capture, "cpu")
+    model._compiled_call_impl = fast.CudaGraphCall(model, model._call_impl, rerun_capture, "cpu")
     return model._compiled_call_impl
 
 
@@ -376,7 +360,7 @@ def test_cuda_graph_call_keys_copies_and_clones() -> None:
         with torch.no_grad():
             return forward(x, extra)
 
-    call = fast.CudaGraphCall(model, forward, _rerun_capture, "cpu")
+    call = fast.CudaGraphCall(model, forward, rerun_capture, "cpu")
     shift = torch.zeros(3)
     x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
     with torch.no_grad():
@@ -414,7 +398,7 @@ def test_cuda_graph_call_keys_copies_and_clones() -> None:
 def test_cuda_graph_call_keeps_the_most_recent_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fast, "_GRAPHS_PER_MODEL", 2)
     model = torch.nn.Linear(4, 3)
-    call = fast.CudaGraphCall(model, model, _rerun_capture, "cpu")
+    call = fast.CudaGraphCall(model, model, rerun_capture, "cpu")
     with torch.no_grad():
         for batch in (1, 2, 1, 3, 1):
             assert torch.equal(call(torch.ones(batch, 4)), model(torch.ones(batch, 4)))
@@ -426,11 +410,7 @@ def test_cuda_graph_call_keeps_the_most_recent_graphs(monkeypatch: pytest.Monkey
 def test_warm_up_captures_the_graphs_the_pipeline_replays(scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast path as on CUDA (CUDA graphs for the UNet and the prior), with the CPU stand-in for the capture: the
     warm-up calls the models as the pipeline's loops do, so a call at a warmed-up shape captures nothing more."""
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # the fast path sets it
-    monkeypatch.setattr(fast, "_on_cuda", lambda model: True)
-    monkeypatch.setattr(fast, "_capture", _rerun_capture)
-    original = fast.CudaGraphCall
-    monkeypatch.setattr(fast, "CudaGraphCall", lambda model, fn: original(model, fn, device_type="cpu"))
+    original = fast_path_as_on_cuda(monkeypatch)
     pipe = _pipeline()
     eager = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
     pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope=scope)
@@ -443,3 +423,16 @@ def test_warm_up_captures_the_graphs_the_pipeline_replays(scope: str, monkeypatc
         pipe("red cat", negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **CALL)
     assert {name: g.captures for name, g in graphs.items()} == {"unet": 1, "prior_prior": 2}
     assert (fast_images - eager).abs().max() < TOL
+
+
+def test_only_warmed_up_graphs_captures_nothing_new() -> None:
+    model = torch.nn.Linear(4, 3)
+    call = fast.CudaGraphCall(model, model, rerun_capture, "cpu")
+    with torch.no_grad():
+        call(torch.ones(1, 4))
+        with fast.only_warmed_up_graphs():
+            assert torch.equal(call(torch.ones(2, 4)), model(torch.ones(2, 4)))  # runs directly
+            assert torch.equal(call(torch.full((1, 4), 2.0)), model(torch.full((1, 4), 2.0)))  # replays
+        assert call.captures == 1
+        call(torch.ones(2, 4))
+    assert call.captures == 2

@@ -225,12 +225,17 @@ def test_fast_flag_enables_the_fast_path_where_a_pipeline_has_one(
     assert enabled == [pipe] and not slow.fast_applied
 
 
-def test_fast_engine_reuses_its_warm_up_and_runs_other_shapes_eagerly(tiny: dict[str, Path]) -> None:
+def test_fast_engine_reuses_its_warm_up_and_runs_other_shapes_eagerly(
+    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The server's engine: the graphs compiled at load for the warm-up shapes serve the jobs of that shape (a run in
     another grad mode than the warm-up's would fail their guards and compile again, at the first request), and a
-    size not warmed up runs eagerly instead of compiling while requests wait. The images are the eager engine's."""
+    size not warmed up runs eagerly instead of compiling while requests wait, without capturing a CUDA graph (here
+    the CPU stand-in of one). The images are the eager engine's."""
+    from graph_standin import fast_path_as_on_cuda
     from torch._dynamo.utils import counters
 
+    fast_path_as_on_cuda(monkeypatch)
     fast = Engine(device="cpu", fast=True, warm_up=[(64, 64, 1)], compile_backend="eager")
     job = _text2img(tiny, seed=3, width=64, height=64)
     fast.prior_pipeline(job.prior)
@@ -240,10 +245,13 @@ def test_fast_engine_reuses_its_warm_up_and_runs_other_shapes_eagerly(tiny: dict
     # Still free to compile here: a job that does not match the warm-up's graphs would compile (and count).
     warmed = np.asarray(fast.run([job])[0].image, dtype=np.int16)
     assert counters["stats"]["unique_graphs"] == compiled, "the warmed-up shape was compiled again"
+    unet = fast.decoder_pipeline(job).unet._compiled_call_impl
+    assert unet.captures == 1
     fast.compile_new_shapes = False  # as the server runs it
     bigger = dataclasses.replace(job, width=128, height=96)
     other = np.asarray(fast.run([bigger])[0].image, dtype=np.int16)
     assert counters["stats"]["unique_graphs"] == compiled, "a size not warmed up was compiled"
+    assert unet.captures == 1, "a size not warmed up was captured"
 
     eager = Engine(device="cpu")
     for got, expected in ((warmed, job), (other, bigger)):

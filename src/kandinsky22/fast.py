@@ -28,13 +28,15 @@ elementwise ops). The eager path stays the default: compilation takes a minute o
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,8 @@ _RECOMPILE_LIMIT = 2048
 # CUDA graphs kept per model (one per input shape, the least recently used dropped first): each holds a memory pool
 # the size of one step's activations.
 _GRAPHS_PER_MODEL = 8
+# False inside only_warmed_up_graphs(): a call of a signature without a graph runs directly instead of capturing one.
+_NEW_GRAPHS: contextvars.ContextVar[bool] = contextvars.ContextVar("kandinsky22_new_cuda_graphs", default=True)
 # Calls per model and shape at warm-up: Inductor's CUDA graphs run once eagerly, record on the second, replay after.
 _WARMUP_CALLS = 3
 
@@ -117,6 +121,18 @@ def enable_fast_path(
     if offloaded:
         return {}  # the models are on the CPU between uses: they compile on first use on the execution device
     return _warm_up(components, models, targets, negative_prompts)
+
+
+@contextlib.contextmanager
+def only_warmed_up_graphs() -> Iterator[None]:
+    """Within: a model call of a shape that has no CUDA graph yet runs directly instead of capturing one (the warm-up
+    of ``enable_fast_path`` still captures). The server runs requests so: with torch.compile's stance
+    "eager_on_recompile" an odd size runs eagerly, and this keeps it from leaving a graph's memory pool behind."""
+    token = _NEW_GRAPHS.set(False)
+    try:
+        yield
+    finally:
+        _NEW_GRAPHS.reset(token)
 
 
 def use_compile_cache(folder: str | os.PathLike) -> Path:
@@ -294,6 +310,8 @@ class CudaGraphCall:
         weights = tuple(t.data_ptr() for t in [*model.parameters(), *model.buffers()]) if model is not None else ()
         key = (key, weights)
         replay = self.replays.get(key)
+        if replay is None and not _NEW_GRAPHS.get():
+            return self.fn(*args, **kwargs)
         if replay is None:
             replay = _Replay(self.fn, args, kwargs, self.graph_factory)
             self.captures += 1
@@ -326,6 +344,19 @@ def _shape_list(shapes: Iterable[Sequence[int]] | None) -> list[tuple[int, int, 
 
 @torch.no_grad()
 def _warm_up(
+    components: dict[str, Any], models: dict[str, nn.Module], shapes: list[tuple[int, int, int]], negative: bool
+) -> dict[str, float]:
+    # The warm-up compiles and captures, also when called where a caller has asked for neither (a model loaded while
+    # the server runs a request: the "eager_on_recompile" stance, only_warmed_up_graphs()).
+    token = _NEW_GRAPHS.set(True)
+    try:
+        with torch.compiler.set_stance("default"):
+            return _warm_up_shapes(components, models, shapes, negative)
+    finally:
+        _NEW_GRAPHS.reset(token)
+
+
+def _warm_up_shapes(
     components: dict[str, Any], models: dict[str, nn.Module], shapes: list[tuple[int, int, int]], negative: bool
 ) -> dict[str, float]:
     seconds: dict[str, float] = {}

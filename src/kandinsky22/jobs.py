@@ -571,8 +571,12 @@ class Engine:
         # no_grad, as the pipelines and the fast path's warm-up run (inference_mode would not match the compiled
         # graphs' guards and make them compile again); on the fast path, shapes not warmed up run eagerly if asked.
         eager_new_shapes = self.fast_applied and not self.compile_new_shapes
-        stance = torch.compiler.set_stance("eager_on_recompile") if eager_new_shapes else contextlib.nullcontext()
-        with self._lock, torch.no_grad(), stance:
+        stance, graphs = contextlib.nullcontext(), contextlib.nullcontext()
+        if eager_new_shapes:  # ... and capture no CUDA graph for them (each would keep a memory pool)
+            from kandinsky22.fast import only_warmed_up_graphs
+
+            stance, graphs = torch.compiler.set_stance("eager_on_recompile"), only_warmed_up_graphs()
+        with self._lock, torch.no_grad(), stance, graphs:
             timings: dict[str, float] = {}
             started = time.perf_counter()
             loading = bool(self.missing_models(first))

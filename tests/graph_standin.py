@@ -1,0 +1,38 @@
+"""A stand-in for CUDA-graph capture on the CPU, for tests of ``kandinsky22.fast.CudaGraphCall``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kandinsky22 import fast
+
+
+def rerun_capture(call):
+    """A CUDA graph's semantics on the CPU: ``replay`` runs the captured call again on the same static inputs and
+    writes its results into the same output tensors, which the caller got at capture."""
+    output = call()
+    static_out: list[torch.Tensor] = []
+    fast._signature(output, static_out)
+
+    class Graph:
+        def replay(self) -> None:
+            fresh: list[torch.Tensor] = []
+            fast._signature(call(), fresh)
+            for static, value in zip(static_out, fresh):
+                static.copy_(value)
+
+    return Graph(), output
+
+
+def fast_path_as_on_cuda(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Make ``enable_fast_path`` on the CPU install CUDA graphs as it does on CUDA, with the stand-in capture; returns
+    the real ``CudaGraphCall`` class (for isinstance checks)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # the fast path sets it
+    monkeypatch.setattr(fast, "_on_cuda", lambda model: True)
+    monkeypatch.setattr(fast, "_capture", rerun_capture)
+    original = fast.CudaGraphCall
+    monkeypatch.setattr(fast, "CudaGraphCall", lambda model, fn: original(model, fn, device_type="cpu"))
+    return original
