@@ -436,3 +436,20 @@ def test_only_warmed_up_graphs_captures_nothing_new() -> None:
         assert call.captures == 1
         call(torch.ones(2, 4))
     assert call.captures == 2
+
+
+def test_warm_up_compiles_and_captures_where_the_caller_asked_for_neither(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline loaded while the server runs a request (the "eager_on_recompile" stance, only_warmed_up_graphs()):
+    its warm-up still compiles and captures its shapes, and the stance holds again afterwards."""
+    torch._dynamo.reset()
+    fast_path_as_on_cuda(monkeypatch)
+    pipe = _pipeline()
+    before = counters["stats"]["unique_graphs"]
+    with torch.compiler.set_stance("eager_on_recompile"), fast.only_warmed_up_graphs():
+        pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", negative_prompts=False)
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled > before
+        assert pipe.unet._compiled_call_impl.captures == 1
+        pipe("red cat", generator=torch.Generator().manual_seed(0), **{**CALL, "height": 128})  # not warmed up
+        assert counters["stats"]["unique_graphs"] == compiled
+        assert pipe.unet._compiled_call_impl.captures == 1
