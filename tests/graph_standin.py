@@ -34,5 +34,10 @@ def fast_path_as_on_cuda(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(fast, "_on_cuda", lambda model: True)
     monkeypatch.setattr(fast, "_capture", rerun_capture)
     original = fast.CudaGraphCall
-    monkeypatch.setattr(fast, "CudaGraphCall", lambda model, fn: original(model, fn, device_type="cpu"))
+
+    class CpuGraphCall(original):
+        def __init__(self, model: torch.nn.Module, fn: Any) -> None:
+            super().__init__(model, fn, device_type="cpu")
+
+    monkeypatch.setattr(fast, "CudaGraphCall", CpuGraphCall)
     return original

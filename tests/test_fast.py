@@ -453,3 +453,21 @@ def test_warm_up_compiles_and_captures_where_the_caller_asked_for_neither(monkey
         pipe("red cat", generator=torch.Generator().manual_seed(0), **{**CALL, "height": 128})  # not warmed up
         assert counters["stats"]["unique_graphs"] == compiled
         assert pipe.unet._compiled_call_impl.captures == 1
+
+
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offloading_after_the_fast_path_drops_the_graphs(scope: str, offload: str, monkeypatch) -> None:
+    torch._dynamo.reset()
+    fast_path_as_on_cuda(monkeypatch)
+    pipe = _pipeline()
+    eager = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+    pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope=scope)
+    compiled = pipe.unet._compiled_call_impl.fn
+    getattr(pipe, f"enable_{offload}_cpu_offload")(device="cpu")
+    for model in (pipe.unet, pipe.prior_prior):
+        assert not isinstance(model._compiled_call_impl, fast.CudaGraphCall)
+    # the compiled model stays compiled ("model" scope), the blocks stay compiled ("blocks")
+    assert pipe.unet._compiled_call_impl is (compiled if scope == "model" else None)
+    images = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+    assert (images - eager).abs().max() < TOL

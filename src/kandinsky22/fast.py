@@ -123,6 +123,15 @@ def enable_fast_path(
     return _warm_up(components, models, targets, negative_prompts)
 
 
+def drop_cuda_graphs(model: nn.Module) -> None:
+    """Call ``model`` without its CUDA graphs from now on (compiled as before), freeing their memory pools. The
+    pipelines do it when offloading is turned on after the fast path: offloaded weights move at every call, and a graph
+    would be captured again each time they land elsewhere."""
+    graphs = getattr(model, "_compiled_call_impl", None)
+    if isinstance(graphs, CudaGraphCall):
+        model._compiled_call_impl = None if graphs.fn == model._call_impl else graphs.fn
+
+
 @contextlib.contextmanager
 def only_warmed_up_graphs() -> Iterator[None]:
     """Within: a model call of a shape that has no CUDA graph yet runs directly instead of capturing one (the warm-up

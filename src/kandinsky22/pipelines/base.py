@@ -366,6 +366,7 @@ class Pipeline:
         self._set_model_offload(_ModelOffload(offload_device(gpu_id, device)))
 
     def _set_model_offload(self, offload: _ModelOffload) -> None:
+        self._drop_cuda_graphs()
         self.to("cpu")
         self._offload = offload
         self._sequential_device = None
@@ -376,6 +377,7 @@ class Pipeline:
     ) -> None:
         """Keep weights on the CPU; each submodule's weights visit ``device`` only while its ``forward`` runs."""
         target = offload_device(gpu_id, device)
+        self._drop_cuda_graphs()
         self._offload = None
         self._sequential_device = target
         self._prefer_channels_last()
@@ -383,6 +385,11 @@ class Pipeline:
             _attach_sequential_offload(module, target)
 
     # -- fast path ---------------------------------------------------------------------------------------------
+
+    def _drop_cuda_graphs(self) -> None:
+        """Offloading moves the weights a CUDA graph of the fast path has baked in: the models run without graphs."""
+        for module in self._modules():
+            fast.drop_cuda_graphs(module)
 
     def enable_fast_path(
         self,
