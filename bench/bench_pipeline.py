@@ -516,6 +516,36 @@ class Bench:
         self.ratio(f"ratio_eager_as_it_runs_over_nchw_{size}", again, nchw)
         self.compare(f"equal_eager_as_it_runs_vs_nchw_{size}", again, nchw)
 
+    def eager_graphs(self, size: int) -> None:
+        """Our eager models with the fast path's CUDA graphs and nothing else of it (no compilation, no fused
+        projections): the UNet and prior calls captured once, replayed at every step. Against our eager pipeline and
+        the reference's eager, alternating; on the fast path's model copies, not yet compiled, whose graphs are then
+        dropped. CUDA only (the graphs are CUDA graphs)."""
+        from kandinsky22 import fast
+
+        pipe = self.fast_pipe
+        pipe.to(self.device)  # as the pipelines lay their models out (eager_layouts left these NCHW)
+        models = (pipe.decoder_pipe.unet, pipe.prior_pipe.prior)
+        for model in models:
+            model._compiled_call_impl = fast.CudaGraphCall(model, model._call_impl)
+        graphs = f"ours_eager_cuda_graphs_e2e_{size}_bs1"
+        try:
+            self.e2e(
+                {
+                    graphs: pipe,
+                    f"ours_eager_again2_e2e_{size}_bs1": self.ours,
+                    f"ref_eager_again_e2e_{size}_bs1": self.ref,
+                },
+                size,
+            )
+        finally:
+            for model in models:
+                fast.drop_cuda_graphs(model)
+            torch.cuda.empty_cache()
+        self.ratio(f"ratio_eager_cuda_graphs_over_ref_eager_{size}", graphs, f"ref_eager_again_e2e_{size}_bs1")
+        self.ratio(f"ratio_eager_cuda_graphs_over_eager_{size}", graphs, f"ours_eager_again2_e2e_{size}_bs1")
+        self.compare(f"equal_eager_cuda_graphs_vs_eager_{size}", graphs, f"ours_eager_{size}")
+
     def unet_step(self, pipe: Any) -> tuple[Callable[[], Any], torch.Tensor]:
         """One UNet CFG step of ``pipe`` at ``--size`` (batch 2), called as its pipeline's loop calls it — ours with
         the conditioning prepared once per run, with the run's timesteps (this is the row of the step measured) —,
@@ -881,6 +911,8 @@ class Bench:
         self.section("equality", cheap, self.equality)
         self.section("eager", cheap, lambda: self.eager(size))
         self.section("eager_layouts", cheap, lambda: self.eager_layouts(size))
+        if self.cuda:
+            self.section("eager_graphs", cheap, lambda: self.eager_graphs(size))
         self.section("flops", 2, self.flops)
         self.section("stages_eager", cheap, lambda: self.stages("eager", {"ours": self.ours, "ref": self.ref}))
         self.section(
