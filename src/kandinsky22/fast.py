@@ -65,7 +65,8 @@ _RECOMPILE_LIMIT = 2048
 _GRAPHS_PER_MODEL = 8
 # False inside only_warmed_up_graphs(): a call of a signature without a graph runs directly instead of capturing one.
 _NEW_GRAPHS: contextvars.ContextVar[bool] = contextvars.ContextVar("kandinsky22_new_cuda_graphs", default=True)
-# Calls per model and shape at warm-up: Inductor's CUDA graphs run once eagerly, record on the second, replay after.
+# Calls per model and shape at warm-up: on CUDA the first captures the graph (after two runs on a side stream), the
+# others replay it; elsewhere the first compiles.
 _WARMUP_CALLS = 3
 
 
@@ -289,8 +290,9 @@ class CudaGraphCall:
     captured at the first call with that signature, replayed at later ones.
 
     A call with autograd on, with a tensor off the GPU, with a Python number or another argument it does not key
-    (see ``_signature``), or made while another graph is being captured runs ``fn`` directly. The graphs bake in the weights' addresses, so they are keyed on them too: a
-    model moved or cast since is captured afresh. At most ``_GRAPHS_PER_MODEL`` graphs are kept.
+    (see ``_signature``), or made while another graph is being captured runs ``fn`` directly. The graphs bake in the
+    weights' addresses, so they are keyed on them too: a model moved or cast since is captured afresh. At most
+    ``_GRAPHS_PER_MODEL`` graphs are kept; ``enabled = False`` turns them off.
     ``graph_factory`` and ``device_type`` replace the capture and the device (tests on the CPU: any callable
     returning ``(object with replay(), output)`` that re-runs the call in place on the static tensors)."""
 
