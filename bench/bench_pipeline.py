@@ -798,15 +798,21 @@ class Bench:
         phases = sorted(((float(v), n) for n, v in zip(names, values)), reverse=True)[:12]
         return {name: round(seconds, 2) for seconds, name in phases}
 
-    def fast(self, shapes: list[tuple[int, int, int]], key: str) -> None:
+    def fast(self, shapes: list[tuple[int, int, int]], key: str, pipe: Any = None, scope: str | None = None) -> None:
+        """Our fast path on ``pipe`` (default the fast pipeline) in ``scope`` (default ``--compile-scope``), warmed
+        up for ``shapes`` from cold compile caches; records the warm-up under ``key``."""
         start = time.perf_counter()
         with self.cold_compile_caches():
             # The benchmark's prompts have no negative prompt: the prior's doubled batch is not warmed up.
-            warm = self.fast_pipe.enable_fast_path(
-                shapes=shapes, backend=self.args.backend, negative_prompts=False, compile_scope=self.args.compile_scope
+            warm = (pipe or self.fast_pipe).enable_fast_path(
+                shapes=shapes,
+                backend=self.args.backend,
+                negative_prompts=False,
+                compile_scope=scope or self.args.compile_scope,
             )
         seconds = time.perf_counter() - start
-        self.estimates["fast_warmup"] = seconds
+        if pipe is None:
+            self.estimates["fast_warmup"] = seconds
         phases = self.compile_phases()  # cumulative over the process: the first warm-up's are ours alone
         self.results.put(key, rounded({"shapes": shapes, "seconds": seconds, "per_model_s": warm, "phases": phases}, 2))
 
@@ -819,13 +825,7 @@ class Bench:
         copies = {name: copy.deepcopy(ours[name]) for name in ("unet", "movq", "prior_prior")}
         pipe = kandinsky22.KandinskyV22CombinedPipeline(**{**ours, **copies})
         pipe.set_progress_bar_config(disable=True)
-        start = time.perf_counter()
-        with self.cold_compile_caches():
-            warm = pipe.enable_fast_path(
-                shapes=[(size, size, 1)], backend=self.args.backend, negative_prompts=False, compile_scope=scope
-            )
-        seconds = time.perf_counter() - start
-        self.results.put(f"ours_fast_{scope}_warmup_{size}_bs1", rounded({"seconds": seconds, "per_model_s": warm}, 2))
+        self.fast([(size, size, 1)], f"ours_fast_{scope}_warmup_{size}_bs1", pipe, scope)
         main, other = f"ours_fast_{self.args.compile_scope}_again_e2e_{size}_bs1", f"ours_fast_{scope}_e2e_{size}_bs1"
         self.e2e({main: self.fast_pipe, other: pipe}, size)
         self.ratio(f"ratio_fast_{scope}_over_{self.args.compile_scope}_{size}", other, main)

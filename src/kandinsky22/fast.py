@@ -257,7 +257,6 @@ class _Replay:
         _signature((self.static_args, self.static_kwargs), self.static)
         self.last_source: list[torch.Tensor | None] = [None] * len(self.static)
         self.last_version: list[int] = [-1] * len(self.static)
-        self.fn = fn
         self.graph, self.output = (graph_factory or _capture)(lambda: fn(*self.static_args, **self.static_kwargs))
 
     def replay(self, tensors: list[torch.Tensor]) -> Any:
