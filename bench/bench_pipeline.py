@@ -33,6 +33,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import importlib.metadata
 import json
 import os
 import platform
@@ -53,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import kandinsky22  # noqa: E402
 from kandinsky22 import tiny  # noqa: E402
+from kandinsky22.models import norms  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configs: the official ones (shared/reference/configs) and scaled-down ones for --tiny
@@ -187,6 +189,8 @@ class Bench:
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
         self.cuda = self.device.type == "cuda"
+        # the Triton norms' section: on CUDA, or on the CPU under Triton's interpreter (a check of the code path)
+        self.triton_norms = norms.triton_available() and (self.cuda or norms._interpreting())
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
         if not self.cuda:
             self.dtype = torch.float32  # CPU half-precision kernels are not what anyone runs
@@ -220,6 +224,7 @@ class Bench:
             "cudnn": torch.backends.cudnn.version() if self.cuda else None,
             "diffusers": diffusers.__version__,
             "transformers": transformers.__version__,
+            "triton": importlib.metadata.version("triton") if norms.triton_available() else None,
             "kandinsky22": kandinsky22.__version__,
             "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
@@ -545,6 +550,42 @@ class Bench:
         self.ratio(f"ratio_eager_cuda_graphs_over_ref_eager_{size}", graphs, f"ref_eager_again_e2e_{size}_bs1")
         self.ratio(f"ratio_eager_cuda_graphs_over_eager_{size}", graphs, f"ours_eager_again2_e2e_{size}_bs1")
         self.compare(f"equal_eager_cuda_graphs_vs_eager_{size}", graphs, f"ours_eager_{size}")
+
+    def eager_triton_norms(self, size: int) -> None:
+        """Our eager models with the UNet's and MoVQ's GroupNorms through the Triton kernels (``fast.use_triton_norms``:
+        channels_last kept, modulation and SiLU folded in): end to end against our eager pipeline and the reference's,
+        alternating; the same with CUDA graphs on the UNet and prior (no host overhead left); the images against both
+        eager pipelines (the equality gate); the kernel profile and the stages. On the fast path's model copies, not
+        yet compiled, switched back after. On the CPU only under Triton's interpreter (TRITON_INTERPRET=1)."""
+        from kandinsky22 import fast
+
+        pipe = self.fast_pipe
+        pipe.to(self.device)  # as the pipelines lay their models out
+        ours, ref = f"ours_eager_{size}", f"ref_eager_{size}"
+        norms_key, graphs_key = f"ours_triton_norms_e2e_{size}_bs1", f"ours_triton_norms_cuda_graphs_e2e_{size}_bs1"
+        ours_again, ref_again = f"ours_eager_again3_e2e_{size}_bs1", f"ref_eager_again3_e2e_{size}_bs1"
+        self.results.put("triton_norms_switched", fast.use_triton_norms(pipe))
+        models = (pipe.decoder_pipe.unet, pipe.prior_pipe.prior)
+        try:
+            self.e2e({norms_key: pipe, ours_again: self.ours, ref_again: self.ref}, size)
+            self.ratio(f"ratio_triton_norms_over_ref_eager_{size}", norms_key, ref_again)
+            self.ratio(f"ratio_triton_norms_over_eager_{size}", norms_key, ours_again)
+            self.compare(f"equal_triton_norms_vs_eager_{size}", norms_key, ours)
+            self.compare(f"equal_triton_norms_vs_ref_{size}", norms_key, ref)
+            self.kernel_profile("eager_triton_norms", {"ours_triton_norms": pipe})
+            self.stages("eager_triton_norms", {"ours_triton_norms": pipe})
+            if self.cuda:
+                for model in models:
+                    model._compiled_call_impl = fast.CudaGraphCall(model, model._call_impl)
+                self.e2e({graphs_key: pipe, ref_again: self.ref}, size)
+                self.ratio(f"ratio_triton_norms_cuda_graphs_over_ref_eager_{size}", graphs_key, ref_again)
+                self.compare(f"equal_triton_norms_cuda_graphs_vs_ref_{size}", graphs_key, ref)
+        finally:
+            for model in models:
+                fast.drop_cuda_graphs(model)
+            fast.use_triton_norms(pipe, enabled=False)
+            if self.cuda:
+                torch.cuda.empty_cache()
 
     def unet_step(self, pipe: Any) -> tuple[Callable[[], Any], torch.Tensor]:
         """One UNet CFG step of ``pipe`` at ``--size`` (batch 2), called as its pipeline's loop calls it — ours with
@@ -913,6 +954,8 @@ class Bench:
         self.section("eager_layouts", cheap, lambda: self.eager_layouts(size))
         if self.cuda:
             self.section("eager_graphs", cheap, lambda: self.eager_graphs(size))
+        if self.triton_norms:
+            self.section("eager_triton_norms", 3 * cheap, lambda: self.eager_triton_norms(size))
         self.section("flops", 2, self.flops)
         self.section("stages_eager", cheap, lambda: self.stages("eager", {"ours": self.ours, "ref": self.ref}))
         self.section(
@@ -983,6 +1026,8 @@ class Bench:
         self.section("equality", cheap, self.equality)
         self.section("eager", cheap, lambda: self.eager(size))
         self.section("eager_layouts", cheap, lambda: self.eager_layouts(size))
+        if self.triton_norms:
+            self.section("eager_triton_norms", 3 * cheap, lambda: self.eager_triton_norms(size))
         self.section(
             "kernel_profile_eager", cheap, lambda: self.kernel_profile("eager", {"ours": self.ours, "ref": self.ref})
         )

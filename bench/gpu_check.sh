@@ -48,12 +48,13 @@ status=${PIPESTATUS[0]}
 [ "$status" -eq 0 ] || exit "$status"
 
 # The CUDA-only tests (skipped in CI): no host sync inside a sampler step, also with a CPU generator; offloading to
-# the GPU gives the images of a resident pipeline; the fast path's CUDA graphs give the eager images. About a minute.
+# the GPU gives the images of a resident pipeline; the fast path's CUDA graphs give the eager images; the Triton
+# norms' kernels and models (compiled for real here, not interpreted). About a minute.
 if [ "${TESTS:-1}" = 0 ]; then
   echo "TESTS=0: CUDA-only tests not run" | tee -a "$LOG"
 elif python3 -c "import pytest" 2>/dev/null; then
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_schedulers_cuda.py tests/pipelines/test_offload_cuda.py \
-    tests/pipelines/test_fast_cuda.py 2>&1 | tail -25 | tee -a "$LOG"
+    tests/pipelines/test_fast_cuda.py tests/test_norms.py 2>&1 | tail -25 | tee -a "$LOG"
 else
   echo "pytest not importable here: CUDA-only tests not run (carry its wheels in .whl/ to run them)" | tee -a "$LOG"
 fi

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kandinsky22.models import movq, prior
+from kandinsky22.models import movq, norms, prior
 from kandinsky22.models.layers import AddedKVAttention, FusibleProjections, ResnetBlock2D
 from kandinsky22.models.movq import VQModel
 from kandinsky22.models.prior import PriorTransformer
@@ -131,6 +131,17 @@ def drop_cuda_graphs(model: nn.Module) -> None:
     graphs = getattr(model, "_compiled_call_impl", None)
     if isinstance(graphs, CudaGraphCall):
         model._compiled_call_impl = None if graphs.fn == model._call_impl else graphs.fn
+
+
+def use_triton_norms(pipe: Any, enabled: bool = True) -> int:
+    """Experimental, off by default: run the GroupNorms of ``pipe``'s UNet and MoVQ through Triton kernels that keep
+    channels_last and fold the time modulation and the SiLU in (``kandinsky22.models.norms``), where they apply (CUDA,
+    channels_last, not compiling; the fast path's compiled models keep Inductor's own). No GPU run has measured them
+    yet: ``bench/bench_pipeline.py``'s ``eager_triton_norms`` section does. Returns how many norms were switched."""
+    models = [c for c in pipe.components.values() if isinstance(c, (UNet2DConditionModel, VQModel))]
+    if not models:
+        raise ValueError(f"{type(pipe).__name__} has no UNet or MoVQ whose norms could use Triton")
+    return sum(norms.use_triton_norms(model, enabled) for model in models)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kandinsky22.models.norms import norm_act
+
 
 def timestep_embedding(
     timesteps: torch.Tensor,
@@ -168,15 +170,14 @@ class ResnetBlock2D(nn.Module):
     ) -> torch.Tensor:
         """``modulation`` is :meth:`time_modulation`'s ``(1 + scale, shift)`` (the UNet computes them for all blocks,
         once per step or once per run); ``phase_weight``, for an "up" block, ``conv1.phase_weight()`` made ahead."""
-        h = F.silu(self.norm1(x))
+        h = norm_act(self.norm1, x, silu=True)
         if self.resample is not None:
             x = self.resample(x)
             if isinstance(self.resample, nn.AvgPool2d):  # "up": conv1 upsamples the hidden state itself
                 h = self.resample(h)
         h = self.conv1(h) if phase_weight is None else self.conv1(h, phase_weight)
         scale_1, shift = modulation
-        h = torch.addcmul(shift, self.norm2(h), scale_1)  # norm2(h) * (1 + scale) + shift in one kernel
-        h = self.conv2(F.silu(h))
+        h = self.conv2(norm_act(self.norm2, h, scale_1, shift, silu=True))  # silu(norm2(h) * (1 + scale) + shift)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -272,7 +273,7 @@ class AddedKVAttention(FusibleProjections):
         # (free when x is channels_last) makes each projection a single GEMM with its bias, without the reshapes a
         # 3-d input costs around every projection.
         b, c, h, w = x.shape
-        pixels = self.group_norm(x).permute(0, 2, 3, 1).reshape(-1, c)  # (B·HW, C)
+        pixels = norm_act(self.group_norm, x).permute(0, 2, 3, 1).reshape(-1, c)  # (B·HW, C)
         q, k, v = (t.view(b, h * w, self.heads, self.head_dim) for t in self.project("qkv", pixels))
         context_k, context_v = context_kv  # (B, L, heads, d)
         k = torch.cat([context_k, k], dim=1)  # (B, L + HW, heads, d)

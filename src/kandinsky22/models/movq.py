@@ -21,6 +21,7 @@ from torch import nn
 
 from ..loading import Config, ModelMixin
 from .layers import FusibleProjections, UpsampleConv2d
+from .norms import norm_act
 
 ENCODER_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 DECODER_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -57,11 +58,13 @@ class SpatialNorm(nn.Module):
         fh, fw = height // zq_height, width // zq_width
         if fh * zq_height != height or fw * zq_width != width or (fh & (fh - 1)) or (fw & (fw - 1)):
             zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
-            return torch.addcmul(self.conv_b(zq), self.norm_layer(x), self.conv_y(zq))  # norm(x) * y + b in one pass
+            # norm(x) * y + b in one pass
+            return torch.addcmul(self.conv_b(zq), norm_act(self.norm_layer, x), self.conv_y(zq))
         # Nearest resizing by a power-of-two factor repeats each latent pixel in an fh × fw block (exactly: the source
         # index i / f is exact in floating point). A 1x1 convolution commutes with that, so both run on the latents
         # and broadcast over each block: no full-size scale and shift maps are written and read back.
-        norm = self.norm_layer(x).unflatten(3, (zq_width, fw)).unflatten(2, (zq_height, fh))  # (B, C, h, fh, w, fw)
+        norm = norm_act(self.norm_layer, x)
+        norm = norm.unflatten(3, (zq_width, fw)).unflatten(2, (zq_height, fh))  # (B, C, h, fh, w, fw)
         scale = self.conv_y(zq)[:, :, :, None, :, None]
         shift = self.conv_b(zq)[:, :, :, None, :, None]
         return torch.addcmul(shift, norm, scale).flatten(4, 5).flatten(2, 3)

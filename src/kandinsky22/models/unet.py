@@ -20,6 +20,7 @@ from torch import nn
 
 from kandinsky22.loading import ModelMixin
 from kandinsky22.models.layers import AddedKVAttention, ResnetBlock2D, TimestepEmbedding, Timesteps
+from kandinsky22.models.norms import norm_act
 
 # Block type → whether it has attention layers.
 _DOWN_BLOCKS = {"ResnetDownsampleBlock2D": False, "SimpleCrossAttnDownBlock2D": True}
@@ -563,5 +564,5 @@ class UNet2DConditionModel(ModelMixin):
         x = self.mid_block(x, modulations, context_kv)
         for up_block in self.up_blocks:
             x = up_block(x, modulations, context_kv, skips, phase_weights)
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = self.conv_out(norm_act(self.conv_norm_out, x, silu=True))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)

@@ -1,0 +1,306 @@
+"""GroupNorm followed by what the models do right after it, as one call: ``norm_act``.
+
+By default it runs PyTorch's ops, exactly as written out (``F.group_norm``, then the time modulation's
+``addcmul``, then ``F.silu``). Opt-in (``use_triton_norms``), on a CUDA tensor laid out channels_last and outside
+torch.compile, it runs three Triton kernels instead:
+
+1. partial statistics: each program takes a run of pixels and a block of channels and keeps a per-channel mean and
+   sum of squared deviations (fp32, merged tile by tile with Chan's formula);
+2. per (sample, group): merges the partials into the group's mean and variance, and folds them with the norm's
+   weight and bias and the time modulation ``(1 + scale, shift)`` into one fp32 factor and offset per channel;
+3. per pixel tile: ``y = x · factor + offset`` (then SiLU), written channels_last.
+
+PyTorch's CUDA GroupNorm works on NCHW only: for a channels_last input it copies to NCHW, normalises there and
+returns NCHW, which the next convolution copies back to channels_last; the modulation and the activation are one pass
+each. The kernels read the input twice and write the output once, and launch three kernels where PyTorch launches
+five or six. Their rounding differs from PyTorch's sequence as Inductor's fused kernels' does: one rounding to the
+output dtype instead of one per op.
+
+The Triton path is opt-in until a GPU run has measured it (see ``bench/README.md``); on the CPU its kernels run
+under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Elements per program of the statistics and apply kernels (fp32 in registers: 4,096 × 4 bytes over 4 warps).
+_TILE = 4096
+# Programs the statistics kernel aims at: a few per streaming multiprocessor of a large GPU.
+_STATS_PROGRAMS = 2048
+# Partial statistics the finalize kernel merges per loop iteration (parts × channels of the group).
+_FINALIZE_TILE = 2048
+
+
+def use_triton_norms(model: nn.Module, enabled: bool = True) -> int:
+    """Run ``model``'s GroupNorms through the Triton kernels (when they apply: CUDA, channels_last, not compiling)
+    or, with ``enabled=False``, through PyTorch again; returns how many norms were switched. Raises ``ValueError``
+    when Triton is not installed."""
+    if enabled and not triton_available():
+        raise ValueError("use_triton_norms needs the triton package (it comes with PyTorch's CUDA builds)")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.triton_norm = enabled
+            count += 1
+    return count
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def norm_act(
+    norm: nn.GroupNorm,
+    x: torch.Tensor,
+    scale_1: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = False,
+) -> torch.Tensor:
+    """``norm(x)``, then ``· scale_1 + shift`` ((B, C, 1, 1) each, both or neither), then SiLU if ``silu``."""
+    if getattr(norm, "triton_norm", False) and not torch.compiler.is_compiling() and _triton_applies(norm, x):
+        return group_norm_nhwc(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale_1, shift, silu)
+    h = norm(x)
+    if scale_1 is not None:
+        h = torch.addcmul(shift, h, scale_1)  # norm(h) * (1 + scale) + shift in one kernel
+    return F.silu(h) if silu else h
+
+
+def _triton_applies(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
+    return (
+        (x.is_cuda or _interpreting())
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and norm.affine
+        and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
+    )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def group_norm_nhwc(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    scale_1: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = False,
+) -> torch.Tensor:
+    """The three Triton kernels on a channels_last (N, C, H, W) ``x``; the result is channels_last, in ``x``'s dtype.
+    ``scale_1`` / ``shift``: (N or 1, C, 1, 1) time modulation applied after the norm's own affine."""
+    batch, channels, height, width = x.shape
+    if channels % groups:
+        raise ValueError(f"group norm: {channels} channels do not split into {groups} groups")
+    if (scale_1 is None) != (shift is None):
+        raise ValueError("group norm: scale_1 and shift come together")
+    kernels = _kernels()
+    pixels = height * width
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    if x.numel() == 0:
+        return out
+
+    block_c = min(_next_power_of_2(channels), 64)
+    block_hw = _TILE // block_c
+    channel_blocks = -(-channels // block_c)
+    target = max(1, _STATS_PROGRAMS // (batch * channel_blocks))
+    rows = -(-max(1, -(-pixels // target)) // block_hw) * block_hw  # pixels per statistics program, whole tiles
+    parts = -(-pixels // rows)
+    mean = torch.empty(batch, parts, channels, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    kernels.stats[(parts, channel_blocks, batch)](
+        x, mean, m2, pixels, channels, rows, parts, BLOCK_HW=block_hw, BLOCK_C=block_c
+    )
+
+    factor = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
+    offset = torch.empty_like(factor)
+    group_size = channels // groups
+    block_g = _next_power_of_2(group_size)
+    modulated = scale_1 is not None
+    if modulated:
+        scale_1 = _per_channel(scale_1, batch, channels, "scale_1")
+        shift = _per_channel(shift, batch, channels, "shift")
+    else:
+        scale_1 = shift = factor  # not read
+    kernels.finalize[(groups, batch)](
+        mean,
+        m2,
+        weight,
+        bias,
+        scale_1,
+        shift,
+        factor,
+        offset,
+        pixels,
+        channels,
+        group_size,
+        rows,
+        parts,
+        scale_1.stride(0),
+        shift.stride(0),
+        1.0 / (pixels * group_size),
+        eps,
+        MODULATED=modulated,
+        BLOCK_P=max(1, min(_next_power_of_2(parts), _FINALIZE_TILE // block_g)),
+        BLOCK_G=block_g,
+    )
+
+    kernels.apply[(-(-pixels // block_hw), channel_blocks, batch)](
+        x, factor, offset, out, pixels, channels, SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c
+    )
+    return out
+
+
+def _per_channel(t: torch.Tensor, batch: int, channels: int, name: str) -> torch.Tensor:
+    """A (N or 1, C, 1, 1) modulation as an (N, C) view with unit channel stride (the batch stride may be 0)."""
+    if t.dim() != 4 or t.shape[2:] != (1, 1) or t.shape[1] != channels or t.shape[0] not in (1, batch):
+        raise ValueError(f"group norm: {name} must be (N or 1, {channels}, 1, 1); got {tuple(t.shape)}")
+    flat = t.reshape(t.shape[0], channels).expand(batch, channels)
+    return flat if flat.stride(1) == 1 else flat.contiguous()
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.cache
+def _kernels() -> Any:
+    """The kernels, defined at first use (so that ``TRITON_INTERPRET`` set by then takes effect)."""
+    import triton
+    import triton.language as tl
+
+    # Triton compiles a variant per divisibility of each integer argument; only the channel count (the row stride,
+    # which decides vectorised loads) is worth one.
+    @triton.jit(do_not_specialize=["pixels", "rows", "parts"])
+    def stats(x_ptr, mean_ptr, m2_ptr, pixels, channels, rows, parts, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        part, cblock, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < channels
+        base = x_ptr + n.to(tl.int64) * pixels * channels
+        start = part * rows
+        end = tl.minimum(start + rows, pixels)
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for row in range(start, end, BLOCK_HW):
+            pix = row + tl.arange(0, BLOCK_HW)
+            rmask = pix < end
+            mask = rmask[:, None] & cmask[None, :]
+            offsets = pix[:, None].to(tl.int64) * channels + cols[None, :]
+            values = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+            tile_count = tl.sum(rmask.to(tl.float32), axis=0)
+            tile_mean = tl.sum(values, axis=0) / tile_count
+            dev = tl.where(mask, values - tile_mean[None, :], 0.0)
+            tile_m2 = tl.sum(dev * dev, axis=0)
+            total = count + tile_count
+            delta = tile_mean - mean
+            mean = mean + delta * (tile_count / total)
+            m2 = m2 + tile_m2 + delta * delta * (count * tile_count / total)
+            count = total
+        out = (n * parts + part) * channels + cols
+        tl.store(mean_ptr + out, mean, mask=cmask)
+        tl.store(m2_ptr + out, m2, mask=cmask)
+
+    @triton.jit(do_not_specialize=["pixels", "channels", "group_size", "rows", "parts", "scale_stride", "shift_stride"])
+    def finalize(
+        mean_ptr,
+        m2_ptr,
+        weight_ptr,
+        bias_ptr,
+        scale_ptr,
+        shift_ptr,
+        factor_ptr,
+        offset_ptr,
+        pixels,
+        channels,
+        group_size,
+        rows,
+        parts,
+        scale_stride,
+        shift_stride,
+        inv_numel,
+        eps,
+        MODULATED: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+    ):
+        group, n = tl.program_id(0), tl.program_id(1)
+        lane = tl.arange(0, BLOCK_G)
+        gmask = lane < group_size
+        chans = group * group_size + lane
+        # The group's mean: each part's channel means weighted by the part's pixel count.
+        acc = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)
+        for p0 in range(0, parts, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pmask = p < parts
+            weights = tl.minimum(tl.maximum(pixels - p * rows, 0), rows).to(tl.float32)
+            offsets = (n * parts + p[:, None]) * channels + chans[None, :]
+            mask = pmask[:, None] & gmask[None, :]
+            means = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
+            acc += means * weights[:, None]
+        group_mean = tl.sum(tl.sum(acc, axis=1), axis=0) * inv_numel
+        # Its sum of squared deviations: each part's own plus its mean's distance to the group's (Chan et al.).
+        acc = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)
+        for p0 in range(0, parts, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pmask = p < parts
+            weights = tl.minimum(tl.maximum(pixels - p * rows, 0), rows).to(tl.float32)
+            offsets = (n * parts + p[:, None]) * channels + chans[None, :]
+            mask = pmask[:, None] & gmask[None, :]
+            means = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
+            m2s = tl.load(m2_ptr + offsets, mask=mask, other=0.0)
+            dev = tl.where(mask, means - group_mean, 0.0)
+            acc += m2s + dev * dev * weights[:, None]
+        var = tl.sum(tl.sum(acc, axis=1), axis=0) * inv_numel
+        rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
+        gamma = tl.load(weight_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
+        beta = tl.load(bias_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
+        factor = gamma * rstd
+        offset = beta - group_mean * factor
+        if MODULATED:
+            scale = tl.load(scale_ptr + n * scale_stride + chans, mask=gmask, other=0.0).to(tl.float32)
+            shift = tl.load(shift_ptr + n * shift_stride + chans, mask=gmask, other=0.0).to(tl.float32)
+            factor = factor * scale
+            offset = offset * scale + shift
+        tl.store(factor_ptr + n * channels + chans, factor, mask=gmask)
+        tl.store(offset_ptr + n * channels + chans, offset, mask=gmask)
+
+    @triton.jit(do_not_specialize=["pixels"])
+    def apply(
+        x_ptr,
+        factor_ptr,
+        offset_ptr,
+        y_ptr,
+        pixels,
+        channels,
+        SILU: tl.constexpr,
+        BLOCK_HW: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        tile, cblock, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pix = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        cols = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < channels
+        mask = (pix < pixels)[:, None] & cmask[None, :]
+        offsets = n.to(tl.int64) * pixels * channels + pix[:, None].to(tl.int64) * channels + cols[None, :]
+        values = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        factor = tl.load(factor_ptr + n * channels + cols, mask=cmask, other=0.0)
+        offset = tl.load(offset_ptr + n * channels + cols, mask=cmask, other=0.0)
+        y = values * factor[None, :] + offset[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return types.SimpleNamespace(stats=stats, finalize=finalize, apply=apply)

@@ -1,0 +1,168 @@
+"""The opt-in Triton GroupNorm (``kandinsky22.models.norms``): its kernels against PyTorch's norm and a float64
+reference, the models with it against the reference library, and when it applies. Without a GPU the kernels run
+under Triton's interpreter (slow: the shapes stay small)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_movq import FOUR_LEVEL, reference_model
+from test_unet import THREE_LEVELS, build_reference, make_inputs
+from torch import nn
+
+from kandinsky22.models import norms
+from kandinsky22.models.movq import VQModel
+from kandinsky22.models.unet import UNet2DConditionModel
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # else under Triton's interpreter (tests/conftest.py)
+
+
+@pytest.fixture(autouse=True)
+def true_fp32(monkeypatch):
+    """On a GPU: fp32 convolutions and matmuls, not TF32, for the comparisons with the reference on the CPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def expected(x, groups, weight, bias, eps, scale_1=None, shift=None, silu=False):
+    """The norm and what follows, in float64."""
+    h = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
+    if scale_1 is not None:
+        h = h * scale_1.double() + shift.double()
+    return F.silu(h) if silu else h
+
+
+def inputs(batch, channels, height, width, dtype=torch.float32, offset=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, height, width, generator=g) * 2 + offset
+    weight, bias = 1 + 0.5 * torch.randn(channels, generator=g), 0.5 * torch.randn(channels, generator=g)
+    x = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    return x, weight.to(DEVICE, dtype), bias.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize(
+    "batch, channels, height, width, groups",
+    [
+        (2, 64, 8, 8, 32),  # 2 channels per group, one tile
+        (1, 96, 7, 5, 32),  # 3 per group (not a power of two), pixels not a whole tile
+        (2, 48, 20, 15, 4),  # 12 per group; several statistics parts
+        (3, 160, 3, 3, 8),  # channels over one 64-channel block, 20 per group across two blocks
+    ],
+)
+@pytest.mark.parametrize("modulated", [False, True])
+def test_matches_float64_reference(batch, channels, height, width, groups, modulated):
+    x, weight, bias = inputs(batch, channels, height, width)
+    g = torch.Generator().manual_seed(5)
+    scale_1 = (1 + 0.3 * torch.randn(batch, channels, 1, 1, generator=g)).to(DEVICE) if modulated else None
+    shift = torch.randn(1, channels, 1, 1, generator=g).to(DEVICE) if modulated else None  # broadcast over the batch
+    got = norms.group_norm_nhwc(x, groups, weight, bias, 1e-5, scale_1, shift, silu=modulated)
+    assert got.dtype == x.dtype and got.is_contiguous(memory_format=torch.channels_last)
+    want = expected(x, groups, weight, bias, 1e-5, scale_1, shift, silu=modulated)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_many_parts_and_loops(monkeypatch):
+    """Few statistics programs (each loops over many tiles) and a small finalize tile (it loops over the parts)."""
+    monkeypatch.setattr(norms, "_STATS_PROGRAMS", 2)
+    x, weight, bias = inputs(1, 32, 40, 36, offset=3.0)
+    few = norms.group_norm_nhwc(x, 8, weight, bias, 1e-6)
+    monkeypatch.setattr(norms, "_STATS_PROGRAMS", 4096)
+    monkeypatch.setattr(norms, "_FINALIZE_TILE", 8)
+    many = norms.group_norm_nhwc(x, 8, weight, bias, 1e-6)
+    want = expected(x, 8, weight, bias, 1e-6)
+    for got in (few, many):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_large_mean_is_stable():
+    """Activations far from zero (mean 1,000 × their spread): the variance comes from deviations, not E[x²] − E[x]²."""
+    x, weight, bias = inputs(2, 32, 12, 12, offset=2000.0)
+    got = norms.group_norm_nhwc(x, 8, weight, bias, 1e-5)
+    torch.testing.assert_close(got.double(), expected(x, 8, weight, bias, 1e-5), atol=5e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rounds_once(dtype):
+    """In half precision the result is the float64 one rounded once to the dtype (within one unit in the last place);
+    PyTorch's ops round after the norm, the modulation and the SiLU each."""
+    x, weight, bias = inputs(2, 64, 6, 10, dtype=dtype)
+    scale_1 = torch.full((2, 64, 1, 1), 1.5, device=DEVICE, dtype=dtype)
+    shift = torch.full((2, 64, 1, 1), -0.25, device=DEVICE, dtype=dtype)
+    got = norms.group_norm_nhwc(x, 32, weight, bias, 1e-5, scale_1, shift, silu=True)
+    assert got.dtype == dtype
+    want = expected(x, 32, weight, bias, 1e-5, scale_1, shift, silu=True)
+    ulp = torch.finfo(dtype).eps * want.abs().clamp_min(1.0)
+    assert ((got.double() - want).abs() <= ulp).all()
+
+
+def test_norm_act_uses_the_kernels_only_where_they_apply(monkeypatch):
+    calls = []
+    real = norms.group_norm_nhwc
+    monkeypatch.setattr(norms, "group_norm_nhwc", lambda *a, **k: calls.append(1) or real(*a, **k))
+    norm = nn.GroupNorm(4, 16).to(DEVICE)
+    x = torch.randn(2, 16, 4, 4, device=DEVICE)
+    last = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = norms.norm_act(norm, last, silu=True)  # not switched on
+        assert norms.use_triton_norms(norm) == 1
+        nchw = norms.norm_act(norm, x, silu=True)  # PyTorch's layout: PyTorch's norm
+        fused = norms.norm_act(norm, last, silu=True)
+    assert len(calls) == 1
+    with_grad = norms.norm_act(norm, last, silu=True)  # autograd on the weights: PyTorch's, which has a backward
+    assert len(calls) == 1 and with_grad.requires_grad
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nchw, plain, atol=1e-6, rtol=1e-6)
+    assert norms.use_triton_norms(norm, enabled=False) == 1
+    with torch.no_grad():
+        norms.norm_act(norm, last)
+    assert len(calls) == 1
+
+
+def test_use_triton_norms_without_triton(monkeypatch):
+    monkeypatch.setattr(norms, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match="triton"):
+        norms.use_triton_norms(nn.GroupNorm(2, 4))
+    assert norms.use_triton_norms(nn.GroupNorm(2, 4), enabled=False) == 1  # switching off needs nothing
+
+
+def test_bad_modulation_is_a_clear_error():
+    x, weight, bias = inputs(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="scale_1 must be"):
+        norms.group_norm_nhwc(x, 4, weight, bias, 1e-5, torch.ones(3, 8, 1, 1), torch.zeros(3, 8, 1, 1))
+    with pytest.raises(ValueError, match="come together"):
+        norms.group_norm_nhwc(x, 4, weight, bias, 1e-5, torch.ones(2, 8, 1, 1), None)
+    with pytest.raises(ValueError, match="do not split"):
+        norms.group_norm_nhwc(x, 3, weight, bias, 1e-5)
+
+
+def test_unet_with_triton_norms_matches_reference(tmp_path):
+    """Every norm of the UNet (resnets with their time modulation, attentions, the output norm) through the kernels,
+    channels_last, against the reference library's model."""
+    reference = build_reference(THREE_LEVELS)
+    reference.save_pretrained(tmp_path)
+    ours = UNet2DConditionModel.from_pretrained(tmp_path).to(DEVICE, memory_format=torch.channels_last)
+    assert norms.use_triton_norms(ours) == sum(isinstance(m, nn.GroupNorm) for m in ours.modules())
+    sample, cond = make_inputs(THREE_LEVELS, batch=2, height=8, width=12)
+    timestep = torch.tensor([1, 999])
+    with torch.no_grad():
+        want = reference(sample, timestep, None, added_cond_kwargs=cond).sample
+        got = ours(sample.to(DEVICE, memory_format=torch.channels_last), timestep.to(DEVICE), added_cond_kwargs=cond)
+    torch.testing.assert_close(got.sample.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_movq_decode_with_triton_norms_matches_reference(tmp_path):
+    """MoVQ's spatial norms (the group norm inside them) through the kernels, channels_last."""
+    reference = reference_model(FOUR_LEVEL, tmp_path)
+    ours = VQModel.from_pretrained(tmp_path).to(DEVICE, memory_format=torch.channels_last)
+    norms.use_triton_norms(copy.deepcopy(ours))  # switches the copy's norms only
+    assert not any(getattr(m, "triton_norm", False) for m in ours.modules())
+    norms.use_triton_norms(ours)
+    latents = torch.randn(1, FOUR_LEVEL["latent_channels"], 4, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = reference.decode(latents, force_not_quantize=True).sample
+        got = ours.decode(latents.to(DEVICE, memory_format=torch.channels_last), force_not_quantize=True).sample
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
