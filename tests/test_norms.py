@@ -13,7 +13,7 @@ from test_movq import FOUR_LEVEL, reference_model
 from test_unet import THREE_LEVELS, build_reference, make_inputs
 from torch import nn
 
-from kandinsky22.models import norms
+from kandinsky22.models import movq, norms
 from kandinsky22.models.movq import VQModel
 from kandinsky22.models.unet import UNet2DConditionModel
 
@@ -99,6 +99,23 @@ def test_half_precision_rounds_once(dtype):
     assert ((got.double() - want).abs() <= ulp).all()
 
 
+@pytest.mark.parametrize("factors", [(1, 1), (2, 4)])
+def test_spatial_modulation_matches_float64_reference(factors):
+    """MoVQ's spatial norm: scale and shift maps at the latents' size, each pixel repeated over a block."""
+    fh, fw = factors
+    x, weight, bias = inputs(2, 64, 3 * fh, 5 * fw)
+    g = torch.Generator().manual_seed(7)
+    scale, shift = (torch.randn(2, 64, 3, 5, generator=g).to(DEVICE) for _ in range(2))
+    got = norms.group_norm_nhwc(x, 32, weight, bias, 1e-6, silu=True, spatial=(scale, shift))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    big = [t.repeat_interleave(fh, dim=2).repeat_interleave(fw, dim=3) for t in (scale, shift)]
+    want = expected(x, 32, weight, bias, 1e-6, *big, silu=True)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="spatial scale and shift"):
+        four_rows = torch.zeros(2, 64, 4, 5, device=DEVICE)  # 4 does not divide the 3·fh rows
+        norms.group_norm_nhwc(x, 32, weight, bias, 1e-6, spatial=(four_rows, four_rows))
+
+
 def test_norm_act_uses_the_kernels_only_where_they_apply(monkeypatch):
     calls = []
     real = norms.group_norm_nhwc
@@ -154,8 +171,13 @@ def test_unet_with_triton_norms_matches_reference(tmp_path):
     torch.testing.assert_close(got.sample.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
-def test_movq_decode_with_triton_norms_matches_reference(tmp_path):
-    """MoVQ's spatial norms (the group norm inside them) through the kernels, channels_last."""
+def test_movq_decode_with_triton_norms_matches_reference(tmp_path, monkeypatch):
+    """MoVQ's spatial norms through the kernels (the modulation and the SiLU folded in), channels_last."""
+    spatial_calls = []
+    real = movq.group_norm_nhwc
+    monkeypatch.setattr(
+        movq, "group_norm_nhwc", lambda *a, **k: spatial_calls.append(k["spatial"] is not None) or real(*a, **k)
+    )
     reference = reference_model(FOUR_LEVEL, tmp_path)
     ours = VQModel.from_pretrained(tmp_path).to(DEVICE, memory_format=torch.channels_last)
     norms.use_triton_norms(copy.deepcopy(ours))  # switches the copy's norms only
@@ -166,3 +188,4 @@ def test_movq_decode_with_triton_norms_matches_reference(tmp_path):
         want = reference.decode(latents, force_not_quantize=True).sample
         got = ours.decode(latents.to(DEVICE, memory_format=torch.channels_last), force_not_quantize=True).sample
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+    assert len(spatial_calls) >= 10 and all(spatial_calls)  # every decoder norm is a spatial norm

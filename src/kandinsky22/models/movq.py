@@ -21,7 +21,7 @@ from torch import nn
 
 from ..loading import Config, ModelMixin
 from .layers import FusibleProjections, UpsampleConv2d
-from .norms import norm_act
+from .norms import group_norm_nhwc, norm_act, uses_triton
 
 ENCODER_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 DECODER_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -52,22 +52,29 @@ class SpatialNorm(nn.Module):
         self.conv_y = nn.Conv2d(zq_channels, channels, 1)
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        """``norm(x) * conv_y(zq') + conv_b(zq')``, zq' being ``zq`` resized (nearest) to ``x``'s size."""
+    def forward(self, x: torch.Tensor, zq: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        """``norm(x) * conv_y(zq') + conv_b(zq')``, zq' being ``zq`` resized (nearest) to ``x``'s size; then SiLU if
+        ``silu``."""
         (height, width), (zq_height, zq_width) = x.shape[-2:], zq.shape[-2:]
         fh, fw = height // zq_height, width // zq_width
         if fh * zq_height != height or fw * zq_width != width or (fh & (fh - 1)) or (fw & (fw - 1)):
             zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
             # norm(x) * y + b in one pass
-            return torch.addcmul(self.conv_b(zq), norm_act(self.norm_layer, x), self.conv_y(zq))
+            h = torch.addcmul(self.conv_b(zq), norm_act(self.norm_layer, x), self.conv_y(zq))
+            return F.silu(h) if silu else h
         # Nearest resizing by a power-of-two factor repeats each latent pixel in an fh × fw block (exactly: the source
         # index i / f is exact in floating point). A 1x1 convolution commutes with that, so both run on the latents
         # and broadcast over each block: no full-size scale and shift maps are written and read back.
-        norm = norm_act(self.norm_layer, x)
-        norm = norm.unflatten(3, (zq_width, fw)).unflatten(2, (zq_height, fh))  # (B, C, h, fh, w, fw)
-        scale = self.conv_y(zq)[:, :, :, None, :, None]
-        shift = self.conv_b(zq)[:, :, :, None, :, None]
-        return torch.addcmul(shift, norm, scale).flatten(4, 5).flatten(2, 3)
+        scale, shift = self.conv_y(zq), self.conv_b(zq)
+        if uses_triton(self.norm_layer, x):  # the norm, the modulation and the SiLU in one pass over x's pixels
+            norm = self.norm_layer
+            return group_norm_nhwc(
+                x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu, spatial=(scale, shift)
+            )
+        norm = self.norm_layer(x).unflatten(3, (zq_width, fw)).unflatten(2, (zq_height, fh))  # (B, C, h, fh, w, fw)
+        scale, shift = scale[:, :, :, None, :, None], shift[:, :, :, None, :, None]
+        h = torch.addcmul(shift, norm, scale).flatten(4, 5).flatten(2, 3)
+        return F.silu(h) if silu else h
 
 
 NormFactory = Callable[[int], nn.Module]  # channels -> norm layer
@@ -81,8 +88,9 @@ def spatial_norm(zq_channels: int) -> NormFactory:
     return lambda channels: SpatialNorm(channels, zq_channels)
 
 
-def apply_norm(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> torch.Tensor:
-    return norm(x) if zq is None else norm(x, zq)
+def apply_norm(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, silu: bool = False) -> torch.Tensor:
+    """The encoder's group norm or the decoder's spatial norm of ``x``, then SiLU if ``silu``."""
+    return norm_act(norm, x, silu=silu) if zq is None else norm(x, zq, silu=silu)
 
 
 class ResnetBlock(nn.Module):
@@ -97,8 +105,8 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(apply_norm(self.norm1, x, zq)))
-        h = self.conv2(F.silu(apply_norm(self.norm2, h, zq)))
+        h = self.conv1(apply_norm(self.norm1, x, zq, silu=True))
+        h = self.conv2(apply_norm(self.norm2, h, zq, silu=True))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 
@@ -125,7 +133,7 @@ class SelfAttention(FusibleProjections):
         self.to_out = nn.Sequential(nn.Linear(channels, channels))
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.group_norm(x) if zq is None else self.spatial_norm(x, zq)
+        h = norm_act(self.group_norm, x) if zq is None else self.spatial_norm(x, zq)
         # One copy to (B, HW, C) rows, so each projection is a single GEMM with its bias (see AddedKVAttention).
         h = h.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
         q, k, v = (t.unsqueeze(1) for t in self.project("qkv", h))  # (B, 1, HW, C)
@@ -233,7 +241,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(apply_norm(self.conv_norm_out, x, None, silu=True))
 
 
 class Decoder(nn.Module):
@@ -264,7 +272,7 @@ class Decoder(nn.Module):
         x = self.mid_block(x, zq)
         for block in self.up_blocks:
             x = block(x, zq)  # each SpatialNorm brings zq to its feature map's size
-        return self.conv_out(F.silu(self.conv_norm_out(x, zq)))
+        return self.conv_out(self.conv_norm_out(x, zq, silu=True))
 
 
 class VectorQuantizer(nn.Module):

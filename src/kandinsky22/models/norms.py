@@ -1,14 +1,16 @@
 """GroupNorm followed by what the models do right after it, as one call: ``norm_act``.
 
 By default it runs PyTorch's ops, exactly as written out (``F.group_norm``, then the time modulation's
-``addcmul``, then ``F.silu``). Opt-in (``use_triton_norms``), on a CUDA tensor laid out channels_last and outside
+``addcmul``, then ``F.silu``). MoVQ's spatial norm (``movq.SpatialNorm``) calls the same kernels with its per-pixel
+scale and shift maps. Opt-in (``use_triton_norms``), on a CUDA tensor laid out channels_last and outside
 torch.compile, it runs three Triton kernels instead:
 
 1. partial statistics: each program takes a run of pixels and a block of channels and keeps a per-channel mean and
    sum of squared deviations (fp32, merged tile by tile with Chan's formula);
 2. per (sample, group): merges the partials into the group's mean and variance, and folds them with the norm's
    weight and bias and the time modulation ``(1 + scale, shift)`` into one fp32 factor and offset per channel;
-3. per pixel tile: ``y = x · factor + offset`` (then SiLU), written channels_last.
+3. per pixel tile: ``y = x · factor + offset`` (then MoVQ's spatial modulation, read at the latents' resolution,
+   then SiLU), written channels_last.
 
 PyTorch's CUDA GroupNorm works on NCHW only: for a channels_last input it copies to NCHW, normalises there and
 returns NCHW, which the next convolution copies back to channels_last; the modulation and the activation are one pass
@@ -67,12 +69,17 @@ def norm_act(
     silu: bool = False,
 ) -> torch.Tensor:
     """``norm(x)``, then ``· scale_1 + shift`` ((B, C, 1, 1) each, both or neither), then SiLU if ``silu``."""
-    if getattr(norm, "triton_norm", False) and not torch.compiler.is_compiling() and _triton_applies(norm, x):
+    if uses_triton(norm, x):
         return group_norm_nhwc(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale_1, shift, silu)
     h = norm(x)
     if scale_1 is not None:
         h = torch.addcmul(shift, h, scale_1)  # norm(h) * (1 + scale) + shift in one kernel
     return F.silu(h) if silu else h
+
+
+def uses_triton(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
+    """Whether ``norm`` on ``x`` runs the Triton kernels: switched on, not compiling, and they apply."""
+    return getattr(norm, "triton_norm", False) and not torch.compiler.is_compiling() and _triton_applies(norm, x)
 
 
 def _triton_applies(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
@@ -98,14 +105,33 @@ def group_norm_nhwc(
     scale_1: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     silu: bool = False,
+    spatial: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The three Triton kernels on a channels_last (N, C, H, W) ``x``; the result is channels_last, in ``x``'s dtype.
-    ``scale_1`` / ``shift``: (N or 1, C, 1, 1) time modulation applied after the norm's own affine."""
+    ``scale_1`` / ``shift``: (N or 1, C, 1, 1) time modulation applied after the norm's own affine.
+    ``spatial``: MoVQ's ``(scale, shift)`` maps (N, C, h, w), applied after the norm as if resized to (H, W) by
+    repeating each of their pixels in an (H / h) × (W / w) block (nearest resizing by whole factors)."""
     batch, channels, height, width = x.shape
     if channels % groups:
         raise ValueError(f"group norm: {channels} channels do not split into {groups} groups")
     if (scale_1 is None) != (shift is None):
         raise ValueError("group norm: scale_1 and shift come together")
+    if spatial is not None:
+        spatial_scale, spatial_shift = (t.contiguous(memory_format=torch.channels_last) for t in spatial)
+        small_h, small_w = spatial_scale.shape[-2:]
+        if (
+            spatial_scale.shape != spatial_shift.shape
+            or spatial_scale.shape[:2] != (batch, channels)
+            or height % small_h
+            or width % small_w
+        ):
+            raise ValueError(
+                f"group norm: spatial scale and shift must be ({batch}, {channels}, h, w) with h, w dividing "
+                f"{height}, {width}; got {tuple(spatial[0].shape)} and {tuple(spatial[1].shape)}"
+            )
+    else:
+        spatial_scale = spatial_shift = x  # not read
+        small_h, small_w = height, width
     kernels = _kernels()
     pixels = height * width
     out = torch.empty_like(x, memory_format=torch.channels_last)
@@ -158,7 +184,23 @@ def group_norm_nhwc(
     )
 
     kernels.apply[(-(-pixels // block_hw), channel_blocks, batch)](
-        x, factor, offset, out, pixels, channels, SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c
+        x,
+        factor,
+        offset,
+        spatial_scale,
+        spatial_shift,
+        out,
+        pixels,
+        channels,
+        width,
+        height // small_h,
+        width // small_w,
+        small_h * small_w,
+        small_w,
+        SPATIAL=spatial is not None,
+        SILU=silu,
+        BLOCK_HW=block_hw,
+        BLOCK_C=block_c,
     )
     return out
 
@@ -277,14 +319,22 @@ def _kernels() -> Any:
         tl.store(factor_ptr + n * channels + chans, factor, mask=gmask)
         tl.store(offset_ptr + n * channels + chans, offset, mask=gmask)
 
-    @triton.jit(do_not_specialize=["pixels"])
+    @triton.jit(do_not_specialize=["pixels", "width", "factor_h", "factor_w", "small_pixels", "small_w"])
     def apply(
         x_ptr,
         factor_ptr,
         offset_ptr,
+        spatial_scale_ptr,
+        spatial_shift_ptr,
         y_ptr,
         pixels,
         channels,
+        width,
+        factor_h,
+        factor_w,
+        small_pixels,
+        small_w,
+        SPATIAL: tl.constexpr,
         SILU: tl.constexpr,
         BLOCK_HW: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -299,6 +349,13 @@ def _kernels() -> Any:
         factor = tl.load(factor_ptr + n * channels + cols, mask=cmask, other=0.0)
         offset = tl.load(offset_ptr + n * channels + cols, mask=cmask, other=0.0)
         y = values * factor[None, :] + offset[None, :]
+        if SPATIAL:
+            small = (pix // width // factor_h) * small_w + (pix % width) // factor_w  # the pixel it repeats
+            small_offsets = n.to(tl.int64) * small_pixels * channels + small[:, None].to(tl.int64) * channels
+            small_offsets += cols[None, :]
+            scale = tl.load(spatial_scale_ptr + small_offsets, mask=mask, other=0.0).to(tl.float32)
+            shift = tl.load(spatial_shift_ptr + small_offsets, mask=mask, other=0.0).to(tl.float32)
+            y = y * scale + shift
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
