@@ -554,18 +554,19 @@ class Bench:
     def eager_triton_norms(self, size: int) -> None:
         """Our eager models with the UNet's and MoVQ's GroupNorms through the Triton kernels (``fast.use_triton_norms``:
         channels_last kept, modulation and SiLU folded in): end to end against our eager pipeline and the reference's,
-        alternating; the same with CUDA graphs on the UNet and prior (no host overhead left); the images against both
-        eager pipelines (the equality gate); the kernel profile and the stages. On the fast path's model copies, not
-        yet compiled, switched back after. On the CPU only under Triton's interpreter (TRITON_INTERPRET=1)."""
+        alternating; the images against both eager pipelines (the equality gate); the kernel profile and the stages.
+        On the fast path's model copies, not yet compiled, switched back after. Then, on CUDA, the fast path without
+        compilation (``compile_scope="none"``: fused projections and CUDA graphs) with the Triton norms, on fresh
+        copies: its warm-up and end to end against the reference's eager. On the CPU only under Triton's interpreter
+        (TRITON_INTERPRET=1)."""
         from kandinsky22 import fast
 
         pipe = self.fast_pipe
         pipe.to(self.device)  # as the pipelines lay their models out
         ours, ref = f"ours_eager_{size}", f"ref_eager_{size}"
-        norms_key, graphs_key = f"ours_triton_norms_e2e_{size}_bs1", f"ours_triton_norms_cuda_graphs_e2e_{size}_bs1"
+        norms_key, graphs_key = f"ours_triton_norms_e2e_{size}_bs1", f"ours_uncompiled_fast_triton_norms_e2e_{size}_bs1"
         ours_again, ref_again = f"ours_eager_again3_e2e_{size}_bs1", f"ref_eager_again3_e2e_{size}_bs1"
         self.results.put("triton_norms_switched", fast.use_triton_norms(pipe))
-        models = (pipe.decoder_pipe.unet, pipe.prior_pipe.prior)
         try:
             self.e2e({norms_key: pipe, ours_again: self.ours, ref_again: self.ref}, size)
             self.ratio(f"ratio_triton_norms_over_ref_eager_{size}", norms_key, ref_again)
@@ -574,18 +575,26 @@ class Bench:
             self.compare(f"equal_triton_norms_vs_ref_{size}", norms_key, ref)
             self.kernel_profile("eager_triton_norms", {"ours_triton_norms": pipe})
             self.stages("eager_triton_norms", {"ours_triton_norms": pipe})
-            if self.cuda:
-                for model in models:
-                    model._compiled_call_impl = fast.CudaGraphCall(model, model._call_impl)
-                self.e2e({graphs_key: pipe, ref_again: self.ref}, size)
-                self.ratio(f"ratio_triton_norms_cuda_graphs_over_ref_eager_{size}", graphs_key, ref_again)
-                self.compare(f"equal_triton_norms_cuda_graphs_vs_ref_{size}", graphs_key, ref)
         finally:
-            for model in models:
-                fast.drop_cuda_graphs(model)
             fast.use_triton_norms(pipe, enabled=False)
-            if self.cuda:
-                torch.cuda.empty_cache()
+        if not self.cuda:
+            return
+        components = self.ours.components
+        copies = {name: copy.deepcopy(components[name]) for name in ("unet", "movq", "prior_prior")}
+        uncompiled = kandinsky22.KandinskyV22CombinedPipeline(**{**components, **copies})
+        uncompiled.set_progress_bar_config(disable=True)
+        fast.use_triton_norms(uncompiled)
+        start = time.perf_counter()
+        warm = uncompiled.enable_fast_path(shapes=[(size, size, 1)], negative_prompts=False, compile_scope="none")
+        seconds = time.perf_counter() - start
+        self.results.put(f"ours_uncompiled_fast_triton_norms_warmup_{size}_bs1", rounded({"seconds": seconds, **warm}))
+        try:
+            self.e2e({graphs_key: uncompiled, ref_again: self.ref}, size)
+            self.ratio(f"ratio_uncompiled_fast_triton_norms_over_ref_eager_{size}", graphs_key, ref_again)
+            self.compare(f"equal_uncompiled_fast_triton_norms_vs_ref_{size}", graphs_key, ref)
+        finally:
+            del uncompiled, copies
+            torch.cuda.empty_cache()
 
     def unet_step(self, pipe: Any) -> tuple[Callable[[], Any], torch.Tensor]:
         """One UNet CFG step of ``pipe`` at ``--size`` (batch 2), called as its pipeline's loop calls it — ours with
@@ -1119,7 +1128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile-scope",
         choices=["blocks", "model"],
         default="blocks",
-        help="our fast path's compile_scope (default blocks); the full plan also measures the other one",
+        help="our fast path's compile_scope (default blocks); the full plan also measures the other one (the "
+        "uncompiled scope, none, is measured with the Triton norms, where Triton is there)",
     )
     args = parser.parse_args(argv)
     args.size = args.size or (128 if args.tiny else 768)

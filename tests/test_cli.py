@@ -324,6 +324,8 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
     assert parser.parse_args([]).warm_up is None  # serve() then takes 512x512 if --max-side allows it
     assert parser.parse_args(["--warm-up", "768x512, 1024X1024"]).warm_up == [(768, 512), (1024, 1024)]
     assert parser.parse_args(["--warm-up", "none"]).warm_up == []
+    assert parser.parse_args([]).compile_scope == "blocks"
+    assert parser.parse_args(["--compile-scope", "none"]).compile_scope == "none"
     for bad in ("512", "0x512", "512x", "99999x512", "512x512;768x768"):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(["--warm-up", bad])
@@ -342,11 +344,17 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.parametrize("negative", [[], ["--negative", "blurry"]], ids=["plain", "negative"])
+@pytest.mark.parametrize("scope", [None, "model", "none"])
 def test_fast_compiles_the_runs_shapes_when_the_models_load(
-    negative: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    negative: list[str],
+    scope: str | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     """--fast hands the engine the run's (height, width, images per call) to warm up, and the prior's doubled batch
-    only when a job has a negative prompt; a note says it compiles."""
+    only when a job has a negative prompt, in --compile-scope (default blocks); a note says it compiles, or, with
+    --compile-scope none, that it does not."""
     import PIL.Image
 
     from kandinsky22 import cli, jobs
@@ -354,16 +362,31 @@ def test_fast_compiles_the_runs_shapes_when_the_models_load(
     seen = []
 
     def fake_run(self, group, progress=None, cancel=None):
-        seen.append((self.fast, self.warm_up, self.negative_prompts))
+        seen.append((self.fast, self.warm_up, self.negative_prompts, self.compile_scope))
         return [jobs.Result(PIL.Image.new("RGB", (job.width, job.height)), job, {}) for job in group]
 
     monkeypatch.setattr(jobs.Engine, "run", fake_run)
     monkeypatch.setattr(jobs.Engine, "missing_models", lambda self, job: [])
     args = ["generate", "x", "--prior", str(tmp_path), "--decoder", str(tmp_path), "--fast"]
+    args += [] if scope is None else ["--compile-scope", scope]
     sizes = ["--width", "96", "--height", "64", "--num-images", "3", "--batch-size", "2", *negative]
     assert cli.main([*args, *sizes, "-o", str(tmp_path / "x.png")]) == 0
-    assert seen[0] == (True, [(64, 96, 1), (64, 96, 2)], bool(negative))
-    assert "fast path: compiling for 96x64 (1 per call), 96x64 (2 per call)" in capsys.readouterr().err
+    assert seen[0] == (True, [(64, 96, 1), (64, 96, 2)], bool(negative), scope or "blocks")
+    what = "preparing" if scope == "none" else "compiling for"
+    assert f"fast path: {what} 96x64 (1 per call), 96x64 (2 per call)" in capsys.readouterr().err
+
+
+def test_compile_scope_needs_fast_and_a_known_scope(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from kandinsky22 import cli, fast, jobs
+
+    assert jobs.COMPILE_SCOPES == fast.COMPILE_SCOPES  # the CLI's copy, kept without importing torch
+    args = ["generate", "x", "--prior", str(tmp_path), "--decoder", str(tmp_path), "-o", str(tmp_path / "x.png")]
+    assert cli.main([*args, "--compile-scope", "none"]) == 2
+    assert "error: --compile-scope none needs --fast" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--fast", "--compile-scope", "layers"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'layers'" in capsys.readouterr().err
 
 
 def test_compile_cache_sets_the_inductor_cache_folder(

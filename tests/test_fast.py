@@ -152,11 +152,12 @@ def _config(values: dict) -> dict:
 CALL = {"num_inference_steps": 3, "prior_num_inference_steps": 3, "height": 64, "width": 64, "output_type": "pt"}
 
 
-@pytest.mark.parametrize("scope", ["blocks", "model"])
+@pytest.mark.parametrize("scope", ["blocks", "model", "none"])
 def test_fast_path_gives_the_eager_images(scope: str) -> None:
     torch._dynamo.reset()  # graphs compiled by other tests (same code, same shapes) would serve these calls
     pipe = _pipeline()
     eager = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+    before = counters["stats"]["unique_graphs"]
     warm_up = pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope=scope)
     assert set(warm_up) == {"unet", "movq", "prior_prior"}
     blocks = {
@@ -170,16 +171,20 @@ def test_fast_path_gives_the_eager_images(scope: str) -> None:
         if scope == "model":  # the model is one graph (no CUDA graph on the CPU)
             assert module._compiled_call_impl is not None
             assert all(m._compiled_call_impl is None for m in inner)
-        else:  # each block is compiled, the model runs them from eager code
+        elif scope == "blocks":  # each block is compiled, the model runs them from eager code
             assert module._compiled_call_impl is None
             assert all(m._compiled_call_impl is not None for m in inner)
+        else:  # nothing is compiled
+            assert module._compiled_call_impl is None
+            assert all(m._compiled_call_impl is None for m in inner)
+    assert (counters["stats"]["unique_graphs"] == before) == (scope == "none")
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(m.fused_sizes for m in pipe.unet.modules() if isinstance(m, FusibleProjections))
     # The sub-pipelines share the modules, so they are on the fast path too; a second call changes nothing.
     assert pipe.decoder_pipe.unet is pipe.unet
     pipe.enable_fast_path(backend="eager", compile_scope=scope)
     with pytest.raises(ValueError, match="compile_scope"):
-        pipe.enable_fast_path(backend="eager", compile_scope="model" if scope == "blocks" else "blocks")
+        pipe.enable_fast_path(backend="eager", compile_scope="model" if scope != "model" else "blocks")
     compiled = counters["stats"]["unique_graphs"]
     fast = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
     # The warm-up's graphs serve the call (its 3 steps, not the warm-up's one, change no guarded stride or mode), and
@@ -406,7 +411,7 @@ def test_cuda_graph_call_keeps_the_most_recent_graphs(monkeypatch: pytest.Monkey
     assert [key[0][1][0][1][0][1] for key in call.replays] == [(3, 4), (1, 4)]
 
 
-@pytest.mark.parametrize("scope", ["blocks", "model"])
+@pytest.mark.parametrize("scope", ["blocks", "model", "none"])
 def test_warm_up_captures_the_graphs_the_pipeline_replays(scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast path as on CUDA (CUDA graphs for the UNet and the prior), with the CPU stand-in for the capture: the
     warm-up calls the models as the pipeline's loops do, so a call at a warmed-up shape captures nothing more."""
@@ -455,7 +460,7 @@ def test_warm_up_compiles_and_captures_where_the_caller_asked_for_neither(monkey
         assert pipe.unet._compiled_call_impl.captures == 1
 
 
-@pytest.mark.parametrize("scope", ["blocks", "model"])
+@pytest.mark.parametrize("scope", ["blocks", "model", "none"])
 @pytest.mark.parametrize("offload", ["model", "sequential"])
 def test_offloading_after_the_fast_path_drops_the_graphs(scope: str, offload: str, monkeypatch) -> None:
     torch._dynamo.reset()

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from kandinsky22 import __version__
 from kandinsky22.jobs import (
+    COMPILE_SCOPES,
     MAX_IMAGES,
     MAX_SEED,
     MAX_SIDE,
@@ -176,6 +177,13 @@ def _common_options() -> argparse.ArgumentParser:
         help="images per pipeline call (default 1: bit-exact --from-png re-runs)",
     )
     run.add_argument("--fast", action="store_true", help="use the pipelines' fast path where they have one")
+    run.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        help="with --fast: what it compiles: blocks (the default: each repeated block once per shape), model (each "
+        "model whole), none (nothing: fused projections and CUDA graphs only, ready in seconds instead of minutes, "
+        "slower steps; for a run too short to repay a compilation)",
+    )
     run.add_argument(
         "--compile-cache",
         metavar="DIR",
@@ -516,6 +524,9 @@ def apply_compile_cache(args: argparse.Namespace) -> None:
 
 def _run_jobs(args: argparse.Namespace) -> int:
     apply_compile_cache(args)
+    if args.compile_scope is not None and not args.fast:
+        raise UsageError(f"--compile-scope {args.compile_scope} needs --fast (it says what the fast path compiles)")
+    scope = args.compile_scope or "blocks"
     jobs, recipe = build_jobs(args)
     singles = [single for job in jobs for single in job.expand()]
     paths = plan_outputs(args.out, singles, args.overwrite)
@@ -543,11 +554,21 @@ def _run_jobs(args: argparse.Namespace) -> int:
     # the first step's progress bar; the prior's doubled batch only if a job has a negative prompt.
     shapes = sorted({(group[0].height, group[0].width, len(group)) for group in groups}) if args.fast else []
     negative = any(job.negative or job.negative_prior for job in singles)
-    engine = Engine(device=args.device, dtype=args.dtype, fast=args.fast, warm_up=shapes, negative_prompts=negative)
+    engine = Engine(
+        device=args.device,
+        dtype=args.dtype,
+        fast=args.fast,
+        warm_up=shapes,
+        negative_prompts=negative,
+        compile_scope=scope,
+    )
     _note(args, f"device {engine.device_name}, {engine.dtype_name}; seeds {', '.join(str(j.seed) for j in singles)}")
     if shapes:
         sizes = ", ".join(f"{width}x{height} ({n} per call)" for height, width, n in shapes)
-        _note(args, f"fast path: compiling for {sizes} as the models load (a minute or more per size on a GPU)")
+        if scope == "none":
+            _note(args, f"fast path: preparing {sizes} as the models load (no compilation; CUDA graphs on a GPU)")
+        else:
+            _note(args, f"fast path: compiling for {sizes} as the models load (a minute or more per size on a GPU)")
     bars = StageBars(enabled=not args.quiet)
     index = {id(job): i for i, job in enumerate(singles)}
     records: list[dict[str, Any] | None] = [None] * len(singles)

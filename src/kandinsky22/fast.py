@@ -10,7 +10,9 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   ``"blocks"`` (the default) compiles each repeated block (the UNet's resnets and attentions, MoVQ's resnets and
   attentions, the prior's transformer blocks) as a graph of its own, and blocks of one structure and shape share one
   compilation: the warm-up generates code for the distinct blocks only. ``"model"`` compiles each model as one graph
-  (Inductor may fuse across block boundaries; the warm-up generates code for every block).
+  (Inductor may fuse across block boundaries; the warm-up generates code for every block). ``"none"`` compiles
+  nothing: the rest of the fast path (layout, fused projections, CUDA graphs) with a warm-up of seconds, for a
+  process that cannot wait for compilation; it keeps the eager kernels, so it is slower than a compiled scope.
 * **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide.
 * **CUDA graphs** for the UNet and the prior on CUDA (``CudaGraphCall``): the whole denoising step, ~700 kernels
   with the glue between the blocks, is captured once per input shape and replayed with one launch, so no Python runs
@@ -49,7 +51,7 @@ from kandinsky22.models.movq import VQModel
 from kandinsky22.models.prior import PriorTransformer
 from kandinsky22.models.unet import UNet2DConditionModel
 
-COMPILE_SCOPES = ("blocks", "model")
+COMPILE_SCOPES = ("blocks", "model", "none")
 # The repeated blocks of each model, compiled one by one with compile_scope="blocks".
 BLOCKS: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
     UNet2DConditionModel: (ResnetBlock2D, AddedKVAttention),
@@ -85,7 +87,8 @@ def enable_fast_path(
     ``negative_prompts``: also warm the prior up for twice the images (a negative prompt runs it on both prompts in
     one batch); without it the first call with a negative prompt compiles that batch size.
     ``compile_scope``: "blocks" (each repeated block compiled on its own, shared by the blocks of one structure and
-    shape: the shorter warm-up) or "model" (each model as one graph).
+    shape: the shorter warm-up), "model" (each model as one graph) or "none" (no compilation: the layout, the fused
+    projections and the CUDA graphs only).
     """
     targets = _shape_list(shapes)
     if compile_scope not in COMPILE_SCOPES:
@@ -194,7 +197,7 @@ def _prepare(model: nn.Module, backend: str, offloaded: bool, scope: str) -> Non
     target = model.decoder if isinstance(model, VQModel) else model
     if scope == "model":
         _compile(target, backend)
-    else:
+    elif scope == "blocks":
         blocks = BLOCKS[next(kind for kind in BLOCKS if isinstance(model, kind))]
         for module in target.modules():
             if isinstance(module, blocks):

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 TASKS = ("text2img", "img2img", "inpaint", "mix", "depth")
 SCHEDULERS = ("ddpm", "ddim", "dpm++", "dpm++-karras", "euler", "euler-a", "unipc")
+# kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
+COMPILE_SCOPES = ("blocks", "model", "none")
 
 PRIOR_REPO = "kandinsky-community/kandinsky-2-2-prior"
 DECODER_REPO = "kandinsky-community/kandinsky-2-2-decoder"
@@ -448,8 +450,8 @@ class Engine:
     """Loads the pipelines jobs need (cached: one prior, ``max_decoders`` decoder repositories) and runs jobs.
 
     One run or load at a time (a re-entrant lock), so the server can share one engine between threads.
-    ``fast=True`` calls ``enable_fast_path(shapes=warm_up, backend=compile_backend, negative_prompts=...)`` on every
-    pipeline that has one: ``warm_up`` lists the ``(height, width, images_per_call)`` compiled when a pipeline loads. With
+    ``fast=True`` calls ``enable_fast_path(shapes=warm_up, backend=compile_backend, negative_prompts=...,
+    compile_scope=...)`` on every pipeline that has one: ``warm_up`` lists the ``(height, width, images_per_call)`` compiled when a pipeline loads. With
     ``compile_new_shapes=False`` (the server) any other shape runs eagerly instead of compiling — a compilation takes a
     minute or more on full-size models, during which every queued request would wait.
     """
@@ -464,7 +466,10 @@ class Engine:
         compile_new_shapes: bool = True,
         compile_backend: str = "inductor",
         negative_prompts: bool = True,
+        compile_scope: str = "blocks",
     ) -> None:
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}; got {compile_scope!r}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.fast = fast
@@ -472,6 +477,7 @@ class Engine:
         self.warm_up = list(warm_up)
         self.compile_new_shapes = compile_new_shapes
         self.compile_backend = compile_backend
+        self.compile_scope = compile_scope
         self.negative_prompts = negative_prompts
         self.warm_up_seconds = 0.0
         self.max_decoders = max_decoders
@@ -502,7 +508,10 @@ class Engine:
         if self.fast and hasattr(pipe, "enable_fast_path"):
             started = time.perf_counter()
             pipe.enable_fast_path(
-                shapes=self.warm_up, backend=self.compile_backend, negative_prompts=self.negative_prompts
+                shapes=self.warm_up,
+                backend=self.compile_backend,
+                negative_prompts=self.negative_prompts,
+                compile_scope=self.compile_scope,
             )
             self.warm_up_seconds += time.perf_counter() - started
             self.fast_applied = True

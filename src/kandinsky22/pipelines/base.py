@@ -403,8 +403,9 @@ class Pipeline:
 
         ``shapes``: ``(height, width)`` or ``(height, width, images_per_call)`` to compile now rather than on first
         use; ``negative_prompts=False`` skips warming the prior up for the doubled batch a negative prompt gives.
-        ``compile_scope``: "blocks" (each repeated block compiled once per structure and shape: the shorter warm-up)
-        or "model" (each model as one graph). Returns the warm-up seconds per component.
+        ``compile_scope``: "blocks" (each repeated block compiled once per structure and shape: the shorter warm-up),
+        "model" (each model as one graph) or "none" (no compilation: channels_last, fused projections and CUDA graphs
+        only, warmed up in seconds). Returns the warm-up seconds per component.
         """
         return fast.enable_fast_path(self, shapes, backend, negative_prompts, compile_scope)
 

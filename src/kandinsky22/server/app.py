@@ -76,6 +76,7 @@ class ServerConfig:
     # when batch_invariant). Other sizes and batch sizes run eagerly rather than stall the queue while compiling.
     warm_up: list[tuple[int, int]] = field(default_factory=lambda: [(512, 512)])
     compile_backend: str = "inductor"  # torch.compile's backend for the fast path ("eager"/"aot_eager": trace only)
+    compile_scope: str = "blocks"  # what the fast path compiles: "blocks", "model" or "none" (CUDA graphs only)
     # torch.compile's cache folder in the process that loads the models (this one, or each Ray Serve replica); None:
     # torch's default. See kandinsky22.fast.use_compile_cache.
     compile_cache: str | None = None
@@ -133,6 +134,7 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
             warm_up=[(height, width, n) for width, height in config.warm_up for n in batches],
             compile_new_shapes=False,
             compile_backend=config.compile_backend,
+            compile_scope=config.compile_scope,
         )
         # Load every repository now: the first request of a task must not stall everyone queued behind it for a load.
         # (Other tasks of a loaded repository only wrap its modules in another pipeline class, which is cheap.)

@@ -13,7 +13,15 @@ import os
 import socket
 import sys
 
-from kandinsky22.jobs import CONTROLNET_REPO, DECODER_REPO, INPAINT_REPO, MAX_SIDE, MAX_STEPS, PRIOR_REPO
+from kandinsky22.jobs import (
+    COMPILE_SCOPES,
+    CONTROLNET_REPO,
+    DECODER_REPO,
+    INPAINT_REPO,
+    MAX_SIDE,
+    MAX_STEPS,
+    PRIOR_REPO,
+)
 
 API_KEY_ENV = "KANDINSKY22_API_KEY"
 DEFAULT_PORT = 8000
@@ -87,6 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("inductor", "aot_eager", "eager"),
         default="inductor",
         help="torch.compile backend of the fast path (default inductor; the others only trace, for checks)",
+    )
+    models.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        default="blocks",
+        help="what the fast path compiles: blocks (default: each repeated block once per shape), model (each model "
+        "whole: a longer warm-up), none (nothing: fused projections and CUDA graphs only, ready in seconds, slower "
+        "steps)",
     )
     models.add_argument(
         "--compile-cache",
@@ -180,6 +196,7 @@ def serve(args: argparse.Namespace) -> int:
         fast=False if args.no_fast else True if args.fast else None,
         warm_up=warm_up,
         compile_backend=args.compile_backend,
+        compile_scope=args.compile_scope,
         compile_cache=args.compile_cache,
         batch_invariant=args.batch_invariant,
         api_key=api_key,
