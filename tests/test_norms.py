@@ -57,8 +57,12 @@ def inputs(batch, channels, height, width, dtype=torch.float32, offset=0.0, seed
 def test_matches_float64_reference(batch, channels, height, width, groups, modulated):
     x, weight, bias = inputs(batch, channels, height, width)
     g = torch.Generator().manual_seed(5)
-    scale_1 = (1 + 0.3 * torch.randn(batch, channels, 1, 1, generator=g)).to(DEVICE) if modulated else None
-    shift = torch.randn(1, channels, 1, 1, generator=g).to(DEVICE) if modulated else None  # broadcast over the batch
+    # as the UNet makes them: views of one projection (batch stride 2C); the shift here shared by the batch
+    scale_1, _ = (
+        (1 + 0.3 * torch.randn(batch, 2 * channels, generator=g)).to(DEVICE).unflatten(1, (2, -1, 1, 1)).unbind(1)
+    )
+    shift = torch.randn(1, channels, 1, 1, generator=g).to(DEVICE)
+    scale_1, shift = (scale_1, shift) if modulated else (None, None)
     got = norms.group_norm_nhwc(x, groups, weight, bias, 1e-5, scale_1, shift, silu=modulated)
     assert got.dtype == x.dtype and got.is_contiguous(memory_format=torch.channels_last)
     want = expected(x, groups, weight, bias, 1e-5, scale_1, shift, silu=modulated)

@@ -144,22 +144,21 @@ def group_norm_nhwc(
     target = max(1, _STATS_PROGRAMS // (batch * channel_blocks))
     rows = -(-max(1, -(-pixels // target)) // block_hw) * block_hw  # pixels per statistics program, whole tiles
     parts = -(-pixels // rows)
-    mean = torch.empty(batch, parts, channels, device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
+    mean, m2 = torch.empty(2, batch, parts, channels, device=x.device, dtype=torch.float32)  # one allocation
     kernels.stats[(parts, channel_blocks, batch)](
         x, mean, m2, pixels, channels, rows, parts, BLOCK_HW=block_hw, BLOCK_C=block_c
     )
 
-    factor = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
-    offset = torch.empty_like(factor)
+    factor, offset = torch.empty(2, batch, channels, device=x.device, dtype=torch.float32)
     group_size = channels // groups
     block_g = _next_power_of_2(group_size)
     modulated = scale_1 is not None
     if modulated:
-        scale_1 = _per_channel(scale_1, batch, channels, "scale_1")
-        shift = _per_channel(shift, batch, channels, "shift")
+        scale_1, scale_stride = _per_channel(scale_1, batch, channels, "scale_1")
+        shift, shift_stride = _per_channel(shift, batch, channels, "shift")
     else:
         scale_1 = shift = factor  # not read
+        scale_stride = shift_stride = 0
     kernels.finalize[(groups, batch)](
         mean,
         m2,
@@ -174,8 +173,8 @@ def group_norm_nhwc(
         group_size,
         rows,
         parts,
-        scale_1.stride(0),
-        shift.stride(0),
+        scale_stride,
+        shift_stride,
         1.0 / (pixels * group_size),
         eps,
         MODULATED=modulated,
@@ -205,12 +204,14 @@ def group_norm_nhwc(
     return out
 
 
-def _per_channel(t: torch.Tensor, batch: int, channels: int, name: str) -> torch.Tensor:
-    """A (N or 1, C, 1, 1) modulation as an (N, C) view with unit channel stride (the batch stride may be 0)."""
+def _per_channel(t: torch.Tensor, batch: int, channels: int, name: str) -> tuple[torch.Tensor, int]:
+    """A (N or 1, C, 1, 1) modulation with unit channel stride (the time modulations are already: no op is queued),
+    and its batch stride (0 for one row shared by the batch)."""
     if t.dim() != 4 or t.shape[2:] != (1, 1) or t.shape[1] != channels or t.shape[0] not in (1, batch):
         raise ValueError(f"group norm: {name} must be (N or 1, {channels}, 1, 1); got {tuple(t.shape)}")
-    flat = t.reshape(t.shape[0], channels).expand(batch, channels)
-    return flat if flat.stride(1) == 1 else flat.contiguous()
+    if t.stride(1) != 1 and channels > 1:
+        t = t.contiguous()
+    return t, t.stride(0) if t.shape[0] == batch and batch > 1 else 0
 
 
 def _next_power_of_2(n: int) -> int:
