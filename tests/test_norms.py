@@ -27,10 +27,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # else under Triton's i
 
 
 @pytest.fixture(autouse=True)
-def true_fp32(monkeypatch):
-    """On a GPU: fp32 convolutions and matmuls, not TF32, for the comparisons with the reference on the CPU."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def true_fp32():
+    """On a GPU: fp32 convolutions and matmuls, not TF32, for the comparisons with the reference on the CPU. (Set and
+    restored by hand: these flags are dynamic attributes, which pytest's monkeypatch cannot restore.)"""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 def expected(x, groups, weight, bias, eps, scale_1=None, shift=None, silu=False):

@@ -1,9 +1,9 @@
 """GroupNorm followed by what the models do right after it, as one call: ``norm_act``.
 
 By default it runs PyTorch's ops, exactly as written out (``F.group_norm``, then the time modulation's
-``addcmul``, then ``F.silu``). MoVQ's spatial norm (``movq.SpatialNorm``) calls the same kernels with its per-pixel
-scale and shift maps. Opt-in (``use_triton_norms``), on a CUDA tensor laid out channels_last and outside
-torch.compile, it runs three Triton kernels instead:
+``addcmul``, then ``F.silu``). Opt-in (``use_triton_norms``), on a CUDA tensor laid out channels_last and outside
+torch.compile, it runs three Triton kernels instead (kernels in ``norm_kernels``; MoVQ's spatial norm,
+``movq.SpatialNorm``, calls them with its per-pixel scale and shift maps):
 
 1. partial statistics: each program takes a run of pixels and a block of channels and keeps a per-channel mean and
    sum of squared deviations (fp32, merged tile by tile with Chan's formula);
