@@ -53,7 +53,7 @@ status=${PIPESTATUS[0]}
 if [ "${TESTS:-1}" = 0 ]; then
   echo "TESTS=0: CUDA-only tests not run" | tee -a "$LOG"
 elif python3 -c "import pytest" 2>/dev/null; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_schedulers_cuda.py tests/pipelines/test_offload_cuda.py \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_schedulers_cuda.py tests/pipelines/test_offload_cuda.py \
     tests/pipelines/test_fast_cuda.py tests/test_norms.py 2>&1 | tail -25 | tee -a "$LOG"
 else
   echo "pytest not importable here: CUDA-only tests not run (carry its wheels in .whl/ to run them)" | tee -a "$LOG"
