@@ -252,6 +252,10 @@ def test_kernels_compile_for_hopper_with_vector_loads():
     """Triton compiles every kernel variant for an H100/H200 (sm_90) without a GPU, in a process without the
     interpreter: the code generator accepts what the interpreter ran. With the channel count a multiple of 16 (as in
     every model here; Triton specialises on it at launch) the fp16 loads and stores are 128-bit vectors."""
+    import triton
+
+    if not triton.__version__.startswith("3.9."):  # ASTSource's arguments change between Triton releases
+        pytest.skip(f"written against Triton 3.9's compile API (CI pins 3.9.0); this is {triton.__version__}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when it is unset
     done = subprocess.run(
