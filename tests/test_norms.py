@@ -36,6 +36,13 @@ def true_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
+@pytest.fixture(params=["three_kernels", "one_kernel"])
+def path(request, monkeypatch):
+    """Both ways through the kernels: statistics, finalize and apply, or the one kernel of small groups."""
+    monkeypatch.setattr(norms, "_SMALL_GROUP", 0 if request.param == "three_kernels" else 10**9)
+    return request.param
+
+
 def expected(x, groups, weight, bias, eps, scale_1=None, shift=None, silu=False):
     """The norm and what follows, in float64."""
     h = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
@@ -62,7 +69,7 @@ def inputs(batch, channels, height, width, dtype=torch.float32, offset=0.0, seed
     ],
 )
 @pytest.mark.parametrize("modulated", [False, True])
-def test_matches_float64_reference(batch, channels, height, width, groups, modulated):
+def test_matches_float64_reference(batch, channels, height, width, groups, modulated, path):
     x, weight, bias = inputs(batch, channels, height, width)
     g = torch.Generator().manual_seed(5)
     # as the UNet makes them: views of one projection (batch stride 2C); the shift here shared by the batch
@@ -79,6 +86,7 @@ def test_matches_float64_reference(batch, channels, height, width, groups, modul
 
 def test_many_parts_and_loops(monkeypatch):
     """Few statistics programs (each loops over many tiles) and a small finalize tile (it loops over the parts)."""
+    monkeypatch.setattr(norms, "_SMALL_GROUP", 0)
     monkeypatch.setattr(norms, "_STATS_PROGRAMS", 2)
     x, weight, bias = inputs(1, 32, 40, 36, offset=3.0)
     few = norms.group_norm_nhwc(x, 8, weight, bias, 1e-6)
@@ -90,7 +98,7 @@ def test_many_parts_and_loops(monkeypatch):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
 
 
-def test_large_mean_is_stable():
+def test_large_mean_is_stable(path):
     """Activations far from zero (mean 1,000 × their spread): the variance comes from deviations, not E[x²] − E[x]²."""
     x, weight, bias = inputs(2, 32, 12, 12, offset=2000.0)
     got = norms.group_norm_nhwc(x, 8, weight, bias, 1e-5)
@@ -98,7 +106,7 @@ def test_large_mean_is_stable():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_rounds_once(dtype):
+def test_half_precision_rounds_once(dtype, path):
     """In half precision the result is the float64 one rounded once to the dtype (within one unit in the last place);
     PyTorch's ops round after the norm, the modulation and the SiLU each."""
     x, weight, bias = inputs(2, 64, 6, 10, dtype=dtype)
@@ -168,7 +176,7 @@ def test_bad_modulation_is_a_clear_error():
         norms.group_norm_nhwc(x, 3, weight, bias, 1e-5)
 
 
-def test_unet_with_triton_norms_matches_reference(tmp_path):
+def test_unet_with_triton_norms_matches_reference(tmp_path, path):
     """Every norm of the UNet (resnets with their time modulation, attentions, the output norm) through the kernels,
     channels_last, against the reference library's model."""
     reference = build_reference(THREE_LEVELS)
@@ -239,6 +247,13 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
     signature.update(small_pixels=ints, small_w=ints)
     signature.update(SPATIAL="constexpr", SILU="constexpr", BLOCK_HW="constexpr", BLOCK_C="constexpr")
     aligned = [name for name in signature if name.endswith("_ptr")] + ["channels"]
+    small = dict(x_ptr=half, weight_ptr=half, bias_ptr=half, scale_ptr=half, shift_ptr=half, y_ptr=half)
+    small.update({name: ints for name in ("pixels", "channels", "group_size", "scale_stride", "shift_stride")})
+    small.update(inv_numel="fp32", eps="fp32", MODULATED="constexpr", SILU="constexpr")
+    small.update(BLOCK_HW="constexpr", BLOCK_G="constexpr")
+    for modulated in (False, True):
+        constexprs = dict(MODULATED=modulated, SILU=True, BLOCK_HW=128, BLOCK_G=32)
+        compile_ptx(k.small, small, constexprs, ["x_ptr", "y_ptr", "channels"])
     for spatial in (False, True):
         constexprs = dict(SPATIAL=spatial, SILU=True, BLOCK_HW=64, BLOCK_C=64)
         ptx = compile_ptx(k.apply, signature, constexprs, aligned)

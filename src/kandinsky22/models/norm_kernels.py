@@ -146,3 +146,68 @@ def apply(
     if SILU:
         y = y * tl.sigmoid(y)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["pixels", "group_size", "scale_stride", "shift_stride"])
+def small(
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    y_ptr,
+    pixels,
+    channels,
+    group_size,
+    scale_stride,
+    shift_stride,
+    inv_numel,
+    eps,
+    MODULATED: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """The whole norm of one (sample, group) in one program, for small feature maps: the statistics in a first pass
+    over the group's pixels, the normalisation in a second (the group's few kilobytes are still in cache)."""
+    group, n = tl.program_id(0), tl.program_id(1)
+    lane = tl.arange(0, BLOCK_G)
+    gmask = lane < group_size
+    chans = group * group_size + lane
+    base = x_ptr + n.to(tl.int64) * pixels * channels
+    out = y_ptr + n.to(tl.int64) * pixels * channels
+    zero = tl.sum(tl.zeros([BLOCK_G], dtype=tl.float32), axis=0)
+    mean, m2, count = zero, zero, zero
+    for row in range(0, pixels, BLOCK_HW):
+        pix = row + tl.arange(0, BLOCK_HW)
+        mask = (pix < pixels)[:, None] & gmask[None, :]
+        offsets = pix[:, None].to(tl.int64) * channels + chans[None, :]
+        values = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+        tile_count = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
+        tile_mean = tl.sum(tl.sum(values, axis=1), axis=0) / tile_count
+        dev = tl.where(mask, values - tile_mean, 0.0)
+        tile_m2 = tl.sum(tl.sum(dev * dev, axis=1), axis=0)
+        total = count + tile_count
+        delta = tile_mean - mean
+        mean = mean + delta * (tile_count / total)
+        m2 = m2 + tile_m2 + delta * delta * (count * tile_count / total)
+        count = total
+    rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_numel, 0.0) + eps)
+    gamma = tl.load(weight_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
+    beta = tl.load(bias_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
+    factor = gamma * rstd
+    offset = beta - mean * factor
+    if MODULATED:
+        scale = tl.load(scale_ptr + n * scale_stride + chans, mask=gmask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + n * shift_stride + chans, mask=gmask, other=0.0).to(tl.float32)
+        factor = factor * scale
+        offset = offset * scale + shift
+    for row in range(0, pixels, BLOCK_HW):
+        pix = row + tl.arange(0, BLOCK_HW)
+        mask = (pix < pixels)[:, None] & gmask[None, :]
+        offsets = pix[:, None].to(tl.int64) * channels + chans[None, :]
+        values = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = values * factor[None, :] + offset[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(out + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -12,6 +12,9 @@ torch.compile, it runs three Triton kernels instead (kernels in ``norm_kernels``
 3. per pixel tile: ``y = x · factor + offset`` (then MoVQ's spatial modulation, read at the latents' resolution,
    then SiLU), written channels_last.
 
+A small group (``_SMALL_GROUP`` elements at most: the UNet's coarse levels) takes one kernel instead, a program per
+(sample, group) doing both passes.
+
 PyTorch's CUDA GroupNorm works on NCHW only: for a channels_last input it copies to NCHW, normalises there and
 returns NCHW, which the next convolution copies back to channels_last; the modulation and the activation are one pass
 each. The kernels read the input twice and write the output once, and launch three kernels where PyTorch launches
@@ -39,6 +42,9 @@ _TILE = 4096
 _STATS_PROGRAMS = 2048
 # Partial statistics the finalize kernel merges per loop iteration (parts × channels of the group).
 _FINALIZE_TILE = 2048
+# Elements per (sample, group) up to which one kernel does the whole norm, a program per (sample, group): the UNet's
+# two coarsest levels and its middle at 768² (576 pixels × 36 channels, 144 × 96 at most). One launch instead of three.
+_SMALL_GROUP = 32768
 
 
 def use_triton_norms(model: nn.Module, enabled: bool = True) -> int:
@@ -137,6 +143,37 @@ def group_norm_nhwc(
     if x.numel() == 0:
         return out
 
+    group_size = channels // groups
+    block_g = _next_power_of_2(group_size)
+    modulated = scale_1 is not None
+    if modulated:
+        scale_1, scale_stride = _per_channel(scale_1, batch, channels, "scale_1")
+        shift, shift_stride = _per_channel(shift, batch, channels, "shift")
+    else:
+        scale_1 = shift = x  # not read
+        scale_stride = shift_stride = 0
+    if spatial is None and pixels * group_size <= _SMALL_GROUP:
+        kernels.small[(groups, batch)](
+            x,
+            weight,
+            bias,
+            scale_1,
+            shift,
+            out,
+            pixels,
+            channels,
+            group_size,
+            scale_stride,
+            shift_stride,
+            1.0 / (pixels * group_size),
+            eps,
+            MODULATED=modulated,
+            SILU=silu,
+            BLOCK_HW=max(1, _TILE // block_g),
+            BLOCK_G=block_g,
+        )
+        return out
+
     block_c = min(_next_power_of_2(channels), 64)
     block_hw = _TILE // block_c
     channel_blocks = -(-channels // block_c)
@@ -149,15 +186,6 @@ def group_norm_nhwc(
     )
 
     factor, offset = torch.empty(2, batch, channels, device=x.device, dtype=torch.float32)
-    group_size = channels // groups
-    block_g = _next_power_of_2(group_size)
-    modulated = scale_1 is not None
-    if modulated:
-        scale_1, scale_stride = _per_channel(scale_1, batch, channels, "scale_1")
-        shift, shift_stride = _per_channel(shift, batch, channels, "shift")
-    else:
-        scale_1 = shift = factor  # not read
-        scale_stride = shift_stride = 0
     kernels.finalize[(groups, batch)](
         mean,
         m2,
