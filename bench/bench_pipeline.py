@@ -1029,12 +1029,14 @@ class Bench:
         self.results.put("total_s", round(time.perf_counter() - START, 1))
 
     def followup(self, size: int, cheap: float) -> None:
-        """A shorter plan for a second device call: equality and the eager measurements (layouts, kernel profile),
-        then the 4-image compiled pair, each side compiled for 4 images straight away (one compilation each, not the
-        1-image one first)."""
+        """A shorter plan for a second device call: equality and the eager measurements (layouts, CUDA graphs alone,
+        the Triton norms, kernel profile), then the 4-image compiled pair, each side compiled for 4 images straight
+        away (one compilation each, not the 1-image one first)."""
         self.section("equality", cheap, self.equality)
         self.section("eager", cheap, lambda: self.eager(size))
         self.section("eager_layouts", cheap, lambda: self.eager_layouts(size))
+        if self.cuda:
+            self.section("eager_graphs", cheap, lambda: self.eager_graphs(size))
         if self.triton_norms:
             self.section("eager_triton_norms", 3 * cheap, lambda: self.eager_triton_norms(size))
         self.section(
@@ -1121,8 +1123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plan",
         choices=["full", "followup"],
         default="full",
-        help="full: every measurement (see above); followup: equality, the eager layouts and kernel profile, and the "
-        "4-image compiled pair only (a second device call)",
+        help="full: every measurement (see above); followup: equality, the eager measurements (layouts, CUDA graphs, "
+        "Triton norms, kernel profile) and the 4-image compiled pair only (a second device call)",
     )
     parser.add_argument(
         "--compile-scope",
