@@ -153,6 +153,10 @@ def test_norm_act_uses_the_kernels_only_where_they_apply(monkeypatch):
     assert len(calls) == 1 and with_grad.requires_grad
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(nchw, plain, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        elsewhere = nn.GroupNorm(4, 16).to("meta")  # as under sequential offloading: weights not where x is
+        norms.use_triton_norms(elsewhere)
+        assert norms.uses_triton(norm, last) and not norms.uses_triton(elsewhere, last)
     assert norms.use_triton_norms(norm, enabled=False) == 1
     with torch.no_grad():
         norms.norm_act(norm, last)

@@ -93,6 +93,8 @@ def _triton_applies(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
         and norm.affine
+        # sequential offloading moves a norm's weights to x's device in a hook on its forward, which the kernels skip
+        and norm.weight.device == x.device
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
     )
 
