@@ -50,7 +50,8 @@ _SMALL_GROUP = 32768
 def use_triton_norms(model: nn.Module, enabled: bool = True) -> int:
     """Run ``model``'s GroupNorms through the Triton kernels (when they apply: CUDA, channels_last, not compiling)
     or, with ``enabled=False``, through PyTorch again; returns how many norms were switched. Raises ``ValueError``
-    when Triton is not installed."""
+    when Triton is not installed. Where the kernels run, the norm modules' own forward hooks do not (the kernels read
+    their weights directly); a norm whose weights are not on the input's device runs PyTorch's norm."""
     if enabled and not triton_available():
         raise ValueError("use_triton_norms needs the triton package (it comes with PyTorch's CUDA builds)")
     count = 0
