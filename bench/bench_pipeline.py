@@ -958,13 +958,7 @@ class Bench:
             self.followup(size, cheap)
             self.results.put("total_s", round(time.perf_counter() - START, 1))
             return
-        self.section("equality", cheap, self.equality)
-        self.section("eager", cheap, lambda: self.eager(size))
-        self.section("eager_layouts", cheap, lambda: self.eager_layouts(size))
-        if self.cuda:
-            self.section("eager_graphs", cheap, lambda: self.eager_graphs(size))
-        if self.triton_norms:
-            self.section("eager_triton_norms", 3 * cheap, lambda: self.eager_triton_norms(size))
+        self.eager_sections(size, cheap)
         self.section("flops", 2, self.flops)
         self.section("stages_eager", cheap, lambda: self.stages("eager", {"ours": self.ours, "ref": self.ref}))
         self.section(
@@ -1028,10 +1022,9 @@ class Bench:
             self.section(f"fast_{other}", 0.8 * self.estimates["fast_warmup"] + cheap, fast_other)
         self.results.put("total_s", round(time.perf_counter() - START, 1))
 
-    def followup(self, size: int, cheap: float) -> None:
-        """A shorter plan for a second device call: equality and the eager measurements (layouts, CUDA graphs alone,
-        the Triton norms, kernel profile), then the 4-image compiled pair, each side compiled for 4 images straight
-        away (one compilation each, not the 1-image one first)."""
+    def eager_sections(self, size: int, cheap: float) -> None:
+        """The start of both plans: equality, eager end to end, the eager layouts, then on CUDA the eager models with
+        CUDA graphs alone, and where Triton is there its norms."""
         self.section("equality", cheap, self.equality)
         self.section("eager", cheap, lambda: self.eager(size))
         self.section("eager_layouts", cheap, lambda: self.eager_layouts(size))
@@ -1039,6 +1032,12 @@ class Bench:
             self.section("eager_graphs", cheap, lambda: self.eager_graphs(size))
         if self.triton_norms:
             self.section("eager_triton_norms", 3 * cheap, lambda: self.eager_triton_norms(size))
+
+    def followup(self, size: int, cheap: float) -> None:
+        """A shorter plan for a second device call: equality and the eager measurements (layouts, CUDA graphs alone,
+        the Triton norms, kernel profile), then the 4-image compiled pair, each side compiled for 4 images straight
+        away (one compilation each, not the 1-image one first)."""
+        self.eager_sections(size, cheap)
         self.section(
             "kernel_profile_eager", cheap, lambda: self.kernel_profile("eager", {"ours": self.ours, "ref": self.ref})
         )

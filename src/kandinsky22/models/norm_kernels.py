@@ -49,6 +49,35 @@ def _parts(p0, n, parts, pixels, rows, channels, chans, gmask, BLOCK_P: tl.const
     return offsets, mask, weights
 
 
+@triton.jit
+def _fold(
+    weight_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    n,
+    scale_stride,
+    shift_stride,
+    chans,
+    gmask,
+    mean,
+    rstd,
+    MODULATED: tl.constexpr,
+):
+    """The per-channel factor and offset of ``y = x · factor + offset``: the group's statistics, the norm's weight
+    and bias, and (``MODULATED``) the time modulation ``(1 + scale, shift)``, in fp32."""
+    gamma = tl.load(weight_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
+    beta = tl.load(bias_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
+    factor = gamma * rstd
+    offset = beta - mean * factor
+    if MODULATED:
+        scale = tl.load(scale_ptr + n * scale_stride + chans, mask=gmask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + n * shift_stride + chans, mask=gmask, other=0.0).to(tl.float32)
+        factor = factor * scale
+        offset = offset * scale + shift
+    return factor, offset
+
+
 @triton.jit(do_not_specialize=["pixels", "channels", "group_size", "rows", "parts", "scale_stride", "shift_stride"])
 def finalize(
     mean_ptr,
@@ -93,15 +122,20 @@ def finalize(
         acc += m2s + dev * dev * weights[:, None]
     var = tl.sum(tl.sum(acc, axis=1), axis=0) * inv_numel
     rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
-    gamma = tl.load(weight_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
-    beta = tl.load(bias_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
-    factor = gamma * rstd
-    offset = beta - group_mean * factor
-    if MODULATED:
-        scale = tl.load(scale_ptr + n * scale_stride + chans, mask=gmask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + n * shift_stride + chans, mask=gmask, other=0.0).to(tl.float32)
-        factor = factor * scale
-        offset = offset * scale + shift
+    factor, offset = _fold(
+        weight_ptr,
+        bias_ptr,
+        scale_ptr,
+        shift_ptr,
+        n,
+        scale_stride,
+        shift_stride,
+        chans,
+        gmask,
+        group_mean,
+        rstd,
+        MODULATED,
+    )
     tl.store(factor_ptr + n * channels + chans, factor, mask=gmask)
     tl.store(offset_ptr + n * channels + chans, offset, mask=gmask)
 
@@ -193,15 +227,9 @@ def small(
         m2 = m2 + tile_m2 + delta * delta * (count * tile_count / total)
         count = total
     rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_numel, 0.0) + eps)
-    gamma = tl.load(weight_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
-    beta = tl.load(bias_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
-    factor = gamma * rstd
-    offset = beta - mean * factor
-    if MODULATED:
-        scale = tl.load(scale_ptr + n * scale_stride + chans, mask=gmask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + n * shift_stride + chans, mask=gmask, other=0.0).to(tl.float32)
-        factor = factor * scale
-        offset = offset * scale + shift
+    factor, offset = _fold(
+        weight_ptr, bias_ptr, scale_ptr, shift_ptr, n, scale_stride, shift_stride, chans, gmask, mean, rstd, MODULATED
+    )
     for row in range(0, pixels, BLOCK_HW):
         pix = row + tl.arange(0, BLOCK_HW)
         mask = (pix < pixels)[:, None] & gmask[None, :]
