@@ -181,7 +181,7 @@ def _common_options() -> argparse.ArgumentParser:
         "--compile-scope",
         choices=COMPILE_SCOPES,
         help="with --fast: what it compiles: blocks (the default: each repeated block once per shape), model (each "
-        "model whole), none (nothing: fused projections and CUDA graphs only, ready in seconds instead of minutes, "
+        "model whole), none (nothing: fused projections and CUDA graphs only, no compilation in the warm-up, "
         "slower steps; for a run too short to repay a compilation)",
     )
     run.add_argument(

@@ -11,8 +11,8 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   attentions, the prior's transformer blocks) as a graph of its own, and blocks of one structure and shape share one
   compilation: the warm-up generates code for the distinct blocks only. ``"model"`` compiles each model as one graph
   (Inductor may fuse across block boundaries; the warm-up generates code for every block). ``"none"`` compiles
-  nothing: the rest of the fast path (layout, fused projections, CUDA graphs) with a warm-up of seconds, for a
-  process that cannot wait for compilation; it keeps the eager kernels, so it is slower than a compiled scope.
+  nothing: the rest of the fast path (layout, fused projections, CUDA graphs), its warm-up only graph captures and
+  cuDNN's autotuning, for a process that cannot wait for compilation; it keeps the eager kernels, so it is slower than a compiled scope.
 * **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide.
 * **CUDA graphs** for the UNet and the prior on CUDA (``CudaGraphCall``): the whole denoising step, ~700 kernels
   with the glue between the blocks, is captured once per input shape and replayed with one launch, so no Python runs

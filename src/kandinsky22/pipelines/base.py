@@ -405,7 +405,7 @@ class Pipeline:
         use; ``negative_prompts=False`` skips warming the prior up for the doubled batch a negative prompt gives.
         ``compile_scope``: "blocks" (each repeated block compiled once per structure and shape: the shorter warm-up),
         "model" (each model as one graph) or "none" (no compilation: channels_last, fused projections and CUDA graphs
-        only, warmed up in seconds). Returns the warm-up seconds per component.
+        only, nothing compiled at warm-up). Returns the warm-up seconds per component.
         """
         return fast.enable_fast_path(self, shapes, backend, negative_prompts, compile_scope)
 
