@@ -6,7 +6,7 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
 * **channels_last** weights for the convolutional models: cuDNN's and Inductor's fast convolutions are NHWC.
 * **Fused projections**: each attention's Q/K/V (and the UNet's added K/V) become one GEMM
   (``FusibleProjections``); the state dict keeps the official keys, so ``save_pretrained`` still writes them.
-* **torch.compile(fullgraph=True, dynamic=False)**, specialised to each shape it sees, in one of two scopes:
+* **torch.compile(fullgraph=True, dynamic=False)**, specialised to each shape it sees, in one of two scopes (or none):
   ``"blocks"`` (the default) compiles each repeated block (the UNet's resnets and attentions, MoVQ's resnets and
   attentions, the prior's transformer blocks) as a graph of its own, and blocks of one structure and shape share one
   compilation: the warm-up generates code for the distinct blocks only. ``"model"`` compiles each model as one graph
