@@ -22,7 +22,9 @@ five or six. Their rounding differs from PyTorch's sequence as Inductor's fused 
 output dtype instead of one per op.
 
 The Triton path is opt-in until a GPU run has measured it (see ``bench/README.md``); on the CPU its kernels run
-under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests.
+under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests. Triton compiles each kernel variant (per dtype,
+group width, modulation and activation) at its first use in a process; its disk cache (``~/.triton/cache``) serves
+later processes.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def group_norm_nhwc(
         1.0 / (pixels * group_size),
         eps,
         MODULATED=modulated,
-        BLOCK_P=max(1, min(_next_power_of_2(parts), _FINALIZE_TILE // block_g)),
+        BLOCK_P=max(1, _FINALIZE_TILE // block_g),  # not fitted to ``parts``: one compiled variant per group width
         BLOCK_G=block_g,
     )
 
