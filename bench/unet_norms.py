@@ -1,57 +1,111 @@
-"""The GroupNorm calls of one UNet CFG step at full size, by the kernels the Triton norms would use for them.
+"""The GroupNorm calls of one UNet CFG step and one MoVQ decode at full size, with the Triton norms switched on: by
+the kernel path each takes, and the distinct kernel variants Triton would compile for them at first use.
 
-Builds the official decoder UNet on the meta device (no weights, no GPU), lays it out channels_last as the CUDA
-pipelines do, calls it once on a CFG batch and records each norm's input. A norm whose groups hold at most
-``kandinsky22.models.norms._SMALL_GROUP`` elements takes the one-kernel path; the others take three kernels.
+Builds the official decoder UNet and MoVQ on the meta device (no weights, no GPU), lays them out channels_last as the
+CUDA pipelines do, and calls them once (the UNet on a CFG batch, MoVQ on one latent) with stand-ins for the kernels
+that record their launches. A norm whose groups hold at most ``kandinsky22.models.norms._SMALL_GROUP`` elements takes
+the one-kernel path; the others take three kernels (MoVQ's spatial norms always). A variant is what Triton
+specialises on at a launch: the kernel, its compile-time constants, the tensors' dtypes and whether the channel count
+(the one integer argument it specialises) is a multiple of 16.
 
-    python bench/unet_norms.py                # 768x768
+    python bench/unet_norms.py                # 768x768, fp16
     python bench/unet_norms.py --size 1024
+
+Needs triton installed (``use_triton_norms`` checks for it; no kernel is compiled or run) and the official configs
+in ``../shared/reference/configs``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from kandinsky22.models import norms
+from kandinsky22.models.movq import VQModel
 from kandinsky22.models.unet import UNet2DConditionModel
 
-CONFIG = (
-    Path(__file__).parents[2] / "shared" / "reference" / "configs" / "kandinsky-2-2-decoder" / "unet" / "config.json"
-)
+CONFIGS = Path(__file__).parents[2] / "shared" / "reference" / "configs" / "kandinsky-2-2-decoder"
+
+
+class Recorder:
+    """Stands in for the kernels' module: ``kernel[grid](*args, **constants)`` records the variant and runs nothing."""
+
+    # where each kernel takes the channel count, its one specialised integer argument
+    CHANNELS = {"stats": 4, "finalize": 9, "apply": 7, "small": 7}
+
+    def __init__(self) -> None:
+        self.launches: collections.Counter = collections.Counter()
+
+    def __getattr__(self, kernel: str) -> Any:
+        if kernel not in self.CHANNELS:
+            raise AttributeError(kernel)
+        recorder = self
+
+        class Launcher:
+            def __getitem__(self, grid: tuple[int, ...]) -> Any:
+                def launch(*args: Any, **constants: Any) -> None:
+                    dtypes = tuple(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))
+                    aligned = args[recorder.CHANNELS[kernel]] % 16 == 0
+                    recorder.launches[(kernel, tuple(sorted(constants.items())), dtypes, aligned)] += 1
+
+                return launch
+
+        return Launcher()
+
+
+def by_path(launches: collections.Counter) -> str:
+    """Norms per path: each norm launches either the one kernel or the statistics kernel first."""
+    small = sum(n for key, n in launches.items() if key[0] == "small")
+    split = sum(n for key, n in launches.items() if key[0] == "stats")
+    return f"{small + split} norms, {small} with one kernel, {split} with three"
+
+
+def _config(folder: str) -> dict:
+    config = json.loads((CONFIGS / folder / "config.json").read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=768, help="image side (latents: size / 8)")
-    parser.add_argument("--config", type=Path, default=CONFIG, help="the decoder UNet's config.json")
+    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     args = parser.parse_args()
-    config = json.loads(args.config.read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
-    unet.to(memory_format=torch.channels_last)
-    inputs: list[tuple[tuple[int, ...], int]] = []
-    for module in unet.modules():
-        if isinstance(module, nn.GroupNorm):
-            module.register_forward_pre_hook(lambda m, a: inputs.append((tuple(a[0].shape), m.num_groups)))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    # The kernels' path for meta tensors: meta convolutions return NCHW whatever the layout, so only the rest of the
+    # conditions is kept (a CUDA pipeline's channels_last models pass the layout check).
+    applies = norms._triton_applies
+    norms._triton_applies = lambda norm, x: applies(norm, x.contiguous(memory_format=torch.channels_last))
+    os.environ["TRITON_INTERPRET"] = "1"  # tensors off CUDA (here: meta) count as the interpreter's
+    recorder = Recorder()
+    norms._kernels = lambda: recorder
     latent = args.size // 8
-    sample = torch.empty(2, config["in_channels"], latent, latent, device="meta")
-    cond = {"image_embeds": torch.empty(2, config["encoder_hid_dim"], device="meta")}
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_config("unet")).to(dtype)
+        movq = VQModel(**_config("movq")).to(dtype)
+    for model in (unet, movq):
+        model.to(memory_format=torch.channels_last)
+        norms.use_triton_norms(model, enabled=True)
+    sample = torch.empty(2, unet.config["in_channels"], latent, latent, device="meta", dtype=dtype)
+    cond = {"image_embeds": torch.empty(2, unet.config["encoder_hid_dim"], device="meta", dtype=dtype)}
+    latents = torch.empty(1, movq.config["latent_channels"], latent, latent, device="meta", dtype=dtype)
+    last = torch.channels_last
     with torch.no_grad():
-        unet(
-            sample.contiguous(memory_format=torch.channels_last),
-            torch.tensor(500, device="meta"),
-            added_cond_kwargs=cond,
-        )
-    small = [s for s, g in inputs if s[1] // g * s[2] * s[3] <= norms._SMALL_GROUP]
-    print(
-        f"{args.size}x{args.size}: {len(inputs)} GroupNorm calls per CFG step, {len(small)} of them with at most "
-        f"{norms._SMALL_GROUP} elements per group (one kernel), {len(inputs) - len(small)} with three kernels"
-    )
+        unet(sample.contiguous(memory_format=last), torch.tensor(500, device="meta"), added_cond_kwargs=cond)
+        unet_launches = recorder.launches.copy()
+        movq.decode(latents.contiguous(memory_format=last), force_not_quantize=True)
+    movq_launches = recorder.launches - unet_launches
+    kinds = collections.Counter(key[0] for key in recorder.launches)
+    print(f"{args.size}x{args.size}, {args.dtype}, Triton norms on:")
+    print(f"  UNet CFG step: {by_path(unet_launches)}, {sum(unet_launches.values())} kernel launches")
+    print(f"  MoVQ decode: {by_path(movq_launches)}, {sum(movq_launches.values())} kernel launches")
+    print(f"  distinct kernel variants Triton compiles at first use: {len(recorder.launches)} {dict(kinds)}")
 
 
 if __name__ == "__main__":
