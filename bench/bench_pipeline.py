@@ -557,8 +557,9 @@ class Bench:
         alternating; the images against both eager pipelines (the equality gate); the kernel profile and the stages.
         On the fast path's model copies, not yet compiled, switched back after. Then, on CUDA, the fast path without
         compilation (``compile_scope="none"``: fused projections and CUDA graphs) with the Triton norms, on fresh
-        copies: its warm-up and end to end against the reference's eager. On the CPU only under Triton's interpreter
-        (TRITON_INTERPRET=1)."""
+        copies: its warm-up and end to end against the reference's eager. On CUDA also our Triton-norm pipeline with
+        every launch through Triton's dispatch (``norms._direct_launch`` off), against the direct launches. On the CPU
+        only under Triton's interpreter (TRITON_INTERPRET=1)."""
         from kandinsky22 import fast
 
         pipe = self.fast_pipe
@@ -571,6 +572,14 @@ class Bench:
             self.e2e({norms_key: pipe, ours_again: self.ours, ref_again: self.ref}, size)
             self.ratio(f"ratio_triton_norms_over_ref_eager_{size}", norms_key, ref_again)
             self.ratio(f"ratio_triton_norms_over_eager_{size}", norms_key, ours_again)
+            if self.cuda:  # the same with every launch through Triton's dispatch (the seventh session's launches)
+                dispatched = f"ours_triton_norms_dispatched_e2e_{size}_bs1"
+                norms._direct_launch = False
+                try:
+                    self.e2e({dispatched: pipe}, size)
+                finally:
+                    norms._direct_launch = True
+                self.ratio(f"ratio_triton_norms_direct_over_dispatched_{size}", norms_key, dispatched)
             self.compare(f"equal_triton_norms_vs_eager_{size}", norms_key, ours)
             self.compare(f"equal_triton_norms_vs_ref_{size}", norms_key, ref)
             self.kernel_profile("eager_triton_norms", {"ours_triton_norms": pipe})

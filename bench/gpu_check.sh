@@ -42,6 +42,11 @@ for name in ("torch", "transformers", "diffusers", "safetensors", "huggingface_h
 if missing:
     sys.exit("missing: " + "; ".join(missing) + " -- add their wheels to .whl/")
 import torch
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton not installed: the Triton norms are not measured")
 print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 PY
 status=${PIPESTATUS[0]}
@@ -49,12 +54,15 @@ status=${PIPESTATUS[0]}
 
 # The CUDA-only tests (skipped in CI): no host sync inside a sampler step, also with a CPU generator; offloading to
 # the GPU gives the images of a resident pipeline; the fast path's CUDA graphs give the eager images; the Triton
-# norms' kernels and models (compiled for real here, not interpreted). About a minute.
+# norms' kernels and models (compiled for real here, not interpreted). About a minute and a half; TEST_FILES picks
+# other test files.
 if [ "${TESTS:-1}" = 0 ]; then
   echo "TESTS=0: CUDA-only tests not run" | tee -a "$LOG"
 elif python3 -c "import pytest" 2>/dev/null; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_schedulers_cuda.py tests/pipelines/test_offload_cuda.py \
-    tests/pipelines/test_fast_cuda.py tests/test_norms.py 2>&1 | tail -25 | tee -a "$LOG"
+  # shellcheck disable=SC2086  # TEST_FILES: a list of paths
+  timeout 300 python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_schedulers_cuda.py \
+    tests/pipelines/test_offload_cuda.py tests/pipelines/test_fast_cuda.py tests/test_norms.py} 2>&1 | tail -25 \
+    | tee -a "$LOG"
 else
   echo "pytest not importable here: CUDA-only tests not run (carry its wheels in .whl/ to run them)" | tee -a "$LOG"
 fi

@@ -180,6 +180,89 @@ def test_bad_modulation_is_a_clear_error():
         norms.group_norm_nhwc(x, 3, weight, bias, 1e-5)
 
 
+class FakeKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **constants)`` records a dispatched launch and returns a
+    compiled kernel whose ``[grid](*values)`` records a direct one (``fail``: raises TypeError as a Triton whose compiled
+    kernels take other arguments would)."""
+
+    arg_names = ["x", "out", "n", "BLOCK", "SILU"]
+
+    def __init__(self, fail=False):
+        self.log, self.fail = [], fail
+        kernel = self
+
+        class Compiled:
+            def __getitem__(self, grid):
+                def direct(*values):
+                    if kernel.fail:
+                        raise TypeError("function takes exactly 3 arguments (5 given)")
+                    kernel.log.append(("direct", grid, values))
+
+                return direct
+
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        def dispatch(*args, **constants):
+            self.log.append(("dispatch", grid, args, constants))
+            return self.compiled
+
+        return dispatch
+
+
+@pytest.fixture
+def direct_launch(monkeypatch):
+    """``norms._launch`` as on a GPU, with a fresh cache."""
+    monkeypatch.setattr(norms, "_interpreting", lambda: False)
+    monkeypatch.setattr(norms, "_LAUNCHERS", {})
+    monkeypatch.setattr(norms, "_direct_launch", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_repeated_launch_calls_the_compiled_kernel(direct_launch):
+    kernel, x = FakeKernel(), torch.zeros(64)
+    norms._launch(kernel, (4, 2), x, x, 7, SILU=True, BLOCK=32)
+    norms._launch(kernel, (4, 2), x, x, 7, BLOCK=32, SILU=True)
+    assert [entry[0] for entry in kernel.log] == ["dispatch", "direct"]
+    assert kernel.log[1] == ("direct", (4, 2), (x, x, 7, 32, True))  # the constants in the kernel's order
+
+
+def test_a_new_specialisation_is_dispatched(direct_launch):
+    kernel, x = FakeKernel(), torch.zeros(64)
+    norms._launch(kernel, (4, 2), x, x, 7, BLOCK=32, SILU=True)
+    norms._launch(kernel, (4, 2), x[1:], x, 7, BLOCK=32, SILU=True)  # 4 bytes in: not 16-byte aligned
+    norms._launch(kernel, (4, 2), x.half(), x, 7, BLOCK=32, SILU=True)  # another dtype
+    norms._launch(kernel, (4, 2), x, x, 8, BLOCK=32, SILU=True)  # another integer
+    norms._launch(kernel, (4, 2), x, x, 7, BLOCK=32, SILU=False)  # another constant
+    norms._launch(kernel, (4, 1), x, x, 7, BLOCK=32, SILU=True)  # another grid
+    assert [entry[0] for entry in kernel.log] == ["dispatch"] * 6
+    norms._launch(kernel, (4, 2), x[4:], x, 7, BLOCK=32, SILU=True)  # 16 bytes in: as the first
+    assert kernel.log[-1][0] == "direct"
+
+
+def test_direct_launch_that_raises_type_error_falls_back_for_good(direct_launch):
+    kernel, x = FakeKernel(fail=True), torch.zeros(64)
+    for _ in range(3):
+        norms._launch(kernel, (1,), x, x, 7, BLOCK=32, SILU=True)
+    assert [entry[0] for entry in kernel.log] == ["dispatch"] * 3
+    assert norms._direct_launch is False and norms._LAUNCHERS == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's compiled kernels run on a GPU")
+def test_direct_launches_give_the_dispatched_results(path, monkeypatch):
+    """The second call of each shape launches the compiled kernels directly: the same output as the first, dispatched
+    call, to the bit."""
+    monkeypatch.setattr(norms, "_LAUNCHERS", {})
+    x, weight, bias = inputs(2, 64, 24, 20, dtype=torch.float16)
+    scale_1, shift = (torch.randn(2, 64, 1, 1, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    first = norms.group_norm_nhwc(x, 8, weight, bias, 1e-5, scale_1, shift, silu=True)
+    launchers = len(norms._LAUNCHERS)
+    assert launchers == (1 if path == "one_kernel" else 3)
+    second = norms.group_norm_nhwc(x, 8, weight, bias, 1e-5, scale_1, shift, silu=True)
+    assert len(norms._LAUNCHERS) == launchers and norms._direct_launch
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+
+
 def test_unet_with_triton_norms_matches_reference(tmp_path, path):
     """Every norm of the UNet (resnets with their time modulation, attentions, the output norm) through the kernels,
     channels_last, against the reference library's model."""
@@ -191,7 +274,11 @@ def test_unet_with_triton_norms_matches_reference(tmp_path, path):
     timestep = torch.tensor([1, 999])
     with torch.no_grad():
         want = reference(sample, timestep, None, added_cond_kwargs=cond).sample
-        got = ours(sample.to(DEVICE, memory_format=torch.channels_last), timestep.to(DEVICE), added_cond_kwargs=cond)
+        got = ours(
+            sample.to(DEVICE, memory_format=torch.channels_last),
+            timestep.to(DEVICE),
+            added_cond_kwargs={name: value.to(DEVICE) for name, value in cond.items()},
+        )
     torch.testing.assert_close(got.sample.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
