@@ -182,8 +182,8 @@ def test_bad_modulation_is_a_clear_error():
 
 class FakeKernel:
     """Stands in for a Triton kernel: ``kernel[grid](*args, **constants)`` records a dispatched launch and returns a
-    compiled kernel whose ``[grid](*values)`` records a direct one (``fail``: raises TypeError as a Triton whose compiled
-    kernels take other arguments would)."""
+    compiled kernel whose ``[grid](*values)`` records a direct one, reading three grid sizes as Triton's does (``fail``:
+    raises TypeError as a Triton whose compiled kernels take other arguments would)."""
 
     arg_names = ["x", "out", "n", "BLOCK", "SILU"]
 
@@ -194,6 +194,7 @@ class FakeKernel:
         class Compiled:
             def __getitem__(self, grid):
                 def direct(*values):
+                    grid[0], grid[1], grid[2]  # noqa: B018  # Triton's compiled kernels read three sizes
                     if kernel.fail:
                         raise TypeError("function takes exactly 3 arguments (5 given)")
                     kernel.log.append(("direct", grid, values))
@@ -224,7 +225,7 @@ def test_repeated_launch_calls_the_compiled_kernel(direct_launch):
     norms._launch(kernel, (4, 2), x, x, 7, SILU=True, BLOCK=32)
     norms._launch(kernel, (4, 2), x, x, 7, BLOCK=32, SILU=True)
     assert [entry[0] for entry in kernel.log] == ["dispatch", "direct"]
-    assert kernel.log[1] == ("direct", (4, 2), (x, x, 7, 32, True))  # the constants in the kernel's order
+    assert kernel.log[1] == ("direct", (4, 2, 1), (x, x, 7, 32, True))  # the constants in the kernel's order
 
 
 def test_a_new_specialisation_is_dispatched(direct_launch):

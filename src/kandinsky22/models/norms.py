@@ -271,10 +271,11 @@ def _next_power_of_2(n: int) -> int:
 # Launching through Triton's ``kernel[grid](...)`` binds the arguments, computes their specialisation and formats the
 # compile options into a cache key at every launch: tens of µs of host time, which an eager UNet step with 183 norm
 # launches pays in full (run 6 on an H200: 13.3 ms of kernels took 23.9 ms). A repeated launch calls the kernel Triton
-# compiled for it directly instead (``CompiledKernel[grid]``), found by a key of what Triton specialises on.
+# compiled for it directly instead (``CompiledKernel[grid]``, which since Triton 3.3 takes every argument, the
+# compile-time ones included, in the kernel's order), found by a key of what Triton specialises on.
 _LAUNCHERS: dict[tuple, Any] = {}
-# Whether repeated launches take the direct call; off for good in a process whose Triton's compiled kernels take their
-# arguments otherwise (the direct call raises TypeError before launching anything).
+# Whether repeated launches take the direct call; off for good in a process where a direct call raised (a Triton whose
+# compiled kernels take their arguments otherwise: they raise before launching anything), which then dispatches.
 _direct_launch = True
 
 
@@ -289,12 +290,15 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constants: Any) ->
     launcher = _LAUNCHERS.get(key)
     if launcher is None:
         compiled = kernel[grid](*args, **constants)  # compiles at the first launch of this specialisation
+        compiled = (
+            compiled.result() if hasattr(compiled, "result") else compiled
+        )  # a Triton compiling in the background
         if hasattr(compiled, "__getitem__"):
-            _LAUNCHERS[key] = compiled[grid]
+            _LAUNCHERS[key] = compiled[(*grid, 1, 1)[:3]]  # a compiled kernel's launcher takes three grid sizes
         return
     try:
         launcher(*values)
-    except TypeError:  # a Triton whose compiled kernels take only the runtime arguments
+    except Exception:  # raised before launching: dispatch this launch and all later ones
         _direct_launch = False
         _LAUNCHERS.clear()
         kernel[grid](*args, **constants)
