@@ -286,7 +286,11 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constants: Any) ->
         kernel[grid](*args, **constants)
         return
     values = (*args, *(constants[name] for name in kernel.arg_names[len(args) :]))
-    key = (kernel, grid, torch.cuda.current_device(), *map(_specialisation, values))
+    # What Triton compiles a variant per: a tensor's dtype and 16-byte alignment; any other argument by value (a finer
+    # split than Triton's, which specialises integers on divisibility by 16 and equality to 1; each position holds
+    # one type).
+    specialisation = [(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values]
+    key = (kernel, grid, torch.cuda.current_device(), *specialisation)
     launcher = _LAUNCHERS.get(key)
     if launcher is None:
         compiled = kernel[grid](*args, **constants)  # compiles at the first launch of this specialisation
@@ -302,14 +306,6 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constants: Any) ->
         _direct_launch = False
         _LAUNCHERS.clear()
         kernel[grid](*args, **constants)
-
-
-def _specialisation(value: Any) -> Any:
-    """What Triton compiles a variant per: a tensor's dtype and 16-byte alignment; any other argument by value (a
-    finer split than Triton's, which specialises integers on divisibility by 16 and equality to 1)."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    return type(value), value
 
 
 def _kernels() -> Any:
