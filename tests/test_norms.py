@@ -264,6 +264,15 @@ def test_direct_launches_give_the_dispatched_results(path, monkeypatch):
     torch.testing.assert_close(second, first, atol=0, rtol=0)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_kernels_run_on_the_inputs_gpu_not_the_current_one():
+    x, weight, bias = (t.to("cuda:1") for t in inputs(2, 64, 24, 20))
+    assert torch.cuda.current_device() == 0
+    got = norms.group_norm_nhwc(x, 8, weight, bias, 1e-5, silu=True)
+    want = expected(x.cpu(), 8, weight.cpu(), bias.cpu(), 1e-5, silu=True)
+    torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-5)
+
+
 def test_unet_with_triton_norms_matches_reference(tmp_path, path):
     """Every norm of the UNet (resnets with their time modulation, attentions, the output norm) through the kernels,
     channels_last, against the reference library's model."""

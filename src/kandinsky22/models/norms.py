@@ -123,6 +123,9 @@ def group_norm_nhwc(
     ``scale_1`` / ``shift``: (N or 1, C, 1, 1) time modulation applied after the norm's own affine.
     ``spatial``: MoVQ's ``(scale, shift)`` maps (N, C, h, w), applied after the norm as if resized to (H, W) by
     repeating each of their pixels in an (H / h) × (W / w) block (nearest resizing by whole factors)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # Triton launches on the current device: make it x's
+            return group_norm_nhwc(x, groups, weight, bias, eps, scale_1, shift, silu, spatial)
     batch, channels, height, width = x.shape
     if channels % groups:
         raise ValueError(f"group norm: {channels} channels do not split into {groups} groups")
