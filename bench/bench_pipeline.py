@@ -551,6 +551,43 @@ class Bench:
         self.ratio(f"ratio_eager_cuda_graphs_over_eager_{size}", graphs, f"ours_eager_again2_e2e_{size}_bs1")
         self.compare(f"equal_eager_cuda_graphs_vs_eager_{size}", graphs, f"ours_eager_{size}")
 
+    def eager_fused(self, size: int) -> None:
+        """Our eager models with the fast path's fused projections and nothing else of it (one GEMM for each
+        attention's q/k/v and added k/v, and the prior's): end to end against our eager pipeline and the reference's,
+        alternating, and the images against both; then the same with the Triton norms too, where they run. Is fusing
+        worth doing in eager mode by default? On the fast path's model copies, which the fast path fuses anyway;
+        after the sections that need them unfused."""
+        from kandinsky22 import fast
+        from kandinsky22.models.layers import FusibleProjections
+
+        pipe = self.fast_pipe
+        pipe.to(self.device)  # as the pipelines lay their models out
+        for component in pipe.components.values():
+            for module in component.modules() if isinstance(component, torch.nn.Module) else ():
+                if isinstance(module, FusibleProjections):
+                    module.fuse_projections()
+        fused, ours_again, ref_again = (
+            f"ours_fused_e2e_{size}_bs1",
+            f"ours_eager_again4_e2e_{size}_bs1",
+            f"ref_eager_again4_e2e_{size}_bs1",
+        )
+        timed = {fused: pipe, ours_again: self.ours, ref_again: self.ref}
+        self.e2e(timed, size)
+        self.ratio(f"ratio_fused_over_ref_eager_{size}", fused, ref_again)
+        self.ratio(f"ratio_fused_over_eager_{size}", fused, ours_again)
+        self.compare(f"equal_fused_vs_eager_{size}", fused, f"ours_eager_{size}")
+        self.compare(f"equal_fused_vs_ref_{size}", fused, f"ref_eager_{size}")
+        if not self.triton_norms:
+            return
+        both = f"ours_fused_triton_norms_e2e_{size}_bs1"
+        fast.use_triton_norms(pipe)
+        try:
+            self.e2e({both: pipe, ref_again: self.ref}, size)
+        finally:
+            fast.use_triton_norms(pipe, enabled=False)
+        self.ratio(f"ratio_fused_triton_norms_over_ref_eager_{size}", both, ref_again)
+        self.compare(f"equal_fused_triton_norms_vs_ref_{size}", both, f"ref_eager_{size}")
+
     def eager_triton_norms(self, size: int) -> None:
         """Our eager models with the UNet's and MoVQ's GroupNorms through the Triton kernels (``fast.use_triton_norms``:
         channels_last kept, modulation and SiLU folded in): end to end against our eager pipeline and the reference's,
@@ -1033,7 +1070,7 @@ class Bench:
 
     def eager_sections(self, size: int, cheap: float) -> None:
         """The start of both plans: equality, eager end to end, the eager layouts, then on CUDA the eager models with
-        CUDA graphs alone, and where Triton is there its norms."""
+        CUDA graphs alone, where Triton is there its norms, and the eager models with fused projections."""
         self.section("equality", cheap, self.equality)
         self.section("eager", cheap, lambda: self.eager(size))
         self.section("eager_layouts", cheap, lambda: self.eager_layouts(size))
@@ -1041,6 +1078,7 @@ class Bench:
             self.section("eager_graphs", cheap, lambda: self.eager_graphs(size))
         if self.triton_norms:
             self.section("eager_triton_norms", 3 * cheap, lambda: self.eager_triton_norms(size))
+        self.section("eager_fused", 2 * cheap, lambda: self.eager_fused(size))
 
     def followup(self, size: int, cheap: float) -> None:
         """A shorter plan for a second device call: equality and the eager measurements (layouts, CUDA graphs alone,
