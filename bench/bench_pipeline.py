@@ -609,6 +609,8 @@ class Bench:
             self.e2e({norms_key: pipe, ours_again: self.ours, ref_again: self.ref}, size)
             self.ratio(f"ratio_triton_norms_over_ref_eager_{size}", norms_key, ref_again)
             self.ratio(f"ratio_triton_norms_over_eager_{size}", norms_key, ours_again)
+            # False if a direct launch raised and every launch went through Triton's dispatch since
+            self.results.put("triton_direct_launches_on", norms._direct_launch)
             if self.cuda:  # the same with every launch through Triton's dispatch (the seventh session's launches)
                 dispatched = f"ours_triton_norms_dispatched_e2e_{size}_bs1"
                 norms._direct_launch = False
