@@ -24,9 +24,9 @@ output dtype instead of one per op.
 The Triton path is opt-in. On an H200 (``bench/README.md``, run 6) it cut the eager UNet step's kernel time from
 20.0 to 13.3 ms, but Triton's dispatch at each launch cost the host about as much, so the step went only from 26.2 to
 23.9 ms. Repeated launches now skip that dispatch (``_launch``), which no GPU run has measured yet. On the CPU the
-kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests. Triton compiles each kernel variant (per dtype,
-group width, modulation and activation) at its first use in a process; its disk cache (``~/.triton/cache``) serves
-later processes.
+kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests. Triton compiles each kernel variant
+(per dtype, group width, modulation and activation) at its first use in a process; its disk cache
+(``~/.triton/cache``) serves later processes.
 """
 
 from __future__ import annotations
@@ -299,9 +299,8 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constants: Any) ->
     launcher = _LAUNCHERS.get(key)
     if launcher is None:
         compiled = kernel[grid](*args, **constants)  # compiles at the first launch of this specialisation
-        compiled = (
-            compiled.result() if hasattr(compiled, "result") else compiled
-        )  # a Triton compiling in the background
+        if hasattr(compiled, "result"):  # a Triton compiling in the background returns a future
+            compiled = compiled.result()
         if hasattr(compiled, "__getitem__"):
             _LAUNCHERS[key] = compiled[(*grid, 1, 1)[:3]]  # a compiled kernel's launcher takes three grid sizes
         return
