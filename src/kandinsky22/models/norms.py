@@ -22,8 +22,9 @@ five or six. Their rounding differs from PyTorch's sequence as Inductor's fused 
 output dtype instead of one per op.
 
 The Triton path is opt-in. On an H200 (``bench/README.md``, run 6) it cut the eager UNet step's kernel time from
-20.0 to 13.3 ms, but Triton's dispatch at each launch cost the host about as much, so the step went only from 26.2 to
-23.9 ms. Repeated launches now skip that dispatch (``_launch``), which no GPU run has measured yet. On the CPU the
+20.0 to 13.3 ms, but the step went only from 26.2 to 23.9 ms: the host became the limit, Triton's dispatch at
+each launch being the likely cost (inferred from those totals, not measured alone). Repeated launches now skip that
+dispatch (``_launch``), which no GPU run has measured yet. On the CPU the
 kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests. Triton compiles each kernel variant
 (per dtype, group width, modulation and activation) at its first use in a process; its disk cache
 (``~/.triton/cache``) serves later processes.
@@ -274,8 +275,8 @@ def _next_power_of_2(n: int) -> int:
 
 
 # Launching through Triton's ``kernel[grid](...)`` binds the arguments, computes their specialisation and formats the
-# compile options into a cache key at every launch: tens of µs of host time, which an eager UNet step with 183 norm
-# launches pays in full (run 6 on an H200: 13.3 ms of kernels took 23.9 ms). A repeated launch calls the kernel Triton
+# compile options into a cache key at every launch, host time that an eager UNet step with 183 norm launches pays
+# each time (run 6 on an H200: 13.3 ms of kernels took 23.9 ms; the dispatch's share is inferred, not measured). A repeated launch calls the kernel Triton
 # compiled for it directly instead (``CompiledKernel[grid]``, which since Triton 3.3 takes every argument, the
 # compile-time ones included, in the kernel's order), found by a key of what Triton specialises on.
 _LAUNCHERS: dict[tuple, Any] = {}
