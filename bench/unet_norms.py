@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kandinsky22.models import norms
+from kandinsky22.models import norm_kernels, norms
 from kandinsky22.models.movq import VQModel
 from kandinsky22.models.unet import UNet2DConditionModel
 
@@ -48,6 +48,8 @@ class Recorder:
         recorder = self
 
         class Launcher:
+            arg_names = getattr(norm_kernels, kernel).arg_names  # the real kernel's parameters
+
             def __getitem__(self, grid: tuple[int, ...]) -> Any:
                 def launch(*args: Any, **constants: Any) -> None:
                     dtypes = tuple(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))

@@ -40,6 +40,7 @@ def true_fp32():
 def path(request, monkeypatch):
     """Both ways through the kernels: statistics, finalize and apply, or the one kernel of small groups."""
     monkeypatch.setattr(norms, "_SMALL_GROUP", 0 if request.param == "three_kernels" else 10**9)
+    monkeypatch.setattr(norms, "_PLANS", {})  # plans made under the other path's threshold
     return request.param
 
 
@@ -88,10 +89,12 @@ def test_many_parts_and_loops(monkeypatch):
     """Few statistics programs (each loops over many tiles) and a small finalize tile (it loops over the parts)."""
     monkeypatch.setattr(norms, "_SMALL_GROUP", 0)
     monkeypatch.setattr(norms, "_STATS_PROGRAMS", 2)
+    monkeypatch.setattr(norms, "_PLANS", {})
     x, weight, bias = inputs(1, 32, 40, 36, offset=3.0)
     few = norms.group_norm_nhwc(x, 8, weight, bias, 1e-6)
     monkeypatch.setattr(norms, "_STATS_PROGRAMS", 4096)
     monkeypatch.setattr(norms, "_FINALIZE_TILE", 8)
+    norms._PLANS.clear()  # the plan of the same call made under the settings above
     many = norms.group_norm_nhwc(x, 8, weight, bias, 1e-6)
     want = expected(x, 8, weight, bias, 1e-6)
     for got in (few, many):
@@ -185,10 +188,8 @@ class FakeKernel:
     compiled kernel whose ``[grid](*values)`` records a direct one, reading three grid sizes as Triton's does (``fail``:
     raises TypeError as a Triton whose compiled kernels take other arguments would)."""
 
-    arg_names = ["x", "out", "n", "BLOCK", "SILU"]
-
-    def __init__(self, fail=False):
-        self.log, self.fail = [], fail
+    def __init__(self, fail=False, arg_names=("x", "out", "n", "BLOCK", "SILU")):
+        self.log, self.fail, self.arg_names = [], fail, list(arg_names)
         kernel = self
 
         class Compiled:
@@ -216,6 +217,7 @@ def direct_launch(monkeypatch):
     """``norms._launch`` as on a GPU, with a fresh cache."""
     monkeypatch.setattr(norms, "_interpreting", lambda: False)
     monkeypatch.setattr(norms, "_LAUNCHERS", {})
+    monkeypatch.setattr(norms, "_PLANS", {})
     monkeypatch.setattr(norms, "_direct_launch", True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
@@ -247,6 +249,44 @@ def test_direct_launch_that_raises_type_error_falls_back_for_good(direct_launch)
         norms._launch(kernel, (1,), x, x, 7, BLOCK=32, SILU=True)
     assert [entry[0] for entry in kernel.log] == ["dispatch"] * 3
     assert norms._direct_launch is False and norms._LAUNCHERS == {}
+
+
+def test_norm_calls_launch_directly_what_their_first_call_dispatched(direct_launch, monkeypatch, path):
+    """``group_norm_nhwc`` makes its launches' arguments once per distinct call (its plan): a repeated call passes
+    Triton's compiled kernels exactly the values the first call's dispatch got, in the kernel's order. A misaligned
+    tensor, which Triton compiles another variant for, and a new plan (another eps) go through the dispatch first."""
+    from kandinsky22.models import norm_kernels
+
+    names = ("small", "stats", "finalize", "apply")
+    kernels = {name: FakeKernel(arg_names=getattr(norm_kernels, name).arg_names) for name in names}
+    monkeypatch.setattr(norms, "_kernels", lambda: type("Kernels", (), kernels))
+    x, weight, bias = inputs(2, 64, 24, 20)
+    scale_1 = torch.randn(2, 64, 1, 1, device=DEVICE)
+    shift = torch.randn(2 * 64 + 1, device=DEVICE)[:-1].view(2, 64, 1, 1)  # at offset 0: 16-byte aligned
+    misaligned = torch.randn(2 * 64 + 1, device=DEVICE)[1:].view(2, 64, 1, 1)  # 4 bytes in; same shape and strides
+    for shift_now, eps in ((shift, 1e-5), (shift, 1e-5), (misaligned, 1e-5), (misaligned, 1e-5), (shift, 1e-6)):
+        norms.group_norm_nhwc(x, 8, weight, bias, eps, scale_1, shift_now, silu=True)
+    used = [name for name in names if kernels[name].log]
+    assert used == (["small"] if path == "one_kernel" else ["stats", "finalize", "apply"])
+    assert len(norms._PLANS) == 2
+    for name in used:
+        log = kernels[name].log
+        reads_shift = name in ("small", "finalize")
+        kinds = (
+            ["dispatch", "direct", "dispatch", "direct"] if reads_shift else ["dispatch", "direct", "direct", "direct"]
+        )
+        assert [entry[0] for entry in log] == [*kinds, "dispatch"]
+        _, grid, args, constants = log[0]
+        dispatched = (*args, *(constants[n] for n in kernels[name].arg_names[len(args) :]))
+        _, direct_grid, direct = log[1]
+        assert direct_grid == (*grid, 1, 1)[:3] and len(direct) == len(dispatched)
+        for first, second in zip(dispatched, direct):
+            if isinstance(first, torch.Tensor):  # the inputs themselves, or new buffers of the same layout
+                assert second.shape == first.shape and second.stride() == first.stride()
+                assert second.dtype == first.dtype
+                assert (second is first) == any(first is t for t in (x, weight, bias, scale_1, shift))
+            else:
+                assert type(second) is type(first) and second == first
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's compiled kernels run on a GPU")

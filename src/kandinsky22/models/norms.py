@@ -24,8 +24,8 @@ output dtype instead of one per op.
 The Triton path is opt-in. On an H200 (``bench/README.md``, run 6) it cut the eager UNet step's kernel time from
 20.0 to 13.3 ms, but the step went only from 26.2 to 23.9 ms: the host became the limit, Triton's dispatch at
 each launch being the likely cost (inferred from those totals, not measured alone). Repeated launches now skip that
-dispatch (``_launch``), which no GPU run has measured yet. On the CPU the
-kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests. Triton compiles each kernel variant
+dispatch (``_launch``), and each distinct call's checks, arithmetic and launch arguments are made once (``_Plan``);
+no GPU run has measured either yet. On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests. Triton compiles each kernel variant
 (per dtype, group width, modulation and activation) at its first use in a process; its disk cache
 (``~/.triton/cache``) serves later processes.
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,16 +125,119 @@ def group_norm_nhwc(
     ``scale_1`` / ``shift``: (N or 1, C, 1, 1) time modulation applied after the norm's own affine.
     ``spatial``: MoVQ's ``(scale, shift)`` maps (N, C, h, w), applied after the norm as if resized to (H, W) by
     repeating each of their pixels in an (H / h) × (W / w) block (nearest resizing by whole factors)."""
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):  # Triton launches on the current device: make it x's
-            return group_norm_nhwc(x, groups, weight, bias, eps, scale_1, shift, silu, spatial)
-    batch, channels, height, width = x.shape
+    device = -1
+    if x.is_cuda:
+        device = torch.cuda.current_device()
+        if x.device.index != device:
+            with torch.cuda.device(x.device):  # Triton launches on the current device: make it x's
+                return group_norm_nhwc(x, groups, weight, bias, eps, scale_1, shift, silu, spatial)
+    if spatial is not None:
+        spatial = tuple(t.contiguous(memory_format=torch.channels_last) for t in spatial)
+    key = (
+        x.shape,
+        x.dtype,
+        groups,
+        weight.dtype,
+        bias.dtype,
+        eps,
+        silu,
+        None if scale_1 is None else (scale_1.shape, scale_1.stride(), scale_1.dtype),
+        None if shift is None else (shift.shape, shift.stride(), shift.dtype),
+        None if spatial is None else (spatial[0].shape, spatial[0].dtype, spatial[1].shape, spatial[1].dtype),
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(x.shape, groups, eps, silu, scale_1, shift, spatial)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    if not plan.launches:  # no elements
+        return out
+    if scale_1 is None:
+        scale_1 = shift = x  # not read
+    elif plan.contiguous_modulation:
+        scale_1, shift = scale_1.contiguous(), shift.contiguous()
+    if plan.parts == 0:  # one kernel
+        plan.launches[0](device, x, weight, bias, scale_1, shift, out)
+        return out
+    stats, finalize, apply = plan.launches
+    batch, channels = x.shape[:2]
+    mean = torch.empty(batch, plan.parts, channels, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    stats(device, x, mean, m2)
+    factor = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
+    offset = torch.empty_like(factor)
+    finalize(device, mean, m2, weight, bias, scale_1, shift, factor, offset)
+    spatial_scale, spatial_shift = spatial or (x, x)  # not read without spatial
+    apply(device, x, factor, offset, spatial_scale, spatial_shift, out)
+    return out
+
+
+@dataclass(eq=False)
+class _Launch:
+    """One kernel launch of a :class:`_Plan`: the kernel, its grid, and its arguments after the tensors (the integer
+    and float ones, then the compile-time constants by name). Called with the current device's index and the
+    tensors."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    scalars: tuple[Any, ...]
+    constants: dict[str, Any]
+    tensors: int  # how many tensors come first
+
+    def __post_init__(self) -> None:
+        names = self.kernel.arg_names[self.tensors + len(self.scalars) :]
+        self.trailing = (*self.scalars, *(self.constants[name] for name in names))  # in the kernel's order
+
+    def __call__(self, device: int, *tensors: torch.Tensor) -> None:
+        if not _direct_launch or _interpreting():
+            self.kernel[self.grid](*tensors, *self.scalars, **self.constants)
+            return
+        address = 0
+        for t in tensors:
+            address |= t.data_ptr()
+        if address % 16:  # a tensor not 16-byte aligned, which Triton compiles another variant for
+            _launch(self.kernel, self.grid, *tensors, *self.scalars, **self.constants)
+        else:  # every other property Triton specialises on is the plan's: its key, or derived from it
+            args = (*tensors, *self.scalars)
+            _launch_by_key((self, device), self.kernel, self.grid, args, self.constants, tensors + self.trailing)
+
+
+@dataclass(eq=False)
+class _Plan:
+    """What ``group_norm_nhwc`` derives from its inputs' shapes, dtypes and options: the launches, and the statistics'
+    parts per sample (0: the one-kernel path). Made once per distinct call: a UNet makes the same calls at every
+    step."""
+
+    launches: tuple[_Launch, ...]
+    parts: int
+    contiguous_modulation: bool  # the modulation is not laid out with unit channel stride
+
+
+# Plans by the key ``group_norm_nhwc`` computes (a model has a few dozen distinct norm calls per image size).
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096
+
+
+def _plan(
+    shape: torch.Size,
+    groups: int,
+    eps: float,
+    silu: bool,
+    scale_1: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    spatial: tuple[torch.Tensor, torch.Tensor] | None,
+) -> _Plan:
+    """Check the arguments (``ValueError`` naming the one at fault) and derive the launches."""
+    batch, channels, height, width = shape
     if channels % groups:
         raise ValueError(f"group norm: {channels} channels do not split into {groups} groups")
     if (scale_1 is None) != (shift is None):
         raise ValueError("group norm: scale_1 and shift come together")
+    small_h, small_w = height, width
     if spatial is not None:
-        spatial_scale, spatial_shift = (t.contiguous(memory_format=torch.channels_last) for t in spatial)
+        spatial_scale, spatial_shift = spatial
         small_h, small_w = spatial_scale.shape[-2:]
         if (
             spatial_scale.shape != spatial_shift.shape
@@ -143,49 +247,31 @@ def group_norm_nhwc(
         ):
             raise ValueError(
                 f"group norm: spatial scale and shift must be ({batch}, {channels}, h, w) with h, w dividing "
-                f"{height}, {width}; got {tuple(spatial[0].shape)} and {tuple(spatial[1].shape)}"
+                f"{height}, {width}; got {tuple(spatial_scale.shape)} and {tuple(spatial_shift.shape)}"
             )
-    else:
-        spatial_scale = spatial_shift = x  # not read
-        small_h, small_w = height, width
+    modulated = scale_1 is not None
+    scale_stride = shift_stride = 0
+    contiguous = False
+    if modulated:
+        scale_stride, contiguous_scale = _per_channel(scale_1, batch, channels, "scale_1")
+        shift_stride, contiguous_shift = _per_channel(shift, batch, channels, "shift")
+        contiguous = contiguous_scale or contiguous_shift
+    if batch * channels * height * width == 0:
+        return _Plan((), 0, contiguous)
     kernels = _kernels()
     pixels = height * width
-    out = torch.empty_like(x, memory_format=torch.channels_last)
-    if x.numel() == 0:
-        return out
-
     group_size = channels // groups
     block_g = _next_power_of_2(group_size)
-    modulated = scale_1 is not None
-    if modulated:
-        scale_1, scale_stride = _per_channel(scale_1, batch, channels, "scale_1")
-        shift, shift_stride = _per_channel(shift, batch, channels, "shift")
-    else:
-        scale_1 = shift = x  # not read
-        scale_stride = shift_stride = 0
+    inverse_count = 1.0 / (pixels * group_size)
     if spatial is None and pixels * group_size <= _SMALL_GROUP:
-        _launch(
+        small = _Launch(
             kernels.small,
-            (groups, batch),
-            x,
-            weight,
-            bias,
-            scale_1,
-            shift,
-            out,
-            pixels,
-            channels,
-            group_size,
-            scale_stride,
-            shift_stride,
-            1.0 / (pixels * group_size),
-            eps,
-            MODULATED=modulated,
-            SILU=silu,
-            BLOCK_HW=max(1, _TILE // block_g),
-            BLOCK_G=block_g,
+            (groups, batch, 1),
+            (pixels, channels, group_size, scale_stride, shift_stride, inverse_count, eps),
+            {"MODULATED": modulated, "SILU": silu, "BLOCK_HW": max(1, _TILE // block_g), "BLOCK_G": block_g},
+            tensors=6,
         )
-        return out
+        return _Plan((small,), 0, contiguous)
 
     block_c = min(_next_power_of_2(channels), 64)
     block_hw = _TILE // block_c
@@ -193,81 +279,40 @@ def group_norm_nhwc(
     target = max(1, _STATS_PROGRAMS // (batch * channel_blocks))
     rows = -(-max(1, -(-pixels // target)) // block_hw) * block_hw  # pixels per statistics program, whole tiles
     parts = -(-pixels // rows)
-    mean = torch.empty(batch, parts, channels, device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
-    _launch(
+    stats = _Launch(
         kernels.stats,
         (parts, channel_blocks, batch),
-        x,
-        mean,
-        m2,
-        pixels,
-        channels,
-        rows,
-        parts,
-        BLOCK_HW=block_hw,
-        BLOCK_C=block_c,
+        (pixels, channels, rows, parts),
+        {"BLOCK_HW": block_hw, "BLOCK_C": block_c},
+        tensors=3,
     )
-
-    factor = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
-    offset = torch.empty_like(factor)
-    _launch(
+    finalize = _Launch(
         kernels.finalize,
-        (groups, batch),
-        mean,
-        m2,
-        weight,
-        bias,
-        scale_1,
-        shift,
-        factor,
-        offset,
-        pixels,
-        channels,
-        group_size,
-        rows,
-        parts,
-        scale_stride,
-        shift_stride,
-        1.0 / (pixels * group_size),
-        eps,
-        MODULATED=modulated,
-        BLOCK_P=max(1, _FINALIZE_TILE // block_g),  # not fitted to ``parts``: one compiled variant per group width
-        BLOCK_G=block_g,
+        (groups, batch, 1),
+        (pixels, channels, group_size, rows, parts, scale_stride, shift_stride, inverse_count, eps),
+        # BLOCK_P is not fitted to ``parts``: one compiled variant per group width
+        {"MODULATED": modulated, "BLOCK_P": max(1, _FINALIZE_TILE // block_g), "BLOCK_G": block_g},
+        tensors=8,
     )
-
-    _launch(
+    apply = _Launch(
         kernels.apply,
         (-(-pixels // block_hw), channel_blocks, batch),
-        x,
-        factor,
-        offset,
-        spatial_scale,
-        spatial_shift,
-        out,
-        pixels,
-        channels,
-        width,
-        height // small_h,
-        width // small_w,
-        small_h * small_w,
-        small_w,
-        SPATIAL=spatial is not None,
-        SILU=silu,
-        BLOCK_HW=block_hw,
-        BLOCK_C=block_c,
+        (pixels, channels, width, height // small_h, width // small_w, small_h * small_w, small_w),
+        {"SPATIAL": spatial is not None, "SILU": silu, "BLOCK_HW": block_hw, "BLOCK_C": block_c},
+        tensors=6,
     )
-    return out
+    return _Plan((stats, finalize, apply), parts, contiguous)
 
 
-def _per_channel(t: torch.Tensor, batch: int, channels: int, name: str) -> tuple[torch.Tensor, int]:
-    """A (N or 1, C, 1, 1) modulation with unit channel stride (the time modulations are already: no op is queued),
-    and its batch stride (0 for one row shared by the batch)."""
+def _per_channel(t: torch.Tensor, batch: int, channels: int, name: str) -> tuple[int, bool]:
+    """Check a (N or 1, C, 1, 1) modulation; return its batch stride once laid out with unit channel stride (0 for
+    one row shared by the batch), and whether it must be copied to get there (the time modulations need not: no op is
+    queued)."""
     if t.dim() != 4 or t.shape[2:] != (1, 1) or t.shape[1] != channels or t.shape[0] not in (1, batch):
         raise ValueError(f"group norm: {name} must be (N or 1, {channels}, 1, 1); got {tuple(t.shape)}")
-    if t.stride(1) != 1 and channels > 1:
-        t = t.contiguous()
-    return t, t.stride(0) if t.shape[0] == batch and batch > 1 else 0
+    copy = t.stride(1) != 1 and channels > 1
+    stride = channels if copy else t.stride(0)  # a contiguous copy's batch stride is C
+    return (stride if t.shape[0] == batch and batch > 1 else 0), copy
 
 
 def _next_power_of_2(n: int) -> int:
@@ -276,9 +321,11 @@ def _next_power_of_2(n: int) -> int:
 
 # Launching through Triton's ``kernel[grid](...)`` binds the arguments, computes their specialisation and formats the
 # compile options into a cache key at every launch, host time that an eager UNet step with 183 norm launches pays
-# each time (run 6 on an H200: 13.3 ms of kernels took 23.9 ms; the dispatch's share is inferred, not measured). A repeated launch calls the kernel Triton
-# compiled for it directly instead (``CompiledKernel[grid]``, which since Triton 3.3 takes every argument, the
-# compile-time ones included, in the kernel's order), found by a key of what Triton specialises on.
+# each time (run 6 on an H200: 13.3 ms of kernels took 23.9 ms; the dispatch's share is inferred, not measured). A
+# repeated launch calls the kernel Triton compiled for it directly instead (``CompiledKernel[grid]``, which since
+# Triton 3.3 takes every argument, the compile-time ones included, in the kernel's order), found by a key of what
+# Triton specialises on: a plan's launch and the device when every tensor is 16-byte aligned (the rest is the plan's
+# key), else the arguments themselves (``_launch``).
 _LAUNCHERS: dict[tuple, Any] = {}
 # Whether repeated launches take the direct call; off for good in a process where a direct call raised (a Triton whose
 # compiled kernels take their arguments otherwise: they raise before launching anything), which then dispatches.
@@ -287,7 +334,6 @@ _direct_launch = True
 
 def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constants: Any) -> None:
     """``kernel[grid](*args, **constants)``: ``constants`` are the kernel's trailing compile-time parameters."""
-    global _direct_launch
     if not _direct_launch or _interpreting():
         kernel[grid](*args, **constants)
         return
@@ -297,6 +343,16 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constants: Any) ->
     # one type).
     specialisation = [(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values]
     key = (kernel, grid, torch.cuda.current_device(), *specialisation)
+    _launch_by_key(key, kernel, grid, args, constants, values)
+
+
+def _launch_by_key(
+    key: tuple, kernel: Any, grid: tuple[int, ...], args: tuple, constants: dict[str, Any], values: tuple
+) -> None:
+    """``kernel[grid](*args, **constants)`` through the launcher cached under ``key``, which must determine everything
+    Triton specialises on; ``values`` are the same arguments in the kernel's order, as its compiled kernel takes them.
+    The first launch under a key goes through Triton's dispatch, which compiles the variant if needed."""
+    global _direct_launch
     launcher = _LAUNCHERS.get(key)
     if launcher is None:
         compiled = kernel[grid](*args, **constants)  # compiles at the first launch of this specialisation
