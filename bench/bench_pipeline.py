@@ -594,7 +594,7 @@ class Bench:
         alternating; the images against both eager pipelines (the equality gate); the kernel profile and the stages.
         On the fast path's model copies, not yet compiled, switched back after. Then, on CUDA, the fast path without
         compilation (``compile_scope="none"``: fused projections and CUDA graphs) with the Triton norms, on fresh
-        copies: its warm-up and end to end against the reference's eager. On CUDA also our Triton-norm pipeline with
+        copies: its warm-up, end to end against the reference's eager, and its stages. On CUDA also our Triton-norm pipeline with
         every launch through Triton's dispatch (``norms._direct_launch`` off), against the direct launches. On the CPU
         only under Triton's interpreter (TRITON_INTERPRET=1)."""
         from kandinsky22 import fast
@@ -640,6 +640,9 @@ class Bench:
             self.e2e({graphs_key: uncompiled, ref_again: self.ref}, size)
             self.ratio(f"ratio_uncompiled_fast_triton_norms_over_ref_eager_{size}", graphs_key, ref_again)
             self.compare(f"equal_uncompiled_fast_triton_norms_vs_ref_{size}", graphs_key, ref)
+            # its UNet step (one graph replay) and MoVQ decode (eager, Triton norms), against the compiled fast path's
+            # (stages_compiled, full plan): is compiling worth its warm-up?
+            self.stages("uncompiled_fast_triton_norms", {"ours_uncompiled_fast_triton_norms": uncompiled})
         finally:
             del uncompiled, copies
             torch.cuda.empty_cache()
