@@ -354,20 +354,32 @@ def test_movq_decode_with_triton_norms_matches_reference(tmp_path, monkeypatch):
 
 COMPILE_FOR_HOPPER = textwrap.dedent(
     """
-    import json, re
+    import json, pathlib, re, subprocess, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from kandinsky22.models import norm_kernels as k
 
-    def compile_ptx(fn, signature, constexprs, aligned):
+    def compile_ptx(fn, signature, constexprs, aligned, **options):
         names = list(signature)
         attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
     def count(ptx, op):
         return {width: len(re.findall(rf"{op}\\.global\\.{width}", ptx)) for width in ("v4", "v2", "b16")}
+
+    def spilled_bytes(ptx):
+        # Triton's own ptxas for PTX this recent, verbose: it reports the registers and spills per kernel
+        ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
+        with tempfile.TemporaryDirectory() as folder:
+            source = pathlib.Path(folder) / "kernel.ptx"
+            source.write_text(ptx)
+            done = subprocess.run(
+                [str(ptxas), "-arch=sm_90a", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
+                capture_output=True, text=True, check=True,
+            )
+        return sum(int(n) for n in re.findall(r"(\\d+) bytes spill stores", done.stderr))
 
     half, single, ints = "*fp16", "*fp32", "i32"
     out = {}
@@ -389,12 +401,15 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
     signature.update(SPATIAL="constexpr", SILU="constexpr", BLOCK_HW="constexpr", BLOCK_C="constexpr")
     aligned = [name for name in signature if name.endswith("_ptr")] + ["channels"]
     small = dict(x_ptr=half, weight_ptr=half, bias_ptr=half, scale_ptr=half, shift_ptr=half, y_ptr=half)
-    small.update({name: ints for name in ("pixels", "channels", "group_size", "scale_stride", "shift_stride")})
-    small.update(inv_numel="fp32", eps="fp32", MODULATED="constexpr", SILU="constexpr")
+    small.update({name: ints for name in ("pixels", "channels", "scale_stride", "shift_stride")})
+    small.update(inv_numel="fp32", eps="fp32", GROUP="constexpr", MODULATED="constexpr", SILU="constexpr")
     small.update(BLOCK_HW="constexpr", BLOCK_G="constexpr")
     for modulated in (False, True):
-        constexprs = dict(MODULATED=modulated, SILU=True, BLOCK_HW=128, BLOCK_G=32)
-        compile_ptx(k.small, small, constexprs, ["x_ptr", "y_ptr", "channels"])
+        # the largest tile norms._plan makes, with its 16 warps: a 24x24 level of 1280 channels (40 per group)
+        constexprs = dict(GROUP=40, MODULATED=modulated, SILU=True, BLOCK_HW=256, BLOCK_G=64)
+        ptx = compile_ptx(k.small, small, constexprs, ["x_ptr", "y_ptr", "channels"], num_warps=16)
+        out[f"small_modulated_{modulated}"] = {"ld": count(ptx, "ld"), "st": count(ptx, "st")}
+        out[f"small_modulated_{modulated}"]["spilled_bytes"] = spilled_bytes(ptx)
     for spatial in (False, True):
         constexprs = dict(SPATIAL=spatial, SILU=True, BLOCK_HW=64, BLOCK_C=64)
         ptx = compile_ptx(k.apply, signature, constexprs, aligned)
@@ -424,3 +439,7 @@ def test_kernels_compile_for_hopper_with_vector_loads():
         apply = counts[f"apply_spatial_{spatial}"]
         assert apply["ld"]["v4"] > 0 and apply["ld"]["b16"] == 0
         assert apply["st"]["v4"] > 0 and apply["st"]["b16"] == 0
+    for modulated in (False, True):  # the one-kernel path: its group's rows as vectors, its large tile in registers
+        small = counts[f"small_modulated_{modulated}"]
+        assert small["ld"]["v4"] > 0 and small["st"]["v4"] > 0 and small["st"]["b16"] == 0
+        assert small["spilled_bytes"] == 0

@@ -182,7 +182,7 @@ def apply(
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["pixels", "group_size", "scale_stride", "shift_stride"])
+@triton.jit(do_not_specialize=["pixels", "scale_stride", "shift_stride"])
 def small(
     x_ptr,
     weight_ptr,
@@ -192,30 +192,36 @@ def small(
     y_ptr,
     pixels,
     channels,
-    group_size,
     scale_stride,
     shift_stride,
     inv_numel,
     eps,
+    GROUP: tl.constexpr,
     MODULATED: tl.constexpr,
     SILU: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
     """The whole norm of one (sample, group) in one program, for small feature maps: the statistics in a first pass
-    over the group's pixels, the normalisation in a second (the group's few kilobytes are still in cache)."""
+    over the group's pixels, the normalisation in a second (the group's few kilobytes are still in cache).
+
+    Only (batch × groups) programs run, so each must finish in few round trips to memory: the tile is large (the
+    caller sizes the warps to it), the channels per group (``GROUP``) are a compile-time constant, so that a row of
+    them is loaded as 16-byte vectors, and offsets within a sample are 32-bit (a sample of a small group's norm holds
+    at most groups × ``norms._SMALL_GROUP`` elements), which halves the registers they take."""
     group, n = tl.program_id(0), tl.program_id(1)
     lane = tl.arange(0, BLOCK_G)
-    gmask = lane < group_size
-    chans = group * group_size + lane
-    base = x_ptr + n.to(tl.int64) * pixels * channels
-    out = y_ptr + n.to(tl.int64) * pixels * channels
+    gmask = lane < GROUP
+    chans = group * GROUP + lane
+    sample = n.to(tl.int64) * pixels * channels
+    base = x_ptr + sample
+    out = y_ptr + sample
     zero = tl.sum(tl.zeros([BLOCK_G], dtype=tl.float32), axis=0)
     mean, m2, count = zero, zero, zero
     for row in range(0, pixels, BLOCK_HW):
         pix = row + tl.arange(0, BLOCK_HW)
         mask = (pix < pixels)[:, None] & gmask[None, :]
-        offsets = pix[:, None].to(tl.int64) * channels + chans[None, :]
+        offsets = pix[:, None] * channels + chans[None, :]
         values = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
         tile_count = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
         tile_mean = tl.sum(tl.sum(values, axis=1), axis=0) / tile_count
@@ -233,7 +239,7 @@ def small(
     for row in range(0, pixels, BLOCK_HW):
         pix = row + tl.arange(0, BLOCK_HW)
         mask = (pix < pixels)[:, None] & gmask[None, :]
-        offsets = pix[:, None].to(tl.int64) * channels + chans[None, :]
+        offsets = pix[:, None] * channels + chans[None, :]
         values = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
         y = values * factor[None, :] + offset[None, :]
         if SILU:

@@ -51,6 +51,10 @@ _FINALIZE_TILE = 2048
 # Elements per (sample, group) up to which one kernel does the whole norm, a program per (sample, group): the UNet's
 # two coarsest levels and its middle at 768² (576 pixels × 36 channels, 144 × 96 at most). One launch instead of three.
 _SMALL_GROUP = 32768
+# Elements per tile of that kernel (padded to powers of two), with 16 warps: few programs run (batch × groups), so each
+# takes its group in few round trips to memory (a 24² × 40-channel group in 3 tiles per pass where 4,096-element tiles
+# took 9; H200 run 6 timed the one-kernel norms at 1.52 ms of a 13.3 ms step with those).
+_SMALL_TILE = 16384
 
 
 def use_triton_norms(model: nn.Module, enabled: bool = True) -> int:
@@ -177,8 +181,8 @@ def group_norm_nhwc(
 @dataclass(eq=False)
 class _Launch:
     """One kernel launch of a :class:`_Plan`: the kernel, its grid, and its arguments after the tensors (the integer
-    and float ones, then the compile-time constants by name). Called with the current device's index and the
-    tensors."""
+    and float ones, then the compile-time constants and Triton's launch options by name). Called with the current
+    device's index and the tensors."""
 
     kernel: Any
     grid: tuple[int, ...]
@@ -264,11 +268,20 @@ def _plan(
     block_g = _next_power_of_2(group_size)
     inverse_count = 1.0 / (pixels * group_size)
     if spatial is None and pixels * group_size <= _SMALL_GROUP:
+        block_hw = min(_next_power_of_2(pixels), max(1, _SMALL_TILE // block_g))
         small = _Launch(
             kernels.small,
             (groups, batch, 1),
-            (pixels, channels, group_size, scale_stride, shift_stride, inverse_count, eps),
-            {"MODULATED": modulated, "SILU": silu, "BLOCK_HW": max(1, _TILE // block_g), "BLOCK_G": block_g},
+            (pixels, channels, scale_stride, shift_stride, inverse_count, eps),
+            {
+                "GROUP": group_size,
+                "MODULATED": modulated,
+                "SILU": silu,
+                "BLOCK_HW": block_hw,
+                "BLOCK_G": block_g,
+                # a warp per 1,024 elements of the tile: 32 per thread, as the other kernels hold
+                "num_warps": min(16, max(4, block_hw * block_g // 1024)),
+            },
             tensors=6,
         )
         return _Plan((small,), 0, contiguous)
@@ -333,16 +346,21 @@ _direct_launch = True
 
 
 def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constants: Any) -> None:
-    """``kernel[grid](*args, **constants)``: ``constants`` are the kernel's trailing compile-time parameters."""
+    """``kernel[grid](*args, **constants)``: ``constants`` are the kernel's trailing compile-time parameters and
+    Triton's launch options (``num_warps``)."""
     if not _direct_launch or _interpreting():
         kernel[grid](*args, **constants)
         return
-    values = (*args, *(constants[name] for name in kernel.arg_names[len(args) :]))
+    names = kernel.arg_names[len(args) :]
+    values = (*args, *(constants[name] for name in names))
     # What Triton compiles a variant per: a tensor's dtype and 16-byte alignment; any other argument by value (a finer
     # split than Triton's, which specialises integers on divisibility by 16 and equality to 1; each position holds
-    # one type).
+    # one type); and the launch options (``num_warps``: the constants that are not parameters).
     specialisation = [(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values]
-    key = (kernel, grid, torch.cuda.current_device(), *specialisation)
+    options = (
+        tuple(sorted((k, v) for k, v in constants.items() if k not in names)) if len(constants) > len(names) else ()
+    )
+    key = (kernel, grid, torch.cuda.current_device(), options, *specialisation)
     _launch_by_key(key, kernel, grid, args, constants, values)
 
 
