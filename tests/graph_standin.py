@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kandinsky22 import fast
+from kandinsky22.models import norms
 
 
 def rerun_capture(call):
@@ -32,6 +33,9 @@ def fast_path_as_on_cuda(monkeypatch: pytest.MonkeyPatch) -> Any:
     the real ``CudaGraphCall`` class (for isinstance checks)."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # the fast path sets it
     monkeypatch.setattr(fast, "_on_cuda", lambda model: True)
+    # compile_scope="none" switches the Triton norms on "on CUDA": they stay PyTorch's here (under the tests' Triton
+    # interpreter they would run, ~100 times slower; tests/test_norms.py runs them)
+    monkeypatch.setattr(norms, "_triton_applies", lambda norm, x: False)
     monkeypatch.setattr(fast, "_capture", rerun_capture)
     original = fast.CudaGraphCall
 

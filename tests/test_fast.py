@@ -16,12 +16,13 @@ import torch
 import transformers
 from graph_standin import fast_path_as_on_cuda, rerun_capture
 from safetensors.torch import load_file
+from torch import nn
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kandinsky22
 from kandinsky22 import fast, tiny
-from kandinsky22.models import movq, prior
+from kandinsky22.models import movq, norms, prior
 from kandinsky22.models.layers import AddedKVAttention, FusibleProjections, ResnetBlock2D
 
 TOL = 1e-4  # fp32, max |fast - eager| on [0, 1] images and on model outputs
@@ -428,6 +429,20 @@ def test_warm_up_captures_the_graphs_the_pipeline_replays(scope: str, monkeypatc
         pipe("red cat", negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **CALL)
     assert {name: g.captures for name, g in graphs.items()} == {"unet": 1, "prior_prior": 2}
     assert (fast_images - eager).abs().max() < TOL
+
+
+@pytest.mark.parametrize("scope", ["blocks", "none"])
+@pytest.mark.parametrize("triton", [True, False])
+def test_uncompiled_fast_path_runs_the_triton_norms_where_triton_is(scope, triton, monkeypatch) -> None:
+    """On CUDA, compile_scope="none" switches the UNet's and MoVQ's GroupNorms to the Triton kernels (the compiled
+    scopes keep Inductor's; the prior has none); without Triton it leaves them as they are."""
+    fast_path_as_on_cuda(monkeypatch)
+    monkeypatch.setattr(norms, "triton_available", lambda: triton)
+    pipe = _pipeline()
+    pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope=scope)
+    for name in ("unet", "movq"):
+        flags = [getattr(m, "triton_norm", False) for m in getattr(pipe, name).modules() if isinstance(m, nn.GroupNorm)]
+        assert flags and all(flag == (scope == "none" and triton) for flag in flags)
 
 
 def test_only_warmed_up_graphs_captures_nothing_new() -> None:

@@ -181,8 +181,8 @@ def _common_options() -> argparse.ArgumentParser:
         "--compile-scope",
         choices=COMPILE_SCOPES,
         help="with --fast: what it compiles: blocks (the default: each repeated block once per shape), model (each "
-        "model whole), none (nothing: fused projections and CUDA graphs only, no compilation in the warm-up, "
-        "slower steps; for a run too short to repay a compilation)",
+        "model whole), none (nothing: fused projections, CUDA graphs and Triton GroupNorms only, no compilation "
+        "in the warm-up, slower steps; for a run too short to repay a compilation)",
     )
     run.add_argument(
         "--compile-cache",
@@ -566,7 +566,10 @@ def _run_jobs(args: argparse.Namespace) -> int:
     if shapes:
         sizes = ", ".join(f"{width}x{height} ({n} per call)" for height, width, n in shapes)
         if scope == "none":
-            _note(args, f"fast path: preparing {sizes} as the models load (no compilation; CUDA graphs on a GPU)")
+            _note(
+                args,
+                f"fast path: preparing {sizes} as the models load (no compilation; on a GPU: CUDA graphs, Triton norms)",
+            )
         else:
             _note(args, f"fast path: compiling for {sizes} as the models load (a minute or more per size on a GPU)")
     bars = StageBars(enabled=not args.quiet)

@@ -11,8 +11,10 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   attentions, the prior's transformer blocks) as a graph of its own, and blocks of one structure and shape share one
   compilation: the warm-up generates code for the distinct blocks only. ``"model"`` compiles each model as one graph
   (Inductor may fuse across block boundaries; the warm-up generates code for every block). ``"none"`` compiles
-  nothing: the rest of the fast path (layout, fused projections, CUDA graphs), its warm-up only graph captures and
-  cuDNN's autotuning, for a process that cannot wait for compilation; it keeps the eager kernels, so it is slower than a compiled scope.
+  nothing: the rest of the fast path (layout, fused projections, CUDA graphs), with the UNet's and MoVQ's GroupNorms
+  as Triton kernels on CUDA (``use_triton_norms``) where Triton is installed; its warm-up is graph captures, cuDNN's
+  autotuning and, with a cold Triton cache, compiling those kernels (22 variants took 11 s on an H200); for a
+  process that cannot wait for compilation. It keeps the other eager kernels, so it is slower than a compiled scope.
 * **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide.
 * **CUDA graphs** for the UNet and the prior on CUDA (``CudaGraphCall``): the whole denoising step, ~700 kernels
   with the glue between the blocks, is captured once per input shape and replayed with one launch, so no Python runs
@@ -88,7 +90,7 @@ def enable_fast_path(
     one batch); without it the first call with a negative prompt compiles that batch size.
     ``compile_scope``: "blocks" (each repeated block compiled on its own, shared by the blocks of one structure and
     shape: the shorter warm-up), "model" (each model as one graph) or "none" (no compilation: the layout, the fused
-    projections and the CUDA graphs only).
+    projections and the CUDA graphs, with the Triton GroupNorms on CUDA where Triton is installed).
     """
     targets = _shape_list(shapes)
     if compile_scope not in COMPILE_SCOPES:
@@ -137,11 +139,13 @@ def drop_cuda_graphs(model: nn.Module) -> None:
 
 
 def use_triton_norms(pipe: Any, enabled: bool = True) -> int:
-    """Experimental, off by default: run the GroupNorms of ``pipe``'s UNet and MoVQ through Triton kernels that keep
-    channels_last and fold the time modulation and the SiLU in (``kandinsky22.models.norms``), where they apply (CUDA,
-    channels_last, not compiling; the fast path's compiled models keep Inductor's own). Measured on an H200 with
-    Triton's dispatch at every launch (``bench/README.md``, run 6): 0.985 × the eager pipeline's time, the host the
-    limit; the direct launches that followed are not measured yet. Returns how many norms were switched."""
+    """Run the GroupNorms of ``pipe``'s UNet and MoVQ through Triton kernels that keep channels_last and fold the time
+    modulation and the SiLU in (``kandinsky22.models.norms``), where they apply (CUDA, channels_last, not compiling;
+    the fast path's compiled models keep Inductor's own); ``enabled=False`` switches them back. Off by default in the
+    eager path: measured on an H200 with Triton's dispatch at every launch (``bench/README.md``, run 6), 0.985 × the
+    eager pipeline's time, the host the limit; the direct launches that followed are not measured yet. On by default
+    in the fast path without compilation (``compile_scope="none"``), where a CUDA graph replays them and only their
+    GPU time counts. Returns how many norms were switched."""
     models = [c for c in pipe.components.values() if isinstance(c, (UNet2DConditionModel, VQModel))]
     if not models:
         raise ValueError(f"{type(pipe).__name__} has no UNet or MoVQ whose norms could use Triton")
@@ -203,6 +207,11 @@ def _prepare(model: nn.Module, backend: str, offloaded: bool, scope: str) -> Non
         for module in target.modules():
             if isinstance(module, blocks):
                 _compile(module, backend)
+    elif _on_cuda(model) and not isinstance(model, PriorTransformer) and norms.triton_available():
+        # Uncompiled, the GroupNorms would be PyTorch's, which copy channels_last maps to NCHW and back; the Triton
+        # kernels keep the layout and fold the modulation and the SiLU in. Inside a CUDA graph only their GPU time
+        # counts: the eager UNet step's kernels took 13.3 ms with them, 20.0 without (H200, run 6).
+        norms.use_triton_norms(model)
     if _on_cuda(model) and not offloaded and not isinstance(model, VQModel):
         model._compiled_call_impl = CudaGraphCall(model, model._compiled_call_impl or model._call_impl)
     model._fast_path_scope = scope

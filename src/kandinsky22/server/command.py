@@ -101,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=COMPILE_SCOPES,
         default="blocks",
         help="what the fast path compiles: blocks (default: each repeated block once per shape), model (each model "
-        "whole: a longer warm-up), none (nothing: fused projections and CUDA graphs only, no compilation at start-up, "
-        "slower steps)",
+        "whole: a longer warm-up), none (nothing: fused projections, CUDA graphs and Triton GroupNorms only, no "
+        "compilation at start-up, slower steps)",
     )
     models.add_argument(
         "--compile-cache",
