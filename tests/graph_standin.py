@@ -36,6 +36,7 @@ def fast_path_as_on_cuda(monkeypatch: pytest.MonkeyPatch) -> Any:
     # compile_scope="none" switches the Triton norms on "on CUDA": they stay PyTorch's here (under the tests' Triton
     # interpreter they would run, ~100 times slower; tests/test_norms.py runs them)
     monkeypatch.setattr(norms, "_triton_applies", lambda norm, x: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(fast, "_capture", rerun_capture)
     original = fast.CudaGraphCall
 

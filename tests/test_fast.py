@@ -432,17 +432,19 @@ def test_warm_up_captures_the_graphs_the_pipeline_replays(scope: str, monkeypatc
 
 
 @pytest.mark.parametrize("scope", ["blocks", "none"])
-@pytest.mark.parametrize("triton", [True, False])
-def test_uncompiled_fast_path_runs_the_triton_norms_where_triton_is(scope, triton, monkeypatch) -> None:
+@pytest.mark.parametrize(("triton", "capability"), [(True, (9, 0)), (False, (9, 0)), (True, (6, 1))])
+def test_uncompiled_fast_path_runs_the_triton_norms_where_triton_is(scope, triton, capability, monkeypatch) -> None:
     """On CUDA, compile_scope="none" switches the UNet's and MoVQ's GroupNorms to the Triton kernels (the compiled
-    scopes keep Inductor's; the prior has none); without Triton it leaves them as they are."""
+    scopes keep Inductor's; the prior has none); without Triton, or on a GPU Triton does not generate code for (below
+    compute capability 7.0), it leaves them as they are."""
     fast_path_as_on_cuda(monkeypatch)
     monkeypatch.setattr(norms, "triton_available", lambda: triton)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     pipe = _pipeline()
     pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope=scope)
     for name in ("unet", "movq"):
         flags = [getattr(m, "triton_norm", False) for m in getattr(pipe, name).modules() if isinstance(m, nn.GroupNorm)]
-        assert flags and all(flag == (scope == "none" and triton) for flag in flags)
+        assert flags and all(flag == (scope == "none" and triton and capability >= (7, 0)) for flag in flags)
 
 
 def test_only_warmed_up_graphs_captures_nothing_new() -> None:

@@ -207,7 +207,7 @@ def _prepare(model: nn.Module, backend: str, offloaded: bool, scope: str) -> Non
         for module in target.modules():
             if isinstance(module, blocks):
                 _compile(module, backend)
-    elif _on_cuda(model) and not isinstance(model, PriorTransformer) and norms.triton_available():
+    elif _on_cuda(model) and not isinstance(model, PriorTransformer) and _triton_runs_on(model):
         # Uncompiled, the GroupNorms would be PyTorch's, which copy channels_last maps to NCHW and back; the Triton
         # kernels keep the layout and fold the modulation and the SiLU in. Inside a CUDA graph only their GPU time
         # counts: the eager UNet step's kernels took 13.3 ms with them, 20.0 without (H200, run 6).
@@ -219,6 +219,13 @@ def _prepare(model: nn.Module, backend: str, offloaded: bool, scope: str) -> Non
 
 def _on_cuda(model: nn.Module) -> bool:
     return next(model.parameters()).device.type == "cuda"
+
+
+def _triton_runs_on(model: nn.Module) -> bool:
+    """Whether Triton is installed and generates code for the GPU holding ``model`` (compute capability 7.0 and up:
+    a Pascal card keeps PyTorch's norms rather than fail at the first call)."""
+    device = next(model.parameters()).device
+    return norms.triton_available() and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def _compile(module: nn.Module, backend: str) -> None:
