@@ -431,20 +431,25 @@ def test_warm_up_captures_the_graphs_the_pipeline_replays(scope: str, monkeypatc
     assert (fast_images - eager).abs().max() < TOL
 
 
-@pytest.mark.parametrize("scope", ["blocks", "none"])
+@pytest.mark.parametrize("scope", ["blocks", "model", "none"])
 @pytest.mark.parametrize(("triton", "capability"), [(True, (9, 0)), (False, (9, 0)), (True, (6, 1))])
-def test_uncompiled_fast_path_runs_the_triton_norms_where_triton_is(scope, triton, capability, monkeypatch) -> None:
-    """On CUDA, compile_scope="none" switches the UNet's and MoVQ's GroupNorms to the Triton kernels (the compiled
-    scopes keep Inductor's; the prior has none); without Triton, or on a GPU Triton does not generate code for (below
-    compute capability 7.0), it leaves them as they are."""
+def test_triton_norms_where_the_fast_path_leaves_a_model_uncompiled(scope, triton, capability, monkeypatch) -> None:
+    """On CUDA, where Triton generates code for the GPU (compute capability 7.0 and up): compile_scope="none" switches
+    the UNet's GroupNorms to the Triton kernels (the compiled scopes keep Inductor's; the prior has none), and in
+    every scope MoVQ stays uncompiled with the Triton kernels. Without Triton, or on an older GPU, everything is as
+    the scope says."""
     fast_path_as_on_cuda(monkeypatch)
     monkeypatch.setattr(norms, "triton_available", lambda: triton)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     pipe = _pipeline()
     pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope=scope)
-    for name in ("unet", "movq"):
+    runs = triton and capability >= (7, 0)
+    for name, expected in (("unet", runs and scope == "none"), ("movq", runs)):
         flags = [getattr(m, "triton_norm", False) for m in getattr(pipe, name).modules() if isinstance(m, nn.GroupNorm)]
-        assert flags and all(flag == (scope == "none" and triton and capability >= (7, 0)) for flag in flags)
+        assert flags and all(flag == expected for flag in flags)
+    decoder = pipe.movq.decoder
+    compiled = decoder._compiled_call_impl is not None or any(m._compiled_call_impl for m in decoder.modules())
+    assert compiled == (scope != "none" and not runs)
 
 
 def test_only_warmed_up_graphs_captures_nothing_new() -> None:

@@ -15,6 +15,8 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   as Triton kernels on CUDA (``use_triton_norms``) where Triton is installed; its warm-up is graph captures, cuDNN's
   autotuning and, with a cold Triton cache, compiling those kernels (22 variants took 11 s on an H200); for a
   process that cannot wait for compilation. It keeps the other eager kernels, so it is slower than a compiled scope.
+  Where those Triton norms run, the MoVQ decoder is not compiled in any scope: eager with them it decoded faster
+  than compiled (20.4 against 26.0 ms at 768² on an H200, runs 6 and 4) and its compilation took 21-28 s.
 * **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide.
 * **CUDA graphs** for the UNet and the prior on CUDA (``CudaGraphCall``): the whole denoising step, ~700 kernels
   with the glue between the blocks, is captured once per input shape and replayed with one launch, so no Python runs
@@ -200,18 +202,21 @@ def _prepare(model: nn.Module, backend: str, offloaded: bool, scope: str) -> Non
     if not isinstance(model, PriorTransformer):
         model.to(memory_format=torch.channels_last)
     target = model.decoder if isinstance(model, VQModel) else model
-    if scope == "model":
+    triton = _on_cuda(model) and not isinstance(model, PriorTransformer) and _triton_runs_on(model)
+    if triton and (scope == "none" or isinstance(model, VQModel)):
+        # Uncompiled, the GroupNorms would be PyTorch's, which copy channels_last maps to NCHW and back; the Triton
+        # kernels keep the layout and fold the modulation and the SiLU in. Inside a CUDA graph only their GPU time
+        # counts: the eager UNet step's kernels took 13.3 ms with them, 20.0 without (H200, run 6). MoVQ, which runs
+        # once per call, is not compiled when they run, in any scope: its eager decode with them took 20.4 ms (run
+        # 6), compiled it took 26.0 (run 4; 22.3 compiled whole, run 2), and compiling it took 21-28 s of the warm-up.
+        norms.use_triton_norms(model)
+    elif scope == "model":
         _compile(target, backend)
     elif scope == "blocks":
         blocks = BLOCKS[next(kind for kind in BLOCKS if isinstance(model, kind))]
         for module in target.modules():
             if isinstance(module, blocks):
                 _compile(module, backend)
-    elif _on_cuda(model) and not isinstance(model, PriorTransformer) and _triton_runs_on(model):
-        # Uncompiled, the GroupNorms would be PyTorch's, which copy channels_last maps to NCHW and back; the Triton
-        # kernels keep the layout and fold the modulation and the SiLU in. Inside a CUDA graph only their GPU time
-        # counts: the eager UNet step's kernels took 13.3 ms with them, 20.0 without (H200, run 6).
-        norms.use_triton_norms(model)
     if _on_cuda(model) and not offloaded and not isinstance(model, VQModel):
         model._compiled_call_impl = CudaGraphCall(model, model._compiled_call_impl or model._call_impl)
     model._fast_path_scope = scope
