@@ -147,7 +147,7 @@ def use_triton_norms(pipe: Any, enabled: bool = True) -> int:
     eager path: measured on an H200 with Triton's dispatch at every launch (``bench/README.md``, run 6), 0.985 × the
     eager pipeline's time, the host the limit; the direct launches that followed are not measured yet. On by default
     in the fast path without compilation (``compile_scope="none"``), where a CUDA graph replays them and only their
-    GPU time counts. Returns how many norms were switched."""
+    GPU time counts, and for MoVQ in every scope of the fast path. Returns how many norms were switched."""
     models = [c for c in pipe.components.values() if isinstance(c, (UNet2DConditionModel, VQModel))]
     if not models:
         raise ValueError(f"{type(pipe).__name__} has no UNet or MoVQ whose norms could use Triton")

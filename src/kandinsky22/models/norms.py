@@ -21,13 +21,14 @@ each. The kernels read the input twice and write the output once, and launch thr
 five or six. Their rounding differs from PyTorch's sequence as Inductor's fused kernels' does: one rounding to the
 output dtype instead of one per op.
 
-The Triton path is opt-in. On an H200 (``bench/README.md``, run 6) it cut the eager UNet step's kernel time from
-20.0 to 13.3 ms, but the step went only from 26.2 to 23.9 ms: the host became the limit, Triton's dispatch at
-each launch being the likely cost (inferred from those totals, not measured alone). Repeated launches now skip that
-dispatch (``_launch``), and each distinct call's checks, arithmetic and launch arguments are made once (``_Plan``);
-no GPU run has measured either yet. On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests. Triton compiles each kernel variant
-(per dtype, group width, modulation and activation) at its first use in a process; its disk cache
-(``~/.triton/cache``) serves later processes.
+The Triton path is off by default in the eager path; the fast path switches it on where a model stays uncompiled on
+CUDA (``fast.py``). On an H200 (``bench/README.md``, run 6) it cut the eager UNet step's kernel time from 20.0 to
+13.3 ms, but the step went only from 26.2 to 23.9 ms: the host became the limit, Triton's dispatch at each launch
+being the likely cost (inferred from those totals, not measured alone). Repeated launches now skip that dispatch
+(``_launch``), and each distinct call's checks, arithmetic and launch arguments are made once (``_Plan``); no GPU run
+has measured either yet. On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests.
+Triton compiles each kernel variant (per dtype, group width, modulation and activation) at its first use in a
+process; its disk cache (``~/.triton/cache``) serves later processes.
 """
 
 from __future__ import annotations
@@ -267,7 +268,8 @@ def _plan(
     group_size = channels // groups
     block_g = _next_power_of_2(group_size)
     inverse_count = 1.0 / (pixels * group_size)
-    if spatial is None and pixels * group_size <= _SMALL_GROUP:
+    # (32-bit offsets within a sample in that kernel: pixels × channels is at most groups × _SMALL_GROUP there)
+    if spatial is None and pixels * group_size <= _SMALL_GROUP and pixels * channels < 2**31:
         block_hw = min(_next_power_of_2(pixels), max(1, _SMALL_TILE // block_g))
         small = _Launch(
             kernels.small,
