@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import MOVQ, UNET  # noqa: E402
 
+from kandinsky22 import fast  # noqa: E402
 from kandinsky22.models import movq, norms  # noqa: E402
 from kandinsky22.models.movq import VQModel  # noqa: E402
 from kandinsky22.models.unet import UNet2DConditionModel  # noqa: E402
@@ -156,18 +157,9 @@ def triton(call: Call, kwargs: dict[str, Any], small_group: int | None) -> Calla
 
 
 def gpu_us(fn: Callable[[], Any], calls: int = 20, replays: int = 10) -> float:
-    """GPU µs per ``fn()``: ``calls`` calls captured in one CUDA graph (after warm-up calls on a side stream, which
-    compile the Triton variants), replayed ``replays`` times between two events."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    """GPU µs per ``fn()``: ``calls`` calls captured in one CUDA graph as the fast path captures (after warm-up runs on
+    a side stream, which compile the Triton variants), replayed ``replays`` times between two events."""
+    graph, _ = fast._capture(lambda: [fn() for _ in range(calls)])
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
