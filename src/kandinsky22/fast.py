@@ -202,8 +202,8 @@ def _prepare(model: nn.Module, backend: str, offloaded: bool, scope: str) -> Non
     if not isinstance(model, PriorTransformer):
         model.to(memory_format=torch.channels_last)
     target = model.decoder if isinstance(model, VQModel) else model
-    triton = _on_cuda(model) and not isinstance(model, PriorTransformer) and _triton_runs_on(model)
-    if triton and (scope == "none" or isinstance(model, VQModel)):
+    triton_norms = _on_cuda(model) and not isinstance(model, PriorTransformer) and _triton_runs_on(model)
+    if triton_norms and (scope == "none" or isinstance(model, VQModel)):
         # Uncompiled, the GroupNorms would be PyTorch's, which copy channels_last maps to NCHW and back; the Triton
         # kernels keep the layout and fold the modulation and the SiLU in. Inside a CUDA graph only their GPU time
         # counts: the eager UNet step's kernels took 13.3 ms with them, 20.0 without (H200, run 6). MoVQ, which runs
