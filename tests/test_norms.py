@@ -404,12 +404,14 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
     small.update({name: ints for name in ("pixels", "channels", "scale_stride", "shift_stride")})
     small.update(inv_numel="fp32", eps="fp32", GROUP="constexpr", MODULATED="constexpr", SILU="constexpr")
     small.update(BLOCK_HW="constexpr", BLOCK_G="constexpr")
-    for modulated in (False, True):
-        # the largest tile norms._plan makes, with its 16 warps: a 24x24 level of 1280 channels (40 per group)
-        constexprs = dict(GROUP=40, MODULATED=modulated, SILU=True, BLOCK_HW=256, BLOCK_G=64)
-        ptx = compile_ptx(k.small, small, constexprs, ["x_ptr", "y_ptr", "channels"], num_warps=16)
-        out[f"small_modulated_{modulated}"] = {"ld": count(ptx, "ld"), "st": count(ptx, "st")}
-        out[f"small_modulated_{modulated}"]["spilled_bytes"] = spilled_bytes(ptx)
+    # The largest tile norms._plan makes, with its 16 warps, at the official UNet's 768x768 levels that take this
+    # path: 36 channels per group (1152 wide, 24x24) and 48 (1536 wide, 12x12).
+    for group in (36, 48):
+        for modulated in (False, True):
+            constexprs = dict(GROUP=group, MODULATED=modulated, SILU=True, BLOCK_HW=256, BLOCK_G=64)
+            ptx = compile_ptx(k.small, small, constexprs, ["x_ptr", "y_ptr", "channels"], num_warps=16)
+            key = f"small_{group}_modulated_{modulated}"
+            out[key] = {"ld": count(ptx, "ld"), "st": count(ptx, "st"), "spilled_bytes": spilled_bytes(ptx)}
     for spatial in (False, True):
         constexprs = dict(SPATIAL=spatial, SILU=True, BLOCK_HW=64, BLOCK_C=64)
         ptx = compile_ptx(k.apply, signature, constexprs, aligned)
@@ -439,7 +441,10 @@ def test_kernels_compile_for_hopper_with_vector_loads():
         apply = counts[f"apply_spatial_{spatial}"]
         assert apply["ld"]["v4"] > 0 and apply["ld"]["b16"] == 0
         assert apply["st"]["v4"] > 0 and apply["st"]["b16"] == 0
-    for modulated in (False, True):  # the one-kernel path: its group's rows as vectors, its large tile in registers
-        small = counts[f"small_modulated_{modulated}"]
-        assert small["ld"]["v4"] > 0 and small["st"]["v4"] > 0 and small["st"]["b16"] == 0
-        assert small["spilled_bytes"] == 0
+    # The one-kernel path: a group's row of channels as vectors (16 bytes where its width is a multiple of 8 halves,
+    # else 8), its large tile in registers.
+    for group, width in ((36, "v2"), (48, "v4")):
+        for modulated in (False, True):
+            small = counts[f"small_{group}_modulated_{modulated}"]
+            assert small["ld"][width] > 0 and small["st"][width] > 0 and small["st"]["b16"] == 0
+            assert small["spilled_bytes"] == 0

@@ -207,7 +207,7 @@ def small(
 
     Only (batch × groups) programs run, so each must finish in few round trips to memory: the tile is large (the
     caller sizes the warps to it), the channels per group (``GROUP``) are a compile-time constant, so that a row of
-    them is loaded as 16-byte vectors, and offsets within a sample are 32-bit (a sample of a small group's norm holds
+    them is loaded as vectors (16 bytes where the width allows, else 8), and offsets within a sample are 32-bit (a sample of a small group's norm holds
     at most groups × ``norms._SMALL_GROUP`` elements), which halves the registers they take."""
     group, n = tl.program_id(0), tl.program_id(1)
     lane = tl.arange(0, BLOCK_G)

@@ -53,7 +53,7 @@ _FINALIZE_TILE = 2048
 # two coarsest levels and its middle at 768² (576 pixels × 36 channels, 144 × 96 at most). One launch instead of three.
 _SMALL_GROUP = 32768
 # Elements per tile of that kernel (padded to powers of two), with 16 warps: few programs run (batch × groups), so each
-# takes its group in few round trips to memory (a 24² × 40-channel group in 3 tiles per pass where 4,096-element tiles
+# takes its group in few round trips to memory (a 24² × 36-channel group in 3 tiles per pass where 4,096-element tiles
 # took 9; H200 run 6 timed the one-kernel norms at 1.52 ms of a 13.3 ms step with those).
 _SMALL_TILE = 16384
 
