@@ -68,10 +68,12 @@ else
 fi
 
 # GPU time of each distinct norm call of a 768² UNet step and MoVQ decode, per path (Triton's three kernels, its one
-# kernel, PyTorch's ops): where the one-kernel path should end. Compiles extra Triton variants: up to ~1 min cold.
+# kernel, PyTorch's ops): where the one-kernel path should end. Compiles extra Triton variants: up to ~1 min cold,
+# into a cache of its own, so that the benchmark's first Triton-norm call still compiles from a cold one.
 # NORM_PATHS=0 skips it.
 if [ "${NORM_PATHS:-1}" != 0 ] && python3 -c "import torch, triton; assert torch.cuda.is_available()" 2>/dev/null; then
-  timeout 150 python3 bench/norm_paths.py --out "$OUT/norm_paths.json" 2>&1 | tail -15 | tee -a "$LOG"
+  TRITON_CACHE_DIR="$(mktemp -d)" timeout 150 python3 bench/norm_paths.py --out "$OUT/norm_paths.json" 2>&1 \
+    | tail -15 | tee -a "$LOG"
 fi
 
 PYTHONUNBUFFERED=1 python3 bench/bench_pipeline.py --budget-s "$BUDGET_S" --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
