@@ -1047,8 +1047,13 @@ class Bench:
         if not hasattr(self, "ours"):
             return
         cheap = 5.0 if a.tiny else 25.0  # seconds an eager measurement needs at most
-        if a.plan == "followup":
-            self.followup(size, cheap)
+        if a.plan != "full":
+            if a.plan == "followup":
+                self.followup(size, cheap)
+            else:  # "compiled": the equality gate, then the compiled pair and their stages
+                self.section("equality", cheap, self.equality)
+                self.section("flops", 2, self.flops)
+                self.compiled_sections(size, cheap)
             self.results.put("total_s", round(time.perf_counter() - START, 1))
             return
         self.eager_sections(size, cheap)
@@ -1059,33 +1064,8 @@ class Bench:
         )
         if self.cuda:
             self.section("host_syncs", cheap, self.sync_check)
+        done = self.compiled_sections(size, cheap)
 
-        done: set[str] = set()
-
-        def fast_bs1() -> None:
-            self.fast([(size, size, 1)], f"ours_fast_warmup_{size}_bs1")
-            done.add("fast")
-            self.e2e({f"ours_fast_e2e_{size}_bs1": self.fast_pipe}, size)
-            self.compare(f"equal_fast_vs_eager_{size}", f"ours_fast_e2e_{size}_bs1", f"ours_eager_{size}")
-            self.compare(f"equal_fast_vs_ref_{size}", f"ours_fast_e2e_{size}_bs1", f"ref_eager_{size}")
-
-        def ref_bs1() -> None:
-            self.ref_compile()
-            done.add("ref")
-            self.e2e({f"ref_compiled_e2e_{size}_bs1": self.ref_compiled}, size)
-            # The reference against itself: the same pipeline, compiled or not. Its fp16 rounding noise floor.
-            self.compare(f"equal_ref_compiled_vs_ref_eager_{size}", f"ref_compiled_e2e_{size}_bs1", f"ref_eager_{size}")
-
-        self.section("fast", self.estimates["fast_warmup"] + cheap, fast_bs1)
-        self.section("ref_compiled", self.estimates["ref_compile"] + cheap, ref_bs1)
-        if done == {"fast", "ref"}:
-            compiled = {"ours_fast": self.fast_pipe, "ref_compiled": self.ref_compiled}
-            self.section("stages_compiled", cheap, lambda: self.stages("compiled", compiled))
-            self.section("kernel_profile_compiled", cheap, lambda: self.kernel_profile("compiled", compiled))
-            self.ratio("ratio_fast_over_ref_compiled", f"ours_fast_e2e_{size}_bs1", f"ref_compiled_e2e_{size}_bs1")
-        self.ratio("ratio_fast_over_ref_eager", f"ours_fast_e2e_{size}_bs1", f"ref_eager_e2e_{size}_bs1")
-        if "fast" in done:  # MoVQ compiled against eager with the Triton norms (as the fast path now runs it)
-            self.section("movq_compiled", 30.0 + cheap, lambda: self.movq_compiled(size))
         if "fast" in done:  # the other compile scope, for its warm-up and speed against this one's
             # H200: "model" warmed up in 120.8 s (run 2), "blocks" in 87.6 s (run 4)
             factor = 1.5 if a.compile_scope == "blocks" else 0.75
@@ -1116,6 +1096,38 @@ class Bench:
 
             self.section(f"fast_{other}", 0.8 * self.estimates["fast_warmup"] + cheap, fast_other)
         self.results.put("total_s", round(time.perf_counter() - START, 1))
+
+    def compiled_sections(self, size: int, cheap: float) -> set[str]:
+        """Our fast path (its warm-up from cold caches, end to end, the images against both eager pipelines) and the
+        reference with its compile recipe, then their stages and kernel profiles, and MoVQ compiled against MoVQ as
+        the fast path runs it; returns which of the two compiled ("fast", "ref")."""
+        done: set[str] = set()
+
+        def fast_bs1() -> None:
+            self.fast([(size, size, 1)], f"ours_fast_warmup_{size}_bs1")
+            done.add("fast")
+            self.e2e({f"ours_fast_e2e_{size}_bs1": self.fast_pipe}, size)
+            self.compare(f"equal_fast_vs_eager_{size}", f"ours_fast_e2e_{size}_bs1", f"ours_eager_{size}")
+            self.compare(f"equal_fast_vs_ref_{size}", f"ours_fast_e2e_{size}_bs1", f"ref_eager_{size}")
+
+        def ref_bs1() -> None:
+            self.ref_compile()
+            done.add("ref")
+            self.e2e({f"ref_compiled_e2e_{size}_bs1": self.ref_compiled}, size)
+            # The reference against itself: the same pipeline, compiled or not. Its fp16 rounding noise floor.
+            self.compare(f"equal_ref_compiled_vs_ref_eager_{size}", f"ref_compiled_e2e_{size}_bs1", f"ref_eager_{size}")
+
+        self.section("fast", self.estimates["fast_warmup"] + cheap, fast_bs1)
+        self.section("ref_compiled", self.estimates["ref_compile"] + cheap, ref_bs1)
+        if done == {"fast", "ref"}:
+            compiled = {"ours_fast": self.fast_pipe, "ref_compiled": self.ref_compiled}
+            self.section("stages_compiled", cheap, lambda: self.stages("compiled", compiled))
+            self.section("kernel_profile_compiled", cheap, lambda: self.kernel_profile("compiled", compiled))
+            self.ratio("ratio_fast_over_ref_compiled", f"ours_fast_e2e_{size}_bs1", f"ref_compiled_e2e_{size}_bs1")
+        self.ratio("ratio_fast_over_ref_eager", f"ours_fast_e2e_{size}_bs1", f"ref_eager_e2e_{size}_bs1")
+        if "fast" in done:  # MoVQ compiled against eager with the Triton norms (as the fast path now runs it)
+            self.section("movq_compiled", 30.0 + cheap, lambda: self.movq_compiled(size))
+        return done
 
     def eager_sections(self, size: int, cheap: float) -> None:
         """The start of both plans: equality, eager end to end, the eager layouts, then on CUDA the eager models with
@@ -1217,10 +1229,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="results folder (default: $OUT, else bench/results)")
     parser.add_argument(
         "--plan",
-        choices=["full", "followup"],
+        choices=["full", "followup", "compiled"],
         default="full",
         help="full: every measurement (see above); followup: equality, the eager measurements (layouts, CUDA graphs, "
-        "Triton norms, kernel profile) and the 4-image compiled pair only (a second device call)",
+        "Triton norms, kernel profile) and the 4-image compiled pair only (a second device call); compiled: equality, "
+        "then the compiled pair, their stages and MoVQ compiled or not (a call after a followup one)",
     )
     parser.add_argument(
         "--compile-scope",
