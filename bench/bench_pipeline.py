@@ -1065,7 +1065,6 @@ class Bench:
         if self.cuda:
             self.section("host_syncs", cheap, self.sync_check)
         done = self.compiled_sections(size, cheap)
-
         if "fast" in done:  # the other compile scope, for its warm-up and speed against this one's
             # H200: "model" warmed up in 120.8 s (run 2), "blocks" in 87.6 s (run 4)
             factor = 1.5 if a.compile_scope == "blocks" else 0.75
