@@ -1,7 +1,7 @@
 """Host time of one Triton GroupNorm call (``kandinsky22.models.norms.norm_act``) as the eager UNet makes it, with the
 kernels stubbed: what the wrapper and its launches cost the CPU before any kernel runs, on the paths a GPU takes.
 
-``direct``: the repeated launches of a compiled specialisation (``norms._launch`` calls Triton's compiled kernel);
+``direct``: the repeated launches of a compiled specialisation (``norms._Launch`` calls Triton's compiled kernel);
 ``dispatch stubbed``: ``kernel[grid](...)`` answered by a stub at once, so the figure holds the wrapper's own time only
 and not Triton's dispatch (binding, specialisation, cache key), which needs a GPU to measure: the bench's
 ``ours_triton_norms_dispatched`` against ``ours_triton_norms`` end to end measures it there. Shapes: a 768² UNet
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     for name in ("small", "stats", "finalize", "apply"):  # the module norms._kernels() returns, its kernels stubbed
         setattr(norm_kernels, name, Stub(getattr(norm_kernels, name).arg_names))
-    norms._interpreting = lambda: False  # the GPU's path: launches through norms._launch
+    norms._interpreting = lambda: False  # the GPU's path: direct launches (norms._Launch)
     torch.cuda.current_device = lambda: 0
     applies = norms._triton_applies
     norms._triton_applies = lambda norm, x: applies(norm, x) or x.device.type == "cpu"

@@ -214,7 +214,7 @@ class FakeKernel:
 
 @pytest.fixture
 def direct_launch(monkeypatch):
-    """``norms._launch`` as on a GPU, with a fresh cache."""
+    """``norms._Launch`` as on a GPU, with fresh caches."""
     monkeypatch.setattr(norms, "_interpreting", lambda: False)
     monkeypatch.setattr(norms, "_LAUNCHERS", {})
     monkeypatch.setattr(norms, "_PLANS", {})
@@ -222,31 +222,39 @@ def direct_launch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
 
+def fake_launch(kernel):
+    """A plan's launch of ``kernel`` (parameters x, out, n, BLOCK, SILU) on a (4, 2) grid, constants out of order."""
+    return norms._Launch(kernel, (4, 2, 1), (7,), {"SILU": True, "BLOCK": 32}, tensors=2)
+
+
 def test_repeated_launch_calls_the_compiled_kernel(direct_launch):
     kernel, x = FakeKernel(), torch.zeros(64)
-    norms._launch(kernel, (4, 2), x, x, 7, SILU=True, BLOCK=32)
-    norms._launch(kernel, (4, 2), x, x, 7, BLOCK=32, SILU=True)
+    launch = fake_launch(kernel)
+    launch(0, x, x)
+    launch(0, x, x)
     assert [entry[0] for entry in kernel.log] == ["dispatch", "direct"]
+    assert kernel.log[0][2:] == ((x, x, 7), {"SILU": True, "BLOCK": 32})
     assert kernel.log[1] == ("direct", (4, 2, 1), (x, x, 7, 32, True))  # the constants in the kernel's order
 
 
-def test_a_new_specialisation_is_dispatched(direct_launch):
+def test_a_new_alignment_or_device_is_dispatched(direct_launch):
+    """What Triton specialises on besides the plan's key: a tensor's 16-byte alignment, and the device."""
     kernel, x = FakeKernel(), torch.zeros(64)
-    norms._launch(kernel, (4, 2), x, x, 7, BLOCK=32, SILU=True)
-    norms._launch(kernel, (4, 2), x[1:], x, 7, BLOCK=32, SILU=True)  # 4 bytes in: not 16-byte aligned
-    norms._launch(kernel, (4, 2), x.half(), x, 7, BLOCK=32, SILU=True)  # another dtype
-    norms._launch(kernel, (4, 2), x, x, 8, BLOCK=32, SILU=True)  # another integer
-    norms._launch(kernel, (4, 2), x, x, 7, BLOCK=32, SILU=False)  # another constant
-    norms._launch(kernel, (4, 1), x, x, 7, BLOCK=32, SILU=True)  # another grid
-    assert [entry[0] for entry in kernel.log] == ["dispatch"] * 6
-    norms._launch(kernel, (4, 2), x[4:], x, 7, BLOCK=32, SILU=True)  # 16 bytes in: as the first
-    assert kernel.log[-1][0] == "direct"
+    launch = fake_launch(kernel)
+    launch(0, x, x)
+    launch(0, x[1:], x)  # 4 bytes in: not 16-byte aligned
+    launch(1, x, x)  # another device
+    assert [entry[0] for entry in kernel.log] == ["dispatch"] * 3
+    launch(0, x[1:], x)  # as the second
+    launch(0, x[4:], x)  # 16 bytes in: as the first
+    assert [entry[0] for entry in kernel.log[3:]] == ["direct"] * 2
 
 
 def test_direct_launch_that_raises_type_error_falls_back_for_good(direct_launch):
     kernel, x = FakeKernel(fail=True), torch.zeros(64)
+    launch = fake_launch(kernel)
     for _ in range(3):
-        norms._launch(kernel, (1,), x, x, 7, BLOCK=32, SILU=True)
+        launch(0, x, x)
     assert [entry[0] for entry in kernel.log] == ["dispatch"] * 3
     assert norms._direct_launch is False and norms._LAUNCHERS == {}
 
@@ -254,7 +262,8 @@ def test_direct_launch_that_raises_type_error_falls_back_for_good(direct_launch)
 def test_norm_calls_launch_directly_what_their_first_call_dispatched(direct_launch, monkeypatch, path):
     """``group_norm_nhwc`` makes its launches' arguments once per distinct call (its plan): a repeated call passes
     Triton's compiled kernels exactly the values the first call's dispatch got, in the kernel's order. A misaligned
-    tensor, which Triton compiles another variant for, and a new plan (another eps) go through the dispatch first."""
+    tensor, which Triton compiles another variant for, and a new plan (another eps, another dtype) go through the
+    dispatch first."""
     from kandinsky22.models import norm_kernels
 
     names = ("small", "stats", "finalize", "apply")
@@ -266,16 +275,17 @@ def test_norm_calls_launch_directly_what_their_first_call_dispatched(direct_laun
     misaligned = torch.randn(2 * 64 + 1, device=DEVICE)[1:].view(2, 64, 1, 1)  # 4 bytes in; same shape and strides
     for shift_now, eps in ((shift, 1e-5), (shift, 1e-5), (misaligned, 1e-5), (misaligned, 1e-5), (shift, 1e-6)):
         norms.group_norm_nhwc(x, 8, weight, bias, eps, scale_1, shift_now, silu=True)
+    norms.group_norm_nhwc(x.double(), 8, weight, bias, 1e-5, scale_1, shift, silu=True)  # another dtype: a new plan
     used = [name for name in names if kernels[name].log]
     assert used == (["small"] if path == "one_kernel" else ["stats", "finalize", "apply"])
-    assert len(norms._PLANS) == 2
+    assert len(norms._PLANS) == 3
     for name in used:
         log = kernels[name].log
         reads_shift = name in ("small", "finalize")
         kinds = (
             ["dispatch", "direct", "dispatch", "direct"] if reads_shift else ["dispatch", "direct", "direct", "direct"]
         )
-        assert [entry[0] for entry in log] == [*kinds, "dispatch"]
+        assert [entry[0] for entry in log] == [*kinds, "dispatch", "dispatch"]
         _, grid, args, constants = log[0]
         dispatched = (*args, *(constants[n] for n in kernels[name].arg_names[len(args) :]))
         _, direct_grid, direct = log[1]

@@ -25,7 +25,7 @@ The Triton path is off by default in the eager path; the fast path switches it o
 CUDA (``fast.py``). On an H200 (``bench/README.md``, run 6) it cut the eager UNet step's kernel time from 20.0 to
 13.3 ms, but the step went only from 26.2 to 23.9 ms: the host became the limit, Triton's dispatch at each launch
 being the likely cost (inferred from those totals, not measured alone). Repeated launches now skip that dispatch
-(``_launch``), and each distinct call's checks, arithmetic and launch arguments are made once (``_Plan``); no GPU run
+(``_Launch``), and each distinct call's checks, arithmetic and launch arguments are made once (``_Plan``); no GPU run
 has measured either yet. On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests.
 Triton compiles each kernel variant (per dtype, group width, modulation and activation) at its first use in a
 process; its disk cache (``~/.triton/cache``) serves later processes.
@@ -196,17 +196,30 @@ class _Launch:
         self.trailing = (*self.scalars, *(self.constants[name] for name in names))  # in the kernel's order
 
     def __call__(self, device: int, *tensors: torch.Tensor) -> None:
+        global _direct_launch
         if not _direct_launch or _interpreting():
             self.kernel[self.grid](*tensors, *self.scalars, **self.constants)
             return
+        # Triton compiles a variant per what the plan's key holds or derives (shapes, dtypes, strides, options) and per
+        # tensor's 16-byte alignment: the alignment joins the key only where a tensor lacks it (a view at an offset).
         address = 0
         for t in tensors:
             address |= t.data_ptr()
-        if address % 16:  # a tensor not 16-byte aligned, which Triton compiles another variant for
-            _launch(self.kernel, self.grid, *tensors, *self.scalars, **self.constants)
-        else:  # every other property Triton specialises on is the plan's: its key, or derived from it
-            args = (*tensors, *self.scalars)
-            _launch_by_key((self, device), self.kernel, self.grid, args, self.constants, tensors + self.trailing)
+        key = (self, device) if address % 16 == 0 else (self, device, tuple(t.data_ptr() % 16 == 0 for t in tensors))
+        launcher = _LAUNCHERS.get(key)
+        if launcher is None:
+            compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.constants)  # compiles if it is new
+            if hasattr(compiled, "result"):  # a Triton compiling in the background returns a future
+                compiled = compiled.result()
+            if hasattr(compiled, "__getitem__"):
+                _LAUNCHERS[key] = compiled[(*self.grid, 1, 1)[:3]]  # a compiled kernel's launcher takes three sizes
+            return
+        try:
+            launcher(*tensors, *self.trailing)
+        except Exception:  # raised before launching: dispatch this launch and all later ones
+            _direct_launch = False
+            _LAUNCHERS.clear()
+            self.kernel[self.grid](*tensors, *self.scalars, **self.constants)
 
 
 @dataclass(eq=False)
@@ -338,55 +351,12 @@ def _next_power_of_2(n: int) -> int:
 # compile options into a cache key at every launch, host time that an eager UNet step with 183 norm launches pays
 # each time (run 6 on an H200: 13.3 ms of kernels took 23.9 ms; the dispatch's share is inferred, not measured). A
 # repeated launch calls the kernel Triton compiled for it directly instead (``CompiledKernel[grid]``, which since
-# Triton 3.3 takes every argument, the compile-time ones included, in the kernel's order), found by a key of what
-# Triton specialises on: a plan's launch and the device when every tensor is 16-byte aligned (the rest is the plan's
-# key), else the arguments themselves (``_launch``).
+# Triton 3.3 takes every argument, the compile-time ones included, in the kernel's order), found under a key of what
+# Triton specialises on (``_Launch.__call__``).
 _LAUNCHERS: dict[tuple, Any] = {}
 # Whether repeated launches take the direct call; off for good in a process where a direct call raised (a Triton whose
 # compiled kernels take their arguments otherwise: they raise before launching anything), which then dispatches.
 _direct_launch = True
-
-
-def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constants: Any) -> None:
-    """``kernel[grid](*args, **constants)``: ``constants`` are the kernel's trailing compile-time parameters and
-    Triton's launch options (``num_warps``)."""
-    if not _direct_launch or _interpreting():
-        kernel[grid](*args, **constants)
-        return
-    names = kernel.arg_names[len(args) :]
-    values = (*args, *(constants[name] for name in names))
-    # What Triton compiles a variant per: a tensor's dtype and 16-byte alignment; any other argument by value (a finer
-    # split than Triton's, which specialises integers on divisibility by 16 and equality to 1; each position holds
-    # one type); and the launch options (``num_warps``: the constants that are not parameters).
-    specialisation = [(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values]
-    options = (
-        tuple(sorted((k, v) for k, v in constants.items() if k not in names)) if len(constants) > len(names) else ()
-    )
-    key = (kernel, grid, torch.cuda.current_device(), options, *specialisation)
-    _launch_by_key(key, kernel, grid, args, constants, values)
-
-
-def _launch_by_key(
-    key: tuple, kernel: Any, grid: tuple[int, ...], args: tuple, constants: dict[str, Any], values: tuple
-) -> None:
-    """``kernel[grid](*args, **constants)`` through the launcher cached under ``key``, which must determine everything
-    Triton specialises on; ``values`` are the same arguments in the kernel's order, as its compiled kernel takes them.
-    The first launch under a key goes through Triton's dispatch, which compiles the variant if needed."""
-    global _direct_launch
-    launcher = _LAUNCHERS.get(key)
-    if launcher is None:
-        compiled = kernel[grid](*args, **constants)  # compiles at the first launch of this specialisation
-        if hasattr(compiled, "result"):  # a Triton compiling in the background returns a future
-            compiled = compiled.result()
-        if hasattr(compiled, "__getitem__"):
-            _LAUNCHERS[key] = compiled[(*grid, 1, 1)[:3]]  # a compiled kernel's launcher takes three grid sizes
-        return
-    try:
-        launcher(*values)
-    except Exception:  # raised before launching: dispatch this launch and all later ones
-        _direct_launch = False
-        _LAUNCHERS.clear()
-        kernel[grid](*args, **constants)
 
 
 def _kernels() -> Any:
