@@ -25,8 +25,11 @@ The Triton path is off by default in the eager path; the fast path switches it o
 CUDA (``fast.py``). On an H200 (``bench/README.md``, run 6) it cut the eager UNet step's kernel time from 20.0 to
 13.3 ms, but the step went only from 26.2 to 23.9 ms: the host became the limit, Triton's dispatch at each launch
 being the likely cost (inferred from those totals, not measured alone). Repeated launches now skip that dispatch
-(``_Launch``), and each distinct call's checks, arithmetic and launch arguments are made once (``_Plan``); no GPU run
-has measured either yet. On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests.
+(``_Launch``), and each distinct call's checks, arithmetic and launch arguments are made once (``_Plan``): in H200
+run 8 the eager step took 17.6 ms for 12.5 ms of kernels (23.9 for 13.3 in run 6), and the pipeline
+with the norms took 0.93 × the time of our eager one with PyTorch's; the direct launches took 0.88 × the time of
+Triton's dispatch at each launch. On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in
+the tests.
 Triton compiles each kernel variant (per dtype, group width, modulation and activation) at its first use in a
 process; its disk cache (``~/.triton/cache``) serves later processes.
 """
@@ -50,11 +53,14 @@ _STATS_PROGRAMS = 2048
 # Partial statistics the finalize kernel merges per loop iteration (parts × channels of the group).
 _FINALIZE_TILE = 2048
 # Elements per (sample, group) up to which one kernel does the whole norm, a program per (sample, group): the UNet's
-# two coarsest levels and its middle at 768² (576 pixels × 36 channels, 144 × 96 at most). One launch instead of three.
-_SMALL_GROUP = 32768
-# Elements per tile of that kernel (padded to powers of two), with 16 warps: few programs run (batch × groups), so each
-# takes its group in few round trips to memory (a 24² × 36-channel group in 3 tiles per pass where 4,096-element tiles
-# took 9; H200 run 6 timed the one-kernel norms at 1.52 ms of a 13.3 ms step with those).
+# coarsest level and its middle at 768² (144 pixels × 36 or 48 channels). One launch instead of three. Only batch ×
+# groups programs run, so larger groups take the three kernels: in H200 run 8 (bench/norm_paths.py) the one kernel
+# took 6.7-8.7 µs against the three's 8.8-9.5 at 144 × 36-48, but 11.9-21.9 µs against 8.6-13.4 from 13,824 elements
+# per group up (576 × 24, 144 × 96). Summed over a UNet step's calls, that gives its norms 1.47 ms of GPU time with
+# this threshold, 1.68 with 32,768 (the previous one, timed as it ran).
+_SMALL_GROUP = 8192
+# Elements per tile of that kernel (padded to powers of two), with 16 warps: the whole group in one tile at 768²
+# (H200 run 6 timed the one-kernel norms at 1.52 ms of a 13.3 ms step with 4,096-element tiles and scalar loads).
 _SMALL_TILE = 16384
 
 
@@ -349,7 +355,7 @@ def _next_power_of_2(n: int) -> int:
 
 # Launching through Triton's ``kernel[grid](...)`` binds the arguments, computes their specialisation and formats the
 # compile options into a cache key at every launch, host time that an eager UNet step with 183 norm launches pays
-# each time (run 6 on an H200: 13.3 ms of kernels took 23.9 ms; the dispatch's share is inferred, not measured). A
+# each time (run 6 on an H200: 13.3 ms of kernels took 23.9 ms; run 8: the pipeline took 0.88 × as long without it). A
 # repeated launch calls the kernel Triton compiled for it directly instead (``CompiledKernel[grid]``, which since
 # Triton 3.3 takes every argument, the compile-time ones included, in the kernel's order), found under a key of what
 # Triton specialises on (``_Launch.__call__``).
