@@ -13,10 +13,11 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   (Inductor may fuse across block boundaries; the warm-up generates code for every block). ``"none"`` compiles
   nothing: the rest of the fast path (layout, fused projections, CUDA graphs), with the UNet's and MoVQ's GroupNorms
   as Triton kernels on CUDA (``use_triton_norms``) where Triton is installed; its warm-up is graph captures, cuDNN's
-  autotuning and, with a cold Triton cache, compiling those kernels (22 variants took 11 s on an H200); for a
-  process that cannot wait for compilation. It keeps the other eager kernels, so it is slower than a compiled scope.
+  autotuning and, with a cold Triton cache, compiling those kernels (19 variants at 768²; 26 took about 10 s on an
+  H200); for a process that cannot wait for compilation. It keeps the other eager kernels, so it is slower than a
+  compiled scope (768², H200 run 8: 0.80 s a call after a 0.56 s warm-up, against 0.70 s after 79 s compiled).
   Where those Triton norms run, the MoVQ decoder is not compiled in any scope: eager with them it decoded faster
-  than compiled (20.4 against 26.0 ms at 768² on an H200, runs 6 and 4) and its compilation took 21-28 s.
+  than compiled, and at once (20.2 against 26.0 ms at 768², first call 1.0 against 37.5 s, H200 run 8).
 * **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide.
 * **CUDA graphs** for the UNet and the prior on CUDA (``CudaGraphCall``): the whole denoising step, ~700 kernels
   with the glue between the blocks, is captured once per input shape and replayed with one launch, so no Python runs
@@ -144,8 +145,8 @@ def use_triton_norms(pipe: Any, enabled: bool = True) -> int:
     """Run the GroupNorms of ``pipe``'s UNet and MoVQ through Triton kernels that keep channels_last and fold the time
     modulation and the SiLU in (``kandinsky22.models.norms``), where they apply (CUDA, channels_last, not compiling;
     the fast path's compiled models keep Inductor's own); ``enabled=False`` switches them back. Off by default in the
-    eager path: measured on an H200 with Triton's dispatch at every launch (``bench/README.md``, run 6), 0.985 × the
-    eager pipeline's time, the host the limit; the direct launches that followed are not measured yet. On by default
+    eager path: on an H200 (``bench/README.md``, run 8) they took the eager pipeline to 0.93 × its time, the host the
+    limit, and their first call in a process with a cold Triton cache compiles them (11.4 s at 768²). On by default
     in the fast path without compilation (``compile_scope="none"``), where a CUDA graph replays them and only their
     GPU time counts, and for MoVQ in every scope of the fast path. Returns how many norms were switched."""
     models = [c for c in pipe.components.values() if isinstance(c, (UNet2DConditionModel, VQModel))]
@@ -206,9 +207,9 @@ def _prepare(model: nn.Module, backend: str, offloaded: bool, scope: str) -> Non
     if triton_norms and (scope == "none" or isinstance(model, VQModel)):
         # Uncompiled, the GroupNorms would be PyTorch's, which copy channels_last maps to NCHW and back; the Triton
         # kernels keep the layout and fold the modulation and the SiLU in. Inside a CUDA graph only their GPU time
-        # counts: the eager UNet step's kernels took 13.3 ms with them, 20.0 without (H200, run 6). MoVQ, which runs
-        # once per call, is not compiled when they run, in any scope: its eager decode with them took 20.4 ms (run
-        # 6), compiled it took 26.0 (run 4; 22.3 compiled whole, run 2), and compiling it took 21-28 s of the warm-up.
+        # counts: the eager UNet step's kernels took 12.5 ms with them, 20.2 without (H200, run 8). MoVQ, which runs
+        # once per call, is not compiled when they run, in any scope: in one run (H200, run 8) its eager decode with
+        # them took 20.2 ms and its first call 1.0 s, compiled block by block 26.0 ms after a 37.5 s first call.
         norms.use_triton_norms(model)
     elif scope == "model":
         _compile(target, backend)
