@@ -643,6 +643,9 @@ class Bench:
             # its UNet step (one graph replay) and MoVQ decode (eager, Triton norms), against the compiled fast path's
             # (stages_compiled, full plan): is compiling worth its warm-up?
             self.stages("uncompiled_fast_triton_norms", {"ours_uncompiled_fast_triton_norms": uncompiled})
+            # its step's kernels in the graph replay, against the eager step's busy time above (run 8: 14.1 ms a
+            # replay for 12.5 ms of kernels in eager mode; the compiled step's replays lost 0.7 ms to gaps)
+            self.kernel_profile("uncompiled_fast_triton_norms", {"ours_uncompiled_fast_triton_norms": uncompiled})
         finally:
             del uncompiled, copies
             torch.cuda.empty_cache()
