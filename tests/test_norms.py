@@ -85,6 +85,60 @@ def test_matches_float64_reference(batch, channels, height, width, groups, modul
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("modulated", [False, True])
+def test_input_bias_is_normalised_with_x(modulated, path, monkeypatch):
+    """``in_bias`` (a convolution's bias left out of its output): the norm of ``x + in_bias``, its statistics and its
+    output, on both paths and with few or many statistics parts per sample."""
+    x, weight, bias = inputs(2, 64, 9, 11, offset=1.0)
+    g = torch.Generator().manual_seed(11)
+    in_bias = (3 * torch.randn(64, generator=g)).to(DEVICE)  # far from x's spread: it moves the group's statistics
+    scale_1, shift = (1 + 0.3 * torch.randn(2, 64, 1, 1, generator=g)).to(DEVICE), torch.randn(2, 64, 1, 1).to(DEVICE)
+    scale_1, shift = (scale_1, shift) if modulated else (None, None)
+    want = expected(x + in_bias.view(-1, 1, 1), 16, weight, bias, 1e-5, scale_1, shift, silu=True)
+    for programs in (2, 2048):
+        monkeypatch.setattr(norms, "_STATS_PROGRAMS", programs)
+        monkeypatch.setattr(norms, "_PLANS", {})
+        got = norms.group_norm_nhwc(x, 16, weight, bias, 1e-5, scale_1, shift, silu=True, in_bias=in_bias)
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    # the same call without it: another plan, the plain norm
+    plain = norms.group_norm_nhwc(x, 16, weight, bias, 1e-5, scale_1, shift, silu=True)
+    want = expected(x, 16, weight, bias, 1e-5, scale_1, shift, silu=True)
+    torch.testing.assert_close(plain.double(), want, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"in_bias must be \(64,\)"):
+        norms.group_norm_nhwc(x, 16, weight, bias, 1e-5, in_bias=in_bias[:32])
+
+
+def test_resnet_folds_its_first_bias_into_its_second_norm(path, monkeypatch):
+    """With the Triton norms, a resnet's conv1 runs without its bias and norm2 adds it: the block's output is the one
+    PyTorch's norms give, the bias passed once per call; a hook on conv1 (which a bias-less call would skip) keeps
+    the plain call."""
+    from kandinsky22.models.layers import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(32, 64, temb_channels=16).to(DEVICE).eval().requires_grad_(False)
+    block.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 6, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    modulation = block.time_modulation(torch.randn(2, 16, device=DEVICE))
+    with torch.no_grad():
+        want = block(x, modulation)  # PyTorch's norms
+        norms.use_triton_norms(block)
+        seen = []
+        real = norms.group_norm_nhwc
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs.get("in_bias"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(norms, "group_norm_nhwc", spy)
+        got = block(x, modulation)
+        assert seen == [None, block.conv1.bias]
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        block.conv1.register_forward_hook(lambda module, args, out: None)
+        seen.clear()
+        torch.testing.assert_close(block(x, modulation), got, atol=2e-5, rtol=1e-5)
+        assert seen == [None, None]
+
+
 def test_many_parts_and_loops(monkeypatch):
     """Few statistics programs (each loops over many tiles) and a small finalize tile (it loops over the parts)."""
     monkeypatch.setattr(norms, "_SMALL_GROUP", 0)
@@ -397,28 +451,31 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
     signature.update(BLOCK_HW="constexpr", BLOCK_C="constexpr")
     ptx = compile_ptx(k.stats, signature, dict(BLOCK_HW=64, BLOCK_C=64), ["x_ptr", "mean_ptr", "m2_ptr", "channels"])
     out["stats"] = count(ptx, "ld")
-    signature = dict(mean_ptr=single, m2_ptr=single, weight_ptr=half, bias_ptr=half, scale_ptr=half, shift_ptr=half)
-    signature.update(factor_ptr=single, offset_ptr=single)
+    signature = dict(mean_ptr=single, m2_ptr=single, weight_ptr=half, bias_ptr=half, in_bias_ptr=half)
+    signature.update(scale_ptr=half, shift_ptr=half, factor_ptr=single, offset_ptr=single)
     signature.update({name: ints for name in ("pixels", "channels", "group_size", "rows", "parts")})
     signature.update(scale_stride=ints, shift_stride=ints, inv_numel="fp32", eps="fp32")
-    signature.update(MODULATED="constexpr", BLOCK_P="constexpr", BLOCK_G="constexpr")
+    signature.update(MODULATED="constexpr", IN_BIAS="constexpr", BLOCK_P="constexpr", BLOCK_G="constexpr")
     for modulated in (False, True):
-        compile_ptx(k.finalize, signature, dict(MODULATED=modulated, BLOCK_P=64, BLOCK_G=16), [])
+        for in_bias in (False, True):
+            constexprs = dict(MODULATED=modulated, IN_BIAS=in_bias, BLOCK_P=64, BLOCK_G=16)
+            compile_ptx(k.finalize, signature, constexprs, [])
     signature = dict(x_ptr=half, factor_ptr=single, offset_ptr=single, spatial_scale_ptr=half, spatial_shift_ptr=half)
     signature.update(y_ptr=half)
     signature.update({name: ints for name in ("pixels", "channels", "width", "factor_h", "factor_w")})
     signature.update(small_pixels=ints, small_w=ints)
     signature.update(SPATIAL="constexpr", SILU="constexpr", BLOCK_HW="constexpr", BLOCK_C="constexpr")
     aligned = [name for name in signature if name.endswith("_ptr")] + ["channels"]
-    small = dict(x_ptr=half, weight_ptr=half, bias_ptr=half, scale_ptr=half, shift_ptr=half, y_ptr=half)
+    small = dict(x_ptr=half, weight_ptr=half, bias_ptr=half, in_bias_ptr=half, scale_ptr=half, shift_ptr=half)
+    small.update(y_ptr=half)
     small.update({name: ints for name in ("pixels", "channels", "scale_stride", "shift_stride")})
-    small.update(inv_numel="fp32", eps="fp32", GROUP="constexpr", MODULATED="constexpr", SILU="constexpr")
-    small.update(BLOCK_HW="constexpr", BLOCK_G="constexpr")
+    small.update(inv_numel="fp32", eps="fp32", GROUP="constexpr", MODULATED="constexpr", IN_BIAS="constexpr")
+    small.update(SILU="constexpr", BLOCK_HW="constexpr", BLOCK_G="constexpr")
     # The largest tile norms._plan makes, with its 16 warps, at the official UNet's 768x768 levels that take this
-    # path: 36 channels per group (1152 wide, 24x24) and 48 (1536 wide, 12x12).
+    # path: 36 and 48 channels per group (1152 and 1536 wide, 12x12); the resnets' second norms with conv1's bias.
     for group in (36, 48):
         for modulated in (False, True):
-            constexprs = dict(GROUP=group, MODULATED=modulated, SILU=True, BLOCK_HW=256, BLOCK_G=64)
+            constexprs = dict(GROUP=group, MODULATED=modulated, IN_BIAS=modulated, SILU=True, BLOCK_HW=256, BLOCK_G=64)
             ptx = compile_ptx(k.small, small, constexprs, ["x_ptr", "y_ptr", "channels"], num_warps=16)
             key = f"small_{group}_modulated_{modulated}"
             out[key] = {"ld": count(ptx, "ld"), "st": count(ptx, "st"), "spilled_bytes": spilled_bytes(ptx)}

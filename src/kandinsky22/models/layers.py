@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky22.models.norms import norm_act
+from kandinsky22.models.norms import norm_act, uses_triton
 
 
 def timestep_embedding(
@@ -175,12 +175,31 @@ class ResnetBlock2D(nn.Module):
             x = self.resample(x)
             if isinstance(self.resample, nn.AvgPool2d):  # "up": conv1 upsamples the hidden state itself
                 h = self.resample(h)
-        h = self.conv1(h) if phase_weight is None else self.conv1(h, phase_weight)
         scale_1, shift = modulation
-        h = self.conv2(norm_act(self.norm2, h, scale_1, shift, silu=True))  # silu(norm2(h) * (1 + scale) + shift)
+        in_bias = None
+        if phase_weight is None and self._bias_folds(h):
+            # The Triton norm adds conv1's bias itself (into its statistics and its offset): PyTorch's convolution
+            # would add it in a pass of its own over the feature map.
+            h, in_bias = self.conv1._conv_forward(h, self.conv1.weight, None), self.conv1.bias
+        else:
+            h = self.conv1(h) if phase_weight is None else self.conv1(h, phase_weight)
+        # silu(norm2(h) * (1 + scale) + shift)
+        h = self.conv2(norm_act(self.norm2, h, scale_1, shift, silu=True, in_bias=in_bias))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
+
+    def _bias_folds(self, h: torch.Tensor) -> bool:
+        """Whether conv1 (a plain convolution, with a bias and no hooks) runs on ``h`` without its bias and the
+        second norm adds it: where that norm runs the Triton kernels (``norms.uses_triton``, checked on conv1's input,
+        laid out and placed as its output; were it not, ``norm_act`` adds the bias with PyTorch's ops)."""
+        conv = self.conv1
+        return (
+            type(conv) is nn.Conv2d
+            and conv.bias is not None
+            and not (conv._forward_hooks or conv._forward_pre_hooks)
+            and uses_triton(self.norm2, h)
+        )
 
 
 class FusibleProjections(nn.Module):

@@ -84,6 +84,7 @@ def finalize(
     m2_ptr,
     weight_ptr,
     bias_ptr,
+    in_bias_ptr,
     scale_ptr,
     shift_ptr,
     factor_ptr,
@@ -98,18 +99,27 @@ def finalize(
     inv_numel,
     eps,
     MODULATED: tl.constexpr,
+    IN_BIAS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
+    """The group's statistics from the parts', folded into each channel's factor and offset. ``IN_BIAS``: the norm
+    is of ``x + in_bias`` (a convolution's bias, per channel, left out of its output): the bias moves each channel's
+    means and not their deviations, and joins the offset, so that ``apply`` reads ``x`` as it is."""
     group, n = tl.program_id(0), tl.program_id(1)
     lane = tl.arange(0, BLOCK_G)
     gmask = lane < group_size
     chans = group * group_size + lane
+    in_bias = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if IN_BIAS:
+        in_bias = tl.load(in_bias_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
     # The group's mean: each part's channel means weighted by the part's pixel count.
     acc = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)
     for p0 in range(0, parts, BLOCK_P):
         offsets, mask, weights = _parts(p0, n, parts, pixels, rows, channels, chans, gmask, BLOCK_P)
         means = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
+        if IN_BIAS:
+            means = tl.where(mask, means + in_bias[None, :], 0.0)
         acc += means * weights[:, None]
     group_mean = tl.sum(tl.sum(acc, axis=1), axis=0) * inv_numel
     # Its sum of squared deviations: each part's own plus its mean's distance to the group's (Chan et al.).
@@ -117,6 +127,8 @@ def finalize(
     for p0 in range(0, parts, BLOCK_P):
         offsets, mask, weights = _parts(p0, n, parts, pixels, rows, channels, chans, gmask, BLOCK_P)
         means = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
+        if IN_BIAS:
+            means = means + in_bias[None, :]
         m2s = tl.load(m2_ptr + offsets, mask=mask, other=0.0)
         dev = tl.where(mask, means - group_mean, 0.0)
         acc += m2s + dev * dev * weights[:, None]
@@ -136,6 +148,8 @@ def finalize(
         rstd,
         MODULATED,
     )
+    if IN_BIAS:
+        offset = offset + in_bias * factor
     tl.store(factor_ptr + n * channels + chans, factor, mask=gmask)
     tl.store(offset_ptr + n * channels + chans, offset, mask=gmask)
 
@@ -187,6 +201,7 @@ def small(
     x_ptr,
     weight_ptr,
     bias_ptr,
+    in_bias_ptr,
     scale_ptr,
     shift_ptr,
     y_ptr,
@@ -198,6 +213,7 @@ def small(
     eps,
     GROUP: tl.constexpr,
     MODULATED: tl.constexpr,
+    IN_BIAS: tl.constexpr,
     SILU: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -208,11 +224,15 @@ def small(
     Only (batch × groups) programs run, so each must finish in few round trips to memory: the tile is large (the
     caller sizes the warps to it), the channels per group (``GROUP``) are a compile-time constant, so that a row of
     them is loaded as vectors (16 bytes where the width allows, else 8), and offsets within a sample are 32-bit (a sample of a small group's norm holds
-    at most groups × ``norms._SMALL_GROUP`` elements), which halves the registers they take."""
+    at most groups × ``norms._SMALL_GROUP`` elements), which halves the registers they take. ``IN_BIAS``: the norm is
+    of ``x + in_bias``, as in ``finalize``."""
     group, n = tl.program_id(0), tl.program_id(1)
     lane = tl.arange(0, BLOCK_G)
     gmask = lane < GROUP
     chans = group * GROUP + lane
+    in_bias = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if IN_BIAS:
+        in_bias = tl.load(in_bias_ptr + chans, mask=gmask, other=0.0).to(tl.float32)
     sample = n.to(tl.int64) * pixels * channels
     base = x_ptr + sample
     out = y_ptr + sample
@@ -223,6 +243,8 @@ def small(
         mask = (pix < pixels)[:, None] & gmask[None, :]
         offsets = pix[:, None] * channels + chans[None, :]
         values = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+        if IN_BIAS:
+            values = tl.where(mask, values + in_bias[None, :], 0.0)
         tile_count = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
         tile_mean = tl.sum(tl.sum(values, axis=1), axis=0) / tile_count
         dev = tl.where(mask, values - tile_mean, 0.0)
@@ -236,6 +258,8 @@ def small(
     factor, offset = _fold(
         weight_ptr, bias_ptr, scale_ptr, shift_ptr, n, scale_stride, shift_stride, chans, gmask, mean, rstd, MODULATED
     )
+    if IN_BIAS:
+        offset = offset + in_bias * factor
     for row in range(0, pixels, BLOCK_HW):
         pix = row + tl.arange(0, BLOCK_HW)
         mask = (pix < pixels)[:, None] & gmask[None, :]

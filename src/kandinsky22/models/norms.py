@@ -15,6 +15,11 @@ torch.compile, it runs three Triton kernels instead (kernels in ``norm_kernels``
 A small group (``_SMALL_GROUP`` elements at most: the UNet's coarse levels) takes one kernel instead, a program per
 (sample, group) doing both passes.
 
+``in_bias`` folds in the bias of the convolution that made ``x``: the norm is of ``x + in_bias``. The bias shifts
+each channel's means (kernel 2, or the one kernel's first pass) and joins the offset, so the convolution runs without
+it and PyTorch's separate pass that adds a convolution's bias goes away. A resnet passes its first convolution's
+bias to its second norm where these kernels run (``ResnetBlock2D``).
+
 PyTorch's CUDA GroupNorm works on NCHW only: for a channels_last input it copies to NCHW, normalises there and
 returns NCHW, which the next convolution copies back to channels_last; the modulation and the activation are one pass
 each. The kernels read the input twice and write the output once, and launch three kernels where PyTorch launches
@@ -90,10 +95,17 @@ def norm_act(
     scale_1: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     silu: bool = False,
+    in_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``norm(x)``, then ``· scale_1 + shift`` ((B, C, 1, 1) each, both or neither), then SiLU if ``silu``."""
+    """``norm(x)``, then ``· scale_1 + shift`` ((B, C, 1, 1) each, both or neither), then SiLU if ``silu``.
+    ``in_bias`` (C,): normalise ``x + in_bias`` instead (the bias of the convolution that made ``x``, left out of it
+    where the Triton kernels run: they fold it in, where PyTorch adds it in a pass of its own)."""
     if uses_triton(norm, x):
-        return group_norm_nhwc(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale_1, shift, silu)
+        return group_norm_nhwc(
+            x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale_1, shift, silu, in_bias=in_bias
+        )
+    if in_bias is not None:
+        x = x + in_bias.view(-1, 1, 1)
     h = norm(x)
     if scale_1 is not None:
         h = torch.addcmul(shift, h, scale_1)  # norm(h) * (1 + scale) + shift in one kernel
@@ -131,17 +143,19 @@ def group_norm_nhwc(
     shift: torch.Tensor | None = None,
     silu: bool = False,
     spatial: tuple[torch.Tensor, torch.Tensor] | None = None,
+    in_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The three Triton kernels on a channels_last (N, C, H, W) ``x``; the result is channels_last, in ``x``'s dtype.
     ``scale_1`` / ``shift``: (N or 1, C, 1, 1) time modulation applied after the norm's own affine.
     ``spatial``: MoVQ's ``(scale, shift)`` maps (N, C, h, w), applied after the norm as if resized to (H, W) by
-    repeating each of their pixels in an (H / h) × (W / w) block (nearest resizing by whole factors)."""
+    repeating each of their pixels in an (H / h) × (W / w) block (nearest resizing by whole factors).
+    ``in_bias``: (C,), the norm is of ``x + in_bias`` (not with ``spatial``)."""
     device = -1
     if x.is_cuda:
         device = torch.cuda.current_device()
         if x.device.index != device:
             with torch.cuda.device(x.device):  # Triton launches on the current device: make it x's
-                return group_norm_nhwc(x, groups, weight, bias, eps, scale_1, shift, silu, spatial)
+                return group_norm_nhwc(x, groups, weight, bias, eps, scale_1, shift, silu, spatial, in_bias)
     if spatial is not None:
         spatial = tuple(t.contiguous(memory_format=torch.channels_last) for t in spatial)
     key = (
@@ -155,10 +169,11 @@ def group_norm_nhwc(
         None if scale_1 is None else (scale_1.shape, scale_1.stride(), scale_1.dtype),
         None if shift is None else (shift.shape, shift.stride(), shift.dtype),
         None if spatial is None else (spatial[0].shape, spatial[0].dtype, spatial[1].shape, spatial[1].dtype),
+        None if in_bias is None else (in_bias.shape, in_bias.dtype),
     )
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _plan(x.shape, groups, eps, silu, scale_1, shift, spatial)
+        plan = _plan(x.shape, groups, eps, silu, scale_1, shift, spatial, in_bias)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -169,8 +184,9 @@ def group_norm_nhwc(
         scale_1 = shift = x  # not read
     elif plan.contiguous_modulation:
         scale_1, shift = scale_1.contiguous(), shift.contiguous()
+    in_bias = bias if in_bias is None else in_bias.contiguous()  # (not read without one)
     if plan.parts == 0:  # one kernel
-        plan.launches[0](device, x, weight, bias, scale_1, shift, out)
+        plan.launches[0](device, x, weight, bias, in_bias, scale_1, shift, out)
         return out
     stats, finalize, apply = plan.launches
     batch, channels = x.shape[:2]
@@ -179,7 +195,7 @@ def group_norm_nhwc(
     stats(device, x, mean, m2)
     factor = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
     offset = torch.empty_like(factor)
-    finalize(device, mean, m2, weight, bias, scale_1, shift, factor, offset)
+    finalize(device, mean, m2, weight, bias, in_bias, scale_1, shift, factor, offset)
     spatial_scale, spatial_shift = spatial or (x, x)  # not read without spatial
     apply(device, x, factor, offset, spatial_scale, spatial_shift, out)
     return out
@@ -252,11 +268,17 @@ def _plan(
     scale_1: torch.Tensor | None,
     shift: torch.Tensor | None,
     spatial: tuple[torch.Tensor, torch.Tensor] | None,
+    in_bias: torch.Tensor | None = None,
 ) -> _Plan:
     """Check the arguments (``ValueError`` naming the one at fault) and derive the launches."""
     batch, channels, height, width = shape
     if channels % groups:
         raise ValueError(f"group norm: {channels} channels do not split into {groups} groups")
+    if in_bias is not None and (in_bias.shape != (channels,) or spatial is not None):
+        raise ValueError(
+            f"group norm: in_bias must be ({channels},) and comes without spatial maps; got {tuple(in_bias.shape)}"
+            + (" with spatial maps" if spatial is not None else "")
+        )
     if (scale_1 is None) != (shift is None):
         raise ValueError("group norm: scale_1 and shift come together")
     small_h, small_w = height, width
@@ -297,13 +319,14 @@ def _plan(
             {
                 "GROUP": group_size,
                 "MODULATED": modulated,
+                "IN_BIAS": in_bias is not None,
                 "SILU": silu,
                 "BLOCK_HW": block_hw,
                 "BLOCK_G": block_g,
                 # a warp per 1,024 elements of the tile: 32 per thread, as the other kernels hold
                 "num_warps": min(16, max(4, block_hw * block_g // 1024)),
             },
-            tensors=6,
+            tensors=7,
         )
         return _Plan((small,), 0, contiguous)
 
@@ -325,8 +348,13 @@ def _plan(
         (groups, batch, 1),
         (pixels, channels, group_size, rows, parts, scale_stride, shift_stride, inverse_count, eps),
         # BLOCK_P is not fitted to ``parts``: one compiled variant per group width
-        {"MODULATED": modulated, "BLOCK_P": max(1, _FINALIZE_TILE // block_g), "BLOCK_G": block_g},
-        tensors=8,
+        {
+            "MODULATED": modulated,
+            "IN_BIAS": in_bias is not None,
+            "BLOCK_P": max(1, _FINALIZE_TILE // block_g),
+            "BLOCK_G": block_g,
+        },
+        tensors=9,
     )
     apply = _Launch(
         kernels.apply,
