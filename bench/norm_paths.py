@@ -52,6 +52,7 @@ class Call(NamedTuple):
     silu: bool
     modulated: bool  # the UNet's time modulation, (N, C, 1, 1)
     spatial: tuple[int, ...] | None  # MoVQ's scale and shift maps, (N, C, h, w)
+    in_bias: bool = False  # the norm of x + the bias its convolution left out (a resnet's second norm, Triton path)
 
 
 def collect(size: int, dtype: torch.dtype) -> collections.Counter:
@@ -59,9 +60,10 @@ def collect(size: int, dtype: torch.dtype) -> collections.Counter:
     calls: collections.Counter = collections.Counter()
     model = ["unet"]
 
-    def record(x, groups, weight, bias, eps, scale_1=None, shift=None, silu=False, spatial=None):  # noqa: ANN001, ANN202
+    def record(x, groups, weight, bias, eps, scale_1=None, shift=None, silu=False, spatial=None, in_bias=None):  # noqa: ANN001, ANN202
         spatial_shape = None if spatial is None else tuple(spatial[0].shape)
-        calls[Call(model[0], tuple(x.shape), groups, eps, silu, scale_1 is not None, spatial_shape)] += 1
+        modulated, folded = scale_1 is not None, in_bias is not None
+        calls[Call(model[0], tuple(x.shape), groups, eps, silu, modulated, spatial_shape, folded)] += 1
         return torch.empty_like(x, memory_format=torch.channels_last)
 
     latent = size // 8
@@ -115,11 +117,16 @@ def inputs(call: Call, device: str, dtype: torch.dtype) -> dict[str, Any]:
         kwargs["scale_1"], kwargs["shift"] = 1 + 0.3 * randn(batch, channels, 1, 1), randn(batch, channels, 1, 1)
     if call.spatial is not None:
         kwargs["spatial"] = tuple(randn(*call.spatial).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    if call.in_bias:
+        kwargs["in_bias"] = 0.3 * randn(channels)
     return kwargs
 
 
-def pytorch(call: Call, x, weight, bias, scale_1=None, shift=None, spatial=None) -> torch.Tensor:  # noqa: ANN001
-    """The eager models' ops for the call (``norms.norm_act``; ``movq.SpatialNorm`` with whole-factor maps)."""
+def pytorch(call: Call, x, weight, bias, scale_1=None, shift=None, spatial=None, in_bias=None) -> torch.Tensor:  # noqa: ANN001
+    """The eager models' ops for the call (``norms.norm_act``; ``movq.SpatialNorm`` with whole-factor maps); with
+    ``in_bias``, the add of its convolution's bias first, as PyTorch's convolution makes it."""
+    if in_bias is not None:
+        x = x + in_bias.view(-1, 1, 1)
     h = F.group_norm(x, call.groups, weight, bias, call.eps)
     if scale_1 is not None:
         h = torch.addcmul(shift, h, scale_1)
@@ -149,6 +156,7 @@ def triton(call: Call, kwargs: dict[str, Any], small_group: int | None) -> Calla
                 kwargs.get("shift"),
                 call.silu,
                 kwargs.get("spatial"),
+                kwargs.get("in_bias"),
             )
 
     with patched({(norms, "_SMALL_GROUP"): threshold}):

@@ -36,15 +36,16 @@ CONFIGS = Path(__file__).parents[2] / "shared" / "reference" / "configs" / "kand
 class Recorder:
     """Stands in for the kernels' module: ``kernel[grid](*args, **constants)`` records the variant and runs nothing."""
 
-    # where each kernel takes the channel count, its one specialised integer argument
-    CHANNELS = {"stats": 4, "finalize": 9, "apply": 7, "small": 7}
+    KERNELS = ("stats", "finalize", "apply", "small")
 
     def __init__(self) -> None:
         self.launches: collections.Counter = collections.Counter()
 
     def __getattr__(self, kernel: str) -> Any:
-        if kernel not in self.CHANNELS:
+        if kernel not in self.KERNELS:
             raise AttributeError(kernel)
+        # where the kernel takes the channel count, its one specialised integer argument
+        channels = getattr(norm_kernels, kernel).arg_names.index("channels")
         recorder = self
 
         class Launcher:
@@ -53,7 +54,7 @@ class Recorder:
             def __getitem__(self, grid: tuple[int, ...]) -> Any:
                 def launch(*args: Any, **constants: Any) -> None:
                     dtypes = tuple(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))
-                    aligned = args[recorder.CHANNELS[kernel]] % 16 == 0
+                    aligned = args[channels] % 16 == 0
                     recorder.launches[(kernel, tuple(sorted(constants.items())), dtypes, aligned)] += 1
 
                 return launch

@@ -13,7 +13,7 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   (Inductor may fuse across block boundaries; the warm-up generates code for every block). ``"none"`` compiles
   nothing: the rest of the fast path (layout, fused projections, CUDA graphs), with the UNet's and MoVQ's GroupNorms
   as Triton kernels on CUDA (``use_triton_norms``) where Triton is installed; its warm-up is graph captures, cuDNN's
-  autotuning and, with a cold Triton cache, compiling those kernels (19 variants at 768²; 26 took about 10 s on an
+  autotuning and, with a cold Triton cache, compiling those kernels (21 variants at 768²; 26 took about 10 s on an
   H200); for a process that cannot wait for compilation. It keeps the other eager kernels, so it is slower than a
   compiled scope (768², H200 run 8: 0.80 s a call after a 0.56 s warm-up, against 0.70 s after 79 s compiled).
   Where those Triton norms run, the MoVQ decoder is not compiled in any scope: eager with them it decoded faster
