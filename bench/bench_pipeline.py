@@ -174,6 +174,23 @@ class Budget:
         return self.deadline - time.perf_counter()
 
 
+def per_call_ms(fn: Callable[[], Any], iters: int, cuda: bool) -> float:
+    """Mean ms per call of ``iters`` calls: CUDA events around them on the GPU, wall time on the CPU."""
+    if cuda:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        begin.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return begin.elapsed_time(end) / iters
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) * 1000 / iters
+
+
 def rounded(value: Any, digits: int = 4) -> Any:
     if isinstance(value, float):
         return round(value, digits)
@@ -284,19 +301,7 @@ class Bench:
     def per_call_ms(self, fn: Callable[[], Any], iters: int) -> float:
         """Mean ms per call after one warm-up call (CUDA events on the GPU)."""
         fn()
-        if self.cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            begin.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return begin.elapsed_time(end) / iters
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - start) * 1000 / iters
+        return per_call_ms(fn, iters, self.cuda)
 
     def generator(self, seed: int = 0) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)

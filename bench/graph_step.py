@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import UNET, rounded  # noqa: E402
+from bench_pipeline import UNET, per_call_ms, rounded  # noqa: E402
 
 import kandinsky22  # noqa: E402
 from kandinsky22 import fast, tiny  # noqa: E402
@@ -91,22 +91,6 @@ def graph_call(unet: Any, cuda: bool) -> fast.CudaGraphCall:
     from tests.graph_standin import rerun_capture
 
     return fast.CudaGraphCall(unet, unet._call_impl, graph_factory=rerun_capture, device_type="cpu")
-
-
-def per_call_ms(fn: Callable[[], Any], iters: int, cuda: bool) -> float:
-    if cuda:
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        begin.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return begin.elapsed_time(end) / iters
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) * 1000 / iters
 
 
 def profile(fn: Callable[[], Any], iters: int, cuda: bool) -> dict[str, Any]:
