@@ -60,9 +60,9 @@ _FINALIZE_TILE = 2048
 # Elements per (sample, group) up to which one kernel does the whole norm, a program per (sample, group): the UNet's
 # coarsest level and its middle at 768² (144 pixels × 36 or 48 channels). One launch instead of three. Only batch ×
 # groups programs run, so larger groups take the three kernels: in H200 run 8 (bench/norm_paths.py) the one kernel
-# took 6.7-8.7 µs against the three's 8.8-9.5 at 144 × 36-48, but 11.9-21.9 µs against 8.6-13.4 from 13,824 elements
-# per group up (576 × 24, 144 × 96). Summed over a UNet step's calls, that gives its norms 1.47 ms of GPU time with
-# this threshold, 1.68 with 32,768 (the previous one, timed as it ran).
+# took 6.9-8.7 µs against the three's 8.8-9.5 at 144 × 36-48, but 11.9-21.9 µs against 8.6-13.4 from 13,824 up to
+# 32,768 elements per group (576 × 24, 144 × 96, ...). Summed over a UNet step's calls, that gives its norms 1.47 ms of
+# GPU time with this threshold, 1.68 with 32,768 (the previous one, timed as it ran).
 _SMALL_GROUP = 8192
 # Elements per tile of that kernel (padded to powers of two), with 16 warps: the whole group in one tile at 768²
 # (H200 run 6 timed the one-kernel norms at 1.52 ms of a 13.3 ms step with 4,096-element tiles and scalar loads).
