@@ -191,6 +191,37 @@ def per_call_ms(fn: Callable[[], Any], iters: int, cuda: bool) -> float:
     return (time.perf_counter() - start) * 1000 / iters
 
 
+def kernel_times(fn: Callable[[], Any], iters: int, cuda: bool) -> dict[str, tuple[float, float]]:
+    """``iters`` calls of ``fn`` under torch.profiler: per kernel name (its first 90 characters), its time in ms and
+    its launches, per call. On the CPU the "kernels" are the aten operators that do the work themselves, timed by
+    their self CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+    if not cuda:
+        events = [e for e in events if e.key.startswith("aten::")]
+
+    def self_us(e: Any) -> float:
+        for attr in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+            if cuda == (attr != "self_cpu_time_total") and hasattr(e, attr):
+                return float(getattr(e, attr))
+        return 0.0
+
+    times: dict[str, tuple[float, float]] = {}
+    for e in events:  # (names cut to 90 characters can meet: their figures add up)
+        ms, count = times.get(e.key[:90], (0.0, 0.0))
+        times[e.key[:90]] = (ms + self_us(e) / 1000 / iters, count + e.count / iters)
+    return times
+
+
 def rounded(value: Any, digits: int = 4) -> Any:
     if isinstance(value, float):
         return round(value, digits)
@@ -599,9 +630,9 @@ class Bench:
         alternating; the images against both eager pipelines (the equality gate); the kernel profile and the stages.
         On the fast path's model copies, not yet compiled, switched back after. Then, on CUDA, the fast path without
         compilation (``compile_scope="none"``: fused projections and CUDA graphs) with the Triton norms, on fresh
-        copies: its warm-up, end to end against the reference's eager, and its stages. On CUDA also our Triton-norm pipeline with
-        every launch through Triton's dispatch (``norms._direct_launch`` off), against the direct launches. On the CPU
-        only under Triton's interpreter (TRITON_INTERPRET=1)."""
+        copies: its warm-up, end to end against the reference's eager, its stages and its kernel profile. On CUDA also
+        our Triton-norm pipeline with every launch through Triton's dispatch (``norms._direct_launch`` off), against
+        the direct launches. On the CPU only under Triton's interpreter (TRITON_INTERPRET=1)."""
         from kandinsky22 import fast
 
         pipe = self.fast_pipe
@@ -707,39 +738,21 @@ class Bench:
         """Where one UNet CFG step's time goes (torch.profiler, 5 steps): the device's busy time (the sum of its
         kernels' times) against the wall time — their gap is the host overhead the GPU waits for —, the kernel
         count, and the 8 kernels (or, on the CPU, operators) taking the most time."""
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile
-
         iters = 5
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         row: dict[str, Any] = {}
         with torch.no_grad():
             for name, pipe in pipes.items():
                 step, _ = self.unet_step(pipe)
                 wall_ms = self.per_call_ms(step, iters)
-                with profile(activities=activities) as prof:
-                    for _ in range(iters):
-                        step()
-                    self.sync()
-                kind = DeviceType.CUDA if self.cuda else DeviceType.CPU
-                events = [e for e in prof.key_averages() if e.device_type == kind]
-                if not self.cuda:  # the CPU's "kernels": the aten operators that do the work themselves
-                    events = [e for e in events if e.key.startswith("aten::")]
-
-                def self_us(e: Any) -> float:
-                    for attr in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
-                        if self.cuda == (attr != "self_cpu_time_total") and hasattr(e, attr):
-                            return float(getattr(e, attr))
-                    return 0.0
-
-                busy_ms = sum(self_us(e) for e in events) / 1000 / iters
-                top = sorted(events, key=self_us, reverse=True)[:8]
+                times = kernel_times(step, iters, self.cuda)
+                busy_ms = sum(ms for ms, _ in times.values())
+                top = sorted(times.items(), key=lambda item: -item[1][0])[:8]
                 row[name] = {
                     "wall_ms_per_step": wall_ms,
                     "busy_ms_per_step": busy_ms,
                     "busy_fraction": busy_ms / wall_ms if wall_ms else None,
-                    "kernels_per_step": sum(e.count for e in events) / iters,
-                    "top": {e.key[:90]: round(self_us(e) / 1000 / iters, 3) for e in top},
+                    "kernels_per_step": sum(count for _, count in times.values()),
+                    "top": {key: round(ms, 3) for key, (ms, _) in top},
                 }
         self.results.put(f"kernel_profile_{tag}_{self.args.size}", rounded(row))
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import UNET, per_call_ms, rounded  # noqa: E402
+from bench_pipeline import UNET, kernel_times, per_call_ms, rounded  # noqa: E402
 
 import kandinsky22  # noqa: E402
 from kandinsky22 import fast, tiny  # noqa: E402
@@ -93,45 +93,22 @@ def graph_call(unet: Any, cuda: bool) -> fast.CudaGraphCall:
     return fast.CudaGraphCall(unet, unet._call_impl, graph_factory=rerun_capture, device_type="cpu")
 
 
-def profile(fn: Callable[[], Any], iters: int, cuda: bool) -> dict[str, Any]:
-    """Kernel time per call by kernel name (on the CPU: the aten operators' self time), busy time and count."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(iters):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-    kind = DeviceType.CUDA if cuda else DeviceType.CPU
-    events = [e for e in prof.key_averages() if e.device_type == kind]
-    if not cuda:
-        events = [e for e in events if e.key.startswith("aten::")]
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    per_name = {e.key[:100]: (getattr(e, attr) / 1000 / iters, e.count / iters) for e in events}
-    return {
-        "busy_ms": sum(ms for ms, _ in per_name.values()),
-        "kernels": sum(count for _, count in per_name.values()),
-        "per_name": per_name,
-    }
-
-
 def measure(name: str, fn: Callable[[], Any], args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
     fn()  # warm-up: a graph's capture, cuDNN's autotuning, the Triton variants' compilation
     fn()
     ms = per_call_ms(fn, args.iters, cuda)
-    prof = profile(fn, args.profile_iters, cuda)
-    top = sorted(prof["per_name"].items(), key=lambda item: -item[1][0])[:12]
+    times = kernel_times(fn, args.profile_iters, cuda)
+    busy, kernels = sum(t for t, _ in times.values()), sum(count for _, count in times.values())
+    top = sorted(times.items(), key=lambda item: -item[1][0])[:12]
     row = {
         "ms_per_call": ms,
-        "busy_ms": prof["busy_ms"],
-        "idle_ms": ms - prof["busy_ms"],
-        "kernels": prof["kernels"],
-        "top": {key: {"ms": ms_, "count": count} for key, (ms_, count) in top},
+        "busy_ms": busy,
+        "idle_ms": ms - busy,
+        "kernels": kernels,
+        "top": {key: {"ms": t, "count": count} for key, (t, count) in top},
     }
-    print(f"{name:16s} {ms:8.3f} ms a call, busy {prof['busy_ms']:8.3f} ms, {prof['kernels']:6.0f} kernels", flush=True)
-    row["_per_name"] = prof["per_name"]
+    print(f"{name:16s} {ms:8.3f} ms a call, busy {busy:8.3f} ms, {kernels:6.0f} kernels", flush=True)
+    row["_per_name"] = times
     return row
 
 

@@ -31,10 +31,9 @@ CUDA (``fast.py``). On an H200 (``bench/README.md``, run 6) it cut the eager UNe
 13.3 ms, but the step went only from 26.2 to 23.9 ms: the host became the limit, Triton's dispatch at each launch
 being the likely cost (inferred from those totals, not measured alone). Repeated launches now skip that dispatch
 (``_Launch``), and each distinct call's checks, arithmetic and launch arguments are made once (``_Plan``): in H200
-run 8 the eager step took 17.6 ms for 12.5 ms of kernels (23.9 for 13.3 in run 6), and the pipeline
-with the norms took 0.93 × the time of our eager one with PyTorch's; the direct launches took 0.88 × the time of
-Triton's dispatch at each launch. On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in
-the tests.
+run 8 the eager step took 17.6 ms for 12.5 ms of kernels (23.9 for 13.3 in run 6), and the pipeline with the norms
+took 0.93 × the time of our eager one with PyTorch's; the direct launches took 0.88 × the time of Triton's dispatch
+at each launch. On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) in the tests.
 Triton compiles each kernel variant (per dtype, group width, modulation and activation) at its first use in a
 process; its disk cache (``~/.triton/cache``) serves later processes.
 """
