@@ -483,6 +483,14 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
         constexprs = dict(SPATIAL=spatial, SILU=True, BLOCK_HW=64, BLOCK_C=64)
         ptx = compile_ptx(k.apply, signature, constexprs, aligned)
         out[f"apply_spatial_{spatial}"] = {"ld": count(ptx, "ld"), "st": count(ptx, "st")}
+    signature = dict(x_ptr=half, h_ptr=half, bias_ptr=half, bias2_ptr=half, y_ptr=half)
+    signature.update({name: ints for name in ("rows", "channels", "height", "width")})
+    signature.update(TWO_BIASES="constexpr", UPSAMPLE="constexpr", BLOCK_R="constexpr", BLOCK_C="constexpr")
+    aligned = [name for name in signature if name.endswith("_ptr")] + ["channels"]
+    for upsample in (False, True):
+        constexprs = dict(TWO_BIASES=True, UPSAMPLE=upsample, BLOCK_R=64, BLOCK_C=64)
+        ptx = compile_ptx(k.residual, signature, constexprs, aligned)
+        out[f"residual_upsample_{upsample}"] = {"ld": count(ptx, "ld"), "st": count(ptx, "st")}
     print(json.dumps(out))
     """
 )
@@ -508,6 +516,10 @@ def test_kernels_compile_for_hopper_with_vector_loads():
         apply = counts[f"apply_spatial_{spatial}"]
         assert apply["ld"]["v4"] > 0 and apply["ld"]["b16"] == 0
         assert apply["st"]["v4"] > 0 and apply["st"]["b16"] == 0
+    for upsample in (False, True):  # models.residual's kernel, its upsampled input read as vectors too
+        summed = counts[f"residual_upsample_{upsample}"]
+        assert summed["ld"]["v4"] > 0 and summed["ld"]["b16"] == 0
+        assert summed["st"]["v4"] > 0 and summed["st"]["b16"] == 0
     # The one-kernel path: a group's row of channels as vectors (16 bytes where its width is a multiple of 8 halves,
     # else 8), its large tile in registers.
     for group, width in ((36, "v2"), (48, "v4")):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kandinsky22.models.norms import norm_act, uses_triton
+from kandinsky22.models.residual import add_residual, bias_folds, conv_without_bias
 
 
 def timestep_embedding(
@@ -171,35 +172,35 @@ class ResnetBlock2D(nn.Module):
         """``modulation`` is :meth:`time_modulation`'s ``(1 + scale, shift)`` (the UNet computes them for all blocks,
         once per step or once per run); ``phase_weight``, for an "up" block, ``conv1.phase_weight()`` made ahead."""
         h = norm_act(self.norm1, x, silu=True)
-        if self.resample is not None:
-            x = self.resample(x)
-            if isinstance(self.resample, nn.AvgPool2d):  # "up": conv1 upsamples the hidden state itself
-                h = self.resample(h)
+        # Where the Triton norms run, conv1's bias goes into norm2 (its in_bias), and conv2's and the shortcut's into
+        # one residual kernel that also upsamples x as it reads it (see norms and residual): PyTorch's convolutions
+        # would each add their bias in a pass of their own over their output.
+        fold = uses_triton(self.norm2, h)
+        upsample = isinstance(self.resample, nn.Upsample)
+        if upsample and not (fold and bias_folds(self.conv_shortcut)):
+            x, upsample = self.resample(x), False  # (conv1 upsamples the hidden state itself)
+        elif self.resample is not None and not upsample:  # "down"
+            x, h = self.resample(x), self.resample(h)
         scale_1, shift = modulation
         in_bias = None
-        if phase_weight is None and self._bias_folds(h):
-            # The Triton norm adds conv1's bias itself (into its statistics and its offset): PyTorch's convolution
-            # would add it in a pass of its own over the feature map.
-            h, in_bias = self.conv1._conv_forward(h, self.conv1.weight, None), self.conv1.bias
+        if phase_weight is None and fold and bias_folds(self.conv1):
+            h, in_bias = conv_without_bias(self.conv1, h), self.conv1.bias
         else:
             h = self.conv1(h) if phase_weight is None else self.conv1(h, phase_weight)
         # silu(norm2(h) * (1 + scale) + shift)
-        h = self.conv2(norm_act(self.norm2, h, scale_1, shift, silu=True, in_bias=in_bias))
+        h = norm_act(self.norm2, h, scale_1, shift, silu=True, in_bias=in_bias)
+        if fold and bias_folds(self.conv2) and bias_folds(self.conv_shortcut):
+            h = conv_without_bias(self.conv2, h)
+            if self.conv_shortcut is None:
+                return add_residual(x, h, self.conv2.bias, upsample=upsample)
+            x = conv_without_bias(self.conv_shortcut, x)  # a 1x1 convolution commutes with the upsampling
+            return add_residual(x, h, self.conv2.bias, self.conv_shortcut.bias, upsample=upsample)
+        if upsample:
+            x = self.resample(x)
+        h = self.conv2(h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
-
-    def _bias_folds(self, h: torch.Tensor) -> bool:
-        """Whether conv1 (a plain convolution, with a bias and no hooks) runs on ``h`` without its bias and the
-        second norm adds it: where that norm runs the Triton kernels (``norms.uses_triton``, checked on conv1's input,
-        laid out and placed as its output; were it not, ``norm_act`` adds the bias with PyTorch's ops)."""
-        conv = self.conv1
-        return (
-            type(conv) is nn.Conv2d
-            and conv.bias is not None
-            and not (conv._forward_hooks or conv._forward_pre_hooks)
-            and uses_triton(self.norm2, h)
-        )
 
 
 class FusibleProjections(nn.Module):

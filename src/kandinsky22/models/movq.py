@@ -22,6 +22,7 @@ from torch import nn
 from ..loading import Config, ModelMixin
 from .layers import FusibleProjections, UpsampleConv2d
 from .norms import group_norm_nhwc, norm_act, uses_triton
+from .residual import add_residual, bias_folds, conv_without_bias
 
 ENCODER_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 DECODER_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -106,7 +107,15 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(apply_norm(self.norm1, x, zq, silu=True))
-        h = self.conv2(apply_norm(self.norm2, h, zq, silu=True))
+        h = apply_norm(self.norm2, h, zq, silu=True)
+        norm = self.norm2.norm_layer if isinstance(self.norm2, SpatialNorm) else self.norm2
+        if uses_triton(norm, h) and bias_folds(self.conv2) and bias_folds(self.conv_shortcut):
+            # conv2's and the shortcut's biases and the sum in one kernel (residual.add_residual)
+            h = conv_without_bias(self.conv2, h)
+            if self.conv_shortcut is None:
+                return add_residual(x, h, self.conv2.bias)
+            return add_residual(conv_without_bias(self.conv_shortcut, x), h, self.conv2.bias, self.conv_shortcut.bias)
+        h = self.conv2(h)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 

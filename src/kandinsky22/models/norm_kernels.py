@@ -1,5 +1,6 @@
-"""The Triton kernels of ``kandinsky22.models.norms`` (imported at first use; see there). Under Triton's interpreter
-(``TRITON_INTERPRET=1`` set before Triton is first imported) they run on CPU tensors."""
+"""The Triton kernels of ``kandinsky22.models.norms`` and ``kandinsky22.models.residual`` (imported at first use; see
+there). Under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first imported) they run on CPU
+tensors."""
 
 import triton
 import triton.language as tl
@@ -269,3 +270,44 @@ def small(
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(out + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["rows", "height", "width"])
+def residual(
+    x_ptr,
+    h_ptr,
+    bias_ptr,
+    bias2_ptr,
+    y_ptr,
+    rows,
+    channels,
+    height,
+    width,
+    TWO_BIASES: tl.constexpr,
+    UPSAMPLE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``y = x + h + bias (+ bias2)`` over (rows, channels) of channels_last maps (``residual.add_residual``), summed
+    in fp32 and rounded once. ``UPSAMPLE``: ``x`` holds half ``h``'s height and width, read as its nearest ×2
+    upsampling (output pixel (i, j) reads ``x``'s (i // 2, j // 2))."""
+    tile, cblock = tl.program_id(0), tl.program_id(1)
+    r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < channels
+    mask = (r < rows)[:, None] & cmask[None, :]
+    offsets = r[:, None].to(tl.int64) * channels + cols[None, :]
+    if UPSAMPLE:
+        pixels = height * width
+        n, pix = r // pixels, r % pixels
+        source = n * (pixels // 4) + (pix // width // 2) * (width // 2) + (pix % width) // 2
+        x_offsets = source[:, None].to(tl.int64) * channels + cols[None, :]
+    else:
+        x_offsets = offsets
+    y = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    y += tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if TWO_BIASES:
+        bias += tl.load(bias2_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    y += bias[None, :]
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
