@@ -70,7 +70,9 @@ def _fuse(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("name", ["unet", "movq", "prior"])
-def test_fused_models_compile_whole_and_match_eager(name: str) -> None:
+def test_fused_models_compile_whole_and_match_eager(name: str, monkeypatch) -> None:
+    # the UNet's fused attentions write their keys in place uncompiled (all sizes here), concatenate compiled
+    monkeypatch.setattr("kandinsky22.models.layers._IN_PLACE_MIN_PIXELS", 0)
     models = _models()
     module, args, kwargs = _calls(models)[name]
     with torch.no_grad():
@@ -80,6 +82,41 @@ def test_fused_models_compile_whole_and_match_eager(name: str) -> None:
         compiled = torch.compile(module, fullgraph=True, backend="aot_eager")(*args, **kwargs)[0]
     assert (fused - expected).abs().max() < TOL
     assert (compiled - expected).abs().max() < TOL
+
+
+class _AtenOps(TorchDispatchMode):
+    """The aten ops a call runs, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_attention_writes_keys_after_the_context_without_a_concatenation(batch: int, monkeypatch) -> None:
+    """Fused and uncompiled, an added-KV attention's projection GEMMs write the pixels' keys and values after the
+    context's in one buffer (a GEMM per sample): the same output as the unfused layer's, and no ``cat``."""
+    monkeypatch.setattr("kandinsky22.models.layers._IN_PLACE_MIN_PIXELS", 30)
+    torch.manual_seed(0)
+    layer = AddedKVAttention(32, context_dim=24, head_dim=8, groups=8).eval()
+    x, context = torch.randn(batch, 32, 5, 6), torch.randn(batch, 7, 24)
+    with torch.no_grad():
+        expected = layer(x, layer.context_kv(context))
+        layer.fuse_projections()
+        context_kv = layer.context_kv(context)
+        with _AtenOps() as seen:
+            fused = layer(x, context_kv)
+    assert seen.ops.count("addmm") == batch + 1  # the projection per sample, the output projection
+    assert "cat" not in seen.ops
+    assert (fused - expected).abs().max() < TOL
+    monkeypatch.setattr("kandinsky22.models.layers._IN_PLACE_MIN_PIXELS", 31)  # 5 x 6 pixels: below it, concatenated
+    with torch.no_grad(), _AtenOps() as seen:
+        assert (layer(x, context_kv) - fused).abs().max() < TOL
+    assert seen.ops.count("cat") == 2 and seen.ops.count("addmm") == 2
 
 
 @pytest.mark.parametrize("name", ["unet", "movq", "prior"])

@@ -259,6 +259,13 @@ class FusibleProjections(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+# Pixels per sample from which a fused attention's projection writes its keys and values in place, a GEMM per sample,
+# instead of concatenating them to the context's (H200 run 9: the 44 concatenations took 0.54 ms of the UNet step's
+# 11.26 ms of kernels at 768²). Below it a GEMM per sample would fill few of a large GPU's multiprocessors, and the
+# copies are small: the 12x12 level at 768² (144 pixels) concatenates. A choice from those sizes, not yet timed.
+_IN_PLACE_MIN_PIXELS = 256
+
+
 class AddedKVAttention(FusibleProjections):
     """Self-attention over the pixels of a feature map whose keys and values are prefixed with context tokens.
 
@@ -282,23 +289,45 @@ class AddedKVAttention(FusibleProjections):
         # A list so the key reads ``to_out.0``; the reference keeps a no-op Dropout at index 1, which has no weights.
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
-    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the context tokens, (B, L, heads, head_dim) each. They depend on the conditioning only,
-        not on the denoised sample, so the UNet computes them once per denoising run (``prepare_conditioning``)."""
-        context_k, context_v = self.project("added_kv", context)
-        return tuple(t.unflatten(-1, (self.heads, self.head_dim)) for t in (context_k, context_v))  # (B, L, heads, d)
+    def context_kv(self, context: torch.Tensor) -> torch.Tensor:
+        """Keys and values of the context tokens side by side, (B, L, 2 · channels). They depend on the conditioning
+        only, not on the denoised sample, so the UNet computes them once per denoising run (``prepare_conditioning``)."""
+        if "added_kv" in self.fused_sizes:
+            return F.linear(context, self.added_kv_weight, self.added_kv_bias)
+        return torch.cat(self.project("added_kv", context), dim=-1)
 
-    def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context_kv: torch.Tensor) -> torch.Tensor:
         # Eager runs are bound by launching ops, so this works on 2-d rows: one copy of the normed pixels to (B·HW, C)
         # (free when x is channels_last) makes each projection a single GEMM with its bias, without the reshapes a
         # 3-d input costs around every projection.
         b, c, h, w = x.shape
         pixels = norm_act(self.group_norm, x).permute(0, 2, 3, 1).reshape(-1, c)  # (B·HW, C)
-        q, k, v = (t.view(b, h * w, self.heads, self.head_dim) for t in self.project("qkv", pixels))
-        context_k, context_v = context_kv  # (B, L, heads, d)
-        k = torch.cat([context_k, k], dim=1)  # (B, L + HW, heads, d)
-        v = torch.cat([context_v, v], dim=1)
+        heads = (self.heads, self.head_dim)
+        if "qkv" in self.fused_sizes and h * w >= _IN_PLACE_MIN_PIXELS and not torch.compiler.is_compiling():
+            q, kv = self._project_after_context(pixels, context_kv, b)
+            k, v = kv.unflatten(-1, (2, *heads)).unbind(2)  # (B, L + HW, heads, d): the context tokens first
+        else:
+            q, k, v = (t.view(b, h * w, *heads) for t in self.project("qkv", pixels))
+            context_k, context_v = context_kv.unflatten(-1, (2, *heads)).unbind(2)  # (B, L, heads, d)
+            k, v = torch.cat([context_k, k], dim=1), torch.cat([context_v, v], dim=1)
+        q = q.view(b, h * w, *heads)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = self.to_out[0](out.transpose(1, 2).reshape(-1, c))  # (B·HW, C)
         # (B, C, H, W) as a view with channels_last strides: the residual add reads it without a copy
         return x + out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+    def _project_after_context(
+        self, pixels: torch.Tensor, context_kv: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries (B, HW, C) and the keys and values (B, L + HW, 2C), the context's first, as views of one
+        (B, L + HW, 3C) buffer that the projection GEMM writes in place, one GEMM per sample (a sample's rows are
+        contiguous there, the batch's are not) after the context's rows: no concatenation copies them again. The
+        context rows' query columns are left unwritten and not read."""
+        c, context_len = pixels.shape[1], context_kv.shape[1]
+        n = pixels.shape[0] // batch
+        qkv = torch.empty(batch, context_len + n, 3 * c, device=pixels.device, dtype=pixels.dtype)
+        qkv[:, :context_len, c:] = context_kv
+        weight = self.qkv_weight.t()
+        for i in range(batch):
+            torch.addmm(self.qkv_bias, pixels[i * n : (i + 1) * n], weight, out=qkv[i, context_len:])
+        return qkv[:, context_len:, :c], qkv[:, :, c:]

@@ -77,7 +77,7 @@ class UNetConditioning:
     derived from its weights once per run instead of at each step."""
 
     time_addition: torch.Tensor  # (B, time_dim)
-    context_kv: list[tuple[torch.Tensor, torch.Tensor]]  # (B, 32, heads, head_dim) keys, values per attention layer
+    context_kv: list[torch.Tensor]  # (B, 32, 2 · channels) keys and values side by side, per attention layer
     hint: torch.Tensor | None = None  # (B, 4, H, W), concatenated to the sample (image_hint UNets)
     modulation: torch.Tensor | None = None  # (steps, 2, B, ΣC, 1, 1) for a run, or (2, B, ΣC, 1, 1) for one step
     phase_weights: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # per upsampling resnet, call order
@@ -188,7 +188,7 @@ class ImageTimeEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 # The attention layers' precomputed context keys and values, consumed in call order (down, mid, up).
-ContextKV = Iterator[tuple[torch.Tensor, torch.Tensor]]
+ContextKV = Iterator[torch.Tensor]
 # The resnets' (1 + scale, shift), consumed in call order (down: resnets then downsampler; mid; up: resnets, upsampler).
 Modulations = Iterator[tuple[torch.Tensor, torch.Tensor]]
 # The upsampling resnets' conv1 phase kernels (UpsampleConv2d.phase_weight), in call order, or None (made at the call).
