@@ -1,5 +1,6 @@
 """The GroupNorm calls of one UNet CFG step and one MoVQ decode at full size, with the Triton norms switched on: by
-the kernel path each takes, and the distinct kernel variants Triton would compile for them at first use.
+the kernel path each takes, and the distinct kernel variants Triton would compile for them at first use; the same for
+the resnets' residual kernel (``models.residual``), which runs where the norms do.
 
 Builds the official decoder UNet and MoVQ on the meta device (no weights, no GPU), lays them out channels_last as the
 CUDA pipelines do, and calls them once (the UNet on a CFG batch, MoVQ on one latent) with stand-ins for the kernels
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kandinsky22.models import norm_kernels, norms
+from kandinsky22.models import norm_kernels, norms, residual
 from kandinsky22.models.movq import VQModel
 from kandinsky22.models.unet import UNet2DConditionModel
 
@@ -36,7 +37,7 @@ CONFIGS = Path(__file__).parents[2] / "shared" / "reference" / "configs" / "kand
 class Recorder:
     """Stands in for the kernels' module: ``kernel[grid](*args, **constants)`` records the variant and runs nothing."""
 
-    KERNELS = ("stats", "finalize", "apply", "small")
+    KERNELS = ("stats", "finalize", "apply", "small", "residual")
 
     def __init__(self) -> None:
         self.launches: collections.Counter = collections.Counter()
@@ -84,6 +85,10 @@ def main() -> None:
     # conditions is kept (a CUDA pipeline's channels_last models pass the layout check).
     applies = norms._triton_applies
     norms._triton_applies = lambda norm, x: applies(norm, x.contiguous(memory_format=torch.channels_last))
+    residual_applies = residual._kernel_applies
+    residual._kernel_applies = lambda x, h, *biases: residual_applies(
+        x.contiguous(memory_format=torch.channels_last), h.contiguous(memory_format=torch.channels_last), *biases
+    )
     os.environ["TRITON_INTERPRET"] = "1"  # tensors off CUDA (here: meta) count as the interpreter's
     recorder = Recorder()
     norms._kernels = lambda: recorder
@@ -106,8 +111,9 @@ def main() -> None:
     movq_launches = recorder.launches - unet_launches
     kinds = collections.Counter(key[0] for key in recorder.launches)
     print(f"{args.size}x{args.size}, {args.dtype}, Triton norms on:")
-    print(f"  UNet CFG step: {by_path(unet_launches)}, {sum(unet_launches.values())} kernel launches")
-    print(f"  MoVQ decode: {by_path(movq_launches)}, {sum(movq_launches.values())} kernel launches")
+    for name, launches in (("UNet CFG step", unet_launches), ("MoVQ decode", movq_launches)):
+        sums = sum(n for key, n in launches.items() if key[0] == "residual")
+        print(f"  {name}: {by_path(launches)}, {sum(launches.values()) - sums} kernel launches; {sums} residual sums")
     print(f"  distinct kernel variants Triton compiles at first use: {len(recorder.launches)} {dict(kinds)}")
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky22.models.norms import _interpreting, _kernels, _Launch, _next_power_of_2
+from kandinsky22.models import norms
+from kandinsky22.models.norms import _interpreting, _Launch, _next_power_of_2
 
 # Elements per program (as the norms' apply kernel).
 _TILE = 4096
@@ -69,7 +70,7 @@ def add_residual(
         block_r = _TILE // block_c
         rows = batch * height * width
         launch = _Launch(
-            _kernels().residual,
+            norms._kernels().residual,
             (-(-rows // block_r), -(-channels // block_c), 1),
             (rows, channels, height, width),
             {"TWO_BIASES": bias2 is not None, "UPSAMPLE": upsample, "BLOCK_R": block_r, "BLOCK_C": block_c},
