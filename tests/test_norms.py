@@ -191,6 +191,32 @@ def test_spatial_modulation_matches_float64_reference(factors):
     with pytest.raises(ValueError, match="spatial scale and shift"):
         four_rows = torch.zeros(2, 64, 4, 5, device=DEVICE)  # 4 does not divide the 3·fh rows
         norms.group_norm_nhwc(x, 32, weight, bias, 1e-6, spatial=(four_rows, four_rows))
+    # with a convolution's bias folded in (MoVQ's resnets' second norms)
+    in_bias = (3 * torch.randn(64, generator=g)).to(DEVICE)
+    got = norms.group_norm_nhwc(x, 32, weight, bias, 1e-6, silu=True, spatial=(scale, shift), in_bias=in_bias)
+    want = expected(x + in_bias.view(-1, 1, 1), 32, weight, bias, 1e-6, *big, silu=True)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+@pytest.mark.parametrize("size", [8, 6], ids=["blocks", "resized"])
+def test_spatial_norm_adds_an_input_bias(size, triton):
+    """``SpatialNorm(x, zq, in_bias=b)`` is its norm of ``x + b``: on the kernels or PyTorch's ops, and where the
+    latents are repeated over blocks (8 = 4 × 2) or resized to a size that is not a power-of-two multiple (6 = 3 × 2)."""
+    torch.manual_seed(0)
+    layer = movq.SpatialNorm(64, 4).to(DEVICE).requires_grad_(False)
+    with torch.no_grad():
+        layer.norm_layer.weight.add_(torch.randn(64, device=DEVICE))
+        layer.norm_layer.bias.add_(torch.randn(64, device=DEVICE))
+    norms.use_triton_norms(layer, enabled=triton)
+    x = inputs(1, 64, size, size)[0]
+    zq = torch.randn(1, 4, 2, 2).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    in_bias = 3 * torch.randn(64, device=DEVICE)
+    with torch.no_grad():
+        got = layer(x, zq, silu=True, in_bias=in_bias)
+        norms.use_triton_norms(layer, enabled=False)
+        want = layer(x + in_bias.view(-1, 1, 1), zq, silu=True)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
 def test_norm_act_uses_the_kernels_only_where_they_apply(monkeypatch):

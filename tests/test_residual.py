@@ -124,6 +124,8 @@ def test_unet_resnet_folds_its_biases_into_the_residual_kernel(in_channels, resa
 
 @pytest.mark.parametrize("in_channels", [64, 32])
 def test_movq_resnet_folds_its_biases_into_the_residual_kernel(in_channels, monkeypatch):
+    """A MoVQ decoder resnet with the Triton norms: conv1's bias into the second spatial norm, conv2's and the
+    shortcut's into the residual kernel; the output is PyTorch's form's."""
     torch.manual_seed(0)
     block = ResnetBlock(in_channels, 64, spatial_norm(4)).to(DEVICE).eval()
     block.requires_grad_(False).to(memory_format=torch.channels_last)
@@ -132,10 +134,19 @@ def test_movq_resnet_folds_its_biases_into_the_residual_kernel(in_channels, monk
             p.add_(0.5 * torch.randn_like(p))
     x, zq = channels_last(1, in_channels, 8, 8), channels_last(1, 4, 2, 2, seed=4)
     calls = spy_on_residual(monkeypatch)
+    in_biases = []
+    real = norms.group_norm_nhwc
+
+    def spy(*args, **kwargs):
+        in_biases.append(kwargs.get("in_bias"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("kandinsky22.models.movq.group_norm_nhwc", spy)
     with torch.no_grad():
         want = block(x, zq)
         norms.use_triton_norms(block)
         got = block(x, zq)
     shortcut = block.conv_shortcut.bias if block.conv_shortcut is not None else None
     assert calls == [(block.conv2.bias, shortcut, False)]
+    assert in_biases == [None, block.conv1.bias]  # conv1's bias into the second spatial norm
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)

@@ -53,15 +53,19 @@ class SpatialNorm(nn.Module):
         self.conv_y = nn.Conv2d(zq_channels, channels, 1)
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, zq: torch.Tensor, silu: bool = False, in_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``norm(x) * conv_y(zq') + conv_b(zq')``, zq' being ``zq`` resized (nearest) to ``x``'s size; then SiLU if
-        ``silu``."""
+        ``silu``. ``in_bias`` (C,): the norm of ``x + in_bias`` (see ``norms.norm_act``)."""
+        if in_bias is not None and not uses_triton(self.norm_layer, x):
+            x, in_bias = x + in_bias.view(-1, 1, 1), None
         (height, width), (zq_height, zq_width) = x.shape[-2:], zq.shape[-2:]
         fh, fw = height // zq_height, width // zq_width
         if fh * zq_height != height or fw * zq_width != width or (fh & (fh - 1)) or (fw & (fw - 1)):
             zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
             # norm(x) * y + b in one pass
-            h = torch.addcmul(self.conv_b(zq), norm_act(self.norm_layer, x), self.conv_y(zq))
+            h = torch.addcmul(self.conv_b(zq), norm_act(self.norm_layer, x, in_bias=in_bias), self.conv_y(zq))
             return F.silu(h) if silu else h
         # Nearest resizing by a power-of-two factor repeats each latent pixel in an fh × fw block (exactly: the source
         # index i / f is exact in floating point). A 1x1 convolution commutes with that, so both run on the latents
@@ -70,7 +74,7 @@ class SpatialNorm(nn.Module):
         if uses_triton(self.norm_layer, x):  # the norm, the modulation and the SiLU in one pass over x's pixels
             norm = self.norm_layer
             return group_norm_nhwc(
-                x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu, spatial=(scale, shift)
+                x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu, spatial=(scale, shift), in_bias=in_bias
             )
         norm = self.norm_layer(x).unflatten(3, (zq_width, fw)).unflatten(2, (zq_height, fh))  # (B, C, h, fh, w, fw)
         scale, shift = scale[:, :, :, None, :, None], shift[:, :, :, None, :, None]
@@ -89,9 +93,11 @@ def spatial_norm(zq_channels: int) -> NormFactory:
     return lambda channels: SpatialNorm(channels, zq_channels)
 
 
-def apply_norm(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, silu: bool = False) -> torch.Tensor:
-    """The encoder's group norm or the decoder's spatial norm of ``x``, then SiLU if ``silu``."""
-    return norm_act(norm, x, silu=silu) if zq is None else norm(x, zq, silu=silu)
+def apply_norm(
+    norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, silu: bool = False, in_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The encoder's group norm or the decoder's spatial norm of ``x`` (+ ``in_bias``), then SiLU if ``silu``."""
+    return norm_act(norm, x, silu=silu, in_bias=in_bias) if zq is None else norm(x, zq, silu=silu, in_bias=in_bias)
 
 
 class ResnetBlock(nn.Module):
@@ -106,11 +112,18 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(apply_norm(self.norm1, x, zq, silu=True))
-        h = apply_norm(self.norm2, h, zq, silu=True)
+        h = apply_norm(self.norm1, x, zq, silu=True)
+        # Where the Triton norms run, conv1's bias goes into norm2 and conv2's and the shortcut's into the residual
+        # kernel (as in the UNet's resnets, layers.ResnetBlock2D)
         norm = self.norm2.norm_layer if isinstance(self.norm2, SpatialNorm) else self.norm2
-        if uses_triton(norm, h) and bias_folds(self.conv2) and bias_folds(self.conv_shortcut):
-            # conv2's and the shortcut's biases and the sum in one kernel (residual.add_residual)
+        fold = uses_triton(norm, h)
+        in_bias = None
+        if fold and bias_folds(self.conv1):
+            h, in_bias = conv_without_bias(self.conv1, h), self.conv1.bias
+        else:
+            h = self.conv1(h)
+        h = apply_norm(self.norm2, h, zq, silu=True, in_bias=in_bias)
+        if fold and bias_folds(self.conv2) and bias_folds(self.conv_shortcut):
             h = conv_without_bias(self.conv2, h)
             if self.conv_shortcut is None:
                 return add_residual(x, h, self.conv2.bias)

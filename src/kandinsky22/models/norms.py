@@ -148,7 +148,7 @@ def group_norm_nhwc(
     ``scale_1`` / ``shift``: (N or 1, C, 1, 1) time modulation applied after the norm's own affine.
     ``spatial``: MoVQ's ``(scale, shift)`` maps (N, C, h, w), applied after the norm as if resized to (H, W) by
     repeating each of their pixels in an (H / h) × (W / w) block (nearest resizing by whole factors).
-    ``in_bias``: (C,), the norm is of ``x + in_bias`` (not with ``spatial``)."""
+    ``in_bias``: (C,), the norm is of ``x + in_bias``."""
     device = -1
     if x.is_cuda:
         device = torch.cuda.current_device()
@@ -273,11 +273,8 @@ def _plan(
     batch, channels, height, width = shape
     if channels % groups:
         raise ValueError(f"group norm: {channels} channels do not split into {groups} groups")
-    if in_bias is not None and (in_bias.shape != (channels,) or spatial is not None):
-        raise ValueError(
-            f"group norm: in_bias must be ({channels},) and comes without spatial maps; got {tuple(in_bias.shape)}"
-            + (" with spatial maps" if spatial is not None else "")
-        )
+    if in_bias is not None and in_bias.shape != (channels,):
+        raise ValueError(f"group norm: in_bias must be ({channels},); got {tuple(in_bias.shape)}")
     if (scale_1 is None) != (shift is None):
         raise ValueError("group norm: scale_1 and shift come together")
     small_h, small_w = height, width
