@@ -12,10 +12,13 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   compilation: the warm-up generates code for the distinct blocks only. ``"model"`` compiles each model as one graph
   (Inductor may fuse across block boundaries; the warm-up generates code for every block). ``"none"`` compiles
   nothing: the rest of the fast path (layout, fused projections, CUDA graphs), with the UNet's and MoVQ's GroupNorms
-  as Triton kernels on CUDA (``use_triton_norms``) where Triton is installed; its warm-up is graph captures, cuDNN's
-  autotuning and, with a cold Triton cache, compiling those kernels (21 variants at 768²; 26 took about 10 s on an
-  H200); for a process that cannot wait for compilation. It keeps the other eager kernels, so it is slower than a
-  compiled scope (768², H200 run 8: 0.80 s a call after a 0.56 s warm-up, against 0.70 s after 79 s compiled).
+  as Triton kernels on CUDA (``use_triton_norms``) where Triton is installed, and with them the resnets' biases
+  folded into the norms and one residual kernel (``models.residual``) and, uncompiled, the attentions' keys and
+  values written in place after the context's (``AddedKVAttention``); its warm-up is graph captures, cuDNN's
+  autotuning and, with a cold Triton cache, compiling those kernels (27 variants at 768², ``bench/unet_norms.py``;
+  26 took about 10 s on an H200); for a process that cannot wait for compilation. It keeps the other eager
+  kernels, so it was slower than a compiled scope (768², H200 run 8: 0.80 s a call after a 0.56 s warm-up, against
+  0.70 s after 79 s compiled; before the bias folds and the in-place keys, which no GPU run has timed yet).
   Where those Triton norms run, the MoVQ decoder is not compiled in any scope: eager with them it decoded faster
   than compiled, and at once (20.2 against 26.0 ms at 768², first call 1.0 against 37.5 s, H200 run 8).
 * **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide.

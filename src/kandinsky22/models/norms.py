@@ -17,8 +17,9 @@ A small group (``_SMALL_GROUP`` elements at most: the UNet's coarse levels) take
 
 ``in_bias`` folds in the bias of the convolution that made ``x``: the norm is of ``x + in_bias``. The bias shifts
 each channel's means (kernel 2, or the one kernel's first pass) and joins the offset, so the convolution runs without
-it and PyTorch's separate pass that adds a convolution's bias goes away. A resnet passes its first convolution's
-bias to its second norm where these kernels run (``ResnetBlock2D``).
+it and PyTorch's separate pass that adds a convolution's bias goes away. A resnet (the UNet's ``ResnetBlock2D``,
+MoVQ's ``ResnetBlock``) passes its first convolution's bias to its second norm where these kernels run, and its
+other biases to the residual kernel (``residual.add_residual``).
 
 PyTorch's CUDA GroupNorm works on NCHW only: for a channels_last input it copies to NCHW, normalises there and
 returns NCHW, which the next convolution copies back to channels_last; the modulation and the activation are one pass
