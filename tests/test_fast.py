@@ -117,6 +117,13 @@ def test_fused_attention_writes_keys_after_the_context_without_a_concatenation(b
     with torch.no_grad(), _AtenOps() as seen:
         assert (layer(x, context_kv) - fused).abs().max() < TOL
     assert seen.ops.count("cat") == 2 and seen.ops.count("addmm") == 2
+    # recording gradients (of the input here): concatenated, since a GEMM into a given output records none
+    monkeypatch.setattr("kandinsky22.models.layers._IN_PLACE_MIN_PIXELS", 0)
+    x.requires_grad_(True)
+    out = layer(x, context_kv)
+    assert (out.detach() - fused).abs().max() < TOL
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", ["unet", "movq", "prior"])

@@ -303,7 +303,7 @@ class AddedKVAttention(FusibleProjections):
         b, c, h, w = x.shape
         pixels = norm_act(self.group_norm, x).permute(0, 2, 3, 1).reshape(-1, c)  # (B·HW, C)
         heads = (self.heads, self.head_dim)
-        if "qkv" in self.fused_sizes and h * w >= _IN_PLACE_MIN_PIXELS and not torch.compiler.is_compiling():
+        if self._in_place(pixels, context_kv, h * w):
             q, kv = self._project_after_context(pixels, context_kv, b)
             k, v = kv.unflatten(-1, (2, *heads)).unbind(2)  # (B, L + HW, heads, d): the context tokens first
         else:
@@ -315,6 +315,17 @@ class AddedKVAttention(FusibleProjections):
         out = self.to_out[0](out.transpose(1, 2).reshape(-1, c))  # (B·HW, C)
         # (B, C, H, W) as a view with channels_last strides: the residual add reads it without a copy
         return x + out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+    def _in_place(self, pixels: torch.Tensor, context_kv: torch.Tensor, pixels_per_sample: int) -> bool:
+        """Whether the projection writes the keys in place (``_project_after_context``): fused, large enough, not
+        compiling (Inductor plans the copies itself), and not recording gradients (GEMMs into a given output have
+        none)."""
+        return (
+            "qkv" in self.fused_sizes
+            and pixels_per_sample >= _IN_PLACE_MIN_PIXELS
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (pixels.requires_grad or context_kv.requires_grad))
+        )
 
     def _project_after_context(
         self, pixels: torch.Tensor, context_kv: torch.Tensor, batch: int
