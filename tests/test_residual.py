@@ -150,3 +150,26 @@ def test_movq_resnet_folds_its_biases_into_the_residual_kernel(in_channels, monk
     assert calls == [(block.conv2.bias, shortcut, False)]
     assert in_biases == [None, block.conv1.bias]  # conv1's bias into the second spatial norm
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_a_bias_that_records_gradients_is_not_folded(monkeypatch):
+    """Training a resnet's biases with frozen norms: the Triton norms run, but the biases stay in their convolutions,
+    so that their gradients are PyTorch's."""
+    torch.manual_seed(0)
+    block = ResnetBlock2D(16, 32, temb_channels=16, groups=8).to(DEVICE).to(memory_format=torch.channels_last)
+    block.requires_grad_(False)
+    biases = [block.conv1.bias, block.conv2.bias, block.conv_shortcut.bias]
+    for bias in biases:
+        bias.requires_grad_(True)
+    x = channels_last(2, 16, 6, 8)
+    modulation = tuple(t.detach() for t in block.time_modulation(torch.randn(2, 16, device=DEVICE)))
+    block(x, modulation).square().sum().backward()
+    want = [bias.grad.clone() for bias in biases]
+    for bias in biases:
+        bias.grad = None
+    norms.use_triton_norms(block)
+    calls = spy_on_residual(monkeypatch)
+    block(x, modulation).square().sum().backward()
+    assert calls == []
+    for bias, grad in zip(biases, want):
+        torch.testing.assert_close(bias.grad, grad, atol=1e-4, rtol=1e-4)

@@ -25,10 +25,14 @@ _TILE = 4096
 
 
 def bias_folds(conv: nn.Module | None) -> bool:
-    """Whether ``conv`` may run without its bias, for a later kernel to add it: a plain ``nn.Conv2d`` with a bias and
-    no hooks (a bias-less call skips them). ``None`` (no shortcut) folds trivially."""
+    """Whether ``conv`` may run without its bias, for a later kernel to add it: a plain ``nn.Conv2d`` with a bias, no
+    hooks (a bias-less call skips them) and no gradient to record for the bias (the kernels record none). ``None`` (no
+    shortcut) folds trivially."""
     return conv is None or (
-        type(conv) is nn.Conv2d and conv.bias is not None and not (conv._forward_hooks or conv._forward_pre_hooks)
+        type(conv) is nn.Conv2d
+        and conv.bias is not None
+        and not (conv._forward_hooks or conv._forward_pre_hooks)
+        and not (torch.is_grad_enabled() and conv.bias.requires_grad)
     )
 
 
