@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from kandinsky22.models import norms, residual  # noqa: E402
 from kandinsky22.models.layers import ResnetBlock2D  # noqa: E402
-from kandinsky22.models.movq import ResnetBlock, spatial_norm  # noqa: E402
+from kandinsky22.models.movq import ResnetBlock, group_norm, spatial_norm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -122,17 +122,18 @@ def test_unet_resnet_folds_its_biases_into_the_residual_kernel(in_channels, resa
         assert calls == []
 
 
+@pytest.mark.parametrize("decoder", [True, False], ids=["decoder", "encoder"])
 @pytest.mark.parametrize("in_channels", [64, 32])
-def test_movq_resnet_folds_its_biases_into_the_residual_kernel(in_channels, monkeypatch):
-    """A MoVQ decoder resnet with the Triton norms: conv1's bias into the second spatial norm, conv2's and the
-    shortcut's into the residual kernel; the output is PyTorch's form's."""
+def test_movq_resnet_folds_its_biases_into_the_residual_kernel(in_channels, decoder, monkeypatch):
+    """A MoVQ resnet with the Triton norms: conv1's bias into the second norm (a decoder's spatial norm, an encoder's
+    group norm), conv2's and the shortcut's into the residual kernel; the output is PyTorch's form's."""
     torch.manual_seed(0)
-    block = ResnetBlock(in_channels, 64, spatial_norm(4)).to(DEVICE).eval()
+    block = ResnetBlock(in_channels, 64, spatial_norm(4) if decoder else group_norm(32)).to(DEVICE).eval()
     block.requires_grad_(False).to(memory_format=torch.channels_last)
     with torch.no_grad():
         for p in block.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    x, zq = channels_last(1, in_channels, 8, 8), channels_last(1, 4, 2, 2, seed=4)
+    x, zq = channels_last(1, in_channels, 8, 8), channels_last(1, 4, 2, 2, seed=4) if decoder else None
     calls = spy_on_residual(monkeypatch)
     in_biases = []
     real = norms.group_norm_nhwc
@@ -141,7 +142,8 @@ def test_movq_resnet_folds_its_biases_into_the_residual_kernel(in_channels, monk
         in_biases.append(kwargs.get("in_bias"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("kandinsky22.models.movq.group_norm_nhwc", spy)
+    monkeypatch.setattr("kandinsky22.models.movq.group_norm_nhwc", spy)  # the decoder's spatial norms
+    monkeypatch.setattr("kandinsky22.models.norms.group_norm_nhwc", spy)  # the encoder's, through norm_act
     with torch.no_grad():
         want = block(x, zq)
         norms.use_triton_norms(block)
