@@ -1,21 +1,22 @@
-"""Where the uncompiled fast path's UNet step goes: the same step's kernels in eager mode and in a CUDA graph replay,
-with cuDNN's autotuning (``torch.backends.cudnn.benchmark``) off and on.
+"""Where the uncompiled fast path's UNet step goes, and what the folds into the Triton kernels save: the same step
+replayed in a CUDA graph with and without them, in one run.
 
-H200 run 8 timed the uncompiled fast path's UNet CFG step (``compile_scope="none"``: channels_last, fused
-projections, the Triton norms, cuDNN autotuned, one CUDA graph replay) at 14.10 ms, where the eager step with the
-same norms kept the GPU busy 12.49 ms (without autotuning, without fused projections). This script times one
-official-size UNet (random weights, fp16, laid out and fused as the fast path does, the Triton norms on) in four
-ways, in this order, each after its own warm-up:
+H200 run 9 (this script's first form) replayed the uncompiled fast path's UNet CFG step (``compile_scope="none"``:
+channels_last, fused projections, the Triton norms, one CUDA graph replay) at 12.74 ms for 11.26 ms of kernels, 647
+of them; cuDNN's autotuning changed nothing. This script times one official-size UNet (random weights, fp16, laid out
+and fused as the fast path does, the Triton norms on, cuDNN autotuned as the fast path sets it), each variant after
+its own warm-up and capture:
 
-* ``eager``: called directly, cuDNN's heuristics;
-* ``graph``: its call captured in a CUDA graph (``fast.CudaGraphCall``) and replayed;
-* ``eager_autotuned``, ``graph_autotuned``: the same with cuDNN's autotuning on (the fast path's setting; the graph
-  captured afresh).
+* ``eager``: everything below on, called directly (the host-bound form);
+* ``graph_unfolded``: replayed, the resnets' biases in their convolutions (``residual.FOLD_BIASES`` off) and the
+  attentions' keys concatenated (``layers._IN_PLACE_MIN_PIXELS`` out of reach): run 9's form;
+* ``graph_folded``: the biases folded into the norms and the residual kernel, keys concatenated;
+* ``graph``: both, as the fast path runs.
 
 For each: ms per call (CUDA events over ``--iters`` calls), then under ``torch.profiler`` the GPU's busy time (the sum
-of its kernels' times), the kernel count and the costliest kernels; and per kernel name, where the graph's kernels
-took longer than the eager ones. The gap between a replay's time and its busy time is what the GPU idles between
-kernels.
+of its kernels' times), the kernel count and the costliest kernels; and per kernel name, what changed from one graph
+variant to the next and from eager to graph. The gap between a replay's time and its busy time is what the GPU idles
+between kernels.
 
     python bench/graph_step.py                  # CUDA: 768x768, fp16; writes bench/results/graph_step_<gpu>.json
     python bench/graph_step.py --tiny           # CPU: the tiny UNet (checks the script; the "graph" rows re-run
@@ -42,7 +43,7 @@ from bench_pipeline import UNET, kernel_times, per_call_ms, rounded  # noqa: E40
 
 import kandinsky22  # noqa: E402
 from kandinsky22 import fast, tiny  # noqa: E402
-from kandinsky22.models import norms  # noqa: E402
+from kandinsky22.models import layers, norms, residual  # noqa: E402
 from kandinsky22.models.layers import FusibleProjections  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -112,19 +113,23 @@ def measure(name: str, fn: Callable[[], Any], args: argparse.Namespace, cuda: bo
     return row
 
 
-def slower(graph: dict[str, Any], eager: dict[str, Any], count: int = 12) -> dict[str, Any]:
-    """Kernel names whose time per call grew most from eager to the graph (ms in each, and the counts)."""
-    names = set(graph["_per_name"]) | set(eager["_per_name"])
+def changed(after: dict[str, Any], before: dict[str, Any], count: int = 12) -> dict[str, Any]:
+    """Kernel names whose time per call changed most from ``before`` to ``after`` (ms in each, and the counts)."""
+    names = set(after["_per_name"]) | set(before["_per_name"])
     rows = []
     for key in names:
-        g_ms, g_n = graph["_per_name"].get(key, (0.0, 0))
-        e_ms, e_n = eager["_per_name"].get(key, (0.0, 0))
-        rows.append((g_ms - e_ms, key, g_ms, e_ms, g_n, e_n))
+        a_ms, a_n = after["_per_name"].get(key, (0.0, 0))
+        b_ms, b_n = before["_per_name"].get(key, (0.0, 0))
+        rows.append((abs(a_ms - b_ms), key, a_ms, b_ms, a_n, b_n))
     rows.sort(reverse=True)
     return {
-        key: {"graph_ms": g, "eager_ms": e, "graph_count": gn, "eager_count": en}
-        for _, key, g, e, gn, en in rows[:count]
+        key: {"after_ms": a, "before_ms": b, "after_count": an, "before_count": bn}
+        for _, key, a, b, an, bn in rows[:count]
     }
+
+
+# Graph variants, in the order measured: (bias folds, keys written in place).
+VARIANTS = {"graph_unfolded": (False, False), "graph_folded": (True, False), "graph": (True, True)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,30 +147,34 @@ def main(argv: list[str] | None = None) -> None:
     unet = build(args.tiny, device, dtype)
     call = step_call(unet, size, device, dtype)
     results: dict[str, Any] = {}
-    with torch.no_grad():
-        for autotune in (False, True):
-            torch.backends.cudnn.benchmark = autotune
-            suffix = "_autotuned" if autotune else ""
-            results[f"eager{suffix}"] = measure(f"eager{suffix}", call, args, cuda)
-            unet._compiled_call_impl = graph_call(unet, cuda)
-            try:
-                results[f"graph{suffix}"] = measure(f"graph{suffix}", call, args, cuda)
-            finally:
-                fast.drop_cuda_graphs(unet)
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-    torch.backends.cudnn.benchmark = False
-    compare = {}
-    for suffix in ("", "_autotuned"):
-        if f"graph{suffix}" in results:
-            compare[f"graph_vs_eager{suffix}"] = slower(results[f"graph{suffix}"], results[f"eager{suffix}"])
-    if "eager_autotuned" in results:
-        compare["eager_autotuned_vs_eager"] = slower(results["eager_autotuned"], results["eager"])
+    in_place_min = layers._IN_PLACE_MIN_PIXELS
+    torch.backends.cudnn.benchmark = True  # as the fast path sets it (run 9: no effect on this step)
+    try:
+        with torch.no_grad():
+            results["eager"] = measure("eager", call, args, cuda)
+            for name, (fold, in_place) in VARIANTS.items():
+                residual.FOLD_BIASES = fold
+                layers._IN_PLACE_MIN_PIXELS = in_place_min if in_place else 2**62
+                unet._compiled_call_impl = graph_call(unet, cuda)
+                try:
+                    results[name] = measure(name, call, args, cuda)
+                finally:
+                    fast.drop_cuda_graphs(unet)
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.empty_cache()
+    finally:
+        residual.FOLD_BIASES, layers._IN_PLACE_MIN_PIXELS = True, in_place_min
+        torch.backends.cudnn.benchmark = False
+    names = list(VARIANTS)
+    compare = {
+        f"{after}_vs_{before}": changed(results[after], results[before]) for before, after in zip(names, names[1:])
+    }
+    compare["graph_vs_eager"] = changed(results["graph"], results["eager"])
     for row in results.values():
         del row["_per_name"]
     meta = {
-        "what": "the uncompiled fast path's UNet CFG step: eager and CUDA-graph replay, cuDNN autotuning off and on",
+        "what": "the uncompiled fast path's UNet CFG step: eager, and replayed without and with the folds",
         "device": torch.cuda.get_device_name() if cuda else platform.machine(),
         "torch": torch.__version__,
         "triton": getattr(sys.modules.get("triton"), "__version__", None),
@@ -175,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
         "iters": args.iters,
         "profile_iters": args.profile_iters,
         "small_group": norms._SMALL_GROUP,
+        "in_place_min_pixels": in_place_min,
+        "variants": {
+            name: {"fold_biases": fold, "keys_in_place": in_place} for name, (fold, in_place) in VARIANTS.items()
+        },
         "command": "python bench/graph_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

@@ -22,12 +22,17 @@ from kandinsky22.models.norms import _interpreting, _Launch, _next_power_of_2
 
 # Elements per program (as the norms' apply kernel).
 _TILE = 4096
+# Whether resnets fold their convolutions' biases into the kernels (``bias_folds``); bench/graph_step.py switches it
+# off to time the difference in one run.
+FOLD_BIASES = True
 
 
 def bias_folds(conv: nn.Module | None) -> bool:
     """Whether ``conv`` may run without its bias, for a later kernel to add it: a plain ``nn.Conv2d`` with a bias, no
     hooks (a bias-less call skips them) and no gradient to record for the bias (the kernels record none). ``None`` (no
     shortcut) folds trivially."""
+    if not FOLD_BIASES:
+        return False
     return conv is None or (
         type(conv) is nn.Conv2d
         and conv.bias is not None
