@@ -49,8 +49,9 @@ def add_residual(
     x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, bias2: torch.Tensor | None = None, upsample: bool = False
 ) -> torch.Tensor:
     """``x + h + bias (+ bias2)``: ``h`` (N, C, H, W), the biases (C,) per channel, ``x`` like ``h`` or, with
-    ``upsample``, (N, C, H / 2, W / 2) and read as its nearest ×2 upsampling. One Triton kernel when ``x`` and ``h``
-    are channels_last on CUDA (or under Triton's interpreter), else PyTorch's ops; the result is laid out as ``h``."""
+    ``upsample``, (N, C, H / 2, W / 2) and read as its nearest ×2 upsampling. One Triton kernel, whose result is
+    channels_last, when ``x`` and ``h`` are channels_last on CUDA (or under Triton's interpreter), else PyTorch's
+    ops."""
     batch, channels, height, width = h.shape
     x_shape = (batch, channels, height // 2, width // 2) if upsample else tuple(h.shape)
     if tuple(x.shape) != x_shape or (upsample and (height % 2 or width % 2)):
@@ -63,15 +64,15 @@ def add_residual(
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         out = x + h + bias.view(-1, 1, 1)
         return out if bias2 is None else out + bias2.view(-1, 1, 1)
-    out = torch.empty_like(h, memory_format=torch.channels_last)
-    if out.numel() == 0:
-        return out
     device = -1
     if h.is_cuda:
         device = torch.cuda.current_device()
         if h.device.index != device:
             with torch.cuda.device(h.device):  # Triton launches on the current device: make it h's
                 return add_residual(x, h, bias, bias2, upsample)
+    out = torch.empty_like(h, memory_format=torch.channels_last)
+    if out.numel() == 0:
+        return out
     key = (h.shape, h.dtype, bias.dtype, None if bias2 is None else bias2.dtype, upsample)
     launch = _LAUNCHES.get(key)
     if launch is None:
