@@ -175,3 +175,13 @@ def test_a_bias_that_records_gradients_is_not_folded(monkeypatch):
     assert calls == []
     for bias, grad in zip(biases, want):
         torch.testing.assert_close(bias.grad, grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_kernel_runs_on_the_inputs_gpu_not_the_current_one():
+    h, x = channels_last(2, 64, 4, 6, seed=1).to("cuda:1"), channels_last(2, 64, 2, 3).to("cuda:1")
+    bias = torch.randn(64, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    got = residual.add_residual(x, h, bias, upsample=True)
+    want = F.interpolate(x.cpu(), scale_factor=2.0, mode="nearest") + h.cpu() + bias.cpu().view(-1, 1, 1)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-6, rtol=1e-6)
