@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kandinsky22.models.norms import norm_act, uses_triton
-from kandinsky22.models.residual import add_residual, bias_folds, conv_without_bias
+from kandinsky22.models.residual import conv_before_norm, conv_residual
 
 
 def timestep_embedding(
@@ -152,11 +152,7 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-        self.resample: nn.Module | None = None
-        if resample == "up":
-            self.resample = nn.Upsample(scale_factor=2.0, mode="nearest")
-        elif resample == "down":
-            self.resample = nn.AvgPool2d(2)
+        self.resample = resample
 
     def time_modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1 + scale, shift)``, (B, C_out, 1, 1) each, from the activated time embedding (B, temb_channels)."""
@@ -176,31 +172,17 @@ class ResnetBlock2D(nn.Module):
         # one residual kernel that also upsamples x as it reads it (see norms and residual): PyTorch's convolutions
         # would each add their bias in a pass of their own over their output.
         fold = uses_triton(self.norm2, h)
-        upsample = isinstance(self.resample, nn.Upsample)
-        if upsample and not (fold and bias_folds(self.conv_shortcut)):
-            x, upsample = self.resample(x), False  # (conv1 upsamples the hidden state itself)
-        elif self.resample is not None and not upsample:  # "down"
-            x, h = self.resample(x), self.resample(h)
+        if self.resample == "down":
+            x, h = F.avg_pool2d(x, 2), F.avg_pool2d(h, 2)
         scale_1, shift = modulation
-        in_bias = None
-        if phase_weight is None and fold and bias_folds(self.conv1):
-            h, in_bias = conv_without_bias(self.conv1, h), self.conv1.bias
+        if phase_weight is None:
+            h, in_bias = conv_before_norm(self.conv1, h, fold)
         else:
-            h = self.conv1(h) if phase_weight is None else self.conv1(h, phase_weight)
+            h, in_bias = self.conv1(h, phase_weight), None
         # silu(norm2(h) * (1 + scale) + shift)
         h = norm_act(self.norm2, h, scale_1, shift, silu=True, in_bias=in_bias)
-        if fold and bias_folds(self.conv2) and bias_folds(self.conv_shortcut):
-            h = conv_without_bias(self.conv2, h)
-            if self.conv_shortcut is None:
-                return add_residual(x, h, self.conv2.bias, upsample=upsample)
-            x = conv_without_bias(self.conv_shortcut, x)  # a 1x1 convolution commutes with the upsampling
-            return add_residual(x, h, self.conv2.bias, self.conv_shortcut.bias, upsample=upsample)
-        if upsample:
-            x = self.resample(x)
-        h = self.conv2(h)
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+        # "up": conv1 upsamples the hidden state itself, conv_residual the residual input
+        return conv_residual(x, h, self.conv2, self.conv_shortcut, fold, upsample=self.resample == "up")
 
 
 class FusibleProjections(nn.Module):

@@ -22,7 +22,7 @@ from torch import nn
 from ..loading import Config, ModelMixin
 from .layers import FusibleProjections, UpsampleConv2d
 from .norms import group_norm_nhwc, norm_act, uses_triton
-from .residual import add_residual, bias_folds, conv_without_bias
+from .residual import conv_before_norm, conv_residual
 
 ENCODER_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 DECODER_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -115,22 +115,10 @@ class ResnetBlock(nn.Module):
         h = apply_norm(self.norm1, x, zq, silu=True)
         # Where the Triton norms run, conv1's bias goes into norm2 and conv2's and the shortcut's into the residual
         # kernel (as in the UNet's resnets, layers.ResnetBlock2D)
-        norm = self.norm2.norm_layer if isinstance(self.norm2, SpatialNorm) else self.norm2
-        fold = uses_triton(norm, h)
-        in_bias = None
-        if fold and bias_folds(self.conv1):
-            h, in_bias = conv_without_bias(self.conv1, h), self.conv1.bias
-        else:
-            h = self.conv1(h)
+        fold = uses_triton(self.norm2.norm_layer if isinstance(self.norm2, SpatialNorm) else self.norm2, h)
+        h, in_bias = conv_before_norm(self.conv1, h, fold)
         h = apply_norm(self.norm2, h, zq, silu=True, in_bias=in_bias)
-        if fold and bias_folds(self.conv2) and bias_folds(self.conv_shortcut):
-            h = conv_without_bias(self.conv2, h)
-            if self.conv_shortcut is None:
-                return add_residual(x, h, self.conv2.bias)
-            return add_residual(conv_without_bias(self.conv_shortcut, x), h, self.conv2.bias, self.conv_shortcut.bias)
-        h = self.conv2(h)
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return shortcut + h
+        return conv_residual(x, h, self.conv2, self.conv_shortcut, fold)
 
 
 class SelfAttention(FusibleProjections):

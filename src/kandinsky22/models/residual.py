@@ -45,6 +45,32 @@ def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return conv._conv_forward(x, conv.weight, None)
 
 
+def conv_before_norm(conv: nn.Module, h: torch.Tensor, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(conv(h), None)``; where ``fold`` (the next norm runs the Triton kernels) and ``conv`` allows it
+    (``bias_folds``), ``conv(h)`` without its bias, and the bias, for the norm to add (``norms.norm_act``'s
+    ``in_bias``)."""
+    if fold and bias_folds(conv):
+        return conv_without_bias(conv, h), conv.bias
+    return conv(h), None
+
+
+def conv_residual(
+    x: torch.Tensor, h: torch.Tensor, conv: nn.Module, shortcut: nn.Module | None, fold: bool, upsample: bool = False
+) -> torch.Tensor:
+    """A resnet's output ``shortcut(x) + conv(h)`` (``x`` itself without a shortcut), ``x`` read as its nearest ×2
+    upsampling with ``upsample``. Where ``fold`` (the Triton kernels run) and the convolutions allow it, they run
+    without their biases and ``add_residual`` adds both and the sum in one pass (a 1x1 shortcut commutes with the
+    upsampling, so it runs on ``x`` at its own resolution)."""
+    if fold and bias_folds(conv) and bias_folds(shortcut):
+        h = conv_without_bias(conv, h)
+        if shortcut is None:
+            return add_residual(x, h, conv.bias, upsample=upsample)
+        return add_residual(conv_without_bias(shortcut, x), h, conv.bias, shortcut.bias, upsample=upsample)
+    if upsample:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return (x if shortcut is None else shortcut(x)) + conv(h)
+
+
 def add_residual(
     x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, bias2: torch.Tensor | None = None, upsample: bool = False
 ) -> torch.Tensor:
