@@ -1,6 +1,9 @@
 """The GroupNorm calls of one UNet CFG step and one MoVQ decode at full size, with the Triton norms switched on: by
 the kernel path each takes, and the distinct kernel variants Triton would compile for them at first use; the same for
-the resnets' residual kernel (``models.residual``), which runs where the norms do.
+the resnets' residual kernel (``models.residual``), which runs where the norms do. Then, for the uncompiled fast
+path's UNet step (fused projections), the other operators that launch a pass of their own on CUDA (convolutions with
+a bias, whose bias PyTorch adds in a separate pass; concatenations, upsamplings, GEMMs, copies, adds) in H200 run 9's
+form (``residual.FOLD_BIASES`` off, keys concatenated) and as it runs now.
 
 Builds the official decoder UNet and MoVQ on the meta device (no weights, no GPU), lays them out channels_last as the
 CUDA pipelines do, and calls them once (the UNet on a CFG batch, MoVQ on one latent) with stand-ins for the kernels
@@ -26,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from kandinsky22.models import norm_kernels, norms, residual
+from kandinsky22.models import layers, norm_kernels, norms, residual
+from kandinsky22.models.layers import FusibleProjections
 from kandinsky22.models.movq import VQModel
 from kandinsky22.models.unet import UNet2DConditionModel
 
@@ -115,6 +120,44 @@ def main() -> None:
         sums = sum(n for key, n in launches.items() if key[0] == "residual")
         print(f"  {name}: {by_path(launches)}, {sum(launches.values()) - sums} kernel launches; {sums} residual sums")
     print(f"  distinct kernel variants Triton compiles at first use: {len(recorder.launches)} {dict(kinds)}")
+
+    # The uncompiled fast path's step (fused projections, the conditioning prepared per run): the operators that
+    # launch a pass of their own on CUDA besides the norms, without the folds (H200 run 9's form) and with them.
+    for module in unet.modules():
+        if isinstance(module, FusibleProjections):
+            module.fuse_projections()
+    timestep = torch.tensor([500], device="meta")
+    in_place_min = layers._IN_PLACE_MIN_PIXELS
+    print("  uncompiled fast-path UNet CFG step, operators besides the norms:")
+    try:
+        with torch.no_grad():
+            conditioning = unet.prepare_conditioning(cond, timestep).at(0)
+            for fold in (False, True):
+                residual.FOLD_BIASES = fold
+                layers._IN_PLACE_MIN_PIXELS = in_place_min if fold else 2**62
+                with PassCounter() as counter:
+                    unet(sample.contiguous(memory_format=last), timestep, None, conditioning=conditioning)
+                form = "bias folds, keys in place" if fold else "run 9's form"
+                print(f"    {form}: {dict(sorted(counter.passes.items()))}")
+    finally:
+        residual.FOLD_BIASES, layers._IN_PLACE_MIN_PIXELS = True, in_place_min
+
+
+class PassCounter(TorchDispatchMode):
+    """Counts the operators that launch a pass of their own: convolutions (with a bias, which PyTorch's CUDA
+    convolutions add in a separate pass, or without), concatenations, nearest upsamplings, GEMMs, copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func.__name__.split(".")[0]
+        if name == "convolution":
+            self.passes["convolution with bias" if args[2] is not None else "convolution"] += 1
+        elif name in ("cat", "upsample_nearest2d", "addmm", "copy_", "add"):
+            self.passes[name] += 1
+        return func(*args, **(kwargs or {}))
 
 
 if __name__ == "__main__":
