@@ -247,6 +247,10 @@ class FusibleProjections(nn.Module):
 # copies are small: the 12x12 level at 768² (144 pixels) concatenates. A choice from those sizes, not yet timed.
 _IN_PLACE_MIN_PIXELS = 256
 
+# An attention layer's context keys and values: side by side (B, L, 2C), then the keys and the values as views of it,
+# (B, L, heads, head_dim) each (``AddedKVAttention.context_kv``).
+ContextKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 class AddedKVAttention(FusibleProjections):
     """Self-attention over the pixels of a feature map whose keys and values are prefixed with context tokens.
@@ -271,28 +275,32 @@ class AddedKVAttention(FusibleProjections):
         # A list so the key reads ``to_out.0``; the reference keeps a no-op Dropout at index 1, which has no weights.
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
-    def context_kv(self, context: torch.Tensor) -> torch.Tensor:
-        """Keys and values of the context tokens side by side, (B, L, 2 · channels). They depend on the conditioning
-        only, not on the denoised sample, so the UNet computes them once per denoising run (``prepare_conditioning``)."""
+    def context_kv(self, context: torch.Tensor) -> ContextKV:
+        """Keys and values of the context tokens: side by side, (B, L, 2 · channels), and as views of that, (B, L,
+        heads, head_dim) each. They depend on the conditioning only, not on the denoised sample, so the UNet computes
+        them once per denoising run (``prepare_conditioning``), and the views with them: no per-step op makes them."""
         if "added_kv" in self.fused_sizes:
-            return F.linear(context, self.added_kv_weight, self.added_kv_bias)
-        return torch.cat(self.project("added_kv", context), dim=-1)
+            both = F.linear(context, self.added_kv_weight, self.added_kv_bias)
+        else:
+            both = torch.cat(self.project("added_kv", context), dim=-1)
+        keys, values = both.unflatten(-1, (2, self.heads, self.head_dim)).unbind(2)
+        return both, keys, values
 
-    def forward(self, x: torch.Tensor, context_kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context_kv: ContextKV) -> torch.Tensor:
         # Eager runs are bound by launching ops, so this works on 2-d rows: one copy of the normed pixels to (B·HW, C)
         # (free when x is channels_last) makes each projection a single GEMM with its bias, without the reshapes a
         # 3-d input costs around every projection.
         b, c, h, w = x.shape
         pixels = norm_act(self.group_norm, x).permute(0, 2, 3, 1).reshape(-1, c)  # (B·HW, C)
         heads = (self.heads, self.head_dim)
-        if self._in_place(pixels, context_kv, h * w):
-            q, kv = self._project_after_context(pixels, context_kv, b)
+        context_both, context_k, context_v = context_kv
+        if self._in_place(pixels, context_both, h * w):
+            q, kv = self._project_after_context(pixels, context_both, b)
+            q = q.view(b, h * w, *heads)
             k, v = kv.unflatten(-1, (2, *heads)).unbind(2)  # (B, L + HW, heads, d): the context tokens first
         else:
             q, k, v = (t.view(b, h * w, *heads) for t in self.project("qkv", pixels))
-            context_k, context_v = context_kv.unflatten(-1, (2, *heads)).unbind(2)  # (B, L, heads, d)
             k, v = torch.cat([context_k, k], dim=1), torch.cat([context_v, v], dim=1)
-        q = q.view(b, h * w, *heads)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = self.to_out[0](out.transpose(1, 2).reshape(-1, c))  # (B·HW, C)
         # (B, C, H, W) as a view with channels_last strides: the residual add reads it without a copy

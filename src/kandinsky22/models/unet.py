@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kandinsky22.loading import ModelMixin
-from kandinsky22.models.layers import AddedKVAttention, ResnetBlock2D, TimestepEmbedding, Timesteps
+from kandinsky22.models.layers import AddedKVAttention, ContextKV, ResnetBlock2D, TimestepEmbedding, Timesteps
 from kandinsky22.models.norms import norm_act
 
 # Block type → whether it has attention layers.
@@ -77,7 +77,7 @@ class UNetConditioning:
     derived from its weights once per run instead of at each step."""
 
     time_addition: torch.Tensor  # (B, time_dim)
-    context_kv: list[torch.Tensor]  # (B, 32, 2 · channels) keys and values side by side, per attention layer
+    context_kv: list[ContextKV]  # per attention layer: keys and values side by side, and each as views of that
     hint: torch.Tensor | None = None  # (B, 4, H, W), concatenated to the sample (image_hint UNets)
     modulation: torch.Tensor | None = None  # (steps, 2, B, ΣC, 1, 1) for a run, or (2, B, ΣC, 1, 1) for one step
     phase_weights: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # per upsampling resnet, call order
@@ -188,7 +188,7 @@ class ImageTimeEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 # The attention layers' precomputed context keys and values, consumed in call order (down, mid, up).
-ContextKV = Iterator[torch.Tensor]
+ContextKVs = Iterator[ContextKV]
 # The resnets' (1 + scale, shift), consumed in call order (down: resnets then downsampler; mid; up: resnets, upsampler).
 Modulations = Iterator[tuple[torch.Tensor, torch.Tensor]]
 # The upsampling resnets' conv1 phase kernels (UpsampleConv2d.phase_weight), in call order, or None (made at the call).
@@ -231,7 +231,7 @@ class DownBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, modulations: Modulations, context_kv: ContextKV, skips: list[torch.Tensor]
+        self, x: torch.Tensor, modulations: Modulations, context_kv: ContextKVs, skips: list[torch.Tensor]
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, next(modulations))
@@ -254,7 +254,7 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([AddedKVAttention(channels, context_dim, head_dim, groups)])
         self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2))
 
-    def forward(self, x: torch.Tensor, modulations: Modulations, context_kv: ContextKV) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modulations: Modulations, context_kv: ContextKVs) -> torch.Tensor:
         x = self.resnets[0](x, next(modulations))
         x = self.attentions[0](x, next(context_kv))
         return self.resnets[1](x, next(modulations))
@@ -303,7 +303,7 @@ class UpBlock(nn.Module):
         self,
         x: torch.Tensor,
         modulations: Modulations,
-        context_kv: ContextKV,
+        context_kv: ContextKVs,
         skips: list[torch.Tensor],
         phase_weights: PhaseWeights,
     ) -> torch.Tensor:
