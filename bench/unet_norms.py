@@ -80,6 +80,23 @@ def _config(folder: str) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+class PassCounter(TorchDispatchMode):
+    """Counts the operators that launch a pass of their own: convolutions (with a bias, which PyTorch's CUDA
+    convolutions add in a separate pass, or without), concatenations, nearest upsamplings, GEMMs, copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func.__name__.split(".")[0]
+        if name == "convolution":
+            self.passes["convolution with bias" if args[2] is not None else "convolution"] += 1
+        elif name in ("cat", "upsample_nearest2d", "addmm", "copy_", "add"):
+            self.passes[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=768, help="image side (latents: size / 8)")
@@ -141,23 +158,6 @@ def main() -> None:
                 print(f"    {form}: {dict(sorted(counter.passes.items()))}")
     finally:
         residual.FOLD_BIASES, layers._IN_PLACE_MIN_PIXELS = True, in_place_min
-
-
-class PassCounter(TorchDispatchMode):
-    """Counts the operators that launch a pass of their own: convolutions (with a bias, which PyTorch's CUDA
-    convolutions add in a separate pass, or without), concatenations, nearest upsamplings, GEMMs, copies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.passes: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        name = func.__name__.split(".")[0]
-        if name == "convolution":
-            self.passes["convolution with bias" if args[2] is not None else "convolution"] += 1
-        elif name in ("cat", "upsample_nearest2d", "addmm", "copy_", "add"):
-            self.passes[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 if __name__ == "__main__":

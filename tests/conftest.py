@@ -19,3 +19,15 @@ def upsampling(request, monkeypatch):
     MoVQ's upsamplers): the tiny test inputs are below its pixel threshold, so the phase form is forced with 0."""
     monkeypatch.setattr("kandinsky22.models.layers._PHASES_MIN_PIXELS", 0 if request.param == "phases" else 10**9)
     return request.param
+
+
+@pytest.fixture
+def true_fp32():
+    """On a GPU: fp32 convolutions and matmuls, not TF32 (PyTorch lets cuDNN use TF32's 10-bit mantissas by default),
+    for comparisons in fp32 against the CPU or the resident pipeline. Set and restored by hand: these flags are dynamic
+    attributes, which pytest's monkeypatch cannot restore. Modules that need it mark themselves
+    ``pytest.mark.usefixtures("true_fp32")``."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

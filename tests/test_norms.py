@@ -24,16 +24,7 @@ from kandinsky22.models.unet import UNet2DConditionModel
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # else under Triton's interpreter (tests/conftest.py)
-
-
-@pytest.fixture(autouse=True)
-def true_fp32():
-    """On a GPU: fp32 convolutions and matmuls, not TF32, for the comparisons with the reference on the CPU. (Set and
-    restored by hand: these flags are dynamic attributes, which pytest's monkeypatch cannot restore.)"""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+pytestmark = pytest.mark.usefixtures("true_fp32")  # on a GPU: fp32 comparisons with the CPU (tests/conftest.py)
 
 
 @pytest.fixture(params=["three_kernels", "one_kernel"])
@@ -202,7 +193,8 @@ def test_spatial_modulation_matches_float64_reference(factors):
 @pytest.mark.parametrize("size", [8, 6], ids=["blocks", "resized"])
 def test_spatial_norm_adds_an_input_bias(size, triton):
     """``SpatialNorm(x, zq, in_bias=b)`` is its norm of ``x + b``: on the kernels or PyTorch's ops, and where the
-    latents are repeated over blocks (8 = 4 × 2) or resized to a size that is not a power-of-two multiple (6 = 3 × 2)."""
+    latents are repeated over blocks (8 = 4 × 2) or resized to a size that is not a power-of-two multiple of theirs
+    (6 = 3 × 2)."""
     torch.manual_seed(0)
     layer = movq.SpatialNorm(64, 4).to(DEVICE).requires_grad_(False)
     with torch.no_grad():

@@ -15,20 +15,12 @@ from kandinsky22.models.layers import ResnetBlock2D  # noqa: E402
 from kandinsky22.models.movq import ResnetBlock, group_norm, spatial_norm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("true_fp32")  # on a GPU: fp32 comparisons with PyTorch's form (tests/conftest.py)
 
 
 def channels_last(*shape, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(*shape, generator=g)).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
-
-
-@pytest.fixture(autouse=True)
-def true_fp32():
-    """On a GPU: fp32 convolutions, not TF32, for the comparisons with PyTorch's form."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 @pytest.mark.parametrize("two_biases", [False, True])

@@ -13,18 +13,13 @@ import torch
 
 from kandinsky22 import KandinskyV22CombinedPipeline, fast
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def true_fp32():
-    """fp32 convolutions and matmuls in fp32. PyTorch lets cuDNN use TF32 (10-bit mantissas) by default; with it, on an
-    H200, sequential offloading's images were 1.3e-3 from the resident pipeline's (model offloading's within 1e-4; why
-    the two differ under TF32 was not established). In true fp32 both were within 1e-4 (the H200's next run)."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+# true fp32 (tests/conftest.py): under TF32, on an H200, sequential offloading's images were 1.3e-3 from the resident
+# pipeline's (model offloading's within 1e-4; why the two differ under TF32 was not established); in true fp32 both
+# were within 1e-4 (the H200's next run).
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("true_fp32"),
+]
 
 
 KWARGS = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
