@@ -12,6 +12,7 @@ import inspect
 import diffusers
 import pytest
 import torch
+from tiny_repos import DECODER_SCHEDULER_CONFIG, PRIOR_SCHEDULER_CONFIG
 
 import kandinsky22.schedulers as ours
 
@@ -36,30 +37,8 @@ SPLITS_VARIANCE = ("DDPMScheduler", "UnCLIPScheduler")
 
 # Official configs (reference-behaviour §3), the reference's DDIM test config (§4) and two more schedules.
 CONFIGS = {
-    "decoder": {
-        "beta_end": 0.012,
-        "beta_schedule": "linear",
-        "beta_start": 0.00085,
-        "clip_sample": True,
-        "clip_sample_range": 1.0,
-        "dynamic_thresholding_ratio": 0.995,
-        "num_train_timesteps": 1000,
-        "prediction_type": "epsilon",
-        "rescale_betas_zero_snr": False,
-        "sample_max_value": 1.0,
-        "steps_offset": 1,
-        "thresholding": False,
-        "timestep_spacing": "leading",
-        "trained_betas": None,
-        "variance_type": "fixed_small",
-    },
-    "prior": {
-        "clip_sample": True,
-        "clip_sample_range": 10.0,
-        "num_train_timesteps": 1000,
-        "prediction_type": "sample",
-        "variance_type": "fixed_small_log",
-    },
+    "decoder": DECODER_SCHEDULER_CONFIG,
+    "prior": PRIOR_SCHEDULER_CONFIG,
     "ddim_test": {
         "num_train_timesteps": 1000,
         "beta_schedule": "linear",
