@@ -213,6 +213,7 @@ def test_depth_with_and_without_a_start_image(tiny: dict[str, str], tmp_path: Pa
         (["generate"], "generate needs a PROMPT (or --prompts-file, or --from-png)"),
         (["generate", "x", "--steps", "0"], "argument --steps: must be from 1 to 1000, got 0"),
         (["generate", "x", "--steps", "many"], "argument --steps: must be an integer from 1 to 1000, got 'many'"),
+        (["generate", "x", "--prior-steps", "1"], "argument --prior-steps: must be from 2 to 1000, got 1"),
         (["generate", "x", "--scheduler", "plms"], "argument --scheduler: invalid choice: 'plms' (choose from"),
         (["generate", "x", "--width", "63"], "argument --width: must be from 64 to 2048, got 63"),
         (["generate", "x", "--guidance", "0.5"], "argument --guidance: must be a number from 1 to 100, got '0.5'"),

@@ -56,6 +56,7 @@ def _write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "
         ({"steps": 0}, "steps must be from 1 to 1000, got 0"),
         ({"steps": True}, "steps must be an integer from 1 to 1000, got True"),
         ({"prior_steps": 2.5}, "prior_steps must be an integer"),
+        ({"prior_steps": 1}, "prior_steps must be from 2 to 1000, got 1"),  # the prior's scheduler needs 2
         ({"guidance": 0.5}, "guidance must be from 1 to 100, got 0.5"),
         ({"prior_guidance": math.nan}, "prior_guidance must be a number"),
         ({"scheduler": "plms"}, "scheduler must be one of ddpm, ddim, dpm++, dpm++-karras, euler, euler-a, unipc"),

@@ -28,6 +28,7 @@ from kandinsky22.jobs import (
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
+    MIN_PRIOR_STEPS,
     MIN_SIDE,
     SCHEDULERS,
     Job,
@@ -159,7 +160,7 @@ def _common_options() -> argparse.ArgumentParser:
     gen.add_argument("--negative", help="negative prompt of the decoder (what the image should not look like)")
     gen.add_argument("--negative-prior", help="negative prompt of the prior's guidance")
     gen.add_argument("--steps", type=_int_in(1, MAX_STEPS), help="decoder steps (default 50)")
-    gen.add_argument("--prior-steps", type=_int_in(1, MAX_STEPS), help="prior steps (default 25)")
+    gen.add_argument("--prior-steps", type=_int_in(MIN_PRIOR_STEPS, MAX_STEPS), help="prior steps (default 25)")
     gen.add_argument("--guidance", type=_float_in(1, 100), help="decoder guidance scale, 1 = off (default 4)")
     gen.add_argument("--prior-guidance", type=_float_in(1, 100), help="prior guidance scale, 1 = off (default 4)")
     gen.add_argument("--scheduler", choices=SCHEDULERS, help="decoder sampler (default ddpm, as the official repos)")

@@ -57,6 +57,8 @@ DEFAULT_SIZE = 512
 DEFAULT_MAX_SIDE = 1024
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_STEPS = 1000
+# The prior's UnCLIP scheduler spans T-1 down to 0, so it needs at least 2 steps (the reference divides by zero at 1).
+MIN_PRIOR_STEPS = 2
 MAX_IMAGES = 16
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0
@@ -124,7 +126,7 @@ class Job:
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("steps", self.steps, 1, MAX_STEPS)
-        _check_int("prior_steps", self.prior_steps, 1, MAX_STEPS)
+        _check_int("prior_steps", self.prior_steps, MIN_PRIOR_STEPS, MAX_STEPS)
         _check_float("guidance", self.guidance, 1.0, MAX_GUIDANCE)
         _check_float("prior_guidance", self.prior_guidance, 1.0, MAX_GUIDANCE)
         if self.scheduler not in SCHEDULERS:
