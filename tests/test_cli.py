@@ -160,6 +160,10 @@ def test_img2img_writes_exact_size_and_overwrites_only_when_asked(tiny: dict[str
     assert (recipe["task"], recipe["strength"], recipe["image"]) == ("img2img", 0.5, str(photo.resolve()))
     assert recipe["inputs_sha256"]["image"] == hashlib.sha256(photo.read_bytes()).hexdigest()
 
+    # The recipe names the input: --from-png re-makes it without repeating --image (argparse required it).
+    ok(run("img2img", "--from-png", "result.png", "--quiet", "-o", "again.png", cwd=tmp_path))
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "result.png"))
+
 
 def test_inpaint_defaults_to_the_input_size(tiny: dict[str, str], tmp_path: Path) -> None:
     write_image(tmp_path / "photo.png", (100, 70), seed=1)
@@ -172,6 +176,8 @@ def test_inpaint_defaults_to_the_input_size(tiny: dict[str, str], tmp_path: Path
     recipe = read_recipe(tmp_path / "hat.png")
     assert (recipe["task"], recipe["width"], recipe["height"]) == ("inpaint", 100, 70)
     assert set(recipe["inputs_sha256"]) == {"image", "mask"}
+    ok(run("inpaint", "--from-png", "hat.png", "--quiet", "-o", "again.png", cwd=tmp_path))  # no --image, --mask
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "hat.png"))
 
 
 def test_mix_of_a_text_and_an_image(tiny: dict[str, str], tmp_path: Path) -> None:
@@ -199,6 +205,19 @@ def test_depth_with_and_without_a_start_image(tiny: dict[str, str], tmp_path: Pa
     plain, started = read_recipe(tmp_path / "robot-1.png"), read_recipe(tmp_path / "robot-2.png")
     assert (plain["task"], plain["image"], plain["strength"]) == ("depth", None, None)
     assert (started["image"], started["strength"]) == (str((tmp_path / "photo.png").resolve()), 0.5)
+
+
+def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Path) -> None:
+    """A PNG made in bf16 re-made with --from-png alone: the same pixels (it ran in the default dtype, fp32 here)."""
+    args = ["generate", "a red cat", "--dtype", "bf16", "--seed", "4", "--width", "64", "--height", "64"]
+    ok(run(*args, *FAST, "-o", "bf16.png", *models(tiny), cwd=tmp_path))
+    assert read_recipe(tmp_path / "bf16.png")["dtype"] == "bf16"
+    ok(run("generate", "--from-png", "bf16.png", "--quiet", "-o", "again.png", cwd=tmp_path))
+    assert read_recipe(tmp_path / "again.png")["dtype"] == "bf16"
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "bf16.png"))
+    # --dtype given overrides the recorded one, as every option does.
+    ok(run("generate", "--from-png", "bf16.png", "--dtype", "fp32", "--quiet", "-o", "fp32.png", cwd=tmp_path))
+    assert read_recipe(tmp_path / "fp32.png")["dtype"] == "fp32"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -231,7 +250,9 @@ def test_depth_with_and_without_a_start_image(tiny: dict[str, str], tmp_path: Pa
             ["generate", "--from-png", "plain.png", "--prompts-file", "p.txt"],
             "--from-png and --prompts-file cannot be combined",
         ),
-        (["img2img", "x"], "the following arguments are required: --image"),
+        (["img2img", "x"], "img2img needs --image (or --prompts-file, or --from-png)"),
+        (["inpaint", "x", "--image", "plain.png"], "inpaint needs --mask (or --prompts-file, or --from-png)"),
+        (["depth", "x"], "depth needs --hint (or --prompts-file, or --from-png)"),
         (["img2img", "x", "--image", "plain.png", "--strength", "0.1", "--steps", "5"], "leaves no denoising step"),
         (["img2img", "x", "--image", "plain.png", "--strength", "0"], "argument --strength: must be a number above 0"),
         (["mix", "--item", "a", "--weight", "1", "--weight", "2"], "mix needs one weight per item: got 1 items and 2"),

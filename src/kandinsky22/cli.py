@@ -38,6 +38,8 @@ from kandinsky22.jobs import (
 PROG = "kandinsky22"
 COMMAND_TASKS = {"generate": "text2img", "img2img": "img2img", "inpaint": "inpaint", "mix": "mix", "depth": "depth"}
 TASK_COMMANDS = {task: command for command, task in COMMAND_TASKS.items()}
+# Input images a task needs: options of its command, unless --from-png or --prompts-file gives them.
+REQUIRED_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "depth": ("hint",)}
 DEFAULT_OUT = "kandinsky22-{seed}.png"
 # One image per pipeline call by default: batched kernels sum in a different order, so an image made in a batch can
 # differ from its --from-png re-run by a rounding level on a few pixels. --batch-size trades that for throughput.
@@ -170,7 +172,11 @@ def _common_options() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_int_in(0, MAX_SEED), help="seed of the first image (default: random, printed)")
     run = common.add_argument_group("running")
     run.add_argument("--device", type=_device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps")
-    run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on GPUs, fp32 on CPU")
+    run.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="auto (the default; with --from-png: the recorded one): fp16 on GPUs, fp32 on CPU",
+    )
     run.add_argument(
         "--batch-size",
         type=_int_in(1, MAX_IMAGES),
@@ -221,18 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     prompt_command("generate", "text to image")
     img2img = prompt_command("img2img", "redraw an image following a prompt")
-    img2img.add_argument("--image", required=True, help="the image to start from")
+    img2img.add_argument("--image", help="the image to start from (required unless --from-png or --prompts-file)")
     img2img.add_argument("--strength", type=_float_in(0, 1, open_low=True), help="how much to change, 0..1 (0.3)")
     inpaint = prompt_command("inpaint", "repaint the white area of a mask following a prompt")
-    inpaint.add_argument("--image", required=True, help="the image to edit")
-    inpaint.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+    inpaint.add_argument("--image", help="the image to edit (required unless --from-png or --prompts-file)")
+    inpaint.add_argument("--mask", help="mask image: white = repaint, black = keep (required, as --image)")
     mix = commands.add_parser(
         "mix", parents=[common], help="mix texts and images by weight", description="mix texts and images by weight"
     )
     mix.add_argument("--item", action="append", help="a text or an image file to mix (repeat)")
     mix.add_argument("--weight", action="append", type=_finite_float, help="weight of each item (default equal)")
     depth = prompt_command("depth", "draw a prompt following a depth map (controlnet-depth)")
-    depth.add_argument("--hint", required=True, help="depth map image (white = near)")
+    depth.add_argument("--hint", help="depth map image, white = near (required unless --from-png or --prompts-file)")
     depth.add_argument("--image", help="optional image to start from")
     depth.add_argument("--strength", type=_float_in(0, 1, open_low=True), help="with --image: how much to change (0.5)")
     tiny = commands.add_parser(
@@ -322,16 +328,18 @@ def _job_from_png(path: str, task: str, options: dict[str, Any]) -> tuple[Job, d
 
     try:
         recipe = read_recipe(path)
-        job = job_from_recipe(recipe)
     except FileNotFoundError as err:
         raise RuntimeFailure(str(err), "check the --from-png path") from None
     except ValueError as err:
         raise UsageError(f"--from-png: {err}") from None
-    if job.task != task:
-        raise UsageError(f"'{path}' was made by `{PROG} {TASK_COMMANDS[job.task]}`; re-run it with that command")
-    fields = job.to_dict()
-    fields.update(options)
-    return Job.from_dict(fields), recipe
+    if recipe.get("task") != task and recipe.get("task") in TASK_COMMANDS:
+        made_by = TASK_COMMANDS[recipe["task"]]
+        raise UsageError(f"'{path}' was made by `{PROG} {made_by}`; re-run it with that command")
+    try:  # the options given override the recorded fields (an input the recipe lacks, e.g. a server upload, too)
+        job = job_from_recipe({**recipe, **options})
+    except ValueError as err:
+        raise UsageError(f"--from-png: {err}") from None
+    return job, recipe
 
 
 def _absolute(value: Any) -> Any:
@@ -393,6 +401,9 @@ def build_jobs(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any] | No
             raise UsageError(f"{args.command} needs a PROMPT (or --prompts-file, or --from-png)")
         if task == "mix" and not options.get("items"):
             raise UsageError("mix needs at least one --item TEXT_OR_IMAGE (with a --weight each, or equal weights)")
+        missing = [f"--{name}" for name in REQUIRED_INPUTS.get(task, ()) if options.get(name) is None]
+        if missing:
+            raise UsageError(f"{args.command} needs {' and '.join(missing)} (or --prompts-file, or --from-png)")
         try:
             sources = [("", Job.from_dict({"task": task, **options}))]
         except (TypeError, ValueError) as err:
@@ -555,9 +566,11 @@ def _run_jobs(args: argparse.Namespace) -> int:
     # the first step's progress bar; the prior's doubled batch only if a job has a negative prompt.
     shapes = sorted({(group[0].height, group[0].width, len(group)) for group in groups}) if args.fast else []
     negative = any(job.negative or job.negative_prior for job in singles)
+    # --from-png: the recorded dtype unless --dtype is given (fp16, bf16 and fp32 give different pixels)
+    dtype = args.dtype or (recipe or {}).get("dtype") or "auto"
     engine = Engine(
         device=args.device,
-        dtype=args.dtype,
+        dtype=dtype,
         fast=args.fast,
         warm_up=shapes,
         negative_prompts=negative,
