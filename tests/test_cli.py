@@ -272,6 +272,33 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, tmp_p
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["inpaint", "x", "--image", "plain.png", "--mask", "gone.png"], 1, "no such file for --mask: 'gone.png'"),
+        (["depth", "x", "--hint", "plain.png", "--image", "gone.png"], 1, "no such file for --image: 'gone.png'"),
+        (["mix", "--item", "a", "--item", "gone.png"], 1, "no such file for --item: 'gone.png'"),
+        (["img2img", "x", "--image", "cut.png"], 2, "--image '{tmp}/cut.png' is not an image file PIL can read"),
+        (["inpaint", "x", "--image", "plain.png", "--mask", "cut.png"], 2, "--mask '{tmp}/cut.png' is not an image"),
+        (["img2img", "x", "--image", "text.png"], 2, "--image '{tmp}/text.png' is not an image file PIL can read"),
+        (["generate", "--from-png", "cut.png"], 2, "--from-png: 'cut.png' is not a readable PNG file"),
+    ],
+)
+def test_input_images_are_checked_before_the_models_load(
+    args: list[str], status: int, message: str, tmp_path: Path
+) -> None:
+    """A missing or damaged input fails at once, naming its option (the default models are not even looked up);
+    it was found after the models loaded, or reported with a hint about the network."""
+    plain = write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    (tmp_path / "cut.png").write_bytes(plain.read_bytes()[:200])  # a PNG cut short: its header reads, its pixels not
+    (tmp_path / "text.png").write_text("not an image")
+    result = run(*args, "-o", "out.png", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == status, result.stderr
+    error = result.stderr.splitlines()[0]
+    assert message.format(tmp=tmp_path.resolve()) in error and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == (2 if status == 1 else 1)  # exit 1: the error and a hint
+
+
 def test_repeated_output_name_is_an_argument_error(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text('{"prompt": "a", "seed": 1}\n{"prompt": "b", "seed": 1}\n')
     result = run("generate", "--prompts-file", "p.txt", "-o", "{seed}.png", cwd=tmp_path)

@@ -365,6 +365,25 @@ def _check_models(job: Job) -> None:
             )
 
 
+def _check_inputs(job: Job, where: str) -> None:
+    """Every input image exists and decodes, now: not after minutes of loading models, with a hint about the hub."""
+    import PIL.Image
+
+    sources = [(f"--{name}", getattr(job, name)) for name in ("image", "mask", "hint")]
+    sources += [("--item", item) for item in job.items if mix_item_kind(item) == "image"]
+    for option, source in sources:
+        if not isinstance(source, (str, os.PathLike)):
+            continue
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise RuntimeFailure(f"{where}no such file for {option}: '{source}'", "check the input file paths")
+        try:
+            with PIL.Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
+            raise UsageError(f"{where}{option} '{source}' is not an image file PIL can read ({err})") from None
+
+
 def _prepare_job(job: Job, where: str) -> Job:
     for name in ("image", "mask", "hint", "prior", "decoder"):
         setattr(job, name, _absolute(getattr(job, name)))
@@ -374,6 +393,7 @@ def _prepare_job(job: Job, where: str) -> Job:
     except ValueError as err:
         raise UsageError(f"{where}{err}") from None
     _check_models(job)
+    _check_inputs(job, where)
     try:
         return job.resolved()
     except FileNotFoundError as err:
