@@ -383,6 +383,12 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         parser.parse_args(["--fast", "--no-fast"])
     assert "not allowed with argument" in capsys.readouterr().err
+    # A device torch does not know was accepted: the server started, then answered 503 with the load error.
+    assert parser.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--device", "tpu"])
+    assert exit_info.value.code == 2
+    assert "argument --device: must be auto, cpu, cuda, cuda:N or mps, got 'tpu'" in capsys.readouterr().err
 
     from kandinsky22 import cli
 
