@@ -240,6 +240,7 @@ def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Pat
         (["generate", "x", "--device", "tpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps"),
         (["generate", "x", "-o", "cat.jpg"], "--out must name a .png file"),
         (["generate", "x", "-o", "{name}.png"], "--out pattern '{name}.png' may only use {n} and {seed}"),
+        (["generate", "x", "-o", "plain.png/x.png"], "--out needs 'plain.png' to be a folder, but 'plain.png' is a"),
         (["generate", "--prompts-file", "bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
         (
             ["generate", "--prompts-file", "unknown.jsonl"],
@@ -361,6 +362,33 @@ def test_out_of_memory_is_one_line_and_a_hint(
     assert error == "kandinsky22 generate: error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert hint.startswith("kandinsky22 generate: hint: try --dtype fp16, a smaller --width/--height")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line_and_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A full disk when saving: the error names the file, the hint the output (it was a hint about the network)."""
+    import PIL.Image
+
+    from kandinsky22 import jobs, recipe
+
+    def run_one(self, group, **kwargs):
+        return [jobs.Result(PIL.Image.new("RGB", (64, 64)), job.resolved(), {}) for job in group]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jobs.Engine, "run", run_one)
+    monkeypatch.setattr(jobs.Engine, "missing_models", lambda self, job: [])
+    monkeypatch.setattr(recipe, "save_png", disk_full)
+    from kandinsky22 import cli
+
+    out = tmp_path / "x.png"
+    args = ["generate", "x", "--prior", str(tmp_path), "--decoder", str(tmp_path), "--quiet", "-o", str(out)]
+    assert cli.main(args) == 1
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error == f"kandinsky22 generate: error: cannot write '{out}': No space left on device"
+    assert hint == "kandinsky22 generate: hint: check the --out folder and the free space"
 
 
 def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -464,6 +464,13 @@ def plan_outputs(pattern: str | None, jobs: Sequence[Job], overwrite: bool) -> l
         if path in seen:
             raise UsageError(f"--out gives '{path}' to images {seen[path]} and {n}; add {{n}} to the pattern")
         seen[path] = n
+    for path in dict.fromkeys(p.parent for p in paths):
+        # The folder is made when the first image is saved: a file in the way would fail only after the generation.
+        folder = path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UsageError(f"--out needs '{path}' to be a folder, but '{folder}' is a file")
     if not overwrite:
         existing = [p for p in paths if p.exists()]
         if existing:
@@ -618,8 +625,13 @@ def _run_jobs(args: argparse.Namespace) -> int:
             bars.close()
             for job, result in zip(group, results):
                 i = index[id(job)]
-                paths[i].parent.mkdir(parents=True, exist_ok=True)
-                save_png(result.image, paths[i], make_recipe(result.job, engine.device_name, engine.dtype_name))
+                try:
+                    paths[i].parent.mkdir(parents=True, exist_ok=True)
+                    save_png(result.image, paths[i], make_recipe(result.job, engine.device_name, engine.dtype_name))
+                except OSError as err:
+                    raise RuntimeFailure(
+                        f"cannot write '{paths[i]}': {err.strerror or err}", "check the --out folder and the free space"
+                    ) from err
                 records[i] = {
                     "path": str(paths[i]),
                     "seed": result.job.seed,
