@@ -221,6 +221,23 @@ def test_console_script(tiny_repos: dict[str, Path], tmp_path: Path) -> None:
         assert result.returncode == code and message in result.stderr, (args, result.stderr)
 
 
+def test_errors_under_python_dash_m(tmp_path: Path) -> None:
+    """`python -m kandinsky22.cli batch`: the command's own exit codes and hints (its errors were not recognised as
+    kandinsky22.cli's there: exit 1 and "run again with --debug" for all), and an --out that is a file."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job_line(1)])
+    (tmp_path / "file.txt").write_text("x")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, code, message in (
+        (["missing.jsonl", "--out", "x"], 1, "hint: check the JOBS path"),
+        ([str(jobs), "--out", "x", "--workers", "2"], 2, "error: --workers and --gpus-per-worker need --ray"),
+        ([str(jobs), "--out", "file.txt"], 2, "error: --out 'file.txt' is a file; give a folder"),
+    ):
+        command = [sys.executable, "-m", "kandinsky22.cli", "batch", *args]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+        assert result.returncode == code and message in result.stderr, (args, result.stderr)
+        assert "RuntimeFailure" not in result.stderr and "UsageError" not in result.stderr
+
+
 def test_unit_runner_keeps_compile_caches_where_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Each worker process (a Ray actor, or this one) points torch.compile's caches at the folder of --compile-cache.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))  # restored after the test

@@ -240,6 +240,7 @@ def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Pat
         (["generate", "x", "--device", "tpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps"),
         (["generate", "x", "-o", "cat.jpg"], "--out must name a .png file"),
         (["generate", "x", "-o", "{name}.png"], "--out pattern '{name}.png' may only use {n} and {seed}"),
+        (["make-tiny", "plain.png"], "DIR 'plain.png' is a file; give a folder"),
         (["generate", "x", "-o", "plain.png/x.png"], "--out needs 'plain.png' to be a folder, but 'plain.png' is a"),
         (["generate", "--prompts-file", "bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
         (

@@ -579,6 +579,8 @@ def run_command(args: argparse.Namespace) -> int:
     jobs = Path(args.jobs).expanduser()
     if not jobs.is_file():
         raise RuntimeFailure(f"no such jobs file: '{jobs}'", "check the JOBS path")
+    if Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
+        raise UsageError(f"--out '{args.out}' is a file; give a folder (it is created if missing)")
     decoders = {
         task: value
         for tasks, value in (

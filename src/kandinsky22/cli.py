@@ -528,6 +528,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
     from kandinsky22.tiny import REPO_NAMES, make_tiny_repos
 
     root = Path(args.dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"DIR '{root}' is a file; give a folder (it is created if missing)")
     existing = [root / name for name in REPO_NAMES if (root / name).exists()]
     if existing and not args.overwrite:
         raise RuntimeFailure(f"'{existing[0]}' exists", "pass --overwrite to replace it, or choose another DIR")
@@ -714,4 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m kandinsky22.cli` runs this file as __main__; batch and serve raise kandinsky22.cli's UsageError and
+    # RuntimeFailure, which __main__'s handlers would not recognise (exit 1 and no hint): run that module's main.
+    from kandinsky22.cli import main as module_main
+
+    sys.exit(module_main())
