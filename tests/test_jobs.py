@@ -141,6 +141,19 @@ def test_mix_items_are_images_by_suffix_or_existing_file(tmp_path: Path) -> None
     assert [mix_item_kind(i) for i in ["a red cat", "missing.jpg", str(photo)]] == ["text", "image", "image"]
 
 
+def test_a_16_bit_depth_map_keeps_its_levels(tmp_path: Path) -> None:
+    """A 16-bit greyscale PNG (how depth estimators save depth maps) is read as its 8-bit levels; PIL's conversion
+    clipped it at 255, so the hint the decoder saw was nearly all white."""
+    from kandinsky22.jobs import load_image
+
+    levels = np.tile(np.arange(256, dtype=np.uint16), (4, 1))  # 256 x 4, every 8-bit level
+    PIL.Image.fromarray(levels * 257).save(tmp_path / "depth16.png")  # 257 * k: level k of 16 bits
+    with PIL.Image.open(tmp_path / "depth16.png") as opened:
+        assert opened.mode.startswith("I")  # PIL's 16-bit mode, the case at hand
+    hint = fit_to_grid(load_image(tmp_path / "depth16.png", "hint"), (256, 4), (256, 64), "RGB")
+    assert np.array_equal(np.asarray(hint)[30:34, :, 0], levels.astype(np.uint8))
+
+
 def test_fit_to_grid_pads_and_crop_returns_the_resized_input() -> None:
     rng = np.random.default_rng(0)
     image = PIL.Image.fromarray(rng.integers(0, 256, (50, 90, 3), dtype=np.uint8))

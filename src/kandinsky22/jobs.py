@@ -316,16 +316,28 @@ def load_image(source: ImageSource, what: str = "image") -> PIL.Image.Image:
     import PIL.Image
 
     if isinstance(source, PIL.Image.Image):
-        return source
+        return eight_bit(source)
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no such file for {what}: '{path}'")
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return image
+            return eight_bit(image)
     except PIL.UnidentifiedImageError as err:
         raise ValueError(f"{what} '{path}' is not an image file PIL can read") from err
+
+
+def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit greyscale image (PIL's ``I;16*`` and ``I`` modes: a 16-bit PNG, e.g. a depth map) scaled to 8-bit
+    ``L``; PIL's own conversion to ``L``/``RGB`` clips at 255, which turns such an image nearly white."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    import numpy as np
+    import PIL.Image
+
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return PIL.Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
 
 
 def image_size(source: ImageSource) -> tuple[int, int]:

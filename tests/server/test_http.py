@@ -317,3 +317,12 @@ def test_a_body_over_the_limit_is_refused(server, chunked):
         assert json.loads(response.read())["error"]["message"] == f"the request body is larger than {limit} bytes"
     finally:
         conn.close()
+
+
+def test_a_16_bit_upload_keeps_its_levels():
+    """An uploaded 16-bit greyscale PNG (a depth map) is read as its 8-bit levels, not clipped at 255 (white)."""
+    from kandinsky22.server.schemas import Limits, decode_image
+
+    levels = np.tile(np.arange(256, dtype=np.uint16), (4, 1))
+    image = decode_image(b64_png(PIL.Image.fromarray(levels * 257)), "hint_image", Limits())
+    assert np.array_equal(np.asarray(image.convert("L")), levels.astype(np.uint8))
