@@ -154,6 +154,28 @@ def test_a_16_bit_depth_map_keeps_its_levels(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(hint)[30:34, :, 0], levels.astype(np.uint8))
 
 
+def _sideways_photo(path: Path) -> PIL.Image.Image:
+    """A 400 x 200 image saved with EXIF orientation 6 ("turn 90 degrees clockwise to show"), as phones store photos."""
+    stored = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 400, 3), dtype=np.uint8))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif)
+    return stored
+
+
+def test_a_photo_is_read_as_shown_by_its_exif_orientation(tmp_path: Path) -> None:
+    """The input is the photo as viewers show it (as the reference's load_image reads it): it was used sideways,
+    and the default output size was the stored one, 400 x 200 instead of 200 x 400."""
+    from kandinsky22.jobs import image_size, load_image
+
+    stored = _sideways_photo(tmp_path / "photo.png")
+    assert image_size(tmp_path / "photo.png") == (200, 400)
+    shown = stored.transpose(PIL.Image.Transpose.ROTATE_270)  # 90 degrees clockwise
+    assert np.array_equal(np.asarray(load_image(tmp_path / "photo.png")), np.asarray(shown))
+    job = Job(task="img2img", prompt="x", image=str(tmp_path / "photo.png")).resolved()
+    assert (job.width, job.height) == (200, 400)
+
+
 def test_fit_to_grid_pads_and_crop_returns_the_resized_input() -> None:
     rng = np.random.default_rng(0)
     image = PIL.Image.fromarray(rng.integers(0, 256, (50, 90, 3), dtype=np.uint8))

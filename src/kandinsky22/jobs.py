@@ -323,9 +323,22 @@ def load_image(source: ImageSource, what: str = "image") -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return eight_bit(image)
+            return eight_bit(upright(image))
     except PIL.UnidentifiedImageError as err:
         raise ValueError(f"{what} '{path}' is not an image file PIL can read") from err
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A file's image as it is shown: rotated or flipped by its EXIF orientation (phone photos are stored sideways with
+    a tag saying so), as the reference's ``diffusers.utils.load_image`` does."""
+    import PIL.ImageOps
+
+    return PIL.ImageOps.exif_transpose(image) if image.getexif().get(_EXIF_ORIENTATION, 1) != 1 else image
+
+
+# EXIF orientation tag, and its values that turn the image a quarter (its width and height swap)
+_EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -350,7 +363,8 @@ def image_size(source: ImageSource) -> tuple[int, int]:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: '{path}'")
     with PIL.Image.open(path) as image:
-        return image.size
+        width, height = image.size
+        return (height, width) if image.getexif().get(_EXIF_ORIENTATION) in _QUARTER_TURNS else (width, height)
 
 
 def grid_size(width: int, height: int, multiple: int) -> tuple[int, int]:

@@ -326,3 +326,16 @@ def test_a_16_bit_upload_keeps_its_levels():
     levels = np.tile(np.arange(256, dtype=np.uint16), (4, 1))
     image = decode_image(b64_png(PIL.Image.fromarray(levels * 257)), "hint_image", Limits())
     assert np.array_equal(np.asarray(image.convert("L")), levels.astype(np.uint8))
+
+
+def test_an_uploaded_photo_is_read_as_shown_by_its_exif_orientation():
+    """A phone photo (stored sideways with an EXIF orientation) is used as it is shown, not sideways."""
+    from kandinsky22.server.schemas import Limits, decode_image
+
+    stored = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif)
+    image = decode_image(base64.b64encode(buffer.getvalue()).decode(), "image", Limits())
+    assert np.array_equal(np.asarray(image), np.asarray(stored.transpose(PIL.Image.Transpose.ROTATE_270)))

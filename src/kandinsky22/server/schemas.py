@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kandinsky22.jobs import MIN_PRIOR_STEPS, SCHEDULERS, TASKS, Job, eight_bit, mix_item_kind
+from kandinsky22.jobs import MIN_PRIOR_STEPS, SCHEDULERS, TASKS, Job, eight_bit, mix_item_kind, upright
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -143,7 +143,7 @@ def decode_image(data: str | bytes, param: str, limits: Limits) -> PIL.Image.Ima
         raise
     except (PIL.UnidentifiedImageError, OSError, ValueError, PIL.Image.DecompressionBombError) as err:
         raise RequestError(f"{param} could not be decoded as an image ({err})", param=param) from err
-    return eight_bit(image)
+    return eight_bit(upright(image))
 
 
 def _check_limits(req: _Request, n: int, width: int | None, height: int | None, limits: Limits) -> None:
