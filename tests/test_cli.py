@@ -243,6 +243,8 @@ def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Pat
         (["make-tiny", "plain.png"], "DIR 'plain.png' is a file; give a folder"),
         (["generate", "x", "-o", "plain.png/x.png"], "--out needs 'plain.png' to be a folder, but 'plain.png' is a"),
         (["generate", "--prompts-file", "bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
+        (["mix", "--prompts-file", "letters.jsonl"], "letters.jsonl line 1: items must be a list, got 'ab'"),
+        (["generate", "--prompts-file", "null.jsonl"], "null.jsonl line 1: items must be a list, got None"),
         (
             ["generate", "--prompts-file", "unknown.jsonl"],
             "unknown.jsonl line 1: unknown job field(s) colour; allowed:",
@@ -266,6 +268,8 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, tmp_p
     (tmp_path / "p.txt").write_text("a\n")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     (tmp_path / "unknown.jsonl").write_text('{"prompt": "a", "colour": "red"}\n')
+    (tmp_path / "letters.jsonl").write_text('{"items": "ab", "weights": [1, 1]}\n')
+    (tmp_path / "null.jsonl").write_text('{"prompt": "a", "items": null}\n')
     write_image(tmp_path / "plain.png", (64, 64), seed=0)
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr

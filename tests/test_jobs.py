@@ -80,6 +80,8 @@ def _write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "
         ({"task": "mix", "prompt": "", "items": ["a"], "weights": [0]}, "at least one mix weight must be non-zero"),
         ({"task": "mix", "prompt": "", "items": [" "], "weights": [1]}, "items[0] is empty"),
         ({"task": "mix", "prompt": "", "items": [3], "weights": [1]}, "items[0] must be a text, an image file or"),
+        ({"task": "mix", "prompt": "", "items": "ab", "weights": [1, 1]}, "items must be a list, got 'ab'"),
+        ({"weights": None}, "weights must be a list, got None"),
         ({"task": "img2img", "image": 5}, "image must be an image file path or an image, got 5"),
         ({"task": "mix", "items": ["a"], "weights": [1]}, "prompt is not used by mix"),
         ({"items": ["a"], "weights": [1]}, "items and weights are only used by mix"),

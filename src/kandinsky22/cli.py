@@ -385,11 +385,11 @@ def _check_inputs(job: Job, where: str) -> None:
 
 
 def _prepare_job(job: Job, where: str) -> Job:
-    for name in ("image", "mask", "hint", "prior", "decoder"):
-        setattr(job, name, _absolute(getattr(job, name)))
-    job.items = [_absolute(item) if mix_item_kind(item) == "image" else item for item in job.items]
     try:
         job.validate()
+        for name in ("image", "mask", "hint", "prior", "decoder"):
+            setattr(job, name, _absolute(getattr(job, name)))
+        job.items = [_absolute(item) if mix_item_kind(item) == "image" else item for item in job.items]
     except ValueError as err:
         raise UsageError(f"{where}{err}") from None
     _check_models(job)

@@ -115,6 +115,9 @@ class Job:
         for name in ("prompt", "negative", "negative_prior"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        for name in ("items", "weights"):
+            if not isinstance(getattr(self, name), list):  # a string would be taken as a list of its characters
+                raise ValueError(f"{name} must be a list, got {getattr(self, name)!r}")
         if self.task == "mix":
             if self.prompt:
                 raise ValueError("prompt is not used by mix; give the texts and images to mix as items")
