@@ -19,7 +19,7 @@ import PIL.Image
 import pytest
 
 from kandinsky22.jobs import Job
-from kandinsky22.recipe import read_recipe
+from kandinsky22.recipe import read_recipe, save_png
 
 SCRIPT = shutil.which("kandinsky22")
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kandinsky22.cli"]
@@ -251,6 +251,10 @@ def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Pat
         ),
         (["generate", "--from-png", "plain.png"], "--from-png: 'plain.png' holds no kandinsky22 recipe"),
         (
+            ["img2img", "--from-png", "uploaded.png"],
+            "--from-png: 'uploaded.png' records no file for --image (it was uploaded); give --image",
+        ),
+        (
             ["generate", "--from-png", "plain.png", "--prompts-file", "p.txt"],
             "--from-png and --prompts-file cannot be combined",
         ),
@@ -271,6 +275,9 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, tmp_p
     (tmp_path / "letters.jsonl").write_text('{"items": "ab", "weights": [1, 1]}\n')
     (tmp_path / "null.jsonl").write_text('{"prompt": "a", "items": null}\n')
     write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    # What the server writes for an img2img upload: the recipe has no file for the image.
+    uploaded = {**Job(task="img2img", prompt="x", seed=1).to_dict(), "tool": "kandinsky22", "version": "0"}
+    save_png(PIL.Image.new("RGB", (64, 64)), tmp_path / "uploaded.png", uploaded)
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()

@@ -335,8 +335,13 @@ def _job_from_png(path: str, task: str, options: dict[str, Any]) -> tuple[Job, d
     if recipe.get("task") != task and recipe.get("task") in TASK_COMMANDS:
         made_by = TASK_COMMANDS[recipe["task"]]
         raise UsageError(f"'{path}' was made by `{PROG} {made_by}`; re-run it with that command")
-    try:  # the options given override the recorded fields (an input the recipe lacks, e.g. a server upload, too)
-        job = job_from_recipe({**recipe, **options})
+    fields = {**recipe, **options}  # the options given override the recorded fields
+    missing = [name for name in REQUIRED_INPUTS.get(task, ()) if fields.get(name) is None]
+    if missing:  # an input that was in memory (a server upload): the recipe has no file for it
+        given = " and ".join(f"--{name}" for name in missing)
+        raise UsageError(f"--from-png: '{path}' records no file for {given} (it was uploaded); give {given}")
+    try:
+        job = job_from_recipe(fields)
     except ValueError as err:
         raise UsageError(f"--from-png: {err}") from None
     return job, recipe
