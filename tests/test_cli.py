@@ -243,6 +243,9 @@ def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Pat
         (["make-tiny", "plain.png"], "DIR 'plain.png' is a file; give a folder"),
         (["generate", "x", "-o", "plain.png/x.png"], "--out needs 'plain.png' to be a folder, but 'plain.png' is a"),
         (["generate", "--prompts-file", "bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
+        (["generate", "--prompts-file", "latin1.txt"], "--prompts-file 'latin1.txt' is not UTF-8 text"),
+        # A byte-order mark before a JSON line: the line was taken as a prompt, "{...}" drawn as text.
+        (["generate", "--prompts-file", "bom.jsonl"], "bom.jsonl line 1: unknown job field(s) colour"),
         (["mix", "--prompts-file", "letters.jsonl"], "letters.jsonl line 1: items must be a list, got 'ab'"),
         (["generate", "--prompts-file", "null.jsonl"], "null.jsonl line 1: items must be a list, got None"),
         (
@@ -273,6 +276,8 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, tmp_p
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     (tmp_path / "unknown.jsonl").write_text('{"prompt": "a", "colour": "red"}\n')
     (tmp_path / "letters.jsonl").write_text('{"items": "ab", "weights": [1, 1]}\n')
+    (tmp_path / "latin1.txt").write_bytes("a café\n".encode("latin-1"))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "colour": "red"}\n')
     (tmp_path / "null.jsonl").write_text('{"prompt": "a", "items": null}\n')
     write_image(tmp_path / "plain.png", (64, 64), seed=0)
     # What the server writes for an img2img upload: the recipe has no file for the image.

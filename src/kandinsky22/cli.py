@@ -298,8 +298,12 @@ def _read_prompts_file(path: str, task: str, options: dict[str, Any]) -> list[tu
     file = Path(path).expanduser()
     if not file.is_file():
         raise RuntimeFailure(f"no such prompts file: '{file}'", "check the --prompts-file path")
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line
+        text_lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--prompts-file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
     jobs = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text_lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
