@@ -20,7 +20,7 @@ import PIL.Image
 import pytest
 from filelock import FileLock
 
-from kandinsky22.batch import MANIFEST, PARTIAL_PREFIX, ImageResult, Summary, Unit, UnitRunner, run_batch
+from kandinsky22.batch import MANIFEST, PARTIAL_PREFIX, ImageResult, Summary, Unit, UnitRunner, read_jobs, run_batch
 from kandinsky22.recipe import read_recipe
 
 SCRIPT = shutil.which("kandinsky22")
@@ -221,8 +221,35 @@ def test_console_script(tiny_repos: dict[str, Path], tmp_path: Path) -> None:
         assert result.returncode == code and message in result.stderr, (args, result.stderr)
 
 
+def test_errors_under_python_dash_m(tmp_path: Path) -> None:
+    """`python -m kandinsky22.cli batch`: the command's own exit codes and hints (its errors were not recognised as
+    kandinsky22.cli's there: exit 1 and "run again with --debug" for all), and an --out that is a file."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job_line(1)])
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "café"}\n'.encode("latin-1"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, code, message in (
+        (["missing.jsonl", "--out", "x"], 1, "hint: check the JOBS path"),
+        ([str(jobs), "--out", "x", "--workers", "2"], 2, "error: --workers and --gpus-per-worker need --ray"),
+        ([str(jobs), "--out", "file.txt"], 2, "error: --out 'file.txt' is a file; give a folder"),
+        (["latin1.jsonl", "--out", "x"], 2, "error: JOBS 'latin1.jsonl' is not UTF-8 text"),
+    ):
+        command = [sys.executable, "-m", "kandinsky22.cli", "batch", *args]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+        assert result.returncode == code and message in result.stderr, (args, result.stderr)
+        assert "RuntimeFailure" not in result.stderr and "UsageError" not in result.stderr
+
+
 def test_unit_runner_keeps_compile_caches_where_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Each worker process (a Ray actor, or this one) points torch.compile's caches at the folder of --compile-cache.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))  # restored after the test
     UnitRunner(device="cpu", fast=True, compile_cache=str(tmp_path / "cache"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path) -> None:
+    """A jobs file saved by a Windows editor starts with a UTF-8 byte-order mark: its first job was 'not valid JSON'."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_bytes(b"\xef\xbb\xbf" + (json.dumps(job_line(1)) + "\n").encode())
+    (entry,) = read_jobs(jobs)
+    assert entry.error is None and entry.job.prompt == "a red cat 1"

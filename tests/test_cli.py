@@ -19,7 +19,7 @@ import PIL.Image
 import pytest
 
 from kandinsky22.jobs import Job
-from kandinsky22.recipe import read_recipe
+from kandinsky22.recipe import read_recipe, save_png
 
 SCRIPT = shutil.which("kandinsky22")
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kandinsky22.cli"]
@@ -160,6 +160,10 @@ def test_img2img_writes_exact_size_and_overwrites_only_when_asked(tiny: dict[str
     assert (recipe["task"], recipe["strength"], recipe["image"]) == ("img2img", 0.5, str(photo.resolve()))
     assert recipe["inputs_sha256"]["image"] == hashlib.sha256(photo.read_bytes()).hexdigest()
 
+    # The recipe names the input: --from-png re-makes it without repeating --image (argparse required it).
+    ok(run("img2img", "--from-png", "result.png", "--quiet", "-o", "again.png", cwd=tmp_path))
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "result.png"))
+
 
 def test_inpaint_defaults_to_the_input_size(tiny: dict[str, str], tmp_path: Path) -> None:
     write_image(tmp_path / "photo.png", (100, 70), seed=1)
@@ -172,6 +176,8 @@ def test_inpaint_defaults_to_the_input_size(tiny: dict[str, str], tmp_path: Path
     recipe = read_recipe(tmp_path / "hat.png")
     assert (recipe["task"], recipe["width"], recipe["height"]) == ("inpaint", 100, 70)
     assert set(recipe["inputs_sha256"]) == {"image", "mask"}
+    ok(run("inpaint", "--from-png", "hat.png", "--quiet", "-o", "again.png", cwd=tmp_path))  # no --image, --mask
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "hat.png"))
 
 
 def test_mix_of_a_text_and_an_image(tiny: dict[str, str], tmp_path: Path) -> None:
@@ -201,6 +207,19 @@ def test_depth_with_and_without_a_start_image(tiny: dict[str, str], tmp_path: Pa
     assert (started["image"], started["strength"]) == (str((tmp_path / "photo.png").resolve()), 0.5)
 
 
+def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Path) -> None:
+    """A PNG made in bf16 re-made with --from-png alone: the same pixels (it ran in the default dtype, fp32 here)."""
+    args = ["generate", "a red cat", "--dtype", "bf16", "--seed", "4", "--width", "64", "--height", "64"]
+    ok(run(*args, *FAST, "-o", "bf16.png", *models(tiny), cwd=tmp_path))
+    assert read_recipe(tmp_path / "bf16.png")["dtype"] == "bf16"
+    ok(run("generate", "--from-png", "bf16.png", "--quiet", "-o", "again.png", cwd=tmp_path))
+    assert read_recipe(tmp_path / "again.png")["dtype"] == "bf16"
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "bf16.png"))
+    # --dtype given overrides the recorded one, as every option does.
+    ok(run("generate", "--from-png", "bf16.png", "--dtype", "fp32", "--quiet", "-o", "fp32.png", cwd=tmp_path))
+    assert read_recipe(tmp_path / "fp32.png")["dtype"] == "fp32"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,6 +232,7 @@ def test_depth_with_and_without_a_start_image(tiny: dict[str, str], tmp_path: Pa
         (["generate"], "generate needs a PROMPT (or --prompts-file, or --from-png)"),
         (["generate", "x", "--steps", "0"], "argument --steps: must be from 1 to 1000, got 0"),
         (["generate", "x", "--steps", "many"], "argument --steps: must be an integer from 1 to 1000, got 'many'"),
+        (["generate", "x", "--prior-steps", "1"], "argument --prior-steps: must be from 2 to 1000, got 1"),
         (["generate", "x", "--scheduler", "plms"], "argument --scheduler: invalid choice: 'plms' (choose from"),
         (["generate", "x", "--width", "63"], "argument --width: must be from 64 to 2048, got 63"),
         (["generate", "x", "--guidance", "0.5"], "argument --guidance: must be a number from 1 to 100, got '0.5'"),
@@ -220,17 +240,30 @@ def test_depth_with_and_without_a_start_image(tiny: dict[str, str], tmp_path: Pa
         (["generate", "x", "--device", "tpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps"),
         (["generate", "x", "-o", "cat.jpg"], "--out must name a .png file"),
         (["generate", "x", "-o", "{name}.png"], "--out pattern '{name}.png' may only use {n} and {seed}"),
+        (["make-tiny", "plain.png"], "DIR 'plain.png' is a file; give a folder"),
+        (["generate", "x", "-o", "plain.png/x.png"], "--out needs 'plain.png' to be a folder, but 'plain.png' is a"),
         (["generate", "--prompts-file", "bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
+        (["generate", "--prompts-file", "latin1.txt"], "--prompts-file 'latin1.txt' is not UTF-8 text"),
+        # A byte-order mark before a JSON line: the line was taken as a prompt, "{...}" drawn as text.
+        (["generate", "--prompts-file", "bom.jsonl"], "bom.jsonl line 1: unknown job field(s) colour"),
+        (["mix", "--prompts-file", "letters.jsonl"], "letters.jsonl line 1: items must be a list, got 'ab'"),
+        (["generate", "--prompts-file", "null.jsonl"], "null.jsonl line 1: items must be a list, got None"),
         (
             ["generate", "--prompts-file", "unknown.jsonl"],
             "unknown.jsonl line 1: unknown job field(s) colour; allowed:",
         ),
         (["generate", "--from-png", "plain.png"], "--from-png: 'plain.png' holds no kandinsky22 recipe"),
         (
+            ["img2img", "--from-png", "uploaded.png"],
+            "--from-png: 'uploaded.png' records no file for --image (it was uploaded); give --image",
+        ),
+        (
             ["generate", "--from-png", "plain.png", "--prompts-file", "p.txt"],
             "--from-png and --prompts-file cannot be combined",
         ),
-        (["img2img", "x"], "the following arguments are required: --image"),
+        (["img2img", "x"], "img2img needs --image (or --prompts-file, or --from-png)"),
+        (["inpaint", "x", "--image", "plain.png"], "inpaint needs --mask (or --prompts-file, or --from-png)"),
+        (["depth", "x"], "depth needs --hint (or --prompts-file, or --from-png)"),
         (["img2img", "x", "--image", "plain.png", "--strength", "0.1", "--steps", "5"], "leaves no denoising step"),
         (["img2img", "x", "--image", "plain.png", "--strength", "0"], "argument --strength: must be a number above 0"),
         (["mix", "--item", "a", "--weight", "1", "--weight", "2"], "mix needs one weight per item: got 1 items and 2"),
@@ -242,12 +275,46 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, tmp_p
     (tmp_path / "p.txt").write_text("a\n")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     (tmp_path / "unknown.jsonl").write_text('{"prompt": "a", "colour": "red"}\n')
+    (tmp_path / "letters.jsonl").write_text('{"items": "ab", "weights": [1, 1]}\n')
+    (tmp_path / "latin1.txt").write_bytes("a café\n".encode("latin-1"))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "colour": "red"}\n')
+    (tmp_path / "null.jsonl").write_text('{"prompt": "a", "items": null}\n')
     write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    # What the server writes for an img2img upload: the recipe has no file for the image.
+    uploaded = {**Job(task="img2img", prompt="x", seed=1).to_dict(), "tool": "kandinsky22", "version": "0"}
+    save_png(PIL.Image.new("RGB", (64, 64)), tmp_path / "uploaded.png", uploaded)
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "error: " in lines[0] and message in lines[0], result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["inpaint", "x", "--image", "plain.png", "--mask", "gone.png"], 1, "no such file for --mask: 'gone.png'"),
+        (["depth", "x", "--hint", "plain.png", "--image", "gone.png"], 1, "no such file for --image: 'gone.png'"),
+        (["mix", "--item", "a", "--item", "gone.png"], 1, "no such file for --item: 'gone.png'"),
+        (["img2img", "x", "--image", "cut.png"], 2, "--image '{tmp}/cut.png' is not an image file PIL can read"),
+        (["inpaint", "x", "--image", "plain.png", "--mask", "cut.png"], 2, "--mask '{tmp}/cut.png' is not an image"),
+        (["img2img", "x", "--image", "text.png"], 2, "--image '{tmp}/text.png' is not an image file PIL can read"),
+        (["generate", "--from-png", "cut.png"], 2, "--from-png: 'cut.png' is not a readable PNG file"),
+    ],
+)
+def test_input_images_are_checked_before_the_models_load(
+    args: list[str], status: int, message: str, tmp_path: Path
+) -> None:
+    """A missing or damaged input fails at once, naming its option (the default models are not even looked up);
+    it was found after the models loaded, or reported with a hint about the network."""
+    plain = write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    (tmp_path / "cut.png").write_bytes(plain.read_bytes()[:200])  # a PNG cut short: its header reads, its pixels not
+    (tmp_path / "text.png").write_text("not an image")
+    result = run(*args, "-o", "out.png", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == status, result.stderr
+    error = result.stderr.splitlines()[0]
+    assert message.format(tmp=tmp_path.resolve()) in error and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == (2 if status == 1 else 1)  # exit 1: the error and a hint
 
 
 def test_repeated_output_name_is_an_argument_error(tmp_path: Path) -> None:
@@ -314,6 +381,33 @@ def test_out_of_memory_is_one_line_and_a_hint(
     assert not (tmp_path / "x.png").exists()
 
 
+def test_an_output_that_cannot_be_written_is_one_line_and_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A full disk when saving: the error names the file, the hint the output (it was a hint about the network)."""
+    import PIL.Image
+
+    from kandinsky22 import jobs, recipe
+
+    def run_one(self, group, **kwargs):
+        return [jobs.Result(PIL.Image.new("RGB", (64, 64)), job.resolved(), {}) for job in group]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jobs.Engine, "run", run_one)
+    monkeypatch.setattr(jobs.Engine, "missing_models", lambda self, job: [])
+    monkeypatch.setattr(recipe, "save_png", disk_full)
+    from kandinsky22 import cli
+
+    out = tmp_path / "x.png"
+    args = ["generate", "x", "--prior", str(tmp_path), "--decoder", str(tmp_path), "--quiet", "-o", str(out)]
+    assert cli.main(args) == 1
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error == f"kandinsky22 generate: error: cannot write '{out}': No space left on device"
+    assert hint == "kandinsky22 generate: hint: check the --out folder and the free space"
+
+
 def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
@@ -334,6 +428,12 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         parser.parse_args(["--fast", "--no-fast"])
     assert "not allowed with argument" in capsys.readouterr().err
+    # A device torch does not know was accepted: the server started, then answered 503 with the load error.
+    assert parser.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--device", "tpu"])
+    assert exit_info.value.code == 2
+    assert "argument --device: must be auto, cpu, cuda, cuda:N or mps, got 'tpu'" in capsys.readouterr().err
 
     from kandinsky22 import cli
 

@@ -56,6 +56,7 @@ def _write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "
         ({"steps": 0}, "steps must be from 1 to 1000, got 0"),
         ({"steps": True}, "steps must be an integer from 1 to 1000, got True"),
         ({"prior_steps": 2.5}, "prior_steps must be an integer"),
+        ({"prior_steps": 1}, "prior_steps must be from 2 to 1000, got 1"),  # the prior's scheduler needs 2
         ({"guidance": 0.5}, "guidance must be from 1 to 100, got 0.5"),
         ({"prior_guidance": math.nan}, "prior_guidance must be a number"),
         ({"scheduler": "plms"}, "scheduler must be one of ddpm, ddim, dpm++, dpm++-karras, euler, euler-a, unipc"),
@@ -79,6 +80,8 @@ def _write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "
         ({"task": "mix", "prompt": "", "items": ["a"], "weights": [0]}, "at least one mix weight must be non-zero"),
         ({"task": "mix", "prompt": "", "items": [" "], "weights": [1]}, "items[0] is empty"),
         ({"task": "mix", "prompt": "", "items": [3], "weights": [1]}, "items[0] must be a text, an image file or"),
+        ({"task": "mix", "prompt": "", "items": "ab", "weights": [1, 1]}, "items must be a list, got 'ab'"),
+        ({"weights": None}, "weights must be a list, got None"),
         ({"task": "img2img", "image": 5}, "image must be an image file path or an image, got 5"),
         ({"task": "mix", "items": ["a"], "weights": [1]}, "prompt is not used by mix"),
         ({"items": ["a"], "weights": [1]}, "items and weights are only used by mix"),
@@ -138,6 +141,41 @@ def test_group_jobs_batches_only_compatible_jobs() -> None:
 def test_mix_items_are_images_by_suffix_or_existing_file(tmp_path: Path) -> None:
     photo = _write_image(tmp_path / "photo", (64, 64))  # no suffix, but a file
     assert [mix_item_kind(i) for i in ["a red cat", "missing.jpg", str(photo)]] == ["text", "image", "image"]
+
+
+def test_a_16_bit_depth_map_keeps_its_levels(tmp_path: Path) -> None:
+    """A 16-bit greyscale PNG (how depth estimators save depth maps) is read as its 8-bit levels; PIL's conversion
+    clipped it at 255, so the hint the decoder saw was nearly all white."""
+    from kandinsky22.jobs import load_image
+
+    levels = np.tile(np.arange(256, dtype=np.uint16), (4, 1))  # 256 x 4, every 8-bit level
+    PIL.Image.fromarray(levels * 257).save(tmp_path / "depth16.png")  # 257 * k: level k of 16 bits
+    with PIL.Image.open(tmp_path / "depth16.png") as opened:
+        assert opened.mode.startswith("I")  # PIL's 16-bit mode, the case at hand
+    hint = fit_to_grid(load_image(tmp_path / "depth16.png", "hint"), (256, 4), (256, 64), "RGB")
+    assert np.array_equal(np.asarray(hint)[30:34, :, 0], levels.astype(np.uint8))
+
+
+def _sideways_photo(path: Path) -> PIL.Image.Image:
+    """A 400 x 200 image saved with EXIF orientation 6 ("turn 90 degrees clockwise to show"), as phones store photos."""
+    stored = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 400, 3), dtype=np.uint8))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif)
+    return stored
+
+
+def test_a_photo_is_read_as_shown_by_its_exif_orientation(tmp_path: Path) -> None:
+    """The input is the photo as viewers show it (as the reference's load_image reads it): it was used sideways,
+    and the default output size was the stored one, 400 x 200 instead of 200 x 400."""
+    from kandinsky22.jobs import image_size, load_image
+
+    stored = _sideways_photo(tmp_path / "photo.png")
+    assert image_size(tmp_path / "photo.png") == (200, 400)
+    shown = stored.transpose(PIL.Image.Transpose.ROTATE_270)  # 90 degrees clockwise
+    assert np.array_equal(np.asarray(load_image(tmp_path / "photo.png")), np.asarray(shown))
+    job = Job(task="img2img", prompt="x", image=str(tmp_path / "photo.png")).resolved()
+    assert (job.width, job.height) == (200, 400)
 
 
 def test_fit_to_grid_pads_and_crop_returns_the_resized_input() -> None:

@@ -125,7 +125,8 @@ def read_jobs(
     """
     entries: list[BatchJob] = []
     used: dict[str, int] = {}
-    for number, text in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
+    # utf-8-sig: a byte-order mark (Windows editors write one) would make the first line invalid JSON
+    for number, text in enumerate(Path(path).expanduser().read_text(encoding="utf-8-sig").splitlines(), 1):
         text = text.strip()
         if not text or text.startswith("#"):
             continue
@@ -579,6 +580,12 @@ def run_command(args: argparse.Namespace) -> int:
     jobs = Path(args.jobs).expanduser()
     if not jobs.is_file():
         raise RuntimeFailure(f"no such jobs file: '{jobs}'", "check the JOBS path")
+    try:
+        jobs.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"JOBS '{jobs}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
+        raise UsageError(f"--out '{args.out}' is a file; give a folder (it is created if missing)")
     decoders = {
         task: value
         for tasks, value in (

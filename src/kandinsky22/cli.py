@@ -28,6 +28,7 @@ from kandinsky22.jobs import (
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
+    MIN_PRIOR_STEPS,
     MIN_SIDE,
     SCHEDULERS,
     Job,
@@ -37,6 +38,8 @@ from kandinsky22.jobs import (
 PROG = "kandinsky22"
 COMMAND_TASKS = {"generate": "text2img", "img2img": "img2img", "inpaint": "inpaint", "mix": "mix", "depth": "depth"}
 TASK_COMMANDS = {task: command for command, task in COMMAND_TASKS.items()}
+# Input images a task needs: options of its command, unless --from-png or --prompts-file gives them.
+REQUIRED_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "depth": ("hint",)}
 DEFAULT_OUT = "kandinsky22-{seed}.png"
 # One image per pipeline call by default: batched kernels sum in a different order, so an image made in a batch can
 # differ from its --from-png re-run by a rounding level on a few pixels. --batch-size trades that for throughput.
@@ -159,7 +162,7 @@ def _common_options() -> argparse.ArgumentParser:
     gen.add_argument("--negative", help="negative prompt of the decoder (what the image should not look like)")
     gen.add_argument("--negative-prior", help="negative prompt of the prior's guidance")
     gen.add_argument("--steps", type=_int_in(1, MAX_STEPS), help="decoder steps (default 50)")
-    gen.add_argument("--prior-steps", type=_int_in(1, MAX_STEPS), help="prior steps (default 25)")
+    gen.add_argument("--prior-steps", type=_int_in(MIN_PRIOR_STEPS, MAX_STEPS), help="prior steps (default 25)")
     gen.add_argument("--guidance", type=_float_in(1, 100), help="decoder guidance scale, 1 = off (default 4)")
     gen.add_argument("--prior-guidance", type=_float_in(1, 100), help="prior guidance scale, 1 = off (default 4)")
     gen.add_argument("--scheduler", choices=SCHEDULERS, help="decoder sampler (default ddpm, as the official repos)")
@@ -169,7 +172,11 @@ def _common_options() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_int_in(0, MAX_SEED), help="seed of the first image (default: random, printed)")
     run = common.add_argument_group("running")
     run.add_argument("--device", type=_device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps")
-    run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on GPUs, fp32 on CPU")
+    run.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="auto (the default; with --from-png: the recorded one): fp16 on GPUs, fp32 on CPU",
+    )
     run.add_argument(
         "--batch-size",
         type=_int_in(1, MAX_IMAGES),
@@ -220,18 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     prompt_command("generate", "text to image")
     img2img = prompt_command("img2img", "redraw an image following a prompt")
-    img2img.add_argument("--image", required=True, help="the image to start from")
+    img2img.add_argument("--image", help="the image to start from (required unless --from-png or --prompts-file)")
     img2img.add_argument("--strength", type=_float_in(0, 1, open_low=True), help="how much to change, 0..1 (0.3)")
     inpaint = prompt_command("inpaint", "repaint the white area of a mask following a prompt")
-    inpaint.add_argument("--image", required=True, help="the image to edit")
-    inpaint.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+    inpaint.add_argument("--image", help="the image to edit (required unless --from-png or --prompts-file)")
+    inpaint.add_argument("--mask", help="mask image: white = repaint, black = keep (required, as --image)")
     mix = commands.add_parser(
         "mix", parents=[common], help="mix texts and images by weight", description="mix texts and images by weight"
     )
     mix.add_argument("--item", action="append", help="a text or an image file to mix (repeat)")
     mix.add_argument("--weight", action="append", type=_finite_float, help="weight of each item (default equal)")
     depth = prompt_command("depth", "draw a prompt following a depth map (controlnet-depth)")
-    depth.add_argument("--hint", required=True, help="depth map image (white = near)")
+    depth.add_argument("--hint", help="depth map image, white = near (required unless --from-png or --prompts-file)")
     depth.add_argument("--image", help="optional image to start from")
     depth.add_argument("--strength", type=_float_in(0, 1, open_low=True), help="with --image: how much to change (0.5)")
     tiny = commands.add_parser(
@@ -291,8 +298,12 @@ def _read_prompts_file(path: str, task: str, options: dict[str, Any]) -> list[tu
     file = Path(path).expanduser()
     if not file.is_file():
         raise RuntimeFailure(f"no such prompts file: '{file}'", "check the --prompts-file path")
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line
+        text_lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--prompts-file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
     jobs = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text_lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -321,16 +332,23 @@ def _job_from_png(path: str, task: str, options: dict[str, Any]) -> tuple[Job, d
 
     try:
         recipe = read_recipe(path)
-        job = job_from_recipe(recipe)
     except FileNotFoundError as err:
         raise RuntimeFailure(str(err), "check the --from-png path") from None
     except ValueError as err:
         raise UsageError(f"--from-png: {err}") from None
-    if job.task != task:
-        raise UsageError(f"'{path}' was made by `{PROG} {TASK_COMMANDS[job.task]}`; re-run it with that command")
-    fields = job.to_dict()
-    fields.update(options)
-    return Job.from_dict(fields), recipe
+    if recipe.get("task") != task and recipe.get("task") in TASK_COMMANDS:
+        made_by = TASK_COMMANDS[recipe["task"]]
+        raise UsageError(f"'{path}' was made by `{PROG} {made_by}`; re-run it with that command")
+    fields = {**recipe, **options}  # the options given override the recorded fields
+    missing = [name for name in REQUIRED_INPUTS.get(task, ()) if fields.get(name) is None]
+    if missing:  # an input that was in memory (a server upload): the recipe has no file for it
+        given = " and ".join(f"--{name}" for name in missing)
+        raise UsageError(f"--from-png: '{path}' records no file for {given} (it was uploaded); give {given}")
+    try:
+        job = job_from_recipe(fields)
+    except ValueError as err:
+        raise UsageError(f"--from-png: {err}") from None
+    return job, recipe
 
 
 def _absolute(value: Any) -> Any:
@@ -356,15 +374,35 @@ def _check_models(job: Job) -> None:
             )
 
 
+def _check_inputs(job: Job, where: str) -> None:
+    """Every input image exists and decodes, now: not after minutes of loading models, with a hint about the hub."""
+    import PIL.Image
+
+    sources = [(f"--{name}", getattr(job, name)) for name in ("image", "mask", "hint")]
+    sources += [("--item", item) for item in job.items if mix_item_kind(item) == "image"]
+    for option, source in sources:
+        if not isinstance(source, (str, os.PathLike)):
+            continue
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise RuntimeFailure(f"{where}no such file for {option}: '{source}'", "check the input file paths")
+        try:
+            with PIL.Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
+            raise UsageError(f"{where}{option} '{source}' is not an image file PIL can read ({err})") from None
+
+
 def _prepare_job(job: Job, where: str) -> Job:
-    for name in ("image", "mask", "hint", "prior", "decoder"):
-        setattr(job, name, _absolute(getattr(job, name)))
-    job.items = [_absolute(item) if mix_item_kind(item) == "image" else item for item in job.items]
     try:
         job.validate()
+        for name in ("image", "mask", "hint", "prior", "decoder"):
+            setattr(job, name, _absolute(getattr(job, name)))
+        job.items = [_absolute(item) if mix_item_kind(item) == "image" else item for item in job.items]
     except ValueError as err:
         raise UsageError(f"{where}{err}") from None
     _check_models(job)
+    _check_inputs(job, where)
     try:
         return job.resolved()
     except FileNotFoundError as err:
@@ -392,6 +430,9 @@ def build_jobs(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any] | No
             raise UsageError(f"{args.command} needs a PROMPT (or --prompts-file, or --from-png)")
         if task == "mix" and not options.get("items"):
             raise UsageError("mix needs at least one --item TEXT_OR_IMAGE (with a --weight each, or equal weights)")
+        missing = [f"--{name}" for name in REQUIRED_INPUTS.get(task, ()) if options.get(name) is None]
+        if missing:
+            raise UsageError(f"{args.command} needs {' and '.join(missing)} (or --prompts-file, or --from-png)")
         try:
             sources = [("", Job.from_dict({"task": task, **options}))]
         except (TypeError, ValueError) as err:
@@ -432,6 +473,13 @@ def plan_outputs(pattern: str | None, jobs: Sequence[Job], overwrite: bool) -> l
         if path in seen:
             raise UsageError(f"--out gives '{path}' to images {seen[path]} and {n}; add {{n}} to the pattern")
         seen[path] = n
+    for path in dict.fromkeys(p.parent for p in paths):
+        # The folder is made when the first image is saved: a file in the way would fail only after the generation.
+        folder = path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UsageError(f"--out needs '{path}' to be a folder, but '{folder}' is a file")
     if not overwrite:
         existing = [p for p in paths if p.exists()]
         if existing:
@@ -489,6 +537,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
     from kandinsky22.tiny import REPO_NAMES, make_tiny_repos
 
     root = Path(args.dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"DIR '{root}' is a file; give a folder (it is created if missing)")
     existing = [root / name for name in REPO_NAMES if (root / name).exists()]
     if existing and not args.overwrite:
         raise RuntimeFailure(f"'{existing[0]}' exists", "pass --overwrite to replace it, or choose another DIR")
@@ -554,9 +604,11 @@ def _run_jobs(args: argparse.Namespace) -> int:
     # the first step's progress bar; the prior's doubled batch only if a job has a negative prompt.
     shapes = sorted({(group[0].height, group[0].width, len(group)) for group in groups}) if args.fast else []
     negative = any(job.negative or job.negative_prior for job in singles)
+    # --from-png: the recorded dtype unless --dtype is given (fp16, bf16 and fp32 give different pixels)
+    dtype = args.dtype or (recipe or {}).get("dtype") or "auto"
     engine = Engine(
         device=args.device,
-        dtype=args.dtype,
+        dtype=dtype,
         fast=args.fast,
         warm_up=shapes,
         negative_prompts=negative,
@@ -584,8 +636,13 @@ def _run_jobs(args: argparse.Namespace) -> int:
             bars.close()
             for job, result in zip(group, results):
                 i = index[id(job)]
-                paths[i].parent.mkdir(parents=True, exist_ok=True)
-                save_png(result.image, paths[i], make_recipe(result.job, engine.device_name, engine.dtype_name))
+                try:
+                    paths[i].parent.mkdir(parents=True, exist_ok=True)
+                    save_png(result.image, paths[i], make_recipe(result.job, engine.device_name, engine.dtype_name))
+                except OSError as err:
+                    raise RuntimeFailure(
+                        f"cannot write '{paths[i]}': {err.strerror or err}", "check the --out folder and the free space"
+                    ) from err
                 records[i] = {
                     "path": str(paths[i]),
                     "seed": result.job.seed,
@@ -668,4 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m kandinsky22.cli` runs this file as __main__; batch and serve raise kandinsky22.cli's UsageError and
+    # RuntimeFailure, which __main__'s handlers would not recognise (exit 1 and no hint): run that module's main.
+    from kandinsky22.cli import main as module_main
+
+    sys.exit(module_main())

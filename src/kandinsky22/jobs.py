@@ -57,6 +57,8 @@ DEFAULT_SIZE = 512
 DEFAULT_MAX_SIDE = 1024
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_STEPS = 1000
+# The prior's UnCLIP scheduler spans T-1 down to 0, so it needs at least 2 steps (the reference divides by zero at 1).
+MIN_PRIOR_STEPS = 2
 MAX_IMAGES = 16
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0
@@ -113,6 +115,9 @@ class Job:
         for name in ("prompt", "negative", "negative_prior"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        for name in ("items", "weights"):
+            if not isinstance(getattr(self, name), list):  # a string would be taken as a list of its characters
+                raise ValueError(f"{name} must be a list, got {getattr(self, name)!r}")
         if self.task == "mix":
             if self.prompt:
                 raise ValueError("prompt is not used by mix; give the texts and images to mix as items")
@@ -124,7 +129,7 @@ class Job:
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("steps", self.steps, 1, MAX_STEPS)
-        _check_int("prior_steps", self.prior_steps, 1, MAX_STEPS)
+        _check_int("prior_steps", self.prior_steps, MIN_PRIOR_STEPS, MAX_STEPS)
         _check_float("guidance", self.guidance, 1.0, MAX_GUIDANCE)
         _check_float("prior_guidance", self.prior_guidance, 1.0, MAX_GUIDANCE)
         if self.scheduler not in SCHEDULERS:
@@ -314,16 +319,41 @@ def load_image(source: ImageSource, what: str = "image") -> PIL.Image.Image:
     import PIL.Image
 
     if isinstance(source, PIL.Image.Image):
-        return source
+        return eight_bit(source)
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no such file for {what}: '{path}'")
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return image
+            return eight_bit(upright(image))
     except PIL.UnidentifiedImageError as err:
         raise ValueError(f"{what} '{path}' is not an image file PIL can read") from err
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A file's image as it is shown: rotated or flipped by its EXIF orientation (phone photos are stored sideways with
+    a tag saying so), as the reference's ``diffusers.utils.load_image`` does."""
+    import PIL.ImageOps
+
+    return PIL.ImageOps.exif_transpose(image) if image.getexif().get(_EXIF_ORIENTATION, 1) != 1 else image
+
+
+# EXIF orientation tag, and its values that turn the image a quarter (its width and height swap)
+_EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit greyscale image (PIL's ``I;16*`` and ``I`` modes: a 16-bit PNG, e.g. a depth map) scaled to 8-bit
+    ``L``; PIL's own conversion to ``L``/``RGB`` clips at 255, which turns such an image nearly white."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    import numpy as np
+    import PIL.Image
+
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return PIL.Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
 
 
 def image_size(source: ImageSource) -> tuple[int, int]:
@@ -336,7 +366,8 @@ def image_size(source: ImageSource) -> tuple[int, int]:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: '{path}'")
     with PIL.Image.open(path) as image:
-        return image.size
+        width, height = image.size
+        return (height, width) if image.getexif().get(_EXIF_ORIENTATION) in _QUARTER_TURNS else (width, height)
 
 
 def grid_size(width: int, height: int, multiple: int) -> tuple[int, int]:

@@ -88,6 +88,8 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
             text = getattr(image, "text", {}).get(RECIPE_KEY)
     except PIL.UnidentifiedImageError as err:
         raise ValueError(f"'{path}' is not an image file") from err
+    except (OSError, SyntaxError) as err:  # a damaged PNG (cut short, bad chunk)
+        raise ValueError(f"'{path}' is not a readable PNG file ({err})") from err
     if text is None:
         raise ValueError(f"'{path}' holds no {RECIPE_KEY} recipe (only PNGs written by this tool do)")
     try:

@@ -71,3 +71,24 @@ def test_generate_from_the_page(server, tmp_path):
             print(f"screenshot of the page: {screenshot}")
         finally:
             browser.close()
+
+
+def test_a_request_that_gets_no_answer_is_shown_and_the_form_is_usable_again(server):
+    """The POST fails at the network level: the page said nothing and kept Generate disabled ("submitting…")."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else None)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.goto(server.url + "/")
+            page.wait_for_selector("#scheduler option[value=ddpm]", state="attached")
+            page.route("**/v1/jobs", lambda route: route.abort("connectionrefused"))
+            page.fill("#prompt", "a red cat")
+            page.fill("#width", "64")
+            page.fill("#height", "64")
+            page.click("#generate")
+            page.wait_for_selector("#error", state="visible", timeout=20_000)
+            assert "could not reach the server" in page.inner_text("#error")
+            assert page.is_enabled("#generate") and not page.is_visible("#cancel")
+        finally:
+            browser.close()

@@ -223,6 +223,15 @@ def _bomb() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _png_b64(size: tuple[int, int]) -> str:
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", size).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# An img2img job that validates (enough steps for the strength), without a size: the input's size is used.
+IMG2IMG = {"task": "img2img", "prompt": "x", "steps": 10, "prior_steps": 2, "strength": 0.5}
+
 BAD_REQUESTS = [
     ("/v1/images/generations", {**GEN, "size": "64"}, 400, "size"),
     ("/v1/images/generations", {**GEN, "size": "4096x4096"}, 400, "width"),
@@ -245,6 +254,17 @@ BAD_REQUESTS = [
     ("/v1/jobs", {"task": "mix", "items": ["/etc/hosts.png"], "weights": [1]}, 400, "items"),
     ("/v1/jobs", {"task": "mix", "items": ["a", "b"], "weights": [1]}, 400, "weights"),
     ("/v1/jobs", {"prompt": "x", "seed": -1}, 400, "seed"),
+    # The prior's scheduler needs two steps: one was accepted, then failed in the worker (a 500).
+    ("/v1/images/generations", {**GEN, "prior_steps": 1}, 400, "prior_steps"),
+    ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "prior_steps": 1}, 400, "prior_steps"),
+    # true is not a number: it was read as 1.
+    ("/v1/images/generations", {**GEN, "steps": True}, 400, "steps"),
+    ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "seed": True}, 400, "seed"),
+    ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "guidance_scale": True}, 400, "guidance_scale"),
+    # --max-side (256 here) holds for sizes taken from the input image or the default too.
+    ("/v1/jobs", {**IMG2IMG, "image": _png_b64((300, 200))}, 400, "width"),
+    ("/v1/jobs", {**IMG2IMG, "width": 64, "image": _png_b64((64, 600))}, 400, "height"),
+    ("/v1/jobs", {"task": "mix", "items": ["a"], "weights": [1], **FAST}, 400, "width"),
 ]
 
 
@@ -260,6 +280,11 @@ def test_bad_requests_get_a_json_error_naming_the_field(server, path, body, stat
 def test_malformed_bodies_and_unknown_routes(server):
     garbage = server.request("POST", "/v1/jobs", raw=b"{not json", headers={"Content-Type": "application/json"})
     assert garbage.status == 400 and "JSON" in garbage.error()["message"]
+    # The OpenAI route's body is parsed by FastAPI: the error names no field (it named the character offset, "1").
+    raw = b"{not json"
+    generation = server.request("POST", "/v1/images/generations", raw=raw, headers={"Content-Type": "application/json"})
+    assert generation.status == 400 and "not valid JSON" in generation.error()["message"]
+    assert generation.error()["param"] is None
     listed = server.request("POST", "/v1/jobs", [1, 2])
     assert listed.status == 400
     for method, path in (("GET", "/v1/jobs/nope"), ("DELETE", "/v1/jobs/nope"), ("GET", "/v1/jobs/nope/images/0.png")):
@@ -292,3 +317,25 @@ def test_a_body_over_the_limit_is_refused(server, chunked):
         assert json.loads(response.read())["error"]["message"] == f"the request body is larger than {limit} bytes"
     finally:
         conn.close()
+
+
+def test_a_16_bit_upload_keeps_its_levels():
+    """An uploaded 16-bit greyscale PNG (a depth map) is read as its 8-bit levels, not clipped at 255 (white)."""
+    from kandinsky22.server.schemas import Limits, decode_image
+
+    levels = np.tile(np.arange(256, dtype=np.uint16), (4, 1))
+    image = decode_image(b64_png(PIL.Image.fromarray(levels * 257)), "hint_image", Limits())
+    assert np.array_equal(np.asarray(image.convert("L")), levels.astype(np.uint8))
+
+
+def test_an_uploaded_photo_is_read_as_shown_by_its_exif_orientation():
+    """A phone photo (stored sideways with an EXIF orientation) is used as it is shown, not sideways."""
+    from kandinsky22.server.schemas import Limits, decode_image
+
+    stored = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif)
+    image = decode_image(base64.b64encode(buffer.getvalue()).decode(), "image", Limits())
+    assert np.array_equal(np.asarray(image), np.asarray(stored.transpose(PIL.Image.Transpose.ROTATE_270)))

@@ -412,7 +412,16 @@ def create_app(
             raise RequestError(
                 f"task {job.task!r} is not served here; this server runs {', '.join(config.tasks)}", param="task"
             )
-        return dataclasses.replace(job, prior=config.prior, decoder=decoder).resolved()
+        job = dataclasses.replace(job, prior=config.prior, decoder=decoder).resolved()
+        # A size not given comes from the input image or the default: it must respect --max-side as a given one does.
+        for name in ("width", "height"):
+            if getattr(job, name) > limits.max_side:
+                raise RequestError(
+                    f"{name} would be {getattr(job, name)} (from the input image or the default); this server makes "
+                    f"at most {limits.max_side} pixels a side: give width and height",
+                    param=name,
+                )
+        return job
 
     async def changes(job_id: str, idle_s: float) -> AsyncIterator[dict[str, Any] | None]:
         """The job's snapshot now, after every change and every ``idle_s`` without one, until it finishes.
@@ -655,6 +664,9 @@ def _register_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            message = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'invalid JSON')})"
+            return error_response(400, message, "invalid_request_error")
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = loc[0] if loc else None
         where = ".".join(loc) if loc else "body"

@@ -43,6 +43,14 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _device(text: str) -> str:
+    from kandinsky22.cli import DEVICE_PATTERN  # argparse only: cheap to import
+
+    if not DEVICE_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
 def _sizes(text: str) -> list[tuple[int, int]]:
     if text.strip().lower() == "none":
         return []
@@ -75,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--decoder", default=DECODER_REPO, help="decoder for text2img, img2img and mix")
     models.add_argument("--inpaint-decoder", help=f"inpainting decoder: serves inpaint (e.g. {INPAINT_REPO})")
     models.add_argument("--depth-decoder", help=f"controlnet-depth decoder: serves depth (e.g. {CONTROLNET_REPO})")
-    models.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps")
+    models.add_argument("--device", type=_device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps")
     models.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="auto: fp16 on GPUs")
     fast = models.add_mutually_exclusive_group()
     fast.add_argument(

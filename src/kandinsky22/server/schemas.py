@@ -13,9 +13,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kandinsky22.jobs import SCHEDULERS, TASKS, Job, mix_item_kind
+from kandinsky22.jobs import MIN_PRIOR_STEPS, SCHEDULERS, TASKS, Job, eight_bit, mix_item_kind, upright
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -65,6 +65,14 @@ class _Request(BaseModel):
     guidance_scale: float = 4.0
     prior_guidance_scale: float = 4.0
     scheduler: str = Field("ddpm", description=f"One of {', '.join(SCHEDULERS)}.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        # Pydantic reads true as 1 for an int or float field; no field of a request takes a boolean.
+        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+            raise ValueError(f"a boolean is not accepted here, got {value!r}")
+        return value
 
 
 class ImageGenerationRequest(_Request):
@@ -135,7 +143,7 @@ def decode_image(data: str | bytes, param: str, limits: Limits) -> PIL.Image.Ima
         raise
     except (PIL.UnidentifiedImageError, OSError, ValueError, PIL.Image.DecompressionBombError) as err:
         raise RequestError(f"{param} could not be decoded as an image ({err})", param=param) from err
-    return image
+    return eight_bit(upright(image))
 
 
 def _check_limits(req: _Request, n: int, width: int | None, height: int | None, limits: Limits) -> None:
@@ -152,9 +160,9 @@ def _check_limits(req: _Request, n: int, width: int | None, height: int | None, 
             raise RequestError(
                 f"{name} must be from {limits.min_side} to {limits.max_side} pixels, got {side}", param=name
             )
-    for name in ("steps", "prior_steps"):
-        if not 1 <= getattr(req, name) <= limits.max_steps:
-            raise RequestError(f"{name} must be from 1 to {limits.max_steps}, got {getattr(req, name)}", param=name)
+    for name, low in (("steps", 1), ("prior_steps", MIN_PRIOR_STEPS)):
+        if not low <= getattr(req, name) <= limits.max_steps:
+            raise RequestError(f"{name} must be from {low} to {limits.max_steps}, got {getattr(req, name)}", param=name)
 
 
 # Job field → request field, so that Job.validate's messages can be attributed to the field the client sent.

@@ -163,11 +163,20 @@ async function generate(event) {
   $("progress").value = 0;
   $("progress-text").textContent = "submitting…";
   $("progress-box").hidden = false;
-  const response = await fetch("/v1/jobs", {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(request),
-  });
+  let response;
+  try {
+    response = await fetch("/v1/jobs", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(request),
+    });
+  } catch (err) {
+    // No answer at all (server down, network lost): say so, and give the form back.
+    showError(`could not reach the server (${err.message})`);
+    $("progress-box").hidden = true;
+    setBusy(false);
+    return;
+  }
   if (!response.ok) {
     showError(await apiError(response));
     $("progress-box").hidden = true;
