@@ -437,6 +437,9 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
 
     from kandinsky22 import cli
 
+    # --max-n above what a job may hold was advertised in /v1/models while requests were capped at 16.
+    assert cli.main(["serve", "--max-n", "17"]) == 2
+    assert "--max-n at most 16; got 1024, 150 and 17" in capsys.readouterr().err
     assert cli.main(["serve", "--warm-up", "512x512,1024x768", "--max-side", "768"]) == 2
     assert capsys.readouterr().err.strip() == (
         "kandinsky22 serve: error: --warm-up 1024x768 is larger than --max-side 768: no request could use it"

@@ -117,6 +117,21 @@ def test_resolved_fills_task_defaults(tmp_path: Path) -> None:
     assert (depth.width, depth.strength) == (300, 0.5)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         Job(task="img2img", prompt="x", image=str(tmp_path / "missing.png")).resolved()
+    # A small input is scaled up to MIN_SIDE keeping its aspect (each side was clamped apart: 60x50 gave 64x64).
+    small = _write_image(tmp_path / "small.png", (60, 50))
+    assert _size(Job(task="img2img", prompt="x", image=str(small)).resolved()) == (77, 64)
+
+
+def _size(job: Job) -> tuple[int | None, int | None]:
+    return job.width, job.height
+
+
+def test_resolved_keeps_a_size_not_given_within_max_side(tmp_path: Path) -> None:
+    photo = _write_image(tmp_path / "photo.png", (300, 200))
+    assert _size(Job(prompt="x").resolved(max_side=256)) == (256, 256)
+    assert _size(Job(task="img2img", prompt="x", image=str(photo)).resolved(max_side=256)) == (256, 171)
+    # A side given is kept: only the other follows the aspect (a server refuses it past its limit).
+    assert Job(task="img2img", prompt="x", image=str(photo), width=300).resolved(max_side=256).width == 300
 
 
 def test_expand_gives_consecutive_seeds_and_single_image_jobs() -> None:

@@ -198,16 +198,21 @@ class Job:
 
     # -- defaults and derived jobs -----------------------------------------------------------------------------------
 
-    def resolved(self) -> Job:
-        """A validated copy with the task defaults filled in (size, strength, model ids); reads input image sizes."""
+    def resolved(self, max_side: int = DEFAULT_MAX_SIDE) -> Job:
+        """A validated copy with the task defaults filled in (size, strength, model ids); reads input image sizes.
+
+        A size not given is at most ``max_side`` a side (a server's limit): the default square, or the input image's
+        size and aspect scaled down to it.
+        """
         self.validate()
         width, height = self.width, self.height
         if width is None or height is None:
             source = {"img2img": self.image, "inpaint": self.image, "depth": self.hint}.get(self.task)
             if source is None:
-                width, height = width or DEFAULT_SIZE, height or DEFAULT_SIZE
+                default = min(DEFAULT_SIZE, max_side)
+                width, height = width or default, height or default
             else:
-                width, height = _default_size(image_size(source), width, height)
+                width, height = _default_size(image_size(source), width, height, max_side)
         strength = self.strength
         if strength is None and (self.task == "img2img" or (self.task == "depth" and self.image is not None)):
             strength = DEFAULT_STRENGTH[self.task]
@@ -260,12 +265,20 @@ class Job:
         return cls(**data)
 
 
+class MixText(str):
+    """A mix item that is a text whatever it reads as: the server's clients' texts are never looked up as files."""
+
+    __slots__ = ()
+
+
 def mix_item_kind(item: ImageSource) -> str:
     """``"image"`` for an in-memory image, an existing file or a name with an image suffix; else ``"text"``."""
     return "text" if _is_text_item(item) else "image"
 
 
 def _is_text_item(item: ImageSource) -> bool:
+    if isinstance(item, MixText):
+        return True
     if not isinstance(item, (str, os.PathLike)):
         return False
     text = os.fspath(item)
@@ -298,15 +311,19 @@ def _check_float(name: str, value: Any, low: float, high: float) -> None:
         raise ValueError(f"{name} must be from {low:g} to {high:g}, got {value:g}")
 
 
-def _default_size(source_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
-    """The output size when one or both sides are missing: the source's aspect, at most DEFAULT_MAX_SIDE."""
+def _default_size(
+    source_size: tuple[int, int], width: int | None, height: int | None, max_side: int = DEFAULT_MAX_SIDE
+) -> tuple[int, int]:
+    """The output size when one or both sides are missing: the source's aspect. With neither given, the source's size
+    scaled down to at most ``max_side`` a side, or up to at least MIN_SIDE (a side is clamped only where the aspect
+    cannot fit both)."""
     src_w, src_h = source_size
     if width is not None:
         return width, min(MAX_SIDE, max(MIN_SIDE, round(width * src_h / src_w)))
     if height is not None:
         return min(MAX_SIDE, max(MIN_SIDE, round(height * src_w / src_h))), height
-    scale = min(1.0, DEFAULT_MAX_SIDE / max(src_w, src_h))
-    return max(MIN_SIDE, round(src_w * scale)), max(MIN_SIDE, round(src_h * scale))
+    scale = max(min(1.0, max_side / max(src_w, src_h)), MIN_SIDE / min(src_w, src_h))
+    return tuple(min(max_side, max(MIN_SIDE, round(side * scale))) for side in (src_w, src_h))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -261,10 +261,8 @@ BAD_REQUESTS = [
     ("/v1/images/generations", {**GEN, "steps": True}, 400, "steps"),
     ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "seed": True}, 400, "seed"),
     ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "guidance_scale": True}, 400, "guidance_scale"),
-    # --max-side (256 here) holds for sizes taken from the input image or the default too.
-    ("/v1/jobs", {**IMG2IMG, "image": _png_b64((300, 200))}, 400, "width"),
+    # --max-side (256 here) holds for a side taken from the other and the input image's aspect too.
     ("/v1/jobs", {**IMG2IMG, "width": 64, "image": _png_b64((64, 600))}, 400, "height"),
-    ("/v1/jobs", {"task": "mix", "items": ["a"], "weights": [1], **FAST}, 400, "width"),
 ]
 
 
@@ -275,6 +273,34 @@ def test_bad_requests_get_a_json_error_naming_the_field(server, path, body, stat
     error = response.error()
     assert error["param"] == param, error
     assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_a_size_not_given_stays_within_max_side(server):
+    # --max-side is 256 here: the default size and an input image's size are brought within it (they were 400s).
+    assert server.request("GET", "/v1/models").json()["defaults"]["width"] == 256
+    for body, size in (
+        ({**IMG2IMG, "image": _png_b64((300, 200))}, (256, 171)),
+        ({"task": "mix", "items": ["a"], "weights": [1], **FAST}, (256, 256)),
+        ({"prompt": "x", **FAST}, (256, 256)),
+    ):
+        created = server.request("POST", "/v1/jobs", body)
+        assert created.status == 202, created.body
+        assert (created.json()["width"], created.json()["height"]) == size
+        job = server.wait(created.json()["id"], {"succeeded", "failed", "cancelled"})
+        assert job["status"] == "succeeded", job["error"]
+
+
+def test_a_mix_text_naming_a_server_file_is_a_text(server, tmp_path):
+    # A text that named an existing file was refused (the client learned that the file exists); one naming an image
+    # without a suffix would have been read from the server's disk. Both are texts to mix.
+    picture = tmp_path / "picture"
+    _source().save(picture, format="PNG")
+    for text in (str(picture), __file__):
+        body = {"task": "mix", "items": [text], "weights": [1], "width": 64, "height": 64, **FAST}
+        job = _run_job(server, body)
+        assert job["status"] == "succeeded", job["error"]
+        png = server.request("GET", f"/v1/jobs/{job['id']}/images/0.png").body
+        assert recipe(png)["items"] == [text]
 
 
 def test_malformed_bodies_and_unknown_routes(server):

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kandinsky22 import __version__
-from kandinsky22.jobs import PRIOR_REPO, SCHEDULERS, Job, ProgressFn
+from kandinsky22.jobs import DEFAULT_SIZE, PRIOR_REPO, SCHEDULERS, Job, ProgressFn
 from kandinsky22.server.schemas import (
     ImageGenerationRequest,
     JobRequest,
@@ -412,8 +412,9 @@ def create_app(
             raise RequestError(
                 f"task {job.task!r} is not served here; this server runs {', '.join(config.tasks)}", param="task"
             )
-        job = dataclasses.replace(job, prior=config.prior, decoder=decoder).resolved()
-        # A size not given comes from the input image or the default: it must respect --max-side as a given one does.
+        job = dataclasses.replace(job, prior=config.prior, decoder=decoder).resolved(max_side=limits.max_side)
+        # A side not given comes from the other and the input image's aspect: it must respect --max-side as a given
+        # one does (with neither given, resolved() keeps the default size within it).
         for name in ("width", "height"):
             if getattr(job, name) > limits.max_side:
                 raise RequestError(
@@ -480,8 +481,8 @@ def create_app(
             "tasks": config.tasks,
             "schedulers": list(SCHEDULERS),
             "defaults": {
-                "width": 512,
-                "height": 512,
+                "width": min(DEFAULT_SIZE, limits.max_side),
+                "height": min(DEFAULT_SIZE, limits.max_side),
                 "steps": defaults.steps,
                 "prior_steps": defaults.prior_steps,
                 "guidance_scale": defaults.guidance,

@@ -18,6 +18,7 @@ from kandinsky22.jobs import (
     CONTROLNET_REPO,
     DECODER_REPO,
     INPAINT_REPO,
+    MAX_IMAGES,
     MAX_SIDE,
     MAX_STEPS,
     PRIOR_REPO,
@@ -131,7 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Costs compute when the queue is short",
     )
     limits.add_argument("--max-queue", type=_positive, default=64, help="jobs waiting before 429 (default 64)")
-    limits.add_argument("--max-n", type=_positive, default=4, help="images per request (default 4)")
+    limits.add_argument(
+        "--max-n", type=_positive, default=4, help=f"images per request, up to {MAX_IMAGES} (default 4)"
+    )
     limits.add_argument("--max-side", type=_positive, default=1024, help=f"pixels, up to {MAX_SIDE} (default 1024)")
     limits.add_argument("--max-steps", type=_positive, default=150, help=f"steps, up to {MAX_STEPS} (default 150)")
     limits.add_argument("--max-body-mb", type=_positive, default=20, help="request body size in MiB (default 20)")
@@ -158,8 +161,12 @@ def serve(args: argparse.Namespace) -> int:
     from kandinsky22.server.schemas import Limits
 
     prog = "kandinsky22 serve"
-    if args.max_side > MAX_SIDE or args.max_steps > MAX_STEPS:
-        print(f"{prog}: error: --max-side is at most {MAX_SIDE} and --max-steps at most {MAX_STEPS}", file=sys.stderr)
+    if args.max_side > MAX_SIDE or args.max_steps > MAX_STEPS or args.max_n > MAX_IMAGES:
+        print(
+            f"{prog}: error: --max-side is at most {MAX_SIDE}, --max-steps at most {MAX_STEPS} and --max-n at most "
+            f"{MAX_IMAGES}; got {args.max_side}, {args.max_steps} and {args.max_n}",
+            file=sys.stderr,
+        )
         return 2
     # The default is the API's default size, when requests may have it; a size given that no request can have is a mistake.
     warm_up = args.warm_up if args.warm_up is not None else [(512, 512)] if args.max_side >= 512 else []

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kandinsky22.jobs import MIN_PRIOR_STEPS, SCHEDULERS, TASKS, Job, eight_bit, mix_item_kind, upright
+from kandinsky22.jobs import IMAGE_SUFFIXES, MIN_PRIOR_STEPS, SCHEDULERS, TASKS, Job, MixText, eight_bit, upright
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -240,12 +240,15 @@ def job_request_to_job(req: JobRequest, limits: Limits, files: dict[str, Any] | 
             item = decode_image(item, f"items[{i}]", limits)
         elif len(item) > limits.max_prompt_chars:
             raise RequestError(f"items[{i}] is longer than {limits.max_prompt_chars} characters", param="items")
-        elif mix_item_kind(item) == "image":
-            # The job layer reads a text naming an image file from disk; a client must never reach the server's files.
+        elif item.lower().endswith(IMAGE_SUFFIXES):
             raise RequestError(
                 f"items[{i}] looks like an image file name ({item!r}); send images as {{'image': <base64>}}",
                 param="items",
             )
+        else:
+            # A client's text never reaches the server's files: the job layer would read one naming a file from disk,
+            # and refusing it would tell the client that the file exists.
+            item = MixText(item)
         items.append(item)
     job = Job(
         task=req.task,
