@@ -99,6 +99,14 @@ def test_parity_img2img(img2img, steps, strength):
     _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
 
 
+def test_parity_img2img_unit_range_tensor(img2img):
+    """An image tensor with no negative value is in [0, 1], as in the reference (which normalizes it)."""
+    ref, ours = img2img
+    image = torch.rand(1, 3, 64, 64, generator=_seed(3))
+    kwargs = {**_embeds(), **_common(4), "image": image, "hint": _hint(), "strength": 0.5, "output_type": "np"}
+    _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fixes
 # ---------------------------------------------------------------------------------------------------------------------

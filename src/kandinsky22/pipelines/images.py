@@ -4,7 +4,7 @@ Conventions (those of the reference pipelines, made uniform):
 
 * **Images** become ``(B, 3, H, W)`` float32 in [-1, 1]. PIL images of any mode are converted to RGB and resized
   (bicubic); numpy arrays are HWC (or HW) ``uint8`` in 0..255 or float in [0, 1]; tensors are ``(B, 3, H, W)`` or
-  ``(3, H, W)`` already in [-1, 1].
+  ``(3, H, W)`` already in [-1, 1] (for img2img, as in the reference, a tensor with no negative value is in [0, 1]).
 * **Masks** become ``(B, 1, H, W)`` float32 in {0, 1} with **1 = repaint** (white in a PIL image), binarized at 0.5.
   PIL masks are converted to "L" and resized (Lanczos); numpy masks are HW (or HW1) ``uint8`` 0..255, bool or float in
   [0, 1]; tensors are ``(H, W)``, ``(1, H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)`` in [0, 1]. The caller's object is
@@ -49,10 +49,10 @@ def _as_list(value: ImageInput, param: str) -> list:
     return items
 
 
-def _check_range(values: torch.Tensor, low: float, high: float, param: str) -> None:
+def _check_range(values: torch.Tensor, low: float, high: float, param: str, note: str = "") -> None:
     lo, hi = values.min().item(), values.max().item()
     if lo < low or hi > high:
-        raise ValueError(f"`{param}` values must lie in [{low:g}, {high:g}], got [{lo:g}, {hi:g}]")
+        raise ValueError(f"`{param}` values must lie in [{low:g}, {high:g}]{note}, got [{lo:g}, {hi:g}]")
 
 
 def _array_to_unit(array: np.ndarray, param: str) -> torch.Tensor:
@@ -95,10 +95,13 @@ def _rgb_array(array: np.ndarray, param: str) -> torch.Tensor:
     return tensor[:, :3] if tensor.shape[1] >= 3 else tensor.expand(-1, 3, -1, -1)
 
 
-def _rgb_batch(items: list, size: tuple[int, int], param: str, signed: bool) -> torch.Tensor:
+def _rgb_batch(
+    items: list, size: tuple[int, int], param: str, signed: bool, unit_tensors: bool = False
+) -> torch.Tensor:
     """Items → (B, 3, H, W) in [-1, 1] (``signed``) or [0, 1]; tensors must already be in that range.
 
-    Tensors are used as they are (no round trip through another range, so their values reach the MoVQ unchanged).
+    Tensors are used as they are (no round trip through another range, so their values reach the MoVQ unchanged),
+    except with ``unit_tensors``: then a tensor with no negative value is taken as [0, 1] and mapped to [-1, 1].
     """
     low = -1.0 if signed else 0.0
     out = []
@@ -109,7 +112,11 @@ def _rgb_batch(items: list, size: tuple[int, int], param: str, signed: bool) -> 
                 tensor = tensor[None]
             if tensor.ndim != 4 or tensor.shape[1] != 3:
                 raise ValueError(f"`{param}` tensors must be (B, 3, H, W) or (3, H, W), got shape {tuple(item.shape)}")
-            _check_range(tensor, low, 1.0, param)
+            if unit_tensors and not tensor.min() < 0:
+                _check_range(tensor, 0.0, 1.0, param, " (a tensor with no negative value is taken as [0, 1])")
+                tensor = tensor * 2.0 - 1.0
+            else:
+                _check_range(tensor, low, 1.0, param)
             out.append(tensor.float().cpu())
             continue
         if isinstance(item, PIL.Image.Image):
@@ -135,13 +142,17 @@ def _resize_nearest(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return tensor if tuple(tensor.shape[-2:]) == size else F.interpolate(tensor, size=size, mode="nearest")
 
 
-def image_to_tensor(image: ImageInput, size: tuple[int, int], resize: bool, param: str = "image") -> torch.Tensor:
+def image_to_tensor(
+    image: ImageInput, size: tuple[int, int], resize: bool, param: str = "image", unit_tensors: bool = False
+) -> torch.Tensor:
     """``image`` as a (B, 3, H, W) float32 tensor in [-1, 1].
 
     PIL images are always resized to ``size`` = (height, width). Arrays and tensors are resized (nearest) only when
     ``resize`` is true; otherwise they keep their size and the caller checks it with :func:`check_sizes`.
+    ``unit_tensors``: a tensor with no negative value is in [0, 1] and is mapped to [-1, 1] — the reference's rule
+    for img2img (its ``VaeImageProcessor`` normalizes a tensor unless its minimum is negative).
     """
-    pixels = _rgb_batch(_as_list(image, param), size, param, signed=True)
+    pixels = _rgb_batch(_as_list(image, param), size, param, signed=True, unit_tensors=unit_tensors)
     return _resize_nearest(pixels, size) if resize else pixels
 
 

@@ -48,7 +48,8 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
             check_sizes(latent_size, "the latent size for this height and width", image=tuple(latents.shape[-2:]))
             return latents, True
         sf = self.movq_scale_factor
-        return image_to_tensor(image, (latent_size[0] * sf, latent_size[1] * sf), resize=True), False
+        size = (latent_size[0] * sf, latent_size[1] * sf)
+        return image_to_tensor(image, size, resize=True, unit_tensors=True), False
 
     def _image_latents(self, image: ImageInput, latent_size: tuple[int, int], batch: int, n: int) -> torch.Tensor:
         """Clean image latents, one per output image (``batch · n``), on the execution device in the UNet's dtype."""
@@ -98,9 +99,9 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         """Transform ``image`` (one, or one per embedding) towards ``image_embeds``.
 
         ``image``: PIL images (any mode), numpy HWC arrays (uint8, or float in [0, 1]), tensors (B, 3, H, W) in
-        [-1, 1], or MoVQ latents (B, 4, h, w); it is resized to ``height`` × ``width`` (rounded up to a multiple of 64
-        px for the official MoVQ). ``strength`` in [0, 1]: the share of the ``num_inference_steps`` schedule that is
-        run (1 ignores the image). ``kwargs``: the deprecated ``callback`` and ``callback_steps``.
+        [0, 1] (or in [-1, 1] if any value is negative, the reference's rule), or MoVQ latents (B, 4, h, w); it is
+        resized to ``height`` × ``width`` (rounded up to a multiple of 64 px for the official MoVQ). ``strength`` in
+        [0, 1]: the share of the ``num_inference_steps`` schedule that is run (1 ignores the image). ``kwargs``: the deprecated ``callback`` and ``callback_steps``.
         """
         callback, callback_steps = self._legacy_callback(kwargs)
         image_embeds, negative_image_embeds = self._check_embeds(image_embeds, negative_image_embeds)
