@@ -161,6 +161,8 @@ def test_components_are_shared_and_replaceable(combined, our_decoder):
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "noise"),
         ({"latents": torch.zeros(1, 4, 4)}, "latents"),
         ({"generator": [torch.Generator()] * 3}, "generator"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"prior_guidance_scale": float("nan")}, r"`prior_guidance_scale` must be a finite number, got nan"),
     ],
 )
 def test_combined_input_errors_come_before_the_prior_runs(combined, kwargs, match):

@@ -181,6 +181,7 @@ def test_legacy_callback_every_callback_steps(text2img):
         ({"callback_steps": 0}, "`callback_steps` must be an integer >= 1, got 0"),
         ({"output_type": "jpg"}, "`output_type` must be one of"),
         ({"callback_on_step_end_tensor_inputs": ["mask_image"]}, "may only name"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
     ],
 )
 @pytest.mark.parametrize("which", ["text2img", "img2img"])

@@ -187,6 +187,7 @@ def test_callback_on_step_end_replaces_latents(ours):
         ({"image": torch.full((1, 3, 64, 64), 2.0)}, r"`image` values must lie in \[0, 1\] \(a tensor with no neg"),
         ({"image": torch.full((1, 3, 64, 64), -2.0)}, r"`image` values must lie in \[-1, 1\]"),
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "may only name"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
     ],
 )
 def test_bad_inputs(ours, change, match):

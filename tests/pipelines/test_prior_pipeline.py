@@ -187,6 +187,8 @@ def test_emb2emb_interpolate_accepts_text_and_returns_the_zero_negative(emb2emb,
         ({"callback_on_step_end_tensor_inputs": ["latents", "noise"]}, "noise"),
         ({"generator": [torch.Generator()] * 3}, "generator"),
         ({"latents": torch.zeros(2, 32)}, "latents"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"guidance_scale": "4"}, r"`guidance_scale` must be a finite number, got '4'"),
     ],
 )
 def test_prior_input_errors(our_prior, kwargs, match):
@@ -209,6 +211,11 @@ def test_interpolate_input_errors(our_prior, args, match):
         our_prior.interpolate(*args, num_inference_steps=2)
 
 
+def test_interpolate_refuses_a_guidance_scale_that_is_not_a_finite_number(our_prior):
+    with pytest.raises(ValueError, match=r"`guidance_scale` must be a finite number, got nan"):
+        our_prior.interpolate(["horse"], [1.0], num_inference_steps=2, guidance_scale=float("nan"))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -216,6 +223,7 @@ def test_interpolate_input_errors(our_prior, args, match):
         ({"strength": 0.1, "num_inference_steps": 4}, "strength"),
         ({"image": torch.zeros(1, 16)}, "image"),
         ({"image": [picture(0), picture(1), picture(2)], "prompt": ["a", "b"]}, "image"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
     ],
 )
 def test_emb2emb_input_errors(emb2emb, kwargs, match):

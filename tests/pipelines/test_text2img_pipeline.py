@@ -162,6 +162,10 @@ def test_progress_bar_config(our_decoder, capsys):
         ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"callback_steps": 0}, "callback_steps"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"guidance_scale": float("inf")}, r"`guidance_scale` must be a finite number, got inf"),
+        ({"guidance_scale": "4"}, r"`guidance_scale` must be a finite number, got '4'"),
+        ({"guidance_scale": None}, r"`guidance_scale` must be a finite number, got None"),
     ],
 )
 def test_text2img_input_errors(our_decoder, kwargs, match):

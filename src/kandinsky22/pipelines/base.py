@@ -8,6 +8,8 @@ and ``OtherPipeline(**pipe.components)`` shares the modules without copying them
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -79,6 +81,13 @@ class KandinskyPriorPipelineOutput(_Output):
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+
+
+def check_guidance_scale(name: str, value: Any) -> None:
+    """A real, finite number (NaN compares false with everything, so it would silently turn guidance off); as in the
+    reference, a value <= 1 runs without classifier-free guidance."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:

@@ -25,6 +25,7 @@ from kandinsky22.pipelines.base import (
     ImagePipelineOutput,
     Pipeline,
     _ModelOffload,
+    check_guidance_scale,
     check_positive_int,
     offload_device,
     prompt_list,
@@ -174,8 +175,15 @@ class _CombinedPipeline(Pipeline):
         check_positive_int("num_images_per_prompt", n)
         check_positive_int("height", height)
         check_positive_int("width", width)
+        check_guidance_scale("prior_guidance_scale", prior_guidance_scale)
         self.decoder_pipe._check_run(
-            len(prompts), num_inference_steps, n, output_type, generator, callback_on_step_end_tensor_inputs
+            len(prompts),
+            num_inference_steps,
+            n,
+            guidance_scale,
+            output_type,
+            generator,
+            callback_on_step_end_tensor_inputs,
         )
         prior_latents = decoder_latents = None
         if latents is not None:

@@ -78,7 +78,14 @@ class KandinskyV22ControlnetPipeline(_HintConditioning, DecoderPipeline):
         batch = image_embeds.shape[0]
         n = num_images_per_prompt
         names = self._check_run(
-            batch, num_inference_steps, n, output_type, generator, callback_on_step_end_tensor_inputs, callback_steps
+            batch,
+            num_inference_steps,
+            n,
+            guidance_scale,
+            output_type,
+            generator,
+            callback_on_step_end_tensor_inputs,
+            callback_steps,
         )
         latent_size = self._latent_size(height, width)
         hint = self._check_hint(hint, latent_size, batch)
@@ -123,7 +130,14 @@ class KandinskyV22ControlnetImg2ImgPipeline(_HintConditioning, KandinskyV22Img2I
         batch = image_embeds.shape[0]
         n = num_images_per_prompt
         names = self._check_run(
-            batch, num_inference_steps, n, output_type, generator, callback_on_step_end_tensor_inputs, callback_steps
+            batch,
+            num_inference_steps,
+            n,
+            guidance_scale,
+            output_type,
+            generator,
+            callback_on_step_end_tensor_inputs,
+            callback_steps,
         )
         first = strength_start(num_inference_steps, strength)
         latent_size = self._latent_size(height, width)

@@ -42,6 +42,7 @@ from kandinsky22.pipelines.base import (
     check_callback_inputs,
     check_choice,
     check_generator,
+    check_guidance_scale,
     check_positive_int,
     convert_images,
     run_callback,
@@ -94,6 +95,7 @@ class DecoderPipeline(Pipeline):
         batch_size: int,
         num_inference_steps: int,
         num_images_per_prompt: int,
+        guidance_scale: float,
         output_type: str,
         generator: Generator,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
@@ -102,6 +104,7 @@ class DecoderPipeline(Pipeline):
         """Checks every decoder shares; returns the callback tensor names."""
         check_positive_int("num_inference_steps", num_inference_steps)
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_guidance_scale("guidance_scale", guidance_scale)
         if callback_steps is not None:
             check_positive_int("callback_steps", callback_steps)
         check_choice("output_type", output_type, self.output_types)
@@ -281,6 +284,7 @@ class KandinskyV22Pipeline(DecoderPipeline):
             batch,
             num_inference_steps,
             num_images_per_prompt,
+            guidance_scale,
             output_type,
             generator,
             callback_on_step_end_tensor_inputs,

@@ -110,6 +110,7 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
             batch,
             num_inference_steps,
             num_images_per_prompt,
+            guidance_scale,
             output_type,
             generator,
             callback_on_step_end_tensor_inputs,

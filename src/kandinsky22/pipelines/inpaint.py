@@ -86,7 +86,7 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         batch = image_embeds.shape[0]
         n = num_images_per_prompt
         names = self._check_run(
-            batch, num_inference_steps, n, output_type, generator, callback_on_step_end_tensor_inputs
+            batch, num_inference_steps, n, guidance_scale, output_type, generator, callback_on_step_end_tensor_inputs
         )
         latent_size = self._latent_size(height, width)
         sf = self.movq_scale_factor

@@ -25,6 +25,7 @@ from kandinsky22.pipelines.base import (
     check_callback_inputs,
     check_choice,
     check_generator,
+    check_guidance_scale,
     check_positive_int,
     prompt_list,
     run_callback,
@@ -285,6 +286,7 @@ class _PriorBase(Pipeline):
             raise ValueError(f"`weights` must be numbers, got {bad}")
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_positive_int("num_inference_steps", num_inference_steps)
+        check_guidance_scale("guidance_scale", guidance_scale)
         if negative_prior_prompt is not None and not isinstance(negative_prior_prompt, str):
             raise ValueError(f"`negative_prior_prompt` must be a string or None, got {negative_prior_prompt!r}")
         if not isinstance(negative_prompt, str):
@@ -343,6 +345,7 @@ class KandinskyV22PriorPipeline(_PriorBase):
         prompt)."""
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_positive_int("num_inference_steps", num_inference_steps)
+        check_guidance_scale("guidance_scale", guidance_scale)
         check_choice("output_type", output_type, PRIOR_OUTPUT_TYPES)
         names = check_callback_inputs(
             callback_on_step_end_tensor_inputs, self._callback_tensor_inputs, "callback_on_step_end_tensor_inputs"
@@ -416,6 +419,7 @@ class KandinskyV22PriorEmb2EmbPipeline(_PriorBase):
         """
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_positive_int("num_inference_steps", num_inference_steps)
+        check_guidance_scale("guidance_scale", guidance_scale)
         check_choice("output_type", output_type, PRIOR_OUTPUT_TYPES)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
