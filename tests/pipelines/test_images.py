@@ -24,6 +24,8 @@ from kandinsky22.pipelines.images import (
     match_batch,
 )
 
+NAN = float("nan")
+
 
 def _rgb(seed: int, size: tuple[int, int] = (48, 40)) -> PIL.Image.Image:
     rng = np.random.default_rng(seed)
@@ -213,6 +215,16 @@ def test_hints_pil_numpy_tensor_agree():
         (lambda: mask_to_tensor(torch.zeros(1, 3, 8, 8), (8, 8)), "`mask_image` tensors must be"),
         (lambda: mask_to_tensor(np.zeros((2, 2), dtype=np.complex64), (2, 2)), "dtype complex64"),
         (lambda: hint_to_tensor(torch.full((1, 3, 8, 8), -0.5), (8, 8)), r"`hint` values must lie in \[0, 1\]"),
+        # NaN compares false with both bounds: it must not pass the range checks (a NaN mask pixel became "keep")
+        (lambda: image_to_tensor(torch.full((1, 3, 8, 8), NAN), (8, 8), True), r"`image` values .*got \[nan, nan\]"),
+        (
+            lambda: image_to_tensor(torch.full((1, 3, 8, 8), NAN), (8, 8), True, unit_tensors=True),
+            r"`image` values .*got \[nan, nan\]",
+        ),
+        (lambda: image_to_tensor(np.full((8, 8, 3), NAN), (8, 8), True), r"`image` values .*got \[nan, nan\]"),
+        (lambda: mask_to_tensor(torch.full((8, 8), NAN), (8, 8)), r"`mask_image` values .*got \[nan, nan\]"),
+        (lambda: mask_to_tensor(np.full((8, 8), NAN), (8, 8)), r"`mask_image` values .*got \[nan, nan\]"),
+        (lambda: hint_to_tensor(torch.full((1, 3, 8, 8), NAN), (8, 8)), r"`hint` values .*got \[nan, nan\]"),
         (
             lambda: check_sizes((64, 64), "height=64, width=64", image=(64, 64), mask_image=(32, 48)),
             "`image` is 64x64, `mask_image` is 32x48; expected 64x64 \\(height=64, width=64\\)",

@@ -189,6 +189,7 @@ def test_callback_on_step_end_sees_and_replaces_mask(ours):
         ({"latents": torch.zeros(2, 4, 16, 16)}, r"`latents` must have shape \(2, 4, 32, 32\)"),
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "may only name"),
         ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"mask_image": torch.full((64, 64), float("nan"))}, r"`mask_image` values must lie in \[0, 1\], got \[nan"),
     ],
 )
 def test_bad_inputs(ours, change, match):

@@ -51,7 +51,7 @@ def _as_list(value: ImageInput, param: str) -> list:
 
 def _check_range(values: torch.Tensor, low: float, high: float, param: str, note: str = "") -> None:
     lo, hi = values.min().item(), values.max().item()
-    if lo < low or hi > high:
+    if not (low <= lo and hi <= high):  # written so that NaN (false in every comparison) fails too
         raise ValueError(f"`{param}` values must lie in [{low:g}, {high:g}]{note}, got [{lo:g}, {hi:g}]")
 
 
