@@ -189,6 +189,10 @@ def test_emb2emb_interpolate_accepts_text_and_returns_the_zero_negative(emb2emb,
         ({"latents": torch.zeros(2, 32)}, "latents"),
         ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
         ({"guidance_scale": "4"}, r"`guidance_scale` must be a finite number, got '4'"),
+        (
+            {"latents": np.zeros((1, 32), np.float32)},
+            r"`latents` must be a torch.Tensor of shape \(1, 32\), got ndarray",
+        ),
     ],
 )
 def test_prior_input_errors(our_prior, kwargs, match):

@@ -166,6 +166,15 @@ def test_progress_bar_config(our_decoder, capsys):
         ({"guidance_scale": float("inf")}, r"`guidance_scale` must be a finite number, got inf"),
         ({"guidance_scale": "4"}, r"`guidance_scale` must be a finite number, got '4'"),
         ({"guidance_scale": None}, r"`guidance_scale` must be a finite number, got None"),
+        (
+            {"latents": [torch.zeros(1, 4, 32, 32)]},
+            r"`latents` must be a torch.Tensor of shape \(1, 4, 32, 32\), got list",
+        ),
+        ({"latents": np.zeros((1, 4, 32, 32), np.float32)}, r"`latents` must be a torch.Tensor .*got ndarray"),
+        (
+            {"image_embeds": [torch.zeros(1, 32), torch.zeros(1, 16)]},
+            r"`image_embeds\[1\]` must have shape \(batch, 32\)",
+        ),
     ],
 )
 def test_text2img_input_errors(our_decoder, kwargs, match):

@@ -76,6 +76,11 @@ class DecoderPipeline(Pipeline):
         tensors = []
         for name, value in (("image_embeds", image_embeds), ("negative_image_embeds", negative_image_embeds)):
             if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                for i, item in enumerate(value):
+                    if item.ndim != 2 or item.shape[1] != width:
+                        raise ValueError(
+                            f"`{name}[{i}]` must have shape (batch, {width}) for this UNet, got {tuple(item.shape)}"
+                        )
                 value = torch.cat(list(value))
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"`{name}` must be a tensor or a list of tensors, got {type(value).__name__}")
@@ -162,6 +167,8 @@ class DecoderPipeline(Pipeline):
         to = {"device": self._execution_device, "dtype": self.unet.dtype}
         if latents is None:
             latents = randn_tensor(shape, generator=generator, **to)
+        elif not isinstance(latents, torch.Tensor):
+            raise ValueError(f"`latents` must be a torch.Tensor of shape {tuple(shape)}, got {type(latents).__name__}")
         elif tuple(latents.shape) != tuple(shape):
             raise ValueError(f"`latents` must have shape {tuple(shape)}, got {tuple(latents.shape)}")
         else:

@@ -208,6 +208,8 @@ class _PriorBase(Pipeline):
         device = self._execution_device
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=text[0].dtype)
+        elif not isinstance(latents, torch.Tensor):
+            raise ValueError(f"`latents` must be a torch.Tensor of shape {shape}, got {type(latents).__name__}")
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
         else:
