@@ -208,6 +208,8 @@ def test_prior_input_errors(our_prior, kwargs, match):
         (([], []), "images_and_prompts"),
         (([3.0], [1.0]), r"images_and_prompts\[0\]"),
         (([torch.zeros(1, 7)], [1.0]), r"images_and_prompts\[0\]"),
+        (([torch.zeros(1, 1, 32, 32)], [1.0]), r"`images_and_prompts\[0\]` pixels must have shape \(B, 3, 32, 32\)"),
+        (([torch.zeros(1, 3, 64, 64)], [1.0]), r"`images_and_prompts\[0\]` pixels must have shape \(B, 3, 32, 32\)"),
     ],
 )
 def test_interpolate_input_errors(our_prior, args, match):
@@ -228,6 +230,14 @@ def test_interpolate_refuses_a_guidance_scale_that_is_not_a_finite_number(our_pr
         ({"image": torch.zeros(1, 16)}, "image"),
         ({"image": [picture(0), picture(1), picture(2)], "prompt": ["a", "b"]}, "image"),
         ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        (
+            {"image": torch.zeros(1, 1, 32, 32)},
+            r"`image` pixels must have shape \(B, 3, 32, 32\).*got \(1, 1, 32, 32\)",
+        ),
+        (
+            {"image": torch.zeros(1, 3, 64, 64)},
+            r"`image` pixels must have shape \(B, 3, 32, 32\).*got \(1, 3, 64, 64\)",
+        ),
     ],
 )
 def test_emb2emb_input_errors(emb2emb, kwargs, match):

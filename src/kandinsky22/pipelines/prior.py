@@ -93,6 +93,15 @@ class _PriorBase(Pipeline):
         pixels = self.image_processor(list(images), return_tensors="pt").pixel_values
         return pixels.to(device=self._execution_device, dtype=self.image_encoder.dtype)
 
+    def _check_pixels(self, pixels: torch.Tensor, name: str) -> None:
+        """CLIP-preprocessed pixels must be (B, 3, S, S) at the image encoder's size S."""
+        size = self.image_encoder.config.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"`{name}` pixels must have shape (B, 3, {size}, {size}) (CLIP-preprocessed for this image encoder), "
+                f"got {tuple(pixels.shape)}"
+            )
+
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         encoder = self._use("image_encoder")
         return encoder(pixels.to(device=self._execution_device, dtype=encoder.dtype)).image_embeds
@@ -243,6 +252,7 @@ class _PriorBase(Pipeline):
         if isinstance(cond, PIL.Image.Image):
             embeds = self._encode_pixels(self._pixel_values([cond]))
         elif isinstance(cond, torch.Tensor) and cond.ndim == 4 and cond.shape[0] == 1:
+            self._check_pixels(cond, f"images_and_prompts[{index}]")
             embeds = self._encode_pixels(cond)
         elif isinstance(cond, torch.Tensor) and cond.ndim in (1, 2) and cond.reshape(-1, cond.shape[-1]).shape[0] == 1:
             embeds = cond.reshape(1, -1).to(self._execution_device)
@@ -384,6 +394,7 @@ class KandinskyV22PriorEmb2EmbPipeline(_PriorBase):
                 self._check_embedding_width(tensor, "image")
                 embeds = tensor.to(self._execution_device)
             elif tensor.ndim == 4:  # pixels already preprocessed for CLIP
+                self._check_pixels(tensor, "image")
                 embeds = self._encode_pixels(tensor)
             else:
                 raise ValueError(
