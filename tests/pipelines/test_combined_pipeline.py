@@ -163,6 +163,10 @@ def test_components_are_shared_and_replaceable(combined, our_decoder):
         ({"generator": [torch.Generator()] * 3}, "generator"),
         ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
         ({"prior_guidance_scale": float("nan")}, r"`prior_guidance_scale` must be a finite number, got nan"),
+        # the prior's own checks would name its `num_inference_steps` / `callback_on_step_end_tensor_inputs`, which
+        # here are the decoder's
+        ({"prior_num_inference_steps": 0}, r"`prior_num_inference_steps` must be an integer >= 1, got 0"),
+        ({"prior_callback_on_step_end_tensor_inputs": ["noise"]}, r"`prior_callback_on_step_end_tensor_inputs` may"),
     ],
 )
 def test_combined_input_errors_come_before_the_prior_runs(combined, kwargs, match):

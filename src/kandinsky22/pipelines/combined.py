@@ -25,6 +25,7 @@ from kandinsky22.pipelines.base import (
     ImagePipelineOutput,
     Pipeline,
     _ModelOffload,
+    check_callback_inputs,
     check_guidance_scale,
     check_positive_int,
     offload_device,
@@ -176,6 +177,12 @@ class _CombinedPipeline(Pipeline):
         check_positive_int("height", height)
         check_positive_int("width", width)
         check_guidance_scale("prior_guidance_scale", prior_guidance_scale)
+        check_positive_int("prior_num_inference_steps", prior_num_inference_steps)
+        check_callback_inputs(
+            prior_callback_on_step_end_tensor_inputs,
+            KandinskyV22PriorPipeline._callback_tensor_inputs,
+            "prior_callback_on_step_end_tensor_inputs",
+        )
         self.decoder_pipe._check_run(
             len(prompts),
             num_inference_steps,
