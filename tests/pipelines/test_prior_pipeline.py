@@ -205,6 +205,8 @@ def test_prior_input_errors(our_prior, kwargs, match):
     ("args", "match"),
     [
         ((["horse", picture(0)], [1.0]), "weights"),
+        ((["horse", picture(0)], [0.5, float("nan")]), r"`weights` must be finite numbers, got \[nan\]"),
+        ((["horse", picture(0)], [0.5, float("inf")]), r"`weights` must be finite numbers, got \[inf\]"),
         (([], []), "images_and_prompts"),
         (([3.0], [1.0]), r"images_and_prompts\[0\]"),
         (([torch.zeros(1, 7)], [1.0]), r"images_and_prompts\[0\]"),

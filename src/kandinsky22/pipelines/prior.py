@@ -11,6 +11,7 @@ step with t > 0, all from the caller's generator(s).
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -293,9 +294,9 @@ class _PriorBase(Pipeline):
                 f"`weights` must be a list with one weight per item: {len(images_and_prompts)} items in "
                 f"`images_and_prompts`, weights: {count!r}"
             )
-        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float))]
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
         if bad:
-            raise ValueError(f"`weights` must be numbers, got {bad}")
+            raise ValueError(f"`weights` must be finite numbers, got {bad}")
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_positive_int("num_inference_steps", num_inference_steps)
         check_guidance_scale("guidance_scale", guidance_scale)
