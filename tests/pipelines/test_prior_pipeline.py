@@ -143,6 +143,17 @@ def test_zero_image_embedding_is_cached_per_encoder_device_and_dtype(prior_repo)
     assert (again - first.double()).abs().max() < 1e-5
 
 
+def test_zero_image_embedding_called_directly_keeps_no_autograd_graph(prior_repo, ref_prior):
+    """Called outside ``torch.no_grad`` (it is public), the cached constant must not hold the encoder's graph."""
+    from kandinsky22 import KandinskyV22PriorPipeline
+
+    pipe = KandinskyV22PriorPipeline.from_pretrained(prior_repo)
+    zero = pipe.zero_image_embeds(2)
+    assert not zero.requires_grad and zero.grad_fn is None
+    with torch.no_grad():
+        assert_close(zero, ref_prior.get_zero_embed(2))
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -116,7 +116,8 @@ class _PriorBase(Pipeline):
         if cached is None or cached[0] != key:
             size = encoder.config.image_size
             zeros = torch.zeros(1, 3, size, size, device=key[0], dtype=key[1])
-            cached = (key, self._encode_pixels(zeros))
+            with torch.no_grad():  # a cached constant: it must not keep the encoder's autograd graph alive
+                cached = (key, self._encode_pixels(zeros))
             _ZERO_EMBEDS[encoder] = cached
         return cached[1].repeat(batch_size, 1)
 
