@@ -27,6 +27,9 @@ class _HintConditioning:
     """The hint half of both controlnet pipelines: input checks, the loop state, and the UNet's extra input."""
 
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds", "hint"]
+    _unet_inputs = (1, 4)  # the latents and the encoded hint (the UNet's hint encoder gives 4 channels)
+    _unet_takes_hint = True
+    _unet_repository = "kandinsky-2-2-controlnet-depth"
 
     def _added_cond_kwargs(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"image_embeds": state["image_embeds"], "hint": state["hint"]}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -60,6 +60,11 @@ class DecoderPipeline(Pipeline):
     component_names = ("unet", "scheduler", "movq")
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds"]
     output_types: Sequence[str] = DECODER_OUTPUT_TYPES
+    # The UNet this pipeline drives: its input channels (a · latent channels + b), whether it encodes a depth hint, and
+    # the official repository that holds one.
+    _unet_inputs: ClassVar[tuple[int, int]] = (1, 0)
+    _unet_takes_hint: ClassVar[bool] = False
+    _unet_repository: ClassVar[str] = "kandinsky-2-2-decoder"
 
     def __init__(self, unet: Any, scheduler: Any, movq: Any) -> None:
         super().__init__(unet=unet, scheduler=scheduler, movq=movq)
@@ -69,6 +74,21 @@ class DecoderPipeline(Pipeline):
         return 2 ** (len(self.movq.config.block_out_channels) - 1)
 
     # -- input checks (each raises ValueError naming the parameter) -----------------------------------------------
+
+    def _check_unet(self) -> None:
+        """The UNet must be of this pipeline's kind: another checkpoint's fails deep inside the first step (a channel
+        mismatch), or, a plain decoder's under controlnet, ignores the hint."""
+        config = self.unet.config
+        per_latent_channel, extra = self._unet_inputs
+        channels = per_latent_channel * self.movq.config.latent_channels + extra
+        hint = config.get("addition_embed_type") == "image_hint"
+        if config.in_channels != channels or hint != self._unet_takes_hint:
+            raise ValueError(
+                f"{type(self).__name__} needs a UNet with {channels} input channels"
+                f"{' and a depth-hint encoder' if self._unet_takes_hint else ''}, but this one has "
+                f"{config.in_channels}{' and a depth-hint encoder' if hint else ''}: load a "
+                f"{self._unet_repository} repository"
+            )
 
     def _check_embeds(self, image_embeds: Embeds, negative_image_embeds: Embeds) -> tuple[torch.Tensor, torch.Tensor]:
         """Both embeddings as (B, D) tensors of the UNet's width; a single negative is used for every positive."""
@@ -107,6 +127,7 @@ class DecoderPipeline(Pipeline):
         callback_steps: int | None = None,
     ) -> list[str]:
         """Checks every decoder shares; returns the callback tensor names."""
+        self._check_unet()
         check_positive_int("num_inference_steps", num_inference_steps)
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_guidance_scale("guidance_scale", guidance_scale)

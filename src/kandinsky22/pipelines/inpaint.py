@@ -34,6 +34,8 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
     """Image + mask + CLIP image embeddings → image repainted where the mask is white / 1 (9-channel UNet)."""
 
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds", "masked_image", "mask_image"]
+    _unet_inputs = (2, 1)  # the latents, the masked image's latents, the mask
+    _unet_repository = "kandinsky-2-2-decoder-inpaint"
 
     # -- hooks of the shared loop ---------------------------------------------------------------------------------
 
