@@ -90,6 +90,14 @@ def test_parity_unit_range_tensor(ref, ours):
     _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
 
 
+def test_parity_1000_steps_when_the_kept_timesteps_are_trained(ref, ours):
+    """At 1000 steps the official DDPM table starts at the untrained timestep 1000, but a strength that keeps only
+    its last two timesteps (2 and 1) runs, as in the reference."""
+    kwargs = {**_embeds(), "image": _image(5), "height": 64, "width": 64, "num_inference_steps": 1000}
+    kwargs.update(strength=0.002, output_type="np")
+    _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
+
+
 def test_parity_multistep_scheduler(ref, ours):
     """A run that starts mid-schedule with a multistep solver (whose step index must start at the kept part)."""
     import kandinsky22
@@ -188,6 +196,7 @@ def test_callback_on_step_end_replaces_latents(ours):
         ({"image": torch.full((1, 3, 64, 64), -2.0)}, r"`image` values must lie in \[-1, 1\]"),
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "may only name"),
         ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"num_inference_steps": 1000, "strength": 1.0}, r"`num_inference_steps`=1000 gives timestep 1000"),
     ],
 )
 def test_bad_inputs(ours, change, match):

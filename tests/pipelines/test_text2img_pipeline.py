@@ -166,6 +166,9 @@ def test_progress_bar_config(our_decoder, capsys):
         ({"guidance_scale": float("inf")}, r"`guidance_scale` must be a finite number, got inf"),
         ({"guidance_scale": "4"}, r"`guidance_scale` must be a finite number, got '4'"),
         ({"guidance_scale": None}, r"`guidance_scale` must be a finite number, got None"),
+        # the official DDPM config ("leading", steps_offset 1) reaches timestep 1000 at 1000 steps: an IndexError
+        # inside the first step (in the reference too)
+        ({"num_inference_steps": 1000}, r"`num_inference_steps`=1000 gives timestep 1000 .* past the 1000 trained"),
         (
             {"latents": [torch.zeros(1, 4, 32, 32)]},
             r"`latents` must be a torch.Tensor of shape \(1, 4, 32, 32\), got list",

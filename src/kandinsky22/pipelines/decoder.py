@@ -183,6 +183,21 @@ class DecoderPipeline(Pipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         return self.scheduler.timesteps
 
+    def _check_timesteps(self, timesteps: torch.Tensor) -> None:
+        """The timesteps run must be ones the UNet was trained on (0..T-1). "leading" spacing with a ``steps_offset``
+        reaches T when ``num_inference_steps`` = T (the official DDPM config at 1000 steps): DDPM and DDIM then index
+        past their tables inside the first step (an IndexError, in the reference too)."""
+        config = self.scheduler.config
+        first = int(timesteps[0])  # the largest; a host table, no device read
+        if first >= config.num_train_timesteps:
+            steps = getattr(self.scheduler, "num_inference_steps", len(timesteps))
+            spacing, offset = config.get("timestep_spacing"), config.get("steps_offset")
+            raise ValueError(
+                f"`num_inference_steps`={steps} gives timestep {first} with this scheduler (timestep_spacing="
+                f"{spacing!r}, steps_offset={offset}), past the {config.num_train_timesteps} trained timesteps: use "
+                "fewer steps"
+            )
+
     def _start_noise(self, shape: tuple[int, ...], generator: Generator, latents: torch.Tensor | None) -> torch.Tensor:
         """Start latents: drawn from the generator(s), or the caller's ``latents`` (checked, moved and cast)."""
         to = {"device": self._execution_device, "dtype": self.unet.dtype}
@@ -224,6 +239,7 @@ class DecoderPipeline(Pipeline):
         callback_steps: int = 1,
     ) -> torch.Tensor:
         """Denoise ``latents`` over ``timesteps``; returns the final latents (also left in ``state["latents"]``)."""
+        self._check_timesteps(timesteps)
         unet = self._use("unet")
         cfg = guidance_scale > 1
         channels = latents.shape[1]

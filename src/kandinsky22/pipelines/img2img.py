@@ -68,6 +68,7 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         """The timesteps from index ``first`` (see :func:`strength_start`); the scheduler is told where the run
         begins, so a multistep solver starts its step counter there."""
         timesteps = self._timesteps(num_inference_steps)[first:]
+        self._check_timesteps(timesteps)  # before `add_noise` looks the first one up
         self.scheduler.set_begin_index(first)
         return timesteps
 
