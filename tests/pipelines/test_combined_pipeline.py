@@ -166,6 +166,7 @@ def test_components_are_shared_and_replaceable(combined, our_decoder):
         # the prior's own checks would name its `num_inference_steps` / `callback_on_step_end_tensor_inputs`, which
         # here are the decoder's
         ({"prior_num_inference_steps": 0}, r"`prior_num_inference_steps` must be an integer >= 1, got 0"),
+        ({"prior_num_inference_steps": 1}, r"`prior_num_inference_steps`: .*must be between 2 and"),  # UnCLIP's table
         ({"prior_callback_on_step_end_tensor_inputs": ["noise"]}, r"`prior_callback_on_step_end_tensor_inputs` may"),
     ],
 )

@@ -178,6 +178,10 @@ class _CombinedPipeline(Pipeline):
         check_positive_int("width", width)
         check_guidance_scale("prior_guidance_scale", prior_guidance_scale)
         check_positive_int("prior_num_inference_steps", prior_num_inference_steps)
+        try:  # the prior's scheduler has its own limits (UnCLIP needs 2 steps); its message says `num_inference_steps`
+            self.prior_scheduler.set_timesteps(prior_num_inference_steps)
+        except ValueError as error:
+            raise ValueError(f"`prior_num_inference_steps`: {error}") from None
         check_callback_inputs(
             prior_callback_on_step_end_tensor_inputs,
             KandinskyV22PriorPipeline._callback_tensor_inputs,
