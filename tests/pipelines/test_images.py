@@ -88,6 +88,21 @@ def test_pil_image_and_mask_match_reference():
     assert torch.equal(keep, ref_mask.float())
 
 
+@pytest.mark.parametrize(
+    ("image_mode", "mask_mode"), [("RGBA", "1"), ("P", "P"), ("LA", "I"), ("1", "F"), ("CMYK", "RGBA")]
+)
+def test_pil_images_and_masks_of_any_mode_resized_match_reference(image_mode, mask_mode):
+    """The reference resizes first and converts after (PIL resizes "P" and "1" images nearest, and RGBA ones with
+    premultiplied alpha): a 1-bit PNG mask or an RGBA image at another size must give the reference's tensors."""
+    rgba = np.concatenate([np.asarray(_rgb(5, (50, 70))), np.asarray(_rgb(6, (50, 70)))[..., :1]], axis=-1)
+    image = PIL.Image.fromarray(rgba).convert(image_mode)
+    mask = PIL.Image.fromarray((_binary(7, (50, 70)) * 255).astype(np.uint8)).convert(mask_mode)
+    ref_mask, ref_image = reference_mask_and_image(image, mask, 64, 48)
+    keep, ours = _ours(image, mask, (64, 48))
+    torch.testing.assert_close(ours, ref_image, atol=1e-6, rtol=0)
+    assert torch.equal(keep, ref_mask.float())
+
+
 def test_numpy_image_and_mask_match_reference():
     image = np.asarray(_rgb(2, (32, 32)))
     mask = _binary(3, (32, 32))

@@ -2,11 +2,11 @@
 
 Conventions (those of the reference pipelines, made uniform):
 
-* **Images** become ``(B, 3, H, W)`` float32 in [-1, 1]. PIL images of any mode are converted to RGB and resized
-  (bicubic); numpy arrays are HWC (or HW) ``uint8`` in 0..255 or float in [0, 1]; tensors are ``(B, 3, H, W)`` or
+* **Images** become ``(B, 3, H, W)`` float32 in [-1, 1]. PIL images of any mode are resized (bicubic) and converted
+  to RGB; numpy arrays are HWC (or HW) ``uint8`` in 0..255 or float in [0, 1]; tensors are ``(B, 3, H, W)`` or
   ``(3, H, W)`` already in [-1, 1] (for img2img, as in the reference, a tensor with no negative value is in [0, 1]).
 * **Masks** become ``(B, 1, H, W)`` float32 in {0, 1} with **1 = repaint** (white in a PIL image), binarized at 0.5.
-  PIL masks are converted to "L" and resized (Lanczos); numpy masks are HW (or HW1) ``uint8`` 0..255, bool or float in
+  PIL masks are resized (Lanczos) and converted to "L"; numpy masks are HW (or HW1) ``uint8`` 0..255, bool or float in
   [0, 1]; tensors are ``(H, W)``, ``(1, H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)`` in [0, 1]. The caller's object is
   never modified.
 * **Hints** (controlnet) become ``(B, 3, H, W)`` float32 in [0, 1]: tensors as they are, PIL images and numpy arrays
@@ -67,16 +67,18 @@ def _array_to_unit(array: np.ndarray, param: str) -> torch.Tensor:
 
 
 def _pil_to_unit(image: PIL.Image.Image, mode: str, size: tuple[int, int], resample: int) -> torch.Tensor:
-    """Convert to ``mode`` first (so palette, alpha and 16-bit images work), resize to ``size``, scale to [0, 1].
+    """Resize to ``size``, then convert to ``mode`` (so palette, alpha and 16-bit images work), scale to [0, 1].
 
-    Bicubic image resizing uses ``reducing_gap=1`` as the reference does; the result is (C, H, W) or (H, W).
+    The reference's order, which matters for images that are not already in ``mode``: PIL resizes palette and 1-bit
+    images nearest whatever ``resample`` says, and RGBA ones with premultiplied alpha. Bicubic image resizing uses
+    ``reducing_gap=1`` as the reference does; the result is (C, H, W) or (H, W).
     """
     height, width = size
-    if image.mode != mode:
-        image = image.convert(mode)
     if image.size != (width, height):
         reducing_gap = 1 if resample == PIL.Image.BICUBIC else None
         image = image.resize((width, height), resample=resample, reducing_gap=reducing_gap)
+    if image.mode != mode:
+        image = image.convert(mode)
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     return array.permute(2, 0, 1) if array.ndim == 3 else array
 
