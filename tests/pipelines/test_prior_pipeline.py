@@ -93,6 +93,15 @@ def test_prior_callback_swapping_the_prompt_tensors_matches_reference(our_prior,
     assert (ours.image_embeds - plain.image_embeds).abs().max() > 1e-3  # the swaps did change the result
 
 
+@pytest.mark.parametrize("negative_prompt", [None, "blurry"])
+def test_a_list_of_one_generator_serves_the_whole_batch_as_in_the_reference(our_prior, ref_prior, negative_prompt):
+    kwargs = {"num_inference_steps": STEPS, "num_images_per_prompt": 2, "negative_prompt": negative_prompt}
+    ours = our_prior("horse", generator=[gen(4)], **kwargs)
+    ref = ref_prior("horse", generator=[gen(4)], **kwargs)
+    assert_close(ours.image_embeds, ref.image_embeds)
+    assert_close(ours.negative_image_embeds, ref.negative_image_embeds)
+
+
 def test_prior_latents_argument_matches_reference(our_prior, ref_prior):
     latents = torch.randn(2, 32, generator=gen(5))
     ours = our_prior("horse", num_images_per_prompt=2, latents=latents, num_inference_steps=STEPS, generator=gen())

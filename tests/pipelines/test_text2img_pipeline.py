@@ -100,6 +100,15 @@ def test_latents_argument_matches_reference_and_legacy_callback_runs(our_decoder
     assert steps == [0, 1, 2]  # the reference crashes when callback_steps is not given (issue #13596, 5)
 
 
+def test_a_list_of_one_generator_serves_the_whole_batch_as_in_the_reference(our_decoder, ref_decoder):
+    """The reference (and our noise function) take ``[g]`` as ``g``; the pipelines' own check refused it for n > 1."""
+    positive, negative = embeds(2)
+    kwargs = {"height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np", "num_images_per_prompt": 2}
+    ours = our_decoder(positive, negative, generator=[gen(3)], **kwargs).images
+    ref = ref_decoder(positive, negative, generator=[gen(3)], **kwargs).images
+    assert ours.shape == (4, 64, 64, 3) and np.abs(ours - ref).max() < 1e-4
+
+
 def test_no_guidance_works_for_several_images_and_any_embedding_dtype(our_decoder):
     """The reference crashes here (§5.1): embeddings not repeated per image, nor cast, without guidance."""
     positive, negative = embeds()

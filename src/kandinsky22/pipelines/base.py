@@ -104,9 +104,10 @@ def check_callback_inputs(names: Iterable[str] | None, allowed: Sequence[str], n
 
 
 def check_generator(generator: Generator, batch_size: int, what: str = "image") -> None:
-    """A generator list needs one generator per sample (``batch_size``)."""
+    """A generator list needs one generator per sample (``batch_size``), or is a list of one, which acts as that
+    generator (as in the reference and ``randn_tensor``)."""
     if isinstance(generator, list):
-        if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) not in (1, batch_size) or not all(isinstance(g, torch.Generator) for g in generator):
             raise ValueError(
                 f"`generator` is a list of {len(generator)} items, but {batch_size} {what}s are generated: pass one "
                 f"torch.Generator, or a list of exactly {batch_size} torch.Generators (one per {what})"

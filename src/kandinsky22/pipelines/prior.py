@@ -177,7 +177,8 @@ class _PriorBase(Pipeline):
 
         A negative prompt joins the batch, so that its own embedding comes out of the same run (reference §5.5),
         and is the CFG unconditional of both halves. A generator list of one per output embedding is reused for the
-        negative half; a list covering the doubled batch (as the reference requires) is used as given.
+        negative half; a list covering the doubled batch (as the reference requires), or a list of one (which acts
+        as its generator), is used as given.
         ``allow_empty`` admits the empty prompt, which ``interpolate`` runs internally as the reference does.
         """
         prompts = list(prompt) if allow_empty else prompt_list(prompt)
@@ -194,7 +195,7 @@ class _PriorBase(Pipeline):
                 "prompt, or one per prompt"
             )
         negatives = list(negatives)
-        if isinstance(generator, list) and len(generator) == len(prompts) * n:
+        if isinstance(generator, list) and len(generator) == len(prompts) * n > 1:
             generator = generator + generator
         check_generator(generator, 2 * len(prompts) * n, "embedding")
         return prompts + negatives, 2 * negatives if guidance_scale > 1 else None, generator
