@@ -98,6 +98,13 @@ def test_parity_1000_steps_when_the_kept_timesteps_are_trained(ref, ours):
     _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
 
 
+def test_parity_numpy_float32_strength(ref, ours):
+    """A numpy float32 strength (e.g. read from an array of settings) is a number, as in the reference."""
+    kwargs = {**_embeds(), "image": _image(7), "height": 64, "width": 64, "num_inference_steps": 4, "output_type": "np"}
+    expected = ref(**kwargs, strength=np.float32(0.5), generator=_seed()).images
+    _close(ours(**kwargs, strength=np.float32(0.5), generator=_seed()).images, expected)
+
+
 def test_parity_multistep_scheduler(ref, ours):
     """A run that starts mid-schedule with a multistep solver (whose step index must start at the kept part)."""
     import kandinsky22

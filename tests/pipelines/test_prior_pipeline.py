@@ -130,6 +130,15 @@ def test_interpolate_text_negatives_match_reference(our_prior, ref_prior, negati
     assert_close(ours.negative_image_embeds, ref.negative_image_embeds)
 
 
+def test_numpy_float32_weights_and_strength_are_numbers_as_in_the_reference(our_prior, ref_prior, emb2emb):
+    conds, weights = ["horse", picture(4)], [np.float32(0.6), np.float32(0.4)]
+    ours = our_prior.interpolate(conds, weights, num_inference_steps=STEPS, generator=gen())
+    ref = ref_prior.interpolate(conds, weights, num_inference_steps=STEPS, generator=gen())
+    assert_close(ours.image_embeds, ref.image_embeds)
+    kwargs = {"prompt": "horse", "image": picture(0), "strength": np.float32(0.5), "num_inference_steps": 4}
+    assert_close(emb2emb[0](**kwargs, generator=gen()).image_embeds, emb2emb[1](**kwargs, generator=gen()).image_embeds)
+
+
 def test_interpolate_spends_no_prior_run_on_the_zero_negative(our_prior):
     calls, handle = count_forward(our_prior.prior)
     our_prior.interpolate(["horse", picture(0)], [0.5, 0.5], num_inference_steps=STEPS, generator=gen())

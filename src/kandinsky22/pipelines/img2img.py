@@ -9,6 +9,7 @@ and ``add_noise`` it at the first kept timestep; the loop is text2img's. Unlike 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from kandinsky22.schedulers.noise import randn_tensor
 
 def strength_start(num_inference_steps: int, strength: float) -> int:
     """Index of the first timestep run: the last ``int(num_inference_steps · strength)`` timesteps are run."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
         raise ValueError(f"`strength` must be a number in [0, 1], got {strength!r}")
     steps_run = min(int(num_inference_steps * strength), num_inference_steps)
     if steps_run == 0:

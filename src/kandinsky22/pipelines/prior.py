@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -296,7 +297,7 @@ class _PriorBase(Pipeline):
                 f"`weights` must be a list with one weight per item: {len(images_and_prompts)} items in "
                 f"`images_and_prompts`, weights: {count!r}"
             )
-        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)]
         if bad:
             raise ValueError(f"`weights` must be finite numbers, got {bad}")
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
@@ -437,7 +438,7 @@ class KandinskyV22PriorEmb2EmbPipeline(_PriorBase):
         check_positive_int("num_inference_steps", num_inference_steps)
         check_guidance_scale("guidance_scale", guidance_scale)
         check_choice("output_type", output_type, PRIOR_OUTPUT_TYPES)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
         run_steps = min(int(num_inference_steps * strength), num_inference_steps)
         if run_steps < 1:
