@@ -134,6 +134,14 @@ def test_to_dtype_and_device_and_loading_dtype(decoder_repo, prior_repo):
     assert prior.text_encoder.dtype == prior.image_encoder.dtype == prior.prior.dtype == torch.float64
 
 
+@pytest.mark.parametrize("pipeline", [KandinskyV22Pipeline, KandinskyV22CombinedPipeline])
+@pytest.mark.parametrize("torch_dtype", ["float16", "auto", 16])
+def test_a_torch_dtype_that_is_not_a_dtype_is_refused_naming_it(decoder_repo, pipeline, torch_dtype):
+    """A string was taken by ``Module.to`` as a device name ("Invalid device string: 'float16'")."""
+    with pytest.raises(ValueError, match=rf"`torch_dtype` must be a torch.dtype .*got {torch_dtype!r}"):
+        pipeline.from_pretrained(decoder_repo, torch_dtype=torch_dtype)
+
+
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_cpu_offload_gives_the_same_images(decoder_repo, mode):
     """On a CPU-only machine the offload target is the CPU: this checks the mechanics, not the memory saving."""

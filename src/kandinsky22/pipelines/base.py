@@ -292,6 +292,9 @@ class Pipeline:
         overrides: dict[str, Any],
         names: Sequence[str] | None = None,
     ) -> dict[str, Any]:
+        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+            # `Module.to` would take a string for a device name ("Invalid device string: 'float16'")
+            raise ValueError(f"`torch_dtype` must be a torch.dtype (e.g. torch.float16) or None, got {torch_dtype!r}")
         components = {}
         for name in names or cls.component_names:
             if name in overrides:
