@@ -262,6 +262,12 @@ def test_interpolate_refuses_a_guidance_scale_that_is_not_a_finite_number(our_pr
         ({"image": [picture(0), picture(1), picture(2)], "prompt": ["a", "b"]}, "image"),
         ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
         (
+            {"image": [torch.zeros(1, 32), torch.zeros(1, 16)]},
+            r"`image` tensors must .*got shapes \[\(1, 32\), \(1, 16\)\]",
+        ),
+        ({"image": [torch.zeros(1, 32), torch.zeros(1, 3, 32, 32)]}, r"`image` tensors must .*got shapes"),
+        ({"image": [torch.tensor(1.0)]}, r"`image` tensors must .*got shapes \[\(\)\]"),
+        (
             {"image": torch.zeros(1, 1, 32, 32)},
             r"`image` pixels must have shape \(B, 3, 32, 32\).*got \(1, 1, 32, 32\)",
         ),

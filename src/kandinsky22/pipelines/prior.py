@@ -393,18 +393,18 @@ class KandinskyV22PriorEmb2EmbPipeline(_PriorBase):
         if not images:
             raise ValueError("`image` must not be empty")
         if all(isinstance(i, torch.Tensor) for i in images):
+            if any(i.ndim not in (2, 4) for i in images) or len({i.shape[1:] for i in images}) > 1:
+                raise ValueError(
+                    "`image` tensors must be image embeddings (B, D) or CLIP-preprocessed pixels (B, 3, H, W), all "
+                    f"of one kind and size; got shapes {[tuple(i.shape) for i in images]}"
+                )
             tensor = torch.cat(list(images))
             if tensor.ndim == 2:  # image embeddings, as the reference accepts
                 self._check_embedding_width(tensor, "image")
                 embeds = tensor.to(self._execution_device)
-            elif tensor.ndim == 4:  # pixels already preprocessed for CLIP
+            else:  # pixels already preprocessed for CLIP
                 self._check_pixels(tensor, "image")
                 embeds = self._encode_pixels(tensor)
-            else:
-                raise ValueError(
-                    "`image` tensors must be image embeddings (B, D) or CLIP-preprocessed pixels (B, 3, H, W), "
-                    f"got shape {tuple(tensor.shape)}"
-                )
         elif all(isinstance(i, PIL.Image.Image) for i in images):
             embeds = self._encode_pixels(self._pixel_values(images))
         else:
