@@ -204,6 +204,10 @@ def test_callback_on_step_end_replaces_latents(ours):
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "may only name"),
         ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
         ({"num_inference_steps": 1000, "strength": 1.0}, r"`num_inference_steps`=1000 gives timestep 1000"),
+        (
+            {"image": [torch.zeros(1, 4, 32, 32), torch.zeros(1, 4, 16, 16)]},
+            r"the items of `image` have different sizes",
+        ),
     ],
 )
 def test_bad_inputs(ours, change, match):

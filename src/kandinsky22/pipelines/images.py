@@ -128,10 +128,10 @@ def _rgb_batch(
         out.append(unit * 2.0 - 1.0 if signed else unit)
     # Contiguous whatever the source layout (HWC arrays arrive channels-last), so a PIL image and its numpy array
     # give bit-identical results.
-    return _cat_same_size(out, param).contiguous()
+    return cat_same_size(out, param).contiguous()
 
 
-def _cat_same_size(tensors: list[torch.Tensor], param: str) -> torch.Tensor:
+def cat_same_size(tensors: list[torch.Tensor], param: str) -> torch.Tensor:
     sizes = {tuple(t.shape[-2:]) for t in tensors}
     if len(sizes) > 1:
         listed = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
@@ -189,7 +189,7 @@ def mask_to_tensor(mask: ImageInput, size: tuple[int, int], param: str = "mask_i
         _check_range(tensor, 0.0, 1.0, param)
         out.append(tensor)
     # Binarize into a new tensor: the reference does this in place, changing the caller's mask.
-    return (_cat_same_size(out, param) >= 0.5).float()
+    return (cat_same_size(out, param) >= 0.5).float()
 
 
 def hint_to_tensor(hint: ImageInput, size: tuple[int, int], param: str = "hint") -> torch.Tensor:

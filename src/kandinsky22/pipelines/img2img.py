@@ -17,7 +17,7 @@ import torch
 
 from kandinsky22.pipelines.base import Generator, ImagePipelineOutput
 from kandinsky22.pipelines.decoder import DecoderPipeline, Embeds
-from kandinsky22.pipelines.images import ImageInput, check_count, check_sizes, image_to_tensor
+from kandinsky22.pipelines.images import ImageInput, cat_same_size, check_count, check_sizes, image_to_tensor
 from kandinsky22.schedulers.noise import randn_tensor
 
 
@@ -45,7 +45,7 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         channels = self.movq.config.latent_channels
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if items and all(isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.shape[-3] == channels for x in items):
-            latents = torch.cat([x if x.ndim == 4 else x[None] for x in items])
+            latents = cat_same_size([x if x.ndim == 4 else x[None] for x in items], "image")
             check_sizes(latent_size, "the latent size for this height and width", image=tuple(latents.shape[-2:]))
             return latents, True
         sf = self.movq_scale_factor
