@@ -222,6 +222,7 @@ def test_emb2emb_interpolate_accepts_text_and_returns_the_zero_negative(emb2emb,
             {"latents": np.zeros((1, 32), np.float32)},
             r"`latents` must be a torch.Tensor of shape \(1, 32\), got ndarray",
         ),
+        ({"callback_on_step_end": 3}, r"`callback_on_step_end` must be a callable or None, got int"),
     ],
 )
 def test_prior_input_errors(our_prior, kwargs, match):

@@ -178,6 +178,11 @@ def test_progress_bar_config(our_decoder, capsys):
         # the official DDPM config ("leading", steps_offset 1) reaches timestep 1000 at 1000 steps: an IndexError
         # inside the first step (in the reference too)
         ({"num_inference_steps": 1000}, r"`num_inference_steps`=1000 gives timestep 1000 .* past the 1000 trained"),
+        # a TypeError after the first step, or at entry one that named nothing
+        ({"callback_on_step_end": "save"}, r"`callback_on_step_end` must be a callable or None, got str"),
+        ({"callback": 3}, r"`callback` must be a callable or None, got int"),
+        ({"callback_on_step_end_tensor_inputs": 1.5}, r"`callback_on_step_end_tensor_inputs` must be a list of names"),
+        ({"callback_on_step_end_tensor_inputs": "latents"}, r"`callback_on_step_end_tensor_inputs` must be a list"),
         (
             {"latents": [torch.zeros(1, 4, 32, 32)]},
             r"`latents` must be a torch.Tensor of shape \(1, 4, 32, 32\), got list",

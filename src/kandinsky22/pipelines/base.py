@@ -95,7 +95,15 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
 
 
+def check_callback(name: str, value: Any) -> None:
+    """Checked before the loop: calling a non-callable fails only after the first step has run."""
+    if value is not None and not callable(value):
+        raise ValueError(f"`{name}` must be a callable or None, got {type(value).__name__}")
+
+
 def check_callback_inputs(names: Iterable[str] | None, allowed: Sequence[str], name: str) -> list[str]:
+    if names is not None and (isinstance(names, str) or not isinstance(names, Iterable)):
+        raise ValueError(f"`{name}` must be a list of names from {list(allowed)}, got {names!r}")
     names = list(names or [])
     unknown = [k for k in names if k not in allowed]
     if unknown:

@@ -25,6 +25,7 @@ from kandinsky22.pipelines.base import (
     ImagePipelineOutput,
     Pipeline,
     _ModelOffload,
+    check_callback,
     check_callback_inputs,
     check_guidance_scale,
     check_positive_int,
@@ -182,6 +183,8 @@ class _CombinedPipeline(Pipeline):
             self.prior_scheduler.set_timesteps(prior_num_inference_steps)
         except ValueError as error:
             raise ValueError(f"`prior_num_inference_steps`: {error}") from None
+        check_callback("prior_callback_on_step_end", prior_callback_on_step_end)
+        check_callback("callback_on_step_end", callback_on_step_end)
         check_callback_inputs(
             prior_callback_on_step_end_tensor_inputs,
             KandinskyV22PriorPipeline._callback_tensor_inputs,

@@ -39,6 +39,7 @@ from kandinsky22.pipelines.base import (
     Generator,
     ImagePipelineOutput,
     Pipeline,
+    check_callback,
     check_callback_inputs,
     check_choice,
     check_generator,
@@ -240,6 +241,8 @@ class DecoderPipeline(Pipeline):
     ) -> torch.Tensor:
         """Denoise ``latents`` over ``timesteps``; returns the final latents (also left in ``state["latents"]``)."""
         self._check_timesteps(timesteps)
+        check_callback("callback_on_step_end", callback_on_step_end)
+        check_callback("callback", callback)
         unet = self._use("unet")
         cfg = guidance_scale > 1
         channels = latents.shape[1]

@@ -24,6 +24,7 @@ from kandinsky22.pipelines.base import (
     Generator,
     KandinskyPriorPipelineOutput,
     Pipeline,
+    check_callback,
     check_callback_inputs,
     check_choice,
     check_generator,
@@ -140,6 +141,7 @@ class _PriorBase(Pipeline):
         callback_tensor_names: Sequence[str] = (),
     ) -> torch.Tensor:
         """The prior loop over ``timesteps`` (a host table); returns un-normalized image embeddings."""
+        check_callback("callback_on_step_end", callback_on_step_end)
         prior = self._use("prior")
         cfg = guidance_scale > 1
         names = ("prompt_embeds", "text_encoder_hidden_states", "text_mask")
