@@ -161,6 +161,15 @@ def test_components_are_shared_and_replaceable(combined, our_decoder):
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "noise"),
         ({"latents": torch.zeros(1, 4, 4)}, "latents"),
         ({"generator": [torch.Generator()] * 3}, "generator"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"prior_guidance_scale": float("nan")}, r"`prior_guidance_scale` must be a finite number, got nan"),
+        # the prior's own checks would name its `num_inference_steps` / `callback_on_step_end_tensor_inputs`, which
+        # here are the decoder's
+        ({"prior_num_inference_steps": 0}, r"`prior_num_inference_steps` must be an integer >= 1, got 0"),
+        ({"prior_num_inference_steps": 1}, r"`prior_num_inference_steps`: .*must be between 2 and"),  # UnCLIP's table
+        ({"prior_callback_on_step_end_tensor_inputs": ["noise"]}, r"`prior_callback_on_step_end_tensor_inputs` may"),
+        ({"prior_callback_on_step_end": 3}, r"`prior_callback_on_step_end` must be a callable or None, got int"),
+        ({"callback_on_step_end": 3}, r"`callback_on_step_end` must be a callable or None, got int"),
     ],
 )
 def test_combined_input_errors_come_before_the_prior_runs(combined, kwargs, match):

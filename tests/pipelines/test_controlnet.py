@@ -99,6 +99,14 @@ def test_parity_img2img(img2img, steps, strength):
     _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
 
 
+def test_parity_img2img_unit_range_tensor(img2img):
+    """An image tensor with no negative value is in [0, 1], as in the reference (which normalizes it)."""
+    ref, ours = img2img
+    image = torch.rand(1, 3, 64, 64, generator=_seed(3))
+    kwargs = {**_embeds(), **_common(4), "image": image, "hint": _hint(), "strength": 0.5, "output_type": "np"}
+    _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fixes
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,6 +181,7 @@ def test_legacy_callback_every_callback_steps(text2img):
         ({"callback_steps": 0}, "`callback_steps` must be an integer >= 1, got 0"),
         ({"output_type": "jpg"}, "`output_type` must be one of"),
         ({"callback_on_step_end_tensor_inputs": ["mask_image"]}, "may only name"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
     ],
 )
 @pytest.mark.parametrize("which", ["text2img", "img2img"])

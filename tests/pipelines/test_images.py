@@ -24,6 +24,8 @@ from kandinsky22.pipelines.images import (
     match_batch,
 )
 
+NAN = float("nan")
+
 
 def _rgb(seed: int, size: tuple[int, int] = (48, 40)) -> PIL.Image.Image:
     rng = np.random.default_rng(seed)
@@ -82,6 +84,21 @@ def test_pil_image_and_mask_match_reference():
     ref_mask, ref_image = reference_mask_and_image(image, mask, 64, 48)
     keep, ours = _ours(image, mask, (64, 48))
     assert ours.shape == (1, 3, 64, 48)
+    torch.testing.assert_close(ours, ref_image, atol=1e-6, rtol=0)
+    assert torch.equal(keep, ref_mask.float())
+
+
+@pytest.mark.parametrize(
+    ("image_mode", "mask_mode"), [("RGBA", "1"), ("P", "P"), ("LA", "I"), ("1", "F"), ("CMYK", "RGBA")]
+)
+def test_pil_images_and_masks_of_any_mode_resized_match_reference(image_mode, mask_mode):
+    """The reference resizes first and converts after (PIL resizes "P" and "1" images nearest, and RGBA ones with
+    premultiplied alpha): a 1-bit PNG mask or an RGBA image at another size must give the reference's tensors."""
+    rgba = np.concatenate([np.asarray(_rgb(5, (50, 70))), np.asarray(_rgb(6, (50, 70)))[..., :1]], axis=-1)
+    image = PIL.Image.fromarray(rgba).convert(image_mode)
+    mask = PIL.Image.fromarray((_binary(7, (50, 70)) * 255).astype(np.uint8)).convert(mask_mode)
+    ref_mask, ref_image = reference_mask_and_image(image, mask, 64, 48)
+    keep, ours = _ours(image, mask, (64, 48))
     torch.testing.assert_close(ours, ref_image, atol=1e-6, rtol=0)
     assert torch.equal(keep, ref_mask.float())
 
@@ -213,6 +230,16 @@ def test_hints_pil_numpy_tensor_agree():
         (lambda: mask_to_tensor(torch.zeros(1, 3, 8, 8), (8, 8)), "`mask_image` tensors must be"),
         (lambda: mask_to_tensor(np.zeros((2, 2), dtype=np.complex64), (2, 2)), "dtype complex64"),
         (lambda: hint_to_tensor(torch.full((1, 3, 8, 8), -0.5), (8, 8)), r"`hint` values must lie in \[0, 1\]"),
+        # NaN compares false with both bounds: it must not pass the range checks (a NaN mask pixel became "keep")
+        (lambda: image_to_tensor(torch.full((1, 3, 8, 8), NAN), (8, 8), True), r"`image` values .*got \[nan, nan\]"),
+        (
+            lambda: image_to_tensor(torch.full((1, 3, 8, 8), NAN), (8, 8), True, unit_tensors=True),
+            r"`image` values .*got \[nan, nan\]",
+        ),
+        (lambda: image_to_tensor(np.full((8, 8, 3), NAN), (8, 8), True), r"`image` values .*got \[nan, nan\]"),
+        (lambda: mask_to_tensor(torch.full((8, 8), NAN), (8, 8)), r"`mask_image` values .*got \[nan, nan\]"),
+        (lambda: mask_to_tensor(np.full((8, 8), NAN), (8, 8)), r"`mask_image` values .*got \[nan, nan\]"),
+        (lambda: hint_to_tensor(torch.full((1, 3, 8, 8), NAN), (8, 8)), r"`hint` values .*got \[nan, nan\]"),
         (
             lambda: check_sizes((64, 64), "height=64, width=64", image=(64, 64), mask_image=(32, 48)),
             "`image` is 64x64, `mask_image` is 32x48; expected 64x64 \\(height=64, width=64\\)",

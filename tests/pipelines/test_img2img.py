@@ -82,6 +82,29 @@ def test_parity_tensor_batch_per_sample_generators(ref, ours):
     _close(ours(**kwargs, generator=[_seed(s) for s in range(4)]).images, expected)
 
 
+def test_parity_unit_range_tensor(ref, ours):
+    """A tensor with no negative value is an image in [0, 1], as in the reference (which normalizes it to [-1, 1])."""
+    images = torch.rand(2, 3, 64, 64, generator=_seed(6))
+    kwargs = {**_embeds(2), "image": images, "height": 64, "width": 64, "num_inference_steps": 4, "strength": 0.5}
+    kwargs["output_type"] = "np"
+    _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
+
+
+def test_parity_1000_steps_when_the_kept_timesteps_are_trained(ref, ours):
+    """At 1000 steps the official DDPM table starts at the untrained timestep 1000, but a strength that keeps only
+    its last two timesteps (2 and 1) runs, as in the reference."""
+    kwargs = {**_embeds(), "image": _image(5), "height": 64, "width": 64, "num_inference_steps": 1000}
+    kwargs.update(strength=0.002, output_type="np")
+    _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
+
+
+def test_parity_numpy_float32_strength(ref, ours):
+    """A numpy float32 strength (e.g. read from an array of settings) is a number, as in the reference."""
+    kwargs = {**_embeds(), "image": _image(7), "height": 64, "width": 64, "num_inference_steps": 4, "output_type": "np"}
+    expected = ref(**kwargs, strength=np.float32(0.5), generator=_seed()).images
+    _close(ours(**kwargs, strength=np.float32(0.5), generator=_seed()).images, expected)
+
+
 def test_parity_multistep_scheduler(ref, ours):
     """A run that starts mid-schedule with a multistep solver (whose step index must start at the kept part)."""
     import kandinsky22
@@ -176,8 +199,15 @@ def test_callback_on_step_end_replaces_latents(ours):
         ({"image": [_image(0), _image(1), _image(2)]}, "`image` has 3 items but there are 2 image embeddings"),
         ({"image": "photo.png"}, "`image` must be a PIL image, a numpy array, a torch tensor or a list of them"),
         ({"image": torch.zeros(1, 4, 16, 16)}, r"size mismatch: `image` is 16x16; expected 32x32"),
-        ({"image": torch.full((1, 3, 64, 64), 2.0)}, r"`image` values must lie in \[-1, 1\]"),
+        ({"image": torch.full((1, 3, 64, 64), 2.0)}, r"`image` values must lie in \[0, 1\] \(a tensor with no neg"),
+        ({"image": torch.full((1, 3, 64, 64), -2.0)}, r"`image` values must lie in \[-1, 1\]"),
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "may only name"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"num_inference_steps": 1000, "strength": 1.0}, r"`num_inference_steps`=1000 gives timestep 1000"),
+        (
+            {"image": [torch.zeros(1, 4, 32, 32), torch.zeros(1, 4, 16, 16)]},
+            r"the items of `image` have different sizes",
+        ),
     ],
 )
 def test_bad_inputs(ours, change, match):

@@ -188,6 +188,8 @@ def test_callback_on_step_end_sees_and_replaces_mask(ours):
         ({"mask_image": None}, "`mask_image` must be a PIL image, a numpy array, a torch tensor or a list of them"),
         ({"latents": torch.zeros(2, 4, 16, 16)}, r"`latents` must have shape \(2, 4, 32, 32\)"),
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "may only name"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"mask_image": torch.full((64, 64), float("nan"))}, r"`mask_image` values must lie in \[0, 1\], got \[nan"),
     ],
 )
 def test_bad_inputs(ours, change, match):

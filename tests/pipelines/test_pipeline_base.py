@@ -134,6 +134,14 @@ def test_to_dtype_and_device_and_loading_dtype(decoder_repo, prior_repo):
     assert prior.text_encoder.dtype == prior.image_encoder.dtype == prior.prior.dtype == torch.float64
 
 
+@pytest.mark.parametrize("pipeline", [KandinskyV22Pipeline, KandinskyV22CombinedPipeline])
+@pytest.mark.parametrize("torch_dtype", ["float16", "auto", 16])
+def test_a_torch_dtype_that_is_not_a_dtype_is_refused_naming_it(decoder_repo, pipeline, torch_dtype):
+    """A string was taken by ``Module.to`` as a device name ("Invalid device string: 'float16'")."""
+    with pytest.raises(ValueError, match=rf"`torch_dtype` must be a torch.dtype .*got {torch_dtype!r}"):
+        pipeline.from_pretrained(decoder_repo, torch_dtype=torch_dtype)
+
+
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_cpu_offload_gives_the_same_images(decoder_repo, mode):
     """On a CPU-only machine the offload target is the CPU: this checks the mechanics, not the memory saving."""
@@ -190,3 +198,43 @@ def test_conv_models_are_laid_out_channels_last_where_the_device_prefers_it(deco
     pipe.enable_model_cpu_offload(device="cpu")
     assert layout(pipe) == {"unet": True, "movq": True}
     assert np.abs(pipe(generator=gen(), **kwargs).images - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "repo", "match"),
+    [
+        ("KandinskyV22Pipeline", "inpaint_repo", "KandinskyV22Pipeline needs a UNet with 4 input channels, .* has 9"),
+        ("KandinskyV22Img2ImgPipeline", "controlnet_repo", "needs a UNet with 4 input channels, .* has 8 and a depth"),
+        (
+            "KandinskyV22InpaintPipeline",
+            "decoder_repo",
+            "KandinskyV22InpaintPipeline needs a UNet with 9 input channels",
+        ),
+        (
+            "KandinskyV22ControlnetPipeline",
+            "decoder_repo",
+            "needs a UNet with 8 input channels and a depth-hint encoder",
+        ),
+        (
+            "KandinskyV22ControlnetImg2ImgPipeline",
+            "inpaint_repo",
+            "needs a UNet with 8 input channels and a depth-hint",
+        ),
+    ],
+)
+def test_a_unet_of_another_kind_is_refused_naming_the_repository_to_load(request, pipeline, repo, match):
+    """A decoder folder of the wrong kind (e.g. the text2img decoder for inpainting) failed deep inside the first UNet
+    call (a channel mismatch), or, for controlnet on a plain decoder, silently ignored the hint."""
+    import kandinsky22
+
+    pipe = quiet(getattr(kandinsky22, pipeline).from_pretrained(request.getfixturevalue(repo)))
+    image = torch.zeros(1, 3, 64, 64)
+    inputs = {
+        "KandinskyV22Img2ImgPipeline": {"image": image, "strength": 1.0},
+        "KandinskyV22InpaintPipeline": {"image": image, "mask_image": torch.zeros(64, 64)},
+        "KandinskyV22ControlnetPipeline": {"hint": image},
+        "KandinskyV22ControlnetImg2ImgPipeline": {"image": image, "hint": image, "strength": 1.0},
+    }.get(pipeline, {})
+    positive, negative = embeds()
+    with pytest.raises(ValueError, match=match):
+        pipe(image_embeds=positive, negative_image_embeds=negative, **inputs, **DECODE)

@@ -93,6 +93,15 @@ def test_prior_callback_swapping_the_prompt_tensors_matches_reference(our_prior,
     assert (ours.image_embeds - plain.image_embeds).abs().max() > 1e-3  # the swaps did change the result
 
 
+@pytest.mark.parametrize("negative_prompt", [None, "blurry"])
+def test_a_list_of_one_generator_serves_the_whole_batch_as_in_the_reference(our_prior, ref_prior, negative_prompt):
+    kwargs = {"num_inference_steps": STEPS, "num_images_per_prompt": 2, "negative_prompt": negative_prompt}
+    ours = our_prior("horse", generator=[gen(4)], **kwargs)
+    ref = ref_prior("horse", generator=[gen(4)], **kwargs)
+    assert_close(ours.image_embeds, ref.image_embeds)
+    assert_close(ours.negative_image_embeds, ref.negative_image_embeds)
+
+
 def test_prior_latents_argument_matches_reference(our_prior, ref_prior):
     latents = torch.randn(2, 32, generator=gen(5))
     ours = our_prior("horse", num_images_per_prompt=2, latents=latents, num_inference_steps=STEPS, generator=gen())
@@ -121,6 +130,15 @@ def test_interpolate_text_negatives_match_reference(our_prior, ref_prior, negati
     assert_close(ours.negative_image_embeds, ref.negative_image_embeds)
 
 
+def test_numpy_float32_weights_and_strength_are_numbers_as_in_the_reference(our_prior, ref_prior, emb2emb):
+    conds, weights = ["horse", picture(4)], [np.float32(0.6), np.float32(0.4)]
+    ours = our_prior.interpolate(conds, weights, num_inference_steps=STEPS, generator=gen())
+    ref = ref_prior.interpolate(conds, weights, num_inference_steps=STEPS, generator=gen())
+    assert_close(ours.image_embeds, ref.image_embeds)
+    kwargs = {"prompt": "horse", "image": picture(0), "strength": np.float32(0.5), "num_inference_steps": 4}
+    assert_close(emb2emb[0](**kwargs, generator=gen()).image_embeds, emb2emb[1](**kwargs, generator=gen()).image_embeds)
+
+
 def test_interpolate_spends_no_prior_run_on_the_zero_negative(our_prior):
     calls, handle = count_forward(our_prior.prior)
     our_prior.interpolate(["horse", picture(0)], [0.5, 0.5], num_inference_steps=STEPS, generator=gen())
@@ -141,6 +159,17 @@ def test_zero_image_embedding_is_cached_per_encoder_device_and_dtype(prior_repo)
     again = pipe("horse", num_inference_steps=2, generator=gen()).negative_image_embeds
     assert calls[0] == 2 and again.dtype == torch.float64
     assert (again - first.double()).abs().max() < 1e-5
+
+
+def test_zero_image_embedding_called_directly_keeps_no_autograd_graph(prior_repo, ref_prior):
+    """Called outside ``torch.no_grad`` (it is public), the cached constant must not hold the encoder's graph."""
+    from kandinsky22 import KandinskyV22PriorPipeline
+
+    pipe = KandinskyV22PriorPipeline.from_pretrained(prior_repo)
+    zero = pipe.zero_image_embeds(2)
+    assert not zero.requires_grad and zero.grad_fn is None
+    with torch.no_grad():
+        assert_close(zero, ref_prior.get_zero_embed(2))
 
 
 @pytest.mark.parametrize(
@@ -187,6 +216,13 @@ def test_emb2emb_interpolate_accepts_text_and_returns_the_zero_negative(emb2emb,
         ({"callback_on_step_end_tensor_inputs": ["latents", "noise"]}, "noise"),
         ({"generator": [torch.Generator()] * 3}, "generator"),
         ({"latents": torch.zeros(2, 32)}, "latents"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"guidance_scale": "4"}, r"`guidance_scale` must be a finite number, got '4'"),
+        (
+            {"latents": np.zeros((1, 32), np.float32)},
+            r"`latents` must be a torch.Tensor of shape \(1, 32\), got ndarray",
+        ),
+        ({"callback_on_step_end": 3}, r"`callback_on_step_end` must be a callable or None, got int"),
     ],
 )
 def test_prior_input_errors(our_prior, kwargs, match):
@@ -199,14 +235,23 @@ def test_prior_input_errors(our_prior, kwargs, match):
     ("args", "match"),
     [
         ((["horse", picture(0)], [1.0]), "weights"),
+        ((["horse", picture(0)], [0.5, float("nan")]), r"`weights` must be finite numbers, got \[nan\]"),
+        ((["horse", picture(0)], [0.5, float("inf")]), r"`weights` must be finite numbers, got \[inf\]"),
         (([], []), "images_and_prompts"),
         (([3.0], [1.0]), r"images_and_prompts\[0\]"),
         (([torch.zeros(1, 7)], [1.0]), r"images_and_prompts\[0\]"),
+        (([torch.zeros(1, 1, 32, 32)], [1.0]), r"`images_and_prompts\[0\]` pixels must have shape \(B, 3, 32, 32\)"),
+        (([torch.zeros(1, 3, 64, 64)], [1.0]), r"`images_and_prompts\[0\]` pixels must have shape \(B, 3, 32, 32\)"),
     ],
 )
 def test_interpolate_input_errors(our_prior, args, match):
     with pytest.raises(ValueError, match=match):
         our_prior.interpolate(*args, num_inference_steps=2)
+
+
+def test_interpolate_refuses_a_guidance_scale_that_is_not_a_finite_number(our_prior):
+    with pytest.raises(ValueError, match=r"`guidance_scale` must be a finite number, got nan"):
+        our_prior.interpolate(["horse"], [1.0], num_inference_steps=2, guidance_scale=float("nan"))
 
 
 @pytest.mark.parametrize(
@@ -216,6 +261,21 @@ def test_interpolate_input_errors(our_prior, args, match):
         ({"strength": 0.1, "num_inference_steps": 4}, "strength"),
         ({"image": torch.zeros(1, 16)}, "image"),
         ({"image": [picture(0), picture(1), picture(2)], "prompt": ["a", "b"]}, "image"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        (
+            {"image": [torch.zeros(1, 32), torch.zeros(1, 16)]},
+            r"`image` tensors must .*got shapes \[\(1, 32\), \(1, 16\)\]",
+        ),
+        ({"image": [torch.zeros(1, 32), torch.zeros(1, 3, 32, 32)]}, r"`image` tensors must .*got shapes"),
+        ({"image": [torch.tensor(1.0)]}, r"`image` tensors must .*got shapes \[\(\)\]"),
+        (
+            {"image": torch.zeros(1, 1, 32, 32)},
+            r"`image` pixels must have shape \(B, 3, 32, 32\).*got \(1, 1, 32, 32\)",
+        ),
+        (
+            {"image": torch.zeros(1, 3, 64, 64)},
+            r"`image` pixels must have shape \(B, 3, 32, 32\).*got \(1, 3, 64, 64\)",
+        ),
     ],
 )
 def test_emb2emb_input_errors(emb2emb, kwargs, match):

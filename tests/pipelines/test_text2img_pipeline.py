@@ -100,6 +100,15 @@ def test_latents_argument_matches_reference_and_legacy_callback_runs(our_decoder
     assert steps == [0, 1, 2]  # the reference crashes when callback_steps is not given (issue #13596, 5)
 
 
+def test_a_list_of_one_generator_serves_the_whole_batch_as_in_the_reference(our_decoder, ref_decoder):
+    """The reference (and our noise function) take ``[g]`` as ``g``; the pipelines' own check refused it for n > 1."""
+    positive, negative = embeds(2)
+    kwargs = {"height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np", "num_images_per_prompt": 2}
+    ours = our_decoder(positive, negative, generator=[gen(3)], **kwargs).images
+    ref = ref_decoder(positive, negative, generator=[gen(3)], **kwargs).images
+    assert ours.shape == (4, 64, 64, 3) and np.abs(ours - ref).max() < 1e-4
+
+
 def test_no_guidance_works_for_several_images_and_any_embedding_dtype(our_decoder):
     """The reference crashes here (§5.1): embeddings not repeated per image, nor cast, without guidance."""
     positive, negative = embeds()
@@ -162,6 +171,27 @@ def test_progress_bar_config(our_decoder, capsys):
         ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"callback_steps": 0}, "callback_steps"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"guidance_scale": float("inf")}, r"`guidance_scale` must be a finite number, got inf"),
+        ({"guidance_scale": "4"}, r"`guidance_scale` must be a finite number, got '4'"),
+        ({"guidance_scale": None}, r"`guidance_scale` must be a finite number, got None"),
+        # the official DDPM config ("leading", steps_offset 1) reaches timestep 1000 at 1000 steps: an IndexError
+        # inside the first step (in the reference too)
+        ({"num_inference_steps": 1000}, r"`num_inference_steps`=1000 gives timestep 1000 .* past the 1000 trained"),
+        # a TypeError after the first step, or at entry one that named nothing
+        ({"callback_on_step_end": "save"}, r"`callback_on_step_end` must be a callable or None, got str"),
+        ({"callback": 3}, r"`callback` must be a callable or None, got int"),
+        ({"callback_on_step_end_tensor_inputs": 1.5}, r"`callback_on_step_end_tensor_inputs` must be a list of names"),
+        ({"callback_on_step_end_tensor_inputs": "latents"}, r"`callback_on_step_end_tensor_inputs` must be a list"),
+        (
+            {"latents": [torch.zeros(1, 4, 32, 32)]},
+            r"`latents` must be a torch.Tensor of shape \(1, 4, 32, 32\), got list",
+        ),
+        ({"latents": np.zeros((1, 4, 32, 32), np.float32)}, r"`latents` must be a torch.Tensor .*got ndarray"),
+        (
+            {"image_embeds": [torch.zeros(1, 32), torch.zeros(1, 16)]},
+            r"`image_embeds\[1\]` must have shape \(batch, 32\)",
+        ),
     ],
 )
 def test_text2img_input_errors(our_decoder, kwargs, match):

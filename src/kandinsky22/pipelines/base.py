@@ -8,6 +8,8 @@ and ``OtherPipeline(**pipe.components)`` shares the modules without copying them
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -81,12 +83,27 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
 
 
+def check_guidance_scale(name: str, value: Any) -> None:
+    """A real, finite number (NaN compares false with everything, so it would silently turn guidance off); as in the
+    reference, a value <= 1 runs without classifier-free guidance."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+
+
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
 
 
+def check_callback(name: str, value: Any) -> None:
+    """Checked before the loop: calling a non-callable fails only after the first step has run."""
+    if value is not None and not callable(value):
+        raise ValueError(f"`{name}` must be a callable or None, got {type(value).__name__}")
+
+
 def check_callback_inputs(names: Iterable[str] | None, allowed: Sequence[str], name: str) -> list[str]:
+    if names is not None and (isinstance(names, str) or not isinstance(names, Iterable)):
+        raise ValueError(f"`{name}` must be a list of names from {list(allowed)}, got {names!r}")
     names = list(names or [])
     unknown = [k for k in names if k not in allowed]
     if unknown:
@@ -95,9 +112,10 @@ def check_callback_inputs(names: Iterable[str] | None, allowed: Sequence[str], n
 
 
 def check_generator(generator: Generator, batch_size: int, what: str = "image") -> None:
-    """A generator list needs one generator per sample (``batch_size``)."""
+    """A generator list needs one generator per sample (``batch_size``), or is a list of one, which acts as that
+    generator (as in the reference and ``randn_tensor``)."""
     if isinstance(generator, list):
-        if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) not in (1, batch_size) or not all(isinstance(g, torch.Generator) for g in generator):
             raise ValueError(
                 f"`generator` is a list of {len(generator)} items, but {batch_size} {what}s are generated: pass one "
                 f"torch.Generator, or a list of exactly {batch_size} torch.Generators (one per {what})"
@@ -282,6 +300,9 @@ class Pipeline:
         overrides: dict[str, Any],
         names: Sequence[str] | None = None,
     ) -> dict[str, Any]:
+        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+            # `Module.to` would take a string for a device name ("Invalid device string: 'float16'")
+            raise ValueError(f"`torch_dtype` must be a torch.dtype (e.g. torch.float16) or None, got {torch_dtype!r}")
         components = {}
         for name in names or cls.component_names:
             if name in overrides:

@@ -25,6 +25,9 @@ from kandinsky22.pipelines.base import (
     ImagePipelineOutput,
     Pipeline,
     _ModelOffload,
+    check_callback,
+    check_callback_inputs,
+    check_guidance_scale,
     check_positive_int,
     offload_device,
     prompt_list,
@@ -174,8 +177,27 @@ class _CombinedPipeline(Pipeline):
         check_positive_int("num_images_per_prompt", n)
         check_positive_int("height", height)
         check_positive_int("width", width)
+        check_guidance_scale("prior_guidance_scale", prior_guidance_scale)
+        check_positive_int("prior_num_inference_steps", prior_num_inference_steps)
+        try:  # the prior's scheduler has its own limits (UnCLIP needs 2 steps); its message says `num_inference_steps`
+            self.prior_scheduler.set_timesteps(prior_num_inference_steps)
+        except ValueError as error:
+            raise ValueError(f"`prior_num_inference_steps`: {error}") from None
+        check_callback("prior_callback_on_step_end", prior_callback_on_step_end)
+        check_callback("callback_on_step_end", callback_on_step_end)
+        check_callback_inputs(
+            prior_callback_on_step_end_tensor_inputs,
+            KandinskyV22PriorPipeline._callback_tensor_inputs,
+            "prior_callback_on_step_end_tensor_inputs",
+        )
         self.decoder_pipe._check_run(
-            len(prompts), num_inference_steps, n, output_type, generator, callback_on_step_end_tensor_inputs
+            len(prompts),
+            num_inference_steps,
+            n,
+            guidance_scale,
+            output_type,
+            generator,
+            callback_on_step_end_tensor_inputs,
         )
         prior_latents = decoder_latents = None
         if latents is not None:

@@ -27,6 +27,9 @@ class _HintConditioning:
     """The hint half of both controlnet pipelines: input checks, the loop state, and the UNet's extra input."""
 
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds", "hint"]
+    _unet_inputs = (1, 4)  # the latents and the encoded hint (the UNet's hint encoder gives 4 channels)
+    _unet_takes_hint = True
+    _unet_repository = "kandinsky-2-2-controlnet-depth"
 
     def _added_cond_kwargs(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"image_embeds": state["image_embeds"], "hint": state["hint"]}
@@ -78,7 +81,14 @@ class KandinskyV22ControlnetPipeline(_HintConditioning, DecoderPipeline):
         batch = image_embeds.shape[0]
         n = num_images_per_prompt
         names = self._check_run(
-            batch, num_inference_steps, n, output_type, generator, callback_on_step_end_tensor_inputs, callback_steps
+            batch,
+            num_inference_steps,
+            n,
+            guidance_scale,
+            output_type,
+            generator,
+            callback_on_step_end_tensor_inputs,
+            callback_steps,
         )
         latent_size = self._latent_size(height, width)
         hint = self._check_hint(hint, latent_size, batch)
@@ -123,7 +133,14 @@ class KandinskyV22ControlnetImg2ImgPipeline(_HintConditioning, KandinskyV22Img2I
         batch = image_embeds.shape[0]
         n = num_images_per_prompt
         names = self._check_run(
-            batch, num_inference_steps, n, output_type, generator, callback_on_step_end_tensor_inputs, callback_steps
+            batch,
+            num_inference_steps,
+            n,
+            guidance_scale,
+            output_type,
+            generator,
+            callback_on_step_end_tensor_inputs,
+            callback_steps,
         )
         first = strength_start(num_inference_steps, strength)
         latent_size = self._latent_size(height, width)

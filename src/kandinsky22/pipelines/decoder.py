@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -39,9 +39,11 @@ from kandinsky22.pipelines.base import (
     Generator,
     ImagePipelineOutput,
     Pipeline,
+    check_callback,
     check_callback_inputs,
     check_choice,
     check_generator,
+    check_guidance_scale,
     check_positive_int,
     convert_images,
     run_callback,
@@ -59,6 +61,11 @@ class DecoderPipeline(Pipeline):
     component_names = ("unet", "scheduler", "movq")
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds"]
     output_types: Sequence[str] = DECODER_OUTPUT_TYPES
+    # The UNet this pipeline drives: its input channels (a · latent channels + b), whether it encodes a depth hint, and
+    # the official repository that holds one.
+    _unet_inputs: ClassVar[tuple[int, int]] = (1, 0)
+    _unet_takes_hint: ClassVar[bool] = False
+    _unet_repository: ClassVar[str] = "kandinsky-2-2-decoder"
 
     def __init__(self, unet: Any, scheduler: Any, movq: Any) -> None:
         super().__init__(unet=unet, scheduler=scheduler, movq=movq)
@@ -69,12 +76,32 @@ class DecoderPipeline(Pipeline):
 
     # -- input checks (each raises ValueError naming the parameter) -----------------------------------------------
 
+    def _check_unet(self) -> None:
+        """The UNet must be of this pipeline's kind: another checkpoint's fails deep inside the first step (a channel
+        mismatch), or, a plain decoder's under controlnet, ignores the hint."""
+        config = self.unet.config
+        per_latent_channel, extra = self._unet_inputs
+        channels = per_latent_channel * self.movq.config.latent_channels + extra
+        hint = config.get("addition_embed_type") == "image_hint"
+        if config.in_channels != channels or hint != self._unet_takes_hint:
+            raise ValueError(
+                f"{type(self).__name__} needs a UNet with {channels} input channels"
+                f"{' and a depth-hint encoder' if self._unet_takes_hint else ''}, but this one has "
+                f"{config.in_channels}{' and a depth-hint encoder' if hint else ''}: load a "
+                f"{self._unet_repository} repository"
+            )
+
     def _check_embeds(self, image_embeds: Embeds, negative_image_embeds: Embeds) -> tuple[torch.Tensor, torch.Tensor]:
         """Both embeddings as (B, D) tensors of the UNet's width; a single negative is used for every positive."""
         width = self.unet.config.encoder_hid_dim
         tensors = []
         for name, value in (("image_embeds", image_embeds), ("negative_image_embeds", negative_image_embeds)):
             if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                for i, item in enumerate(value):
+                    if item.ndim != 2 or item.shape[1] != width:
+                        raise ValueError(
+                            f"`{name}[{i}]` must have shape (batch, {width}) for this UNet, got {tuple(item.shape)}"
+                        )
                 value = torch.cat(list(value))
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"`{name}` must be a tensor or a list of tensors, got {type(value).__name__}")
@@ -94,14 +121,17 @@ class DecoderPipeline(Pipeline):
         batch_size: int,
         num_inference_steps: int,
         num_images_per_prompt: int,
+        guidance_scale: float,
         output_type: str,
         generator: Generator,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
         callback_steps: int | None = None,
     ) -> list[str]:
         """Checks every decoder shares; returns the callback tensor names."""
+        self._check_unet()
         check_positive_int("num_inference_steps", num_inference_steps)
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_guidance_scale("guidance_scale", guidance_scale)
         if callback_steps is not None:
             check_positive_int("callback_steps", callback_steps)
         check_choice("output_type", output_type, self.output_types)
@@ -154,11 +184,28 @@ class DecoderPipeline(Pipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         return self.scheduler.timesteps
 
+    def _check_timesteps(self, timesteps: torch.Tensor) -> None:
+        """The timesteps run must be ones the UNet was trained on (0..T-1). "leading" spacing with a ``steps_offset``
+        reaches T when ``num_inference_steps`` = T (the official DDPM config at 1000 steps): DDPM and DDIM then index
+        past their tables inside the first step (an IndexError, in the reference too)."""
+        config = self.scheduler.config
+        first = int(timesteps[0])  # the largest; a host table, no device read
+        if first >= config.num_train_timesteps:
+            steps = getattr(self.scheduler, "num_inference_steps", len(timesteps))
+            spacing, offset = config.get("timestep_spacing"), config.get("steps_offset")
+            raise ValueError(
+                f"`num_inference_steps`={steps} gives timestep {first} with this scheduler (timestep_spacing="
+                f"{spacing!r}, steps_offset={offset}), past the {config.num_train_timesteps} trained timesteps: use "
+                "fewer steps"
+            )
+
     def _start_noise(self, shape: tuple[int, ...], generator: Generator, latents: torch.Tensor | None) -> torch.Tensor:
         """Start latents: drawn from the generator(s), or the caller's ``latents`` (checked, moved and cast)."""
         to = {"device": self._execution_device, "dtype": self.unet.dtype}
         if latents is None:
             latents = randn_tensor(shape, generator=generator, **to)
+        elif not isinstance(latents, torch.Tensor):
+            raise ValueError(f"`latents` must be a torch.Tensor of shape {tuple(shape)}, got {type(latents).__name__}")
         elif tuple(latents.shape) != tuple(shape):
             raise ValueError(f"`latents` must have shape {tuple(shape)}, got {tuple(latents.shape)}")
         else:
@@ -193,6 +240,9 @@ class DecoderPipeline(Pipeline):
         callback_steps: int = 1,
     ) -> torch.Tensor:
         """Denoise ``latents`` over ``timesteps``; returns the final latents (also left in ``state["latents"]``)."""
+        self._check_timesteps(timesteps)
+        check_callback("callback_on_step_end", callback_on_step_end)
+        check_callback("callback", callback)
         unet = self._use("unet")
         cfg = guidance_scale > 1
         channels = latents.shape[1]
@@ -281,6 +331,7 @@ class KandinskyV22Pipeline(DecoderPipeline):
             batch,
             num_inference_steps,
             num_images_per_prompt,
+            guidance_scale,
             output_type,
             generator,
             callback_on_step_end_tensor_inputs,

@@ -2,11 +2,11 @@
 
 Conventions (those of the reference pipelines, made uniform):
 
-* **Images** become ``(B, 3, H, W)`` float32 in [-1, 1]. PIL images of any mode are converted to RGB and resized
-  (bicubic); numpy arrays are HWC (or HW) ``uint8`` in 0..255 or float in [0, 1]; tensors are ``(B, 3, H, W)`` or
-  ``(3, H, W)`` already in [-1, 1].
+* **Images** become ``(B, 3, H, W)`` float32 in [-1, 1]. PIL images of any mode are resized (bicubic) and converted
+  to RGB; numpy arrays are HWC (or HW) ``uint8`` in 0..255 or float in [0, 1]; tensors are ``(B, 3, H, W)`` or
+  ``(3, H, W)`` already in [-1, 1] (for img2img, as in the reference, a tensor with no negative value is in [0, 1]).
 * **Masks** become ``(B, 1, H, W)`` float32 in {0, 1} with **1 = repaint** (white in a PIL image), binarized at 0.5.
-  PIL masks are converted to "L" and resized (Lanczos); numpy masks are HW (or HW1) ``uint8`` 0..255, bool or float in
+  PIL masks are resized (Lanczos) and converted to "L"; numpy masks are HW (or HW1) ``uint8`` 0..255, bool or float in
   [0, 1]; tensors are ``(H, W)``, ``(1, H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)`` in [0, 1]. The caller's object is
   never modified.
 * **Hints** (controlnet) become ``(B, 3, H, W)`` float32 in [0, 1]: tensors as they are, PIL images and numpy arrays
@@ -49,10 +49,10 @@ def _as_list(value: ImageInput, param: str) -> list:
     return items
 
 
-def _check_range(values: torch.Tensor, low: float, high: float, param: str) -> None:
+def _check_range(values: torch.Tensor, low: float, high: float, param: str, note: str = "") -> None:
     lo, hi = values.min().item(), values.max().item()
-    if lo < low or hi > high:
-        raise ValueError(f"`{param}` values must lie in [{low:g}, {high:g}], got [{lo:g}, {hi:g}]")
+    if not (low <= lo and hi <= high):  # written so that NaN (false in every comparison) fails too
+        raise ValueError(f"`{param}` values must lie in [{low:g}, {high:g}]{note}, got [{lo:g}, {hi:g}]")
 
 
 def _array_to_unit(array: np.ndarray, param: str) -> torch.Tensor:
@@ -67,16 +67,18 @@ def _array_to_unit(array: np.ndarray, param: str) -> torch.Tensor:
 
 
 def _pil_to_unit(image: PIL.Image.Image, mode: str, size: tuple[int, int], resample: int) -> torch.Tensor:
-    """Convert to ``mode`` first (so palette, alpha and 16-bit images work), resize to ``size``, scale to [0, 1].
+    """Resize to ``size``, then convert to ``mode`` (so palette, alpha and 16-bit images work), scale to [0, 1].
 
-    Bicubic image resizing uses ``reducing_gap=1`` as the reference does; the result is (C, H, W) or (H, W).
+    The reference's order, which matters for images that are not already in ``mode``: PIL resizes palette and 1-bit
+    images nearest whatever ``resample`` says, and RGBA ones with premultiplied alpha. Bicubic image resizing uses
+    ``reducing_gap=1`` as the reference does; the result is (C, H, W) or (H, W).
     """
     height, width = size
-    if image.mode != mode:
-        image = image.convert(mode)
     if image.size != (width, height):
         reducing_gap = 1 if resample == PIL.Image.BICUBIC else None
         image = image.resize((width, height), resample=resample, reducing_gap=reducing_gap)
+    if image.mode != mode:
+        image = image.convert(mode)
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     return array.permute(2, 0, 1) if array.ndim == 3 else array
 
@@ -95,10 +97,13 @@ def _rgb_array(array: np.ndarray, param: str) -> torch.Tensor:
     return tensor[:, :3] if tensor.shape[1] >= 3 else tensor.expand(-1, 3, -1, -1)
 
 
-def _rgb_batch(items: list, size: tuple[int, int], param: str, signed: bool) -> torch.Tensor:
+def _rgb_batch(
+    items: list, size: tuple[int, int], param: str, signed: bool, unit_tensors: bool = False
+) -> torch.Tensor:
     """Items → (B, 3, H, W) in [-1, 1] (``signed``) or [0, 1]; tensors must already be in that range.
 
-    Tensors are used as they are (no round trip through another range, so their values reach the MoVQ unchanged).
+    Tensors are used as they are (no round trip through another range, so their values reach the MoVQ unchanged),
+    except with ``unit_tensors``: then a tensor with no negative value is taken as [0, 1] and mapped to [-1, 1].
     """
     low = -1.0 if signed else 0.0
     out = []
@@ -109,7 +114,11 @@ def _rgb_batch(items: list, size: tuple[int, int], param: str, signed: bool) -> 
                 tensor = tensor[None]
             if tensor.ndim != 4 or tensor.shape[1] != 3:
                 raise ValueError(f"`{param}` tensors must be (B, 3, H, W) or (3, H, W), got shape {tuple(item.shape)}")
-            _check_range(tensor, low, 1.0, param)
+            if unit_tensors and not tensor.min() < 0:
+                _check_range(tensor, 0.0, 1.0, param, " (a tensor with no negative value is taken as [0, 1])")
+                tensor = tensor * 2.0 - 1.0
+            else:
+                _check_range(tensor, low, 1.0, param)
             out.append(tensor.float().cpu())
             continue
         if isinstance(item, PIL.Image.Image):
@@ -119,10 +128,10 @@ def _rgb_batch(items: list, size: tuple[int, int], param: str, signed: bool) -> 
         out.append(unit * 2.0 - 1.0 if signed else unit)
     # Contiguous whatever the source layout (HWC arrays arrive channels-last), so a PIL image and its numpy array
     # give bit-identical results.
-    return _cat_same_size(out, param).contiguous()
+    return cat_same_size(out, param).contiguous()
 
 
-def _cat_same_size(tensors: list[torch.Tensor], param: str) -> torch.Tensor:
+def cat_same_size(tensors: list[torch.Tensor], param: str) -> torch.Tensor:
     sizes = {tuple(t.shape[-2:]) for t in tensors}
     if len(sizes) > 1:
         listed = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
@@ -135,13 +144,17 @@ def _resize_nearest(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return tensor if tuple(tensor.shape[-2:]) == size else F.interpolate(tensor, size=size, mode="nearest")
 
 
-def image_to_tensor(image: ImageInput, size: tuple[int, int], resize: bool, param: str = "image") -> torch.Tensor:
+def image_to_tensor(
+    image: ImageInput, size: tuple[int, int], resize: bool, param: str = "image", unit_tensors: bool = False
+) -> torch.Tensor:
     """``image`` as a (B, 3, H, W) float32 tensor in [-1, 1].
 
     PIL images are always resized to ``size`` = (height, width). Arrays and tensors are resized (nearest) only when
     ``resize`` is true; otherwise they keep their size and the caller checks it with :func:`check_sizes`.
+    ``unit_tensors``: a tensor with no negative value is in [0, 1] and is mapped to [-1, 1] — the reference's rule
+    for img2img (its ``VaeImageProcessor`` normalizes a tensor unless its minimum is negative).
     """
-    pixels = _rgb_batch(_as_list(image, param), size, param, signed=True)
+    pixels = _rgb_batch(_as_list(image, param), size, param, signed=True, unit_tensors=unit_tensors)
     return _resize_nearest(pixels, size) if resize else pixels
 
 
@@ -176,7 +189,7 @@ def mask_to_tensor(mask: ImageInput, size: tuple[int, int], param: str = "mask_i
         _check_range(tensor, 0.0, 1.0, param)
         out.append(tensor)
     # Binarize into a new tensor: the reference does this in place, changing the caller's mask.
-    return (_cat_same_size(out, param) >= 0.5).float()
+    return (cat_same_size(out, param) >= 0.5).float()
 
 
 def hint_to_tensor(hint: ImageInput, size: tuple[int, int], param: str = "hint") -> torch.Tensor:

@@ -9,6 +9,7 @@ and ``add_noise`` it at the first kept timestep; the loop is text2img's. Unlike 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -16,13 +17,13 @@ import torch
 
 from kandinsky22.pipelines.base import Generator, ImagePipelineOutput
 from kandinsky22.pipelines.decoder import DecoderPipeline, Embeds
-from kandinsky22.pipelines.images import ImageInput, check_count, check_sizes, image_to_tensor
+from kandinsky22.pipelines.images import ImageInput, cat_same_size, check_count, check_sizes, image_to_tensor
 from kandinsky22.schedulers.noise import randn_tensor
 
 
 def strength_start(num_inference_steps: int, strength: float) -> int:
     """Index of the first timestep run: the last ``int(num_inference_steps · strength)`` timesteps are run."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
         raise ValueError(f"`strength` must be a number in [0, 1], got {strength!r}")
     steps_run = min(int(num_inference_steps * strength), num_inference_steps)
     if steps_run == 0:
@@ -44,11 +45,12 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         channels = self.movq.config.latent_channels
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if items and all(isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.shape[-3] == channels for x in items):
-            latents = torch.cat([x if x.ndim == 4 else x[None] for x in items])
+            latents = cat_same_size([x if x.ndim == 4 else x[None] for x in items], "image")
             check_sizes(latent_size, "the latent size for this height and width", image=tuple(latents.shape[-2:]))
             return latents, True
         sf = self.movq_scale_factor
-        return image_to_tensor(image, (latent_size[0] * sf, latent_size[1] * sf), resize=True), False
+        size = (latent_size[0] * sf, latent_size[1] * sf)
+        return image_to_tensor(image, size, resize=True, unit_tensors=True), False
 
     def _image_latents(self, image: ImageInput, latent_size: tuple[int, int], batch: int, n: int) -> torch.Tensor:
         """Clean image latents, one per output image (``batch · n``), on the execution device in the UNet's dtype."""
@@ -67,6 +69,7 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         """The timesteps from index ``first`` (see :func:`strength_start`); the scheduler is told where the run
         begins, so a multistep solver starts its step counter there."""
         timesteps = self._timesteps(num_inference_steps)[first:]
+        self._check_timesteps(timesteps)  # before `add_noise` looks the first one up
         self.scheduler.set_begin_index(first)
         return timesteps
 
@@ -98,9 +101,9 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         """Transform ``image`` (one, or one per embedding) towards ``image_embeds``.
 
         ``image``: PIL images (any mode), numpy HWC arrays (uint8, or float in [0, 1]), tensors (B, 3, H, W) in
-        [-1, 1], or MoVQ latents (B, 4, h, w); it is resized to ``height`` × ``width`` (rounded up to a multiple of 64
-        px for the official MoVQ). ``strength`` in [0, 1]: the share of the ``num_inference_steps`` schedule that is
-        run (1 ignores the image). ``kwargs``: the deprecated ``callback`` and ``callback_steps``.
+        [0, 1] (or in [-1, 1] if any value is negative, the reference's rule), or MoVQ latents (B, 4, h, w); it is
+        resized to ``height`` × ``width`` (rounded up to a multiple of 64 px for the official MoVQ). ``strength`` in
+        [0, 1]: the share of the ``num_inference_steps`` schedule that is run (1 ignores the image). ``kwargs``: the deprecated ``callback`` and ``callback_steps``.
         """
         callback, callback_steps = self._legacy_callback(kwargs)
         image_embeds, negative_image_embeds = self._check_embeds(image_embeds, negative_image_embeds)
@@ -109,6 +112,7 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
             batch,
             num_inference_steps,
             num_images_per_prompt,
+            guidance_scale,
             output_type,
             generator,
             callback_on_step_end_tensor_inputs,

@@ -34,6 +34,8 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
     """Image + mask + CLIP image embeddings → image repainted where the mask is white / 1 (9-channel UNet)."""
 
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds", "masked_image", "mask_image"]
+    _unet_inputs = (2, 1)  # the latents, the masked image's latents, the mask
+    _unet_repository = "kandinsky-2-2-decoder-inpaint"
 
     # -- hooks of the shared loop ---------------------------------------------------------------------------------
 
@@ -86,7 +88,7 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         batch = image_embeds.shape[0]
         n = num_images_per_prompt
         names = self._check_run(
-            batch, num_inference_steps, n, output_type, generator, callback_on_step_end_tensor_inputs
+            batch, num_inference_steps, n, guidance_scale, output_type, generator, callback_on_step_end_tensor_inputs
         )
         latent_size = self._latent_size(height, width)
         sf = self.movq_scale_factor

@@ -11,6 +11,8 @@ step with t > 0, all from the caller's generator(s).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,9 +24,11 @@ from kandinsky22.pipelines.base import (
     Generator,
     KandinskyPriorPipelineOutput,
     Pipeline,
+    check_callback,
     check_callback_inputs,
     check_choice,
     check_generator,
+    check_guidance_scale,
     check_positive_int,
     prompt_list,
     run_callback,
@@ -92,6 +96,15 @@ class _PriorBase(Pipeline):
         pixels = self.image_processor(list(images), return_tensors="pt").pixel_values
         return pixels.to(device=self._execution_device, dtype=self.image_encoder.dtype)
 
+    def _check_pixels(self, pixels: torch.Tensor, name: str) -> None:
+        """CLIP-preprocessed pixels must be (B, 3, S, S) at the image encoder's size S."""
+        size = self.image_encoder.config.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"`{name}` pixels must have shape (B, 3, {size}, {size}) (CLIP-preprocessed for this image encoder), "
+                f"got {tuple(pixels.shape)}"
+            )
+
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         encoder = self._use("image_encoder")
         return encoder(pixels.to(device=self._execution_device, dtype=encoder.dtype)).image_embeds
@@ -105,7 +118,8 @@ class _PriorBase(Pipeline):
         if cached is None or cached[0] != key:
             size = encoder.config.image_size
             zeros = torch.zeros(1, 3, size, size, device=key[0], dtype=key[1])
-            cached = (key, self._encode_pixels(zeros))
+            with torch.no_grad():  # a cached constant: it must not keep the encoder's autograd graph alive
+                cached = (key, self._encode_pixels(zeros))
             _ZERO_EMBEDS[encoder] = cached
         return cached[1].repeat(batch_size, 1)
 
@@ -127,6 +141,7 @@ class _PriorBase(Pipeline):
         callback_tensor_names: Sequence[str] = (),
     ) -> torch.Tensor:
         """The prior loop over ``timesteps`` (a host table); returns un-normalized image embeddings."""
+        check_callback("callback_on_step_end", callback_on_step_end)
         prior = self._use("prior")
         cfg = guidance_scale > 1
         names = ("prompt_embeds", "text_encoder_hidden_states", "text_mask")
@@ -165,7 +180,8 @@ class _PriorBase(Pipeline):
 
         A negative prompt joins the batch, so that its own embedding comes out of the same run (reference §5.5),
         and is the CFG unconditional of both halves. A generator list of one per output embedding is reused for the
-        negative half; a list covering the doubled batch (as the reference requires) is used as given.
+        negative half; a list covering the doubled batch (as the reference requires), or a list of one (which acts
+        as its generator), is used as given.
         ``allow_empty`` admits the empty prompt, which ``interpolate`` runs internally as the reference does.
         """
         prompts = list(prompt) if allow_empty else prompt_list(prompt)
@@ -182,7 +198,7 @@ class _PriorBase(Pipeline):
                 "prompt, or one per prompt"
             )
         negatives = list(negatives)
-        if isinstance(generator, list) and len(generator) == len(prompts) * n:
+        if isinstance(generator, list) and len(generator) == len(prompts) * n > 1:
             generator = generator + generator
         check_generator(generator, 2 * len(prompts) * n, "embedding")
         return prompts + negatives, 2 * negatives if guidance_scale > 1 else None, generator
@@ -207,6 +223,8 @@ class _PriorBase(Pipeline):
         device = self._execution_device
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=text[0].dtype)
+        elif not isinstance(latents, torch.Tensor):
+            raise ValueError(f"`latents` must be a torch.Tensor of shape {shape}, got {type(latents).__name__}")
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
         else:
@@ -240,6 +258,7 @@ class _PriorBase(Pipeline):
         if isinstance(cond, PIL.Image.Image):
             embeds = self._encode_pixels(self._pixel_values([cond]))
         elif isinstance(cond, torch.Tensor) and cond.ndim == 4 and cond.shape[0] == 1:
+            self._check_pixels(cond, f"images_and_prompts[{index}]")
             embeds = self._encode_pixels(cond)
         elif isinstance(cond, torch.Tensor) and cond.ndim in (1, 2) and cond.reshape(-1, cond.shape[-1]).shape[0] == 1:
             embeds = cond.reshape(1, -1).to(self._execution_device)
@@ -280,11 +299,12 @@ class _PriorBase(Pipeline):
                 f"`weights` must be a list with one weight per item: {len(images_and_prompts)} items in "
                 f"`images_and_prompts`, weights: {count!r}"
             )
-        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float))]
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)]
         if bad:
-            raise ValueError(f"`weights` must be numbers, got {bad}")
+            raise ValueError(f"`weights` must be finite numbers, got {bad}")
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_positive_int("num_inference_steps", num_inference_steps)
+        check_guidance_scale("guidance_scale", guidance_scale)
         if negative_prior_prompt is not None and not isinstance(negative_prior_prompt, str):
             raise ValueError(f"`negative_prior_prompt` must be a string or None, got {negative_prior_prompt!r}")
         if not isinstance(negative_prompt, str):
@@ -343,6 +363,7 @@ class KandinskyV22PriorPipeline(_PriorBase):
         prompt)."""
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_positive_int("num_inference_steps", num_inference_steps)
+        check_guidance_scale("guidance_scale", guidance_scale)
         check_choice("output_type", output_type, PRIOR_OUTPUT_TYPES)
         names = check_callback_inputs(
             callback_on_step_end_tensor_inputs, self._callback_tensor_inputs, "callback_on_step_end_tensor_inputs"
@@ -374,17 +395,18 @@ class KandinskyV22PriorEmb2EmbPipeline(_PriorBase):
         if not images:
             raise ValueError("`image` must not be empty")
         if all(isinstance(i, torch.Tensor) for i in images):
+            if any(i.ndim not in (2, 4) for i in images) or len({i.shape[1:] for i in images}) > 1:
+                raise ValueError(
+                    "`image` tensors must be image embeddings (B, D) or CLIP-preprocessed pixels (B, 3, H, W), all "
+                    f"of one kind and size; got shapes {[tuple(i.shape) for i in images]}"
+                )
             tensor = torch.cat(list(images))
             if tensor.ndim == 2:  # image embeddings, as the reference accepts
                 self._check_embedding_width(tensor, "image")
                 embeds = tensor.to(self._execution_device)
-            elif tensor.ndim == 4:  # pixels already preprocessed for CLIP
+            else:  # pixels already preprocessed for CLIP
+                self._check_pixels(tensor, "image")
                 embeds = self._encode_pixels(tensor)
-            else:
-                raise ValueError(
-                    "`image` tensors must be image embeddings (B, D) or CLIP-preprocessed pixels (B, 3, H, W), "
-                    f"got shape {tuple(tensor.shape)}"
-                )
         elif all(isinstance(i, PIL.Image.Image) for i in images):
             embeds = self._encode_pixels(self._pixel_values(images))
         else:
@@ -416,8 +438,9 @@ class KandinskyV22PriorEmb2EmbPipeline(_PriorBase):
         """
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_positive_int("num_inference_steps", num_inference_steps)
+        check_guidance_scale("guidance_scale", guidance_scale)
         check_choice("output_type", output_type, PRIOR_OUTPUT_TYPES)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
         run_steps = min(int(num_inference_steps * strength), num_inference_steps)
         if run_steps < 1:
