@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -92,26 +92,30 @@ def download_from_hub(repo_id: str, allow_patterns: list[str], revision: str | N
         ) from err
 
 
-def weight_patterns(variant: str | None) -> list[str]:
+# snapshot_download's options that the from_pretrained methods pass on (the reference's names for them)
+HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+
+def weight_formats(use_safetensors: bool | None) -> tuple[str, ...]:
+    """The weight file formats to look for, in order: ``use_safetensors`` True takes safetensors only, False pickled
+    .bin only, None (the default) safetensors and else .bin, as the reference's ``use_safetensors``."""
+    if use_safetensors is not None and not isinstance(use_safetensors, bool):
+        raise ValueError(f"`use_safetensors` must be True, False or None, got {use_safetensors!r}")
+    return {None: ("safetensors", "bin"), True: ("safetensors",), False: ("bin",)}[use_safetensors]
+
+
+def weight_patterns(variant: str | None, formats: Sequence[str] = ("safetensors", "bin")) -> list[str]:
     """The file names a model folder may hold its weights under, for a hub download."""
-    v = f".{variant}" if variant else ""
-    return [
-        CONFIG_NAME,
-        f"{WEIGHTS_STEM}{v}.safetensors",
-        f"{WEIGHTS_STEM}.safetensors.index{v}.json",
-        f"{WEIGHTS_STEM}-*{v}.safetensors",
-        f"{WEIGHTS_STEM}{v}-*.safetensors",
-        f"{WEIGHTS_STEM}{v}.bin",
-        f"{WEIGHTS_STEM}.bin.index{v}.json",
-        f"{WEIGHTS_STEM}-*{v}.bin",
-        f"{WEIGHTS_STEM}{v}-*.bin",
-    ]
+    return [CONFIG_NAME, *(p for ext in formats for p in _model_weight_patterns(WEIGHTS_STEM, variant, ext))]
 
 
-def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
-    """The weight files of a model folder, safetensors first, then .bin; sharded files through their index."""
+def find_weight_files(
+    folder: Path, variant: str | None = None, formats: Sequence[str] = ("safetensors", "bin")
+) -> list[Path]:
+    """The weight files of a model folder, in the order of ``formats`` (safetensors first, then .bin); sharded files
+    through their index."""
     v = f".{variant}" if variant else ""
-    for ext in ("safetensors", "bin"):
+    for ext in formats:
         single = folder / f"{WEIGHTS_STEM}{v}.{ext}"
         if single.is_file():
             return [single]
@@ -124,7 +128,7 @@ def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
                 raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
             return shards
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    wanted = f"{WEIGHTS_STEM}{v}.safetensors (or .bin, or a sharded index)"
+    wanted = " or ".join(f"{WEIGHTS_STEM}{v}.{ext}" for ext in formats) + " (or a sharded index)"
     raise FileNotFoundError(f"No weights '{wanted}' in '{folder}'. Files there: {present}")
 
 
@@ -225,12 +229,17 @@ class ModelMixin(nn.Module):
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
         device: str | torch.device | None = None,
+        use_safetensors: bool | None = None,
         **hub_kwargs: Any,
     ):
-        """Load a model folder (``config.json`` + weights), local or on the hub, without random initialisation."""
-        folder = resolve_folder(path_or_id, subfolder, weight_patterns(variant), **hub_kwargs)
+        """Load a model folder (``config.json`` + weights), local or on the hub, without random initialisation.
+
+        ``use_safetensors``: see :func:`weight_formats`; ``hub_kwargs``: ``snapshot_download``'s options
+        (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...)."""
+        formats = weight_formats(use_safetensors)
+        folder = resolve_folder(path_or_id, subfolder, weight_patterns(variant, formats), **hub_kwargs)
         config = read_json(folder / CONFIG_NAME)
-        files = find_weight_files(folder, variant)
+        files = find_weight_files(folder, variant, formats)
         with torch.device("meta"):
             model = cls.from_config(config)
         state = read_state_dict(files)
@@ -356,12 +365,20 @@ def _model_weight_patterns(stem: str, variant: str | None, ext: str) -> list[str
     return [f"{stem}{v}.{ext}", f"{stem}.{ext}.index{v}.json", f"{stem}{v}-*.{ext}", f"{stem}-*{v}.{ext}"]
 
 
-def _resolve_weights(path_or_id: str | os.PathLike, subfolder: str, stem: str, variant: str | None, **hub_kwargs: Any):
-    """The component folder with its weights present, fetching safetensors first and .bin only if there are none.
+def _resolve_weights(
+    path_or_id: str | os.PathLike,
+    subfolder: str,
+    stem: str,
+    variant: str | None,
+    formats: Sequence[str],
+    **hub_kwargs: Any,
+):
+    """The component folder with its weights present, fetching the first of ``formats`` (safetensors, then .bin) and
+    the next only if there are none.
 
     The official repos hold both formats; downloading only one halves the download (5 GB for the UNet alone).
     """
-    for ext in ("safetensors", "bin"):
+    for ext in formats:
         patterns = _model_weight_patterns(stem, variant, ext)
         folder = resolve_folder(path_or_id, subfolder, ["config.json", *patterns], **hub_kwargs)
         if any(fnmatch.fnmatch(file.name, pattern) for file in folder.iterdir() for pattern in patterns):
@@ -382,6 +399,7 @@ def load_component(
     class_name: str,
     torch_dtype: torch.dtype | None = None,
     variant: str | None = None,
+    use_safetensors: bool | None = None,
     **hub_kwargs: Any,
 ) -> Any:
     """Load component ``name`` of a pipeline folder, as ``model_index.json`` describes it (``[library, class_name]``).
@@ -389,8 +407,11 @@ def load_component(
     ``diffusers`` components are built from our own classes of the same name (models, schedulers); ``transformers``
     components (CLIP towers, tokenizer, image processor) through transformers.
     """
+    formats = weight_formats(use_safetensors)
     if library == "transformers":
-        return _load_transformers_component(path_or_id, name, class_name, torch_dtype, variant, **hub_kwargs)
+        return _load_transformers_component(
+            path_or_id, name, class_name, torch_dtype, variant, use_safetensors, **hub_kwargs
+        )
     import kandinsky22
 
     cls = getattr(kandinsky22, class_name, None)
@@ -400,11 +421,11 @@ def load_component(
             f"Pass your own `{name}=` to from_pretrained."
         )
     if isinstance(cls, type) and issubclass(cls, ModelMixin):
-        folder = _resolve_weights(path_or_id, name, WEIGHTS_STEM, variant, **hub_kwargs)
+        folder = _resolve_weights(path_or_id, name, WEIGHTS_STEM, variant, formats, **hub_kwargs)
         if variant and not any(folder.glob(f"*.{variant}.*")):
-            logger.info("No '%s' weights in '%s'; loading the default ones", variant, folder)
+            logger.warning("No '%s' weights in '%s'; loading the default ones", variant, folder)
             variant = None
-        return cls.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
+        return cls.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors)
     return cls.from_pretrained(resolve_folder(path_or_id, name, ["*.json"], **hub_kwargs))
 
 
@@ -414,6 +435,7 @@ def _load_transformers_component(
     class_name: str,
     torch_dtype: torch.dtype | None,
     variant: str | None,
+    use_safetensors: bool | None,
     **hub_kwargs: Any,
 ) -> Any:
     import transformers
@@ -431,14 +453,15 @@ def _load_transformers_component(
         raise ValueError(f"Component '{name}' of '{path_or_id}' names transformers.{class_name}, which does not exist")
     if "Tokenizer" in class_name:
         return cls.from_pretrained(resolve_folder(path_or_id, name, _TRANSFORMERS_FILES["tokenizer"], **hub_kwargs))
-    folder = _resolve_weights(path_or_id, name, "model", variant, **hub_kwargs)
+    folder = _resolve_weights(path_or_id, name, "model", variant, weight_formats(use_safetensors), **hub_kwargs)
     if variant and not any(folder.glob(f"*.{variant}.*")):
+        logger.warning("No '%s' weights in '%s'; loading the default ones", variant, folder)
         variant = None
-    if torch_dtype is None:
-        return cls.from_pretrained(folder, variant=variant)
-    major = int(transformers.__version__.split(".")[0])
-    dtype_key = "dtype" if major >= 5 else "torch_dtype"  # transformers 5 renamed the argument
-    return cls.from_pretrained(folder, variant=variant, **{dtype_key: torch_dtype})
+    options: dict[str, Any] = {"variant": variant, "use_safetensors": use_safetensors}
+    if torch_dtype is not None:
+        major = int(transformers.__version__.split(".")[0])
+        options["dtype" if major >= 5 else "torch_dtype"] = torch_dtype  # transformers 5 renamed the argument
+    return cls.from_pretrained(folder, **options)
 
 
 def _index_class_name(component: Any) -> str:

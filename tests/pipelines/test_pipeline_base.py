@@ -110,6 +110,71 @@ def test_hub_id_downloads_only_the_needed_files(tmp_path, monkeypatch, decoder_r
     )
 
 
+def test_hub_options_reach_every_download(tmp_path, monkeypatch, decoder_repo, prior_repo):
+    # revision, cache_dir, token, local_files_only, ... were refused as "unknown components".
+    repos = {
+        "kandinsky-community/kandinsky-2-2-decoder": decoder_repo,
+        "kandinsky-community/kandinsky-2-2-prior": prior_repo,
+    }
+    calls: list[tuple[str, dict]] = []
+
+    def fake_download(repo_id: str, allow_patterns: list[str], **kwargs) -> Path:
+        calls.append((repo_id, {k: v for k, v in kwargs.items() if v is not None}))
+        return repos[repo_id]
+
+    monkeypatch.setattr(loading, "download_from_hub", fake_download)
+    options = {"cache_dir": str(tmp_path / "cache"), "local_files_only": True, "token": "t"}
+    pipe = KandinskyV22CombinedPipeline.from_pretrained(
+        "kandinsky-community/kandinsky-2-2-decoder",
+        prior_path="kandinsky-community/kandinsky-2-2-prior",
+        revision="abc123",
+        use_safetensors=True,
+        **options,
+    )
+    assert isinstance(pipe, KandinskyV22CombinedPipeline)
+    assert {repo for repo, _ in calls} == set(repos)
+    for repo, kwargs in calls:
+        # A revision names a version of the repository given, not of the prior it names.
+        revision = {"revision": "abc123"} if repo.endswith("decoder") else {}
+        assert kwargs == {**options, **revision}, repo
+    calls.clear()
+    auto = __import__("kandinsky22").AutoPipelineForText2Image.from_pretrained(
+        "kandinsky-community/kandinsky-2-2-decoder", prior_path="kandinsky-community/kandinsky-2-2-prior", **options
+    )
+    assert isinstance(auto, KandinskyV22CombinedPipeline) and calls and all(kw == options for _, kw in calls)
+
+
+def test_a_variant_that_is_missing_is_a_warning(decoder_repo, caplog):
+    # A component without the variant's files loads its default weights: said at warning level (it was info, silent).
+    with caplog.at_level("WARNING", logger="kandinsky22"):
+        KandinskyV22Pipeline.from_pretrained(decoder_repo, variant="fp16")
+    folders = sorted(Path(r.args[1]).name for r in caplog.records if "No 'fp16' weights" in r.getMessage())
+    assert folders == ["movq", "unet"]
+
+
+def test_use_safetensors_chooses_the_weight_format(tmp_path, decoder_repo):
+    repo = tmp_path / "decoder"
+    shutil.copytree(decoder_repo, repo)
+    safetensors = KandinskyV22Pipeline.from_pretrained(repo, use_safetensors=True)
+    with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.bin \(or a sharded index\)"):
+        KandinskyV22Pipeline.from_pretrained(repo, use_safetensors=False)
+    # The weights saved as pickled .bin files only: found by default and with False, refused with True.
+    for name in ("unet", "movq"):
+        torch.save(getattr(safetensors, name).state_dict(), repo / name / "diffusion_pytorch_model.bin")
+        (repo / name / "diffusion_pytorch_model.safetensors").unlink()
+    for choice in (None, False):
+        loaded = KandinskyV22Pipeline.from_pretrained(repo, use_safetensors=choice)
+        assert all(
+            torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), safetensors.unet.state_dict().values())
+        )
+    with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors \(or a sharded index\)"):
+        KandinskyV22Pipeline.from_pretrained(repo, use_safetensors=True)
+    with pytest.raises(ValueError, match="`use_safetensors` must be True, False or None, got 'yes'"):
+        KandinskyV22Pipeline.from_pretrained(repo, use_safetensors="yes")
+    with pytest.raises(ValueError, match=r"unknown components or options \['low_cpu_mem_usage'\].*revision, cache_dir"):
+        KandinskyV22CombinedPipeline.from_pretrained(repo, low_cpu_mem_usage=False)
+
+
 def test_components_share_modules_and_are_checked(our_decoder):
     img2img = KandinskyV22Img2ImgPipeline(**our_decoder.components)
     assert img2img.unet is our_decoder.unet and img2img.movq is our_decoder.movq

@@ -14,7 +14,7 @@ import os
 from typing import Any, ClassVar
 
 from kandinsky22 import loading
-from kandinsky22.pipelines.base import Pipeline
+from kandinsky22.pipelines.base import Pipeline, hub_options
 from kandinsky22.pipelines.combined import (
     KandinskyV22CombinedPipeline,
     KandinskyV22Img2ImgCombinedPipeline,
@@ -54,15 +54,16 @@ class _AutoPipeline:
         """The task's combined pipeline for a Kandinsky 2.2 decoder (or combined) folder or hub repository.
 
         ``kwargs`` go to the combined pipeline's ``from_pretrained`` (``torch_dtype``, ``variant``, ``prior_path``,
-        components by name).
+        components by name, loading options such as ``revision`` or ``local_files_only``).
         """
-        _, index = loading.read_model_index(path_or_id)
+        hub = hub_options(kwargs)
+        _, index = loading.read_model_index(path_or_id, **hub)
         class_name = index.get("_class_name")
         if class_name not in KANDINSKY22_CLASS_NAMES:
             hint = _OTHER_CLASS_HINTS.get(class_name, f"supported: {list(KANDINSKY22_CLASS_NAMES)}")
             raise ValueError(f"{cls.__name__} cannot load '{path_or_id}' (a {class_name}): {hint}")
         if "unet" not in kwargs:
-            unet_folder = loading.resolve_folder(path_or_id, "unet", [loading.CONFIG_NAME])
+            unet_folder = loading.resolve_folder(path_or_id, "unet", [loading.CONFIG_NAME], **hub)
             cls._check_unet(loading.read_json(unet_folder / loading.CONFIG_NAME), str(path_or_id))
         return cls.combined_class.from_pretrained(path_or_id, **kwargs)
 

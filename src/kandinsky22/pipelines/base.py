@@ -90,6 +90,25 @@ def check_guidance_scale(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a finite number, got {value!r}")
 
 
+def split_load_options(cls: type, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``from_pretrained``'s keyword arguments as (loading options, components by name); anything else is refused."""
+    names = (*loading.HUB_OPTIONS, "use_safetensors")
+    unknown = [k for k in kwargs if k not in names and k not in cls.component_names]
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__}.from_pretrained got unknown components or options {unknown}; its components are "
+            f"{list(cls.component_names)}, its options torch_dtype, variant, {', '.join(names)}"
+        )
+    options = {k: v for k, v in kwargs.items() if k in names}
+    loading.weight_formats(options.get("use_safetensors"))  # checked before anything is read
+    return options, {k: v for k, v in kwargs.items() if k not in names}
+
+
+def hub_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The hub's share of the loading options (``use_safetensors`` is for the weight files)."""
+    return {k: v for k, v in options.items() if k in loading.HUB_OPTIONS}
+
+
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
@@ -279,15 +298,12 @@ class Pipeline:
         """Load a folder or hub repository in the reference layout (``model_index.json`` + one folder per component).
 
         Components passed by name (``scheduler=...``) are used instead of loading them; on the hub only the files of
-        the components still needed are downloaded.
+        the components still needed are downloaded. The reference's loading options are taken too: ``use_safetensors``
+        and the hub's ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``proxies``.
         """
-        unknown = [k for k in component_overrides if k not in cls.component_names]
-        if unknown:
-            raise ValueError(
-                f"{cls.__name__}.from_pretrained got unknown components {unknown}; it has {cls.component_names}"
-            )
-        folder, index = loading.read_model_index(path_or_id)
-        return cls(**cls._load_components(path_or_id, folder, index, torch_dtype, variant, component_overrides))
+        options, components = split_load_options(cls, component_overrides)
+        folder, index = loading.read_model_index(path_or_id, **hub_options(options))
+        return cls(**cls._load_components(path_or_id, folder, index, torch_dtype, variant, components, options))
 
     @classmethod
     def _load_components(
@@ -298,6 +314,7 @@ class Pipeline:
         torch_dtype: torch.dtype | None,
         variant: str | None,
         overrides: dict[str, Any],
+        options: dict[str, Any],
         names: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
@@ -314,7 +331,9 @@ class Pipeline:
                     f"{sorted(k for k in index if not k.startswith('_'))}); pass `{name}=` to {cls.__name__}.from_pretrained"
                 )
             library, class_name = index[name]
-            components[name] = loading.load_component(path_or_id, name, library, class_name, torch_dtype, variant)
+            components[name] = loading.load_component(
+                path_or_id, name, library, class_name, torch_dtype, variant, **options
+            )
         return components
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

@@ -29,8 +29,10 @@ from kandinsky22.pipelines.base import (
     check_callback_inputs,
     check_guidance_scale,
     check_positive_int,
+    hub_options,
     offload_device,
     prompt_list,
+    split_load_options,
 )
 from kandinsky22.pipelines.prior import KandinskyV22PriorPipeline
 
@@ -103,11 +105,11 @@ class _CombinedPipeline(Pipeline):
         **component_overrides: Any,
     ):
         """Load a decoder repository and its prior (``prior_path``, else the model card's ``prior:``), or a folder
-        saved by a combined pipeline. Components may be passed by name (``unet=``, ``prior_text_encoder=``, …)."""
-        unknown = [k for k in component_overrides if k not in cls.component_names]
-        if unknown:
-            raise ValueError(f"{cls.__name__}.from_pretrained got unknown components {unknown}")
-        folder, index = loading.read_model_index(path_or_id)
+        saved by a combined pipeline. Components may be passed by name (``unet=``, ``prior_text_encoder=``, …), and
+        the loading options of :meth:`Pipeline.from_pretrained`; they apply to the prior's repository too, except
+        ``revision``, which names a version of ``path_or_id`` only."""
+        options, component_overrides = split_load_options(cls, component_overrides)
+        folder, index = loading.read_model_index(path_or_id, **hub_options(options))
         prior_components = {k: v for k, v in component_overrides.items() if k in PRIOR_NAMES}
         saved_by_combined = all(name in index for name in PRIOR_NAMES) and prior_path is None
         if not saved_by_combined and len(prior_components) < len(PRIOR_NAMES):
@@ -119,10 +121,11 @@ class _CombinedPipeline(Pipeline):
                     f"`prior_*` components {list(PRIOR_NAMES)}"
                 )
             given = {k.removeprefix("prior_"): v for k, v in prior_components.items()}
-            prior = KandinskyV22PriorPipeline.from_pretrained(source, torch_dtype, variant, **given)
+            prior_options = {k: v for k, v in options.items() if k != "revision"}
+            prior = KandinskyV22PriorPipeline.from_pretrained(source, torch_dtype, variant, **given, **prior_options)
             prior_components = {f"prior_{k}": v for k, v in prior.components.items()}
         overrides = {**component_overrides, **prior_components}
-        return cls(**cls._load_components(path_or_id, folder, index, torch_dtype, variant, overrides))
+        return cls(**cls._load_components(path_or_id, folder, index, torch_dtype, variant, overrides, options))
 
     # -- the sub-pipelines share settings -------------------------------------------------------------------------
 
