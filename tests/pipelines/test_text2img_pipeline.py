@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from kandinsky22 import DDIMScheduler, ImagePipelineOutput, KandinskyV22Pipeline
+from kandinsky22 import DDIMScheduler, EulerDiscreteScheduler, ImagePipelineOutput, KandinskyV22Pipeline
 
 TOL = 1e-4
 
@@ -107,6 +107,30 @@ def test_a_list_of_one_generator_serves_the_whole_batch_as_in_the_reference(our_
     ours = our_decoder(positive, negative, generator=[gen(3)], **kwargs).images
     ref = ref_decoder(positive, negative, generator=[gen(3)], **kwargs).images
     assert ours.shape == (4, 64, 64, 3) and np.abs(ours - ref).max() < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_a_sigma_scheduler_gets_its_model_input_scaled(our_decoder):
+    """Fix: the reference's decoders multiply the start latents by ``init_noise_sigma`` but never call
+    ``scale_model_input``, so Euler's UNet inputs are ~15x too large. The first UNet input must be the reference
+    scheduler's ``scale_model_input`` of the start latents (computed with diffusers' own Euler)."""
+    import diffusers
+
+    config = {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
+    ours = KandinskyV22Pipeline(**{**our_decoder.components, "scheduler": EulerDiscreteScheduler(**config)})
+    ours.set_progress_bar_config(disable=True)
+    seen: list[torch.Tensor] = []
+    hook = ours.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        latents = torch.randn(1, 4, 32, 32, generator=gen(5))
+        ours(*embeds(), latents=latents, height=64, width=64, num_inference_steps=3, output_type="latent")
+    finally:
+        hook.remove()
+    reference = diffusers.EulerDiscreteScheduler(**config)
+    reference.set_timesteps(3)
+    start = latents * reference.init_noise_sigma
+    expected = reference.scale_model_input(torch.cat([start, start]), reference.timesteps[0])
+    assert torch.allclose(seen[0], expected, atol=1e-6) and reference.init_noise_sigma > 10
 
 
 def test_no_guidance_works_for_several_images_and_any_embedding_dtype(our_decoder):
