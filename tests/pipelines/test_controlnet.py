@@ -107,6 +107,15 @@ def test_parity_img2img_unit_range_tensor(img2img):
     _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
 
 
+def test_parity_img2img_list_mixing_kinds_and_sizes(img2img):
+    """Each item of an `image` list is resized to the output size on its own, as in the reference."""
+    ref, ours = img2img
+    image = [_image(0, (72, 90)), torch.rand(3, 48, 48, generator=_seed(4))]
+    kwargs = {**_embeds(2), **_common(4), "hint": _hint(2), "strength": 0.5, "output_type": "np"}
+    expected = ref(**kwargs, image=image, generator=_seed()).images
+    _close(ours(**kwargs, image=image, generator=_seed()).images, expected)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fixes
 # ---------------------------------------------------------------------------------------------------------------------

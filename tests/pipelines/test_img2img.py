@@ -90,6 +90,21 @@ def test_parity_unit_range_tensor(ref, ours):
     _close(ours(**kwargs, generator=_seed()).images, ref(**kwargs, generator=_seed()).images)
 
 
+def test_parity_list_mixing_kinds_and_sizes(ref, ours):
+    """Each item of an `image` list is resized to the output size on its own, as the reference preprocesses each
+    item: PIL images, tensors of other sizes (one in [0, 1], one in [-1, 1]) and, ours only, a numpy array."""
+    unit = torch.rand(1, 3, 40, 40, generator=_seed(8))
+    signed = torch.rand(3, 96, 96, generator=_seed(9)) * 2 - 1
+    kwargs = {**_embeds(3), "height": 64, "width": 64, "num_inference_steps": 4, "strength": 0.5}
+    kwargs["output_type"] = "np"
+    with pytest.warns(FutureWarning):  # the reference deprecates [-1, 1] tensors
+        expected = ref(**kwargs, image=[_image(0, (80, 56)), unit, signed], generator=_seed()).images
+    _close(ours(**kwargs, image=[_image(0, (80, 56)), unit, signed], generator=_seed()).images, expected)
+    array = unit[0].permute(1, 2, 0).numpy()  # HWC float in [0, 1], 40x40: resized like the tensor
+    mixed = ours(**kwargs, image=[_image(0, (80, 56)), array, signed], generator=_seed()).images
+    _close(mixed, expected)
+
+
 def test_parity_1000_steps_when_the_kept_timesteps_are_trained(ref, ours):
     """At 1000 steps the official DDPM table starts at the untrained timestep 1000, but a strength that keeps only
     its last two timesteps (2 and 1) runs, as in the reference."""

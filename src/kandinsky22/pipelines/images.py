@@ -98,12 +98,14 @@ def _rgb_array(array: np.ndarray, param: str) -> torch.Tensor:
 
 
 def _rgb_batch(
-    items: list, size: tuple[int, int], param: str, signed: bool, unit_tensors: bool = False
+    items: list, size: tuple[int, int], param: str, signed: bool, unit_tensors: bool = False, resize: bool = False
 ) -> torch.Tensor:
     """Items → (B, 3, H, W) in [-1, 1] (``signed``) or [0, 1]; tensors must already be in that range.
 
     Tensors are used as they are (no round trip through another range, so their values reach the MoVQ unchanged),
     except with ``unit_tensors``: then a tensor with no negative value is taken as [0, 1] and mapped to [-1, 1].
+    ``resize``: every array and tensor item is resized to ``size`` (nearest) on its own, before its range is read, as
+    the reference preprocesses each item of a list; so items of different sizes and kinds can be mixed.
     """
     low = -1.0 if signed else 0.0
     out = []
@@ -114,6 +116,8 @@ def _rgb_batch(
                 tensor = tensor[None]
             if tensor.ndim != 4 or tensor.shape[1] != 3:
                 raise ValueError(f"`{param}` tensors must be (B, 3, H, W) or (3, H, W), got shape {tuple(item.shape)}")
+            if resize:
+                tensor = _resize_nearest(tensor.float(), size)
             if unit_tensors and not tensor.min() < 0:
                 _check_range(tensor, 0.0, 1.0, param, " (a tensor with no negative value is taken as [0, 1])")
                 tensor = tensor * 2.0 - 1.0
@@ -125,6 +129,8 @@ def _rgb_batch(
             unit = _pil_to_unit(item, "RGB", size, PIL.Image.BICUBIC)[None]
         else:
             unit = _rgb_array(item, param)
+            if resize:
+                unit = _resize_nearest(unit, size)
         out.append(unit * 2.0 - 1.0 if signed else unit)
     # Contiguous whatever the source layout (HWC arrays arrive channels-last), so a PIL image and its numpy array
     # give bit-identical results.
@@ -149,13 +155,12 @@ def image_to_tensor(
 ) -> torch.Tensor:
     """``image`` as a (B, 3, H, W) float32 tensor in [-1, 1].
 
-    PIL images are always resized to ``size`` = (height, width). Arrays and tensors are resized (nearest) only when
-    ``resize`` is true; otherwise they keep their size and the caller checks it with :func:`check_sizes`.
+    PIL images are always resized to ``size`` = (height, width). Arrays and tensors are resized (nearest), each item
+    on its own, only when ``resize`` is true; otherwise they keep their size and the caller checks it with :func:`check_sizes`.
     ``unit_tensors``: a tensor with no negative value is in [0, 1] and is mapped to [-1, 1] — the reference's rule
     for img2img (its ``VaeImageProcessor`` normalizes a tensor unless its minimum is negative).
     """
-    pixels = _rgb_batch(_as_list(image, param), size, param, signed=True, unit_tensors=unit_tensors)
-    return _resize_nearest(pixels, size) if resize else pixels
+    return _rgb_batch(_as_list(image, param), size, param, signed=True, unit_tensors=unit_tensors, resize=resize)
 
 
 def mask_to_tensor(mask: ImageInput, size: tuple[int, int], param: str = "mask_image") -> torch.Tensor:
