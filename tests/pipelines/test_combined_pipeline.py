@@ -170,6 +170,11 @@ def test_components_are_shared_and_replaceable(combined, our_decoder):
         ({"prior_callback_on_step_end_tensor_inputs": ["noise"]}, r"`prior_callback_on_step_end_tensor_inputs` may"),
         ({"prior_callback_on_step_end": 3}, r"`prior_callback_on_step_end` must be a callable or None, got int"),
         ({"callback_on_step_end": 3}, r"`callback_on_step_end` must be a callable or None, got int"),
+        # the decoder's legacy callback and its scheduler's step limits
+        ({"callback": print, "callback_steps": 0}, r"`callback_steps` must be an integer >= 1, got 0"),
+        ({"callback": 3}, r"`callback` must be a callable or None, got int"),
+        ({"num_inference_steps": 1001}, r"num_inference_steps=1001 is out of range"),
+        ({"num_inference_steps": 1000}, r"`num_inference_steps`=1000 gives timestep 1000"),
     ],
 )
 def test_combined_input_errors_come_before_the_prior_runs(combined, kwargs, match):
@@ -196,3 +201,50 @@ def test_img2img_combined_checks_strength_before_the_prior_runs(combined):
     finally:
         handle.remove()
     assert not calls
+
+
+def _raises_before_the_prior_runs(pipe, error: type[Exception], match: str, **kwargs) -> None:
+    calls = []
+    handle = pipe.prior_prior.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(error, match=match):
+            pipe(**{"prompt": "horse", **FAST, **kwargs})
+    finally:
+        handle.remove()
+    assert not calls
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image": "photo.png"}, r"`image` must be a PIL image, a numpy array, a torch tensor or a list of them"),
+        ({"image": torch.full((1, 3, 64, 64), 2.0)}, r"`image` values must lie in \[0, 1\]"),
+        ({"image": [picture(0), picture(1)]}, r"`image` has 2 items but there are 1 image embeddings"),
+        ({"image": torch.zeros(1, 4, 16, 16)}, r"size mismatch: `image` is 16x16; expected 32x32"),
+        ({"callback": print, "callback_steps": 0}, r"`callback_steps` must be an integer >= 1, got 0"),
+        ({"num_inference_steps": 1001}, r"num_inference_steps=1001 is out of range"),
+        ({"num_inference_steps": 1000, "strength": 1.0}, r"`num_inference_steps`=1000 gives timestep 1000"),
+    ],
+)
+def test_img2img_combined_input_errors_come_before_the_prior_runs(combined, kwargs, match):
+    img2img = quiet(KandinskyV22Img2ImgCombinedPipeline(**combined[0].components))
+    _raises_before_the_prior_runs(img2img, ValueError, match, **{"image": picture(0), "strength": 0.5, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"image": 5}, ValueError, r"`image` must be a PIL image, a numpy array, a torch tensor or a list of them"),
+        ({"image": np.zeros((32, 32, 3), np.uint8)}, ValueError, r"size mismatch: `image` is 32x32; expected 64x64"),
+        ({"mask_image": np.zeros((64, 32))}, ValueError, r"`mask_image` is 64x32, which does not have the aspect"),
+        ({"mask_image": np.full((64, 64), 2.0)}, ValueError, r"`mask_image` values must lie in \[0, 1\]"),
+        ({"mask_image": [np.zeros((64, 64))] * 2}, ValueError, r"`mask_image` has 2 items but there are 1 image"),
+        ({"callback": print, "callback_steps": 0}, ValueError, r"`callback_steps` must be an integer >= 1, got 0"),
+        ({"callbak": print}, TypeError, r"unexpected keyword arguments \['callbak'\]"),
+        ({"num_inference_steps": 1001}, ValueError, r"num_inference_steps=1001 is out of range"),
+    ],
+)
+def test_inpaint_combined_input_errors_come_before_the_prior_runs(inpaint_repo, kwargs, error, match):
+    inpaint = quiet(KandinskyV22InpaintCombinedPipeline.from_pretrained(inpaint_repo))
+    mask = np.zeros((64, 64), np.float32)
+    _raises_before_the_prior_runs(inpaint, error, match, **{"image": picture(0), "mask_image": mask, **kwargs})

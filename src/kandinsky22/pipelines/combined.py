@@ -213,6 +213,10 @@ class _CombinedPipeline(Pipeline):
                     f"{type(self).__name__} starts from `image`; only prior latents (N, D) are accepted"
                 )
             prior_latents, decoder_latents = (latents, None) if latents.ndim == 2 else (None, latents)
+        aligned = {name: _per_image(name, value, len(prompts), n) for name, value in align.items()}
+        self.decoder_pipe._check_inputs(
+            len(prompts) * n, height, width, num_inference_steps, **aligned, **decoder_kwargs
+        )
         image_embeds, negative_image_embeds = self.prior_pipe(
             prompt=prompts,
             negative_prompt=negative_prompt,
@@ -226,7 +230,6 @@ class _CombinedPipeline(Pipeline):
             callback_on_step_end=prior_callback_on_step_end,
             callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
         )
-        aligned = {name: _per_image(name, value, len(prompts), n) for name, value in align.items()}
         if decoder_latents is not None:
             decoder_kwargs = {**decoder_kwargs, "latents": decoder_latents}
         return self.decoder_pipe(
@@ -357,7 +360,6 @@ class KandinskyV22Img2ImgCombinedPipeline(_CombinedPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
     ) -> ImagePipelineOutput | tuple:
         """Images for ``prompt`` starting from ``image`` (one, or one per prompt); ``strength`` as in img2img."""
-        importlib.import_module(self._decoder[0]).strength_start(num_inference_steps, strength)  # before the prior
         return self._run(
             prompt,
             negative_prompt,

@@ -140,14 +140,14 @@ class DecoderPipeline(Pipeline):
             callback_on_step_end_tensor_inputs, self._callback_tensor_inputs, "callback_on_step_end_tensor_inputs"
         )
 
-    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+    def _latent_size(self, height: int, width: int, warn: bool = True) -> tuple[int, int]:
         """Latent (h, w) for an image of ``height`` × ``width``, rounded up as the reference does (a multiple of
-        ``scale_factor²`` pixels, i.e. 64 for the official MoVQ); one warning names the size produced."""
+        ``scale_factor²`` pixels, i.e. 64 for the official MoVQ); one warning (``warn``) names the size produced."""
         for name, value in (("height", height), ("width", width)):
             check_positive_int(name, value)
         sf = self.movq_scale_factor
         latent = (math.ceil(height / sf**2) * sf, math.ceil(width / sf**2) * sf)
-        if (latent[0] * sf, latent[1] * sf) != (height, width):
+        if warn and (latent[0] * sf, latent[1] * sf) != (height, width):
             warnings.warn(
                 f"height={height} and width={width} are not both multiples of {sf**2}: the image will be "
                 f"{latent[0] * sf}x{latent[1] * sf} (height x width)",
@@ -165,6 +165,17 @@ class DecoderPipeline(Pipeline):
         if callback_steps is not None:
             check_positive_int("callback_steps", callback_steps)
         return callback, callback_steps or 1
+
+    def _check_inputs(
+        self, batch: int, height: int, width: int, num_inference_steps: int, first_step: int = 0, **legacy: Any
+    ) -> None:
+        """Refuse, as ``__call__`` would, the deprecated ``callback`` / ``callback_steps`` in ``legacy`` and a
+        ``num_inference_steps`` the scheduler refuses (from index ``first_step`` of its table), without running a
+        model. The combined pipelines call this before the prior runs (seconds to minutes with real weights);
+        subclasses add their image-like inputs. ``batch``: the number of image embeddings."""
+        callback, _ = self._legacy_callback(dict(legacy))
+        check_callback("callback", callback)
+        self._check_timesteps(self._timesteps(num_inference_steps)[first_step:])
 
     # -- building blocks of __call__ ------------------------------------------------------------------------------
 

@@ -37,8 +37,11 @@ def strength_start(num_inference_steps: int, strength: float) -> int:
 class KandinskyV22Img2ImgPipeline(DecoderPipeline):
     """Image + CLIP image embeddings → image: img2img on the shared decoder loop."""
 
-    def _pixels_or_latents(self, image: ImageInput, latent_size: tuple[int, int]) -> tuple[torch.Tensor, bool]:
-        """``image`` as pixels (B, 3, H, W) in [-1, 1] at the output size, or as given latents (B, C, h, w).
+    def _pixels_or_latents(
+        self, image: ImageInput, latent_size: tuple[int, int], batch: int
+    ) -> tuple[torch.Tensor, bool]:
+        """``image`` as pixels (B, 3, H, W) in [-1, 1] at the output size, or as given latents (B, C, h, w); B must
+        be 1 or ``batch``.
 
         Tensors with the MoVQ's latent channel count are latents (the reference's rule) and are not encoded again.
         """
@@ -47,15 +50,32 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         if items and all(isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.shape[-3] == channels for x in items):
             latents = cat_same_size([x if x.ndim == 4 else x[None] for x in items], "image")
             check_sizes(latent_size, "the latent size for this height and width", image=tuple(latents.shape[-2:]))
-            return latents, True
-        sf = self.movq_scale_factor
-        size = (latent_size[0] * sf, latent_size[1] * sf)
-        return image_to_tensor(image, size, resize=True, unit_tensors=True), False
+            pixels, are_latents = latents, True
+        else:
+            sf = self.movq_scale_factor
+            size = (latent_size[0] * sf, latent_size[1] * sf)
+            pixels, are_latents = image_to_tensor(image, size, resize=True, unit_tensors=True), False
+        check_count(pixels.shape[0], batch, "image")
+        return pixels, are_latents
+
+    def _check_inputs(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        *,
+        image: ImageInput,
+        strength: float,
+        **legacy: Any,
+    ) -> None:
+        first = strength_start(num_inference_steps, strength)
+        self._pixels_or_latents(image, self._latent_size(height, width, warn=False), batch)
+        super()._check_inputs(batch, height, width, num_inference_steps, first, **legacy)
 
     def _image_latents(self, image: ImageInput, latent_size: tuple[int, int], batch: int, n: int) -> torch.Tensor:
         """Clean image latents, one per output image (``batch · n``), on the execution device in the UNet's dtype."""
-        pixels, are_latents = self._pixels_or_latents(image, latent_size)
-        check_count(pixels.shape[0], batch, "image")
+        pixels, are_latents = self._pixels_or_latents(image, latent_size, batch)
         device = self._execution_device
         if are_latents:
             latents = pixels
@@ -101,9 +121,10 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
         """Transform ``image`` (one, or one per embedding) towards ``image_embeds``.
 
         ``image``: PIL images (any mode), numpy HWC arrays (uint8, or float in [0, 1]), tensors (B, 3, H, W) in
-        [0, 1] (or in [-1, 1] if any value is negative, the reference's rule), or MoVQ latents (B, 4, h, w); it is
-        resized to ``height`` × ``width`` (rounded up to a multiple of 64 px for the official MoVQ). ``strength`` in
-        [0, 1]: the share of the ``num_inference_steps`` schedule that is run (1 ignores the image). ``kwargs``: the deprecated ``callback`` and ``callback_steps``.
+        [0, 1] (or in [-1, 1] if any value is negative, the reference's rule), or MoVQ latents (B, 4, h, w); a list
+        may mix kinds and sizes: each item is resized to ``height`` × ``width`` (rounded up to a multiple of 64 px
+        for the official MoVQ). ``strength`` in [0, 1]: the share of the ``num_inference_steps`` schedule that is
+        run (1 ignores the image). ``kwargs``: the deprecated ``callback`` and ``callback_steps``.
         """
         callback, callback_steps = self._legacy_callback(kwargs)
         image_embeds, negative_image_embeds = self._check_embeds(image_embeds, negative_image_embeds)

@@ -91,15 +91,7 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
             batch, num_inference_steps, n, guidance_scale, output_type, generator, callback_on_step_end_tensor_inputs
         )
         latent_size = self._latent_size(height, width)
-        sf = self.movq_scale_factor
-        size = (latent_size[0] * sf, latent_size[1] * sf)
-        pixels = image_to_tensor(image, size, resize=False)
-        repaint = mask_to_tensor(mask_image, size)
-        how = f"height={height}, width={width}" + ("" if size == (height, width) else " rounded up")
-        check_sizes(size, how, image=tuple(pixels.shape[-2:]))
-        check_mask_shape(size, how, tuple(repaint.shape[-2:]))
-        check_count(pixels.shape[0], batch, "image")
-        check_count(repaint.shape[0], batch, "mask_image")
+        pixels, repaint = self._pixels_and_mask(image, mask_image, height, width, latent_size, batch)
 
         state = self._conditioning(image_embeds, negative_image_embeds, n, guidance_scale)
         state.update(self._masked_image(pixels, repaint, batch, n))
@@ -123,6 +115,42 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         )
         latents = _blend(state["image_latents"], latents, state["mask_image"])
         return self._finish(latents, output_type, return_dict)
+
+    def _pixels_and_mask(
+        self,
+        image: ImageInput,
+        mask_image: ImageInput,
+        height: int,
+        width: int,
+        latent_size: tuple[int, int],
+        batch: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image (B, 3, H, W) in [-1, 1] and the repaint mask (B, 1, h, w) in {0, 1}, checked: sizes, counts."""
+        sf = self.movq_scale_factor
+        size = (latent_size[0] * sf, latent_size[1] * sf)
+        pixels = image_to_tensor(image, size, resize=False)
+        repaint = mask_to_tensor(mask_image, size)
+        how = f"height={height}, width={width}" + ("" if size == (height, width) else " rounded up")
+        check_sizes(size, how, image=tuple(pixels.shape[-2:]))
+        check_mask_shape(size, how, tuple(repaint.shape[-2:]))
+        check_count(pixels.shape[0], batch, "image")
+        check_count(repaint.shape[0], batch, "mask_image")
+        return pixels, repaint
+
+    def _check_inputs(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        *,
+        image: ImageInput,
+        mask_image: ImageInput,
+        **legacy: Any,
+    ) -> None:
+        latent_size = self._latent_size(height, width, warn=False)
+        self._pixels_and_mask(image, mask_image, height, width, latent_size, batch)
+        super()._check_inputs(batch, height, width, num_inference_steps, **legacy)
 
     def _masked_image(self, pixels: torch.Tensor, repaint: torch.Tensor, batch: int, n: int) -> dict[str, torch.Tensor]:
         """Image latents, the eroded keep mask at latent size and the masked image latents, one per output image."""
