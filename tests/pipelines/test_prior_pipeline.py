@@ -191,6 +191,31 @@ def test_emb2emb_matches_reference(emb2emb, kwargs):
     assert_close(a.negative_image_embeds, b.negative_image_embeds)
 
 
+def _array(seed: int, dtype: str) -> np.ndarray:
+    pixels = np.asarray(picture(seed))  # HWC uint8
+    return pixels if dtype == "uint8" else (pixels / 255).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "image"),
+    [
+        ("horse", lambda: _array(5, "uint8")),
+        ("horse", lambda: _array(5, "float32")),  # the CLIP processor reads a float array's range itself
+        ("horse", lambda: [_array(5, "float64")]),
+        ("horse", lambda: _array(5, "uint8")[None]),  # NHWC batch
+        (["horse", "red cat"], lambda: [picture(6), _array(7, "float32")]),
+    ],
+    ids=["uint8", "float32", "list-float64", "nhwc", "mixed-with-pil"],
+)
+def test_emb2emb_numpy_images_match_reference(emb2emb, prompt, image):
+    """numpy images go through the CLIP image processor, as in the reference, alone or mixed with PIL images."""
+    ours, ref = emb2emb
+    kwargs = {"num_inference_steps": 4, "strength": 0.5}
+    a = ours(prompt, image(), generator=gen(), **kwargs)
+    b = ref(prompt, image(), generator=gen(), **kwargs)
+    assert_close(a.image_embeds, b.image_embeds)
+
+
 def test_emb2emb_interpolate_accepts_text_and_returns_the_zero_negative(emb2emb, our_prior, ref_prior):
     ours, ref = emb2emb
     kwargs = {"num_inference_steps": STEPS, "num_images_per_prompt": 2}
@@ -268,6 +293,11 @@ def test_interpolate_refuses_a_guidance_scale_that_is_not_a_finite_number(our_pr
         ),
         ({"image": [torch.zeros(1, 32), torch.zeros(1, 3, 32, 32)]}, r"`image` tensors must .*got shapes"),
         ({"image": [torch.tensor(1.0)]}, r"`image` tensors must .*got shapes \[\(\)\]"),
+        (
+            {"image": np.zeros((32, 32), np.uint8)},
+            r"`image` numpy arrays must be HWC images .*got shapes \[\(32, 32\)\]",
+        ),
+        ({"image": [picture(0), torch.zeros(1, 32)]}, r"`image` must be PIL images and numpy arrays, or tensors"),
         (
             {"image": torch.zeros(1, 1, 32, 32)},
             r"`image` pixels must have shape \(B, 3, 32, 32\).*got \(1, 1, 32, 32\)",

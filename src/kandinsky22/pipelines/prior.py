@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 
@@ -38,7 +39,7 @@ from kandinsky22.schedulers.noise import randn_tensor
 logger = logging.getLogger(__name__)
 
 PRIOR_OUTPUT_TYPES = ("pt", "np")
-ImageInput = PIL.Image.Image | torch.Tensor
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 
 # The zero-image embedding is a constant of the image encoder (the reference recomputes it with a full ViT-bigG pass
 # on every call). Cached per encoder object, and keyed by the device and dtype it ran in.
@@ -407,11 +408,19 @@ class KandinskyV22PriorEmb2EmbPipeline(_PriorBase):
             else:  # pixels already preprocessed for CLIP
                 self._check_pixels(tensor, "image")
                 embeds = self._encode_pixels(tensor)
-        elif all(isinstance(i, PIL.Image.Image) for i in images):
+        elif all(isinstance(i, (PIL.Image.Image, np.ndarray)) for i in images):
+            # Arrays go to the CLIP image processor as they are, as in the reference (HWC uint8, or float: the
+            # processor reads the range), so that they give the reference's embeddings.
+            arrays = [i for i in images if isinstance(i, np.ndarray)]
+            if any(a.ndim not in (3, 4) for a in arrays):
+                shapes = [a.shape for a in arrays]
+                raise ValueError(f"`image` numpy arrays must be HWC images (or NHWC batches), got shapes {shapes}")
             embeds = self._encode_pixels(self._pixel_values(images))
         else:
             kinds = sorted({type(i).__name__ for i in images})
-            raise ValueError(f"`image` must be PIL images or tensors (not mixed), got {kinds}")
+            raise ValueError(
+                f"`image` must be PIL images and numpy arrays, or tensors (not mixed with them), got {kinds}"
+            )
         if embeds.shape[0] not in (1, num_prompts):
             raise ValueError(
                 f"`image` holds {embeds.shape[0]} images for {num_prompts} prompts: pass one image, or one per prompt"
