@@ -120,7 +120,15 @@ def test_interpolate_mixing_text_and_images_matches_reference(our_prior, ref_pri
 
 
 @pytest.mark.parametrize(
-    "negatives", [{"negative_prompt": "blurry"}, {"negative_prior_prompt": "ugly"}], ids=["text-negative", "prior-neg"]
+    "negatives",
+    [
+        {"negative_prompt": "blurry"},
+        {"negative_prior_prompt": "ugly"},
+        {"negative_prompt": ["blurry"], "num_images_per_prompt": 2},
+        {"negative_prompt": [""]},  # a list is not "": the reference returns the embedding of the text ""
+        {"negative_prompt": [""], "negative_prior_prompt": "ugly"},
+    ],
+    ids=["text-negative", "prior-neg", "list-negative", "list-empty", "list-empty-prior-neg"],
 )
 def test_interpolate_text_negatives_match_reference(our_prior, ref_prior, negatives):
     kwargs = {"num_inference_steps": STEPS, **negatives}
@@ -128,6 +136,17 @@ def test_interpolate_text_negatives_match_reference(our_prior, ref_prior, negati
     ref = ref_prior.interpolate(["horse", picture(2)], [0.5, 0.5], generator=gen(), **kwargs)
     assert_close(ours.image_embeds, ref.image_embeds)
     assert_close(ours.negative_image_embeds, ref.negative_image_embeds)
+
+
+def test_interpolate_negative_prompt_none_is_the_default(our_prior, emb2emb):
+    """None is the default empty negative (the zero-image embedding); the reference's emb2emb takes it too."""
+    kwargs = {"num_inference_steps": STEPS, "num_images_per_prompt": 2}
+    for pipe in (our_prior, emb2emb[0]):
+        out = pipe.interpolate(["horse", picture(2)], [0.5, 0.5], generator=gen(), negative_prompt=None, **kwargs)
+        default = pipe.interpolate(["horse", picture(2)], [0.5, 0.5], generator=gen(), **kwargs)
+        assert torch.equal(out.image_embeds, default.image_embeds)
+        assert torch.equal(out.negative_image_embeds, our_prior.zero_image_embeds(2))
+    emb2emb[1].interpolate([picture(2)], [1.0], negative_prompt=None, **kwargs)  # its text conditions crash
 
 
 def test_numpy_float32_weights_and_strength_are_numbers_as_in_the_reference(our_prior, ref_prior, emb2emb):
@@ -267,11 +286,17 @@ def test_prior_input_errors(our_prior, kwargs, match):
         (([torch.zeros(1, 7)], [1.0]), r"images_and_prompts\[0\]"),
         (([torch.zeros(1, 1, 32, 32)], [1.0]), r"`images_and_prompts\[0\]` pixels must have shape \(B, 3, 32, 32\)"),
         (([torch.zeros(1, 3, 64, 64)], [1.0]), r"`images_and_prompts\[0\]` pixels must have shape \(B, 3, 32, 32\)"),
+        (
+            (["horse"], [1.0], {"negative_prompt": ["a", "b"]}),
+            r"`negative_prompt` must be a string, a list of one string, or None, got \['a', 'b'\]",
+        ),
+        ((["horse"], [1.0], {"negative_prompt": 3}), r"`negative_prompt` must be a string, a list of one string"),
     ],
 )
 def test_interpolate_input_errors(our_prior, args, match):
+    kwargs = args[2] if len(args) == 3 else {}
     with pytest.raises(ValueError, match=match):
-        our_prior.interpolate(*args, num_inference_steps=2)
+        our_prior.interpolate(*args[:2], num_inference_steps=2, **kwargs)
 
 
 def test_interpolate_refuses_a_guidance_scale_that_is_not_a_finite_number(our_prior):

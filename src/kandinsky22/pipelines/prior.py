@@ -282,14 +282,16 @@ class _PriorBase(Pipeline):
         generator: Generator = None,
         latents: torch.Tensor | None = None,
         negative_prior_prompt: str | None = None,
-        negative_prompt: str = "",
+        negative_prompt: str | list[str] | None = "",
         guidance_scale: float = 4.0,
         device: torch.device | str | None = None,
     ) -> KandinskyPriorPipelineOutput:
         """The weighted sum of the embeddings of texts (a prior run each) and images (the CLIP image tower).
 
-        The negative is the zero-image embedding when ``negative_prompt`` is empty and no ``negative_prior_prompt``
-        is given (no prior run is spent on it), else the prior's embedding of that text, as the reference's.
+        The negative is the zero-image embedding when ``negative_prompt`` is empty (or None) and no
+        ``negative_prior_prompt`` is given (no prior run is spent on it), else the prior's embedding of that text, as
+        the reference's. ``negative_prompt`` may also be a list of one string, as in the reference: its text's own
+        embedding, even for ``[""]`` (the reference compares only a string with ``""``).
         ``device`` is accepted for compatibility; the pipeline's execution device is used.
         """
         if not isinstance(images_and_prompts, (list, tuple)) or not images_and_prompts:
@@ -308,8 +310,16 @@ class _PriorBase(Pipeline):
         check_guidance_scale("guidance_scale", guidance_scale)
         if negative_prior_prompt is not None and not isinstance(negative_prior_prompt, str):
             raise ValueError(f"`negative_prior_prompt` must be a string or None, got {negative_prior_prompt!r}")
-        if not isinstance(negative_prompt, str):
-            raise ValueError(f"`negative_prompt` must be a string, got {negative_prompt!r}")
+        # None is the default (the reference's prior fails on it, its emb2emb ignores it). A list gives one negative
+        # per item, but the interpolated embedding is one per image: only a list of one string lines up with it.
+        negative_is_list = isinstance(negative_prompt, (list, tuple))
+        negative_text = "" if negative_prompt is None else negative_prompt
+        if negative_is_list and len(negative_prompt) == 1:
+            negative_text = negative_prompt[0]
+        if not isinstance(negative_text, str):
+            raise ValueError(
+                f"`negative_prompt` must be a string, a list of one string, or None, got {negative_prompt!r}"
+            )
         n = num_images_per_prompt
 
         def text_run(text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,13 +338,13 @@ class _PriorBase(Pipeline):
                 embeds = self._condition_embeds(cond, i, n)
             total = embeds * weight if total is None else total + embeds * weight
 
-        if negative_prompt == "" and negative_prior_prompt is None:
+        if negative_text == "" and not negative_is_list and negative_prior_prompt is None:
             negative = self.zero_image_embeds(n)
-        elif negative_prompt == "":
+        elif negative_text == "" and not negative_is_list:
             # The reference runs the prior on "" with the negative prior prompt and returns that run's negative half.
             negative = text_run("")[1]
         else:
-            negative = text_run(negative_prompt)[0]
+            negative = text_run(negative_text)[0]
         self._end_of_call()
         return KandinskyPriorPipelineOutput(total, negative.to(total.dtype))
 
