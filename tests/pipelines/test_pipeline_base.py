@@ -72,6 +72,55 @@ def test_combined_round_trips_both_ways(tmp_path, decoder_repo):
     assert np.abs(a - b).max() < TOL and np.abs(a - c).max() < TOL
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"variant": "fp16"},
+        {"safe_serialization": False},
+        {"variant": "fp16", "safe_serialization": False},
+        {"variant": "fp16", "max_shard_size": 40_000},
+    ],
+    ids=["variant", "bin", "variant-bin", "variant-shards"],
+)
+def test_save_options_write_the_reference_files_and_load_both_ways(tmp_path, decoder_repo, options):
+    """``variant`` and ``safe_serialization`` name the same files as the reference's save (the CLIP encoders of
+    transformers 5 write safetensors either way), and the folder loads in both libraries with that variant."""
+    import diffusers
+
+    ours = quiet(KandinskyV22CombinedPipeline.from_pretrained(decoder_repo))
+    ref = quiet(diffusers.KandinskyV22CombinedPipeline.from_pretrained(decoder_repo))
+    ours.save_pretrained(tmp_path / "ours", **options)
+    ref.save_pretrained(tmp_path / "ref", **options)
+
+    def files(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    if "max_shard_size" in options:  # the models cut their shards elsewhere than the reference's: both load them
+        assert (tmp_path / "ours" / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").exists()
+    else:
+        assert files(tmp_path / "ours") == files(tmp_path / "ref")
+    variant = options.get("variant")
+    kwargs = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
+    expected = ours("horse", generator=gen(), **kwargs).images
+    for cls in (KandinskyV22CombinedPipeline, diffusers.KandinskyV22CombinedPipeline):
+        back = quiet(cls.from_pretrained(tmp_path / "ours", variant=variant))
+        assert np.abs(back("horse", generator=gen(), **kwargs).images - expected).max() < TOL
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"safe_serialization": "yes"}, r"`safe_serialization` must be True or False, got 'yes'"),
+        ({"variant": ""}, r"`variant` must be a name such as 'fp16' or None, got ''"),
+        ({"max_shard_size": "5GB"}, r"`max_shard_size` must be an integer >= 1, got '5GB'"),
+    ],
+)
+def test_save_options_errors(tmp_path, our_decoder, options, match):
+    with pytest.raises(ValueError, match=match):
+        our_decoder.save_pretrained(tmp_path, **options)
+    assert not any(tmp_path.iterdir())
+
+
 def test_image_processor_saved_under_its_pil_name_loads(tmp_path, prior_repo):
     shutil.copytree(prior_repo, tmp_path / "prior")
     index_path = tmp_path / "prior" / "model_index.json"

@@ -336,12 +336,33 @@ class Pipeline:
             )
         return components
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``model_index.json`` and one folder per component, in the layout the reference loads."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | None = None,
+    ) -> None:
+        """Write ``model_index.json`` and one folder per component, in the layout the reference loads.
+
+        As the reference, each option goes to the components whose ``save_pretrained`` takes it: ``variant`` names
+        the weight files (``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16.safetensors``; load them with
+        ``variant="fp16"``), ``safe_serialization=False`` writes ``.bin`` files for the diffusion models (the CLIP
+        encoders of transformers 5 always write safetensors), ``max_shard_size`` (bytes) splits large weights.
+        """
+        if not isinstance(safe_serialization, bool):
+            raise ValueError(f"`safe_serialization` must be True or False, got {safe_serialization!r}")
+        if variant is not None and (not isinstance(variant, str) or not variant):
+            raise ValueError(f"`variant` must be a name such as 'fp16' or None, got {variant!r}")
+        if max_shard_size is not None:
+            check_positive_int("max_shard_size", max_shard_size)
+        options = {"safe_serialization": safe_serialization, "variant": variant, "max_shard_size": max_shard_size}
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         for name, component in self.components.items():
-            component.save_pretrained(folder / name)
+            accepted = inspect.signature(component.save_pretrained).parameters
+            kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
+            component.save_pretrained(folder / name, **kwargs)
         loading.write_model_index(folder, type(self).__name__, self.components)
 
     # -- devices and dtypes ------------------------------------------------------------------------------------
