@@ -69,6 +69,16 @@ def test_img2img_combined_lines_images_up_with_prompts(decoder_repo):
     _check_samples_against_single_calls(out, single_call)
 
 
+def test_img2img_combined_takes_an_image_list_mixing_kinds_and_sizes(decoder_repo):
+    """Each item is resized to the output size on its own, as in the reference (n = 1: its tiling is right)."""
+    ours = _quiet(KandinskyV22Img2ImgCombinedPipeline.from_pretrained(decoder_repo))
+    ref = _quiet(diffusers.KandinskyV22Img2ImgCombinedPipeline.from_pretrained(decoder_repo))
+    images = [_image(4, (80, 56)), torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(5))]
+    kwargs = {**FAST, "num_inference_steps": 4, "strength": 0.5}
+    expected = ref(PROMPTS, images, generator=_gens(0), **kwargs).images
+    np.testing.assert_allclose(ours(PROMPTS, images, generator=_gens(0), **kwargs).images, expected, atol=ATOL, rtol=0)
+
+
 def test_inpaint_combined_lines_images_and_masks_up_with_prompts(inpaint_repo):
     # The decoder repo's clipped scheduler config, so pixels can be compared (see test_inpaint.py).
     ours = KandinskyV22InpaintCombinedPipeline.from_pretrained(inpaint_repo)
