@@ -175,6 +175,7 @@ def test_components_are_shared_and_replaceable(combined, our_decoder):
         ({"callback": 3}, r"`callback` must be a callable or None, got int"),
         ({"num_inference_steps": 1001}, r"num_inference_steps=1001 is out of range"),
         ({"num_inference_steps": 1000}, r"`num_inference_steps`=1000 gives timestep 1000"),
+        ({"latents": torch.zeros(1, 4, 5, 5)}, r"`latents` must have shape \(1, 4, 32, 32\), got \(1, 4, 5, 5\)"),
     ],
 )
 def test_combined_input_errors_come_before_the_prior_runs(combined, kwargs, match):
@@ -242,6 +243,7 @@ def test_img2img_combined_input_errors_come_before_the_prior_runs(combined, kwar
         ({"callback": print, "callback_steps": 0}, ValueError, r"`callback_steps` must be an integer >= 1, got 0"),
         ({"callbak": print}, TypeError, r"unexpected keyword arguments \['callbak'\]"),
         ({"num_inference_steps": 1001}, ValueError, r"num_inference_steps=1001 is out of range"),
+        ({"latents": torch.zeros(1, 4, 5, 5)}, ValueError, r"`latents` must have shape \(1, 4, \d+, \d+\), got"),
     ],
 )
 def test_inpaint_combined_input_errors_come_before_the_prior_runs(inpaint_repo, kwargs, error, match):

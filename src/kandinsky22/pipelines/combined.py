@@ -215,7 +215,7 @@ class _CombinedPipeline(Pipeline):
             prior_latents, decoder_latents = (latents, None) if latents.ndim == 2 else (None, latents)
         aligned = {name: _per_image(name, value, len(prompts), n) for name, value in align.items()}
         self.decoder_pipe._check_inputs(
-            len(prompts) * n, height, width, num_inference_steps, **aligned, **decoder_kwargs
+            len(prompts) * n, height, width, num_inference_steps, latents=decoder_latents, **aligned, **decoder_kwargs
         )
         image_embeds, negative_image_embeds = self.prior_pipe(
             prompt=prompts,

@@ -167,12 +167,23 @@ class DecoderPipeline(Pipeline):
         return callback, callback_steps or 1
 
     def _check_inputs(
-        self, batch: int, height: int, width: int, num_inference_steps: int, first_step: int = 0, **legacy: Any
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        first_step: int = 0,
+        latents: torch.Tensor | None = None,
+        **legacy: Any,
     ) -> None:
-        """Refuse, as ``__call__`` would, the deprecated ``callback`` / ``callback_steps`` in ``legacy`` and a
-        ``num_inference_steps`` the scheduler refuses (from index ``first_step`` of its table), without running a
-        model. The combined pipelines call this before the prior runs (seconds to minutes with real weights);
-        subclasses add their image-like inputs. ``batch``: the number of image embeddings."""
+        """Refuse, as ``__call__`` would, start ``latents`` of the wrong shape, the deprecated ``callback`` /
+        ``callback_steps`` in ``legacy`` and a ``num_inference_steps`` the scheduler refuses (from index
+        ``first_step`` of its table), without running a model. The combined pipelines call this before the prior runs
+        (seconds to minutes with real weights); subclasses add their image-like inputs. ``batch``: the number of image
+        embeddings."""
+        if latents is not None:
+            shape = (batch, self.movq.config.latent_channels, *self._latent_size(height, width, warn=False))
+            self._check_latents(latents, shape)
         callback, _ = self._legacy_callback(dict(legacy))
         check_callback("callback", callback)
         self._check_timesteps(self._timesteps(num_inference_steps)[first_step:])
@@ -215,13 +226,17 @@ class DecoderPipeline(Pipeline):
         to = {"device": self._execution_device, "dtype": self.unet.dtype}
         if latents is None:
             latents = randn_tensor(shape, generator=generator, **to)
-        elif not isinstance(latents, torch.Tensor):
-            raise ValueError(f"`latents` must be a torch.Tensor of shape {tuple(shape)}, got {type(latents).__name__}")
-        elif tuple(latents.shape) != tuple(shape):
-            raise ValueError(f"`latents` must have shape {tuple(shape)}, got {tuple(latents.shape)}")
         else:
+            self._check_latents(latents, shape)
             latents = latents.to(**to)
         return latents * self.scheduler.init_noise_sigma
+
+    @staticmethod
+    def _check_latents(latents: Any, shape: tuple[int, ...]) -> None:
+        if not isinstance(latents, torch.Tensor):
+            raise ValueError(f"`latents` must be a torch.Tensor of shape {tuple(shape)}, got {type(latents).__name__}")
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"`latents` must have shape {tuple(shape)}, got {tuple(latents.shape)}")
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
