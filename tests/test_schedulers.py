@@ -4,6 +4,7 @@ an accelerator (never read), generator lists and the global RNG."""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 
@@ -287,6 +288,26 @@ def test_return_dict_false_gives_the_reference_tuples() -> None:
     dpm.set_timesteps(3)
     (prev_sample,) = dpm.step(sample, dpm.timesteps[0], sample, return_dict=False)
     assert prev_sample.shape == SHAPE
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_step_output_indexes_like_the_reference(name: str) -> None:
+    """The reference's own loops take ``scheduler.step(...)[0]``: its outputs index like a tuple of the fields that are
+    set, and like a dict."""
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for library in (diffusers, ours):
+        scheduler = getattr(library, name).from_config(NON_DEFAULT[name])
+        scheduler.set_timesteps(5)
+        t = scheduler.timesteps[0]
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        kwargs = {"generator": torch.Generator().manual_seed(1)} if takes_generator else {}
+        outputs.append(scheduler.step(stand_in_model(sample, t, 4), t, sample, **kwargs))
+    expected, got = outputs
+    assert len(got.to_tuple()) == len(expected.to_tuple())
+    for i in range(len(expected.to_tuple())):
+        torch.testing.assert_close(got[i], expected[i], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["prev_sample"], expected["prev_sample"], rtol=0, atol=1e-5)
 
 
 def test_ddim_with_eta_draws_noise_like_the_reference() -> None:

@@ -113,6 +113,11 @@ def test_parity_with_reference(variant, tmp_path, upsampling):
         as_output = ours(sample, 37, added_cond_kwargs=cond)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
     assert torch.equal(as_tuple[0], as_output.sample)
+    # The reference's loops index its output: unet(...)[0]
+    with torch.no_grad():
+        expected = reference(sample, 37, None, added_cond_kwargs=cond)[0]
+    torch.testing.assert_close(as_output[0], expected, atol=TOL, rtol=0)
+    assert torch.equal(as_output["sample"], as_output.sample)
 
 
 def test_parity_three_levels(tmp_path, upsampling):

@@ -6,6 +6,7 @@ so loading a 1.2 B-parameter UNet allocates each weight once (no random init, no
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -36,6 +37,25 @@ class Config(dict):
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Config is read-only; build a new model with from_config(config, **overrides)")
+
+
+class ModelOutput:
+    """Base of the models' and schedulers' output dataclasses: attribute (``out.sample``), index (``out[0]``), key
+    (``out["sample"]``) and tuple (``out.to_tuple()``) access, as the reference's outputs, whose ``[0]`` its own
+    loops use (``scheduler.step(...)[0]``, ``unet(...)[0]``). As there, a field left None is skipped."""
+
+    def to_tuple(self) -> tuple:
+        values = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return tuple(value for value in values if value is not None)
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            names = {field.name for field in dataclasses.fields(self)}
+            value = getattr(self, key) if key in names else None
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self.to_tuple()[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

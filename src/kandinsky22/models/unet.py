@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky22.loading import ModelMixin
+from kandinsky22.loading import ModelMixin, ModelOutput
 from kandinsky22.models.layers import AddedKVAttention, ContextKV, ResnetBlock2D, TimestepEmbedding, Timesteps
 from kandinsky22.models.norms import norm_act
 
@@ -53,7 +53,7 @@ _ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(ModelOutput):
     sample: torch.Tensor  # (B, out_channels, H, W)
 
 

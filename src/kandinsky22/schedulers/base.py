@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..loading import Config, read_json, resolve_folder
+from ..loading import Config, ModelOutput, read_json, resolve_folder
 from . import tables
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ _ALL_SCHEDULER_KEYS: set[str] = set()
 
 
 @dataclass
-class SchedulerOutput:
+class SchedulerOutput(ModelOutput):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
 
