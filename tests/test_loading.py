@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -64,6 +65,23 @@ def test_sharded_round_trip(net, tmp_path):
     assert len(shards) > 1
     assert find_weight_files(tmp_path) == [tmp_path / s for s in shards]
     assert_same_weights(net, TinyNet.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("size", ["20KB", "0.02MB", " 20kb "])
+def test_shard_size_as_the_reference_writes_it(size, tmp_path):
+    """The reference's max_shard_size is a string such as "10GB" (decimal units: 20KB = 20000 bytes)."""
+    torch.manual_seed(0)
+    net = TinyNet(width=40, depth=4)  # 6560 bytes a layer: three layers fit in 20000 bytes, not four
+    net.save_pretrained(tmp_path, max_shard_size=size)
+    index = json.loads((tmp_path / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2
+    assert_same_weights(net, TinyNet.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("size", ["10", "GB", "-1GB", "10GiB", 0, -5, 1.5, True])
+def test_bad_shard_size_is_a_value_error_naming_it(net, tmp_path, size):
+    with pytest.raises(ValueError, match=f"max_shard_size.*{re.escape(repr(size))}"):
+        net.save_pretrained(tmp_path, max_shard_size=size)
 
 
 def test_fp16_variant_and_dtype(net, tmp_path):

@@ -275,14 +275,16 @@ class ModelMixin(nn.Module):
         save_directory: str | os.PathLike,
         variant: str | None = None,
         safe_serialization: bool = True,
-        max_shard_size: int | None = None,
+        max_shard_size: int | str | None = None,
     ) -> None:
         """Write ``config.json`` and the weights the way the reference does (readable by both libraries).
 
-        ``max_shard_size`` (bytes) splits the weights into shards with an index file.
+        ``max_shard_size`` (bytes, or a size such as ``"10GB"`` as the reference takes it) splits the weights into
+        shards with an index file.
         """
         from safetensors.torch import save_file
 
+        max_bytes = shard_size_bytes(max_shard_size)
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": type(self).__name__, **self.config}
@@ -297,7 +299,7 @@ class ModelMixin(nn.Module):
             else:
                 torch.save(tensors, path)
 
-        shards = _split_shards(state, max_shard_size)
+        shards = _split_shards(state, max_bytes)
         if len(shards) == 1:
             write(state, folder / f"{WEIGHTS_STEM}{v}.{ext}")
             return
@@ -322,6 +324,31 @@ class ModelMixin(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# The reference's size units (huggingface_hub's): decimal, so "10GB" is 10**10 bytes.
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def shard_size_bytes(max_shard_size: int | str | None) -> int | None:
+    """``max_shard_size`` in bytes: None (no sharding), an int, or a number with a unit ("10GB", "500MB")."""
+    if max_shard_size is None:
+        return None
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
+        return max_shard_size
+    if isinstance(max_shard_size, str):
+        text = max_shard_size.strip()
+        unit = _SIZE_UNITS.get(text[-2:].upper())
+        try:
+            value = float(text[:-2])
+        except ValueError:
+            value = 0.0
+        if unit is not None and value * unit >= 1:
+            return int(value * unit)
+    raise ValueError(
+        f"max_shard_size must be a positive number of bytes or a size such as '10GB' (units KB, MB, GB, TB), "
+        f"got {max_shard_size!r}"
+    )
 
 
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
