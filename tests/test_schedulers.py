@@ -310,6 +310,15 @@ def test_step_output_indexes_like_the_reference(name: str) -> None:
     torch.testing.assert_close(got["prev_sample"], expected["prev_sample"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_compatibles_are_the_references_that_kandinsky22_has(name: str) -> None:
+    """``pipe.scheduler.compatibles`` lists the classes to swap to (the reference's, less those we do not have)."""
+    expected = {cls.__name__ for cls in getattr(diffusers, name)().compatibles} & set(CLASS_NAMES)
+    compatibles = getattr(ours, name)().compatibles
+    assert {cls.__name__ for cls in compatibles} == expected
+    assert all(cls is getattr(ours, cls.__name__) for cls in compatibles)
+
+
 def test_ddim_with_eta_draws_noise_like_the_reference() -> None:
     results = []
     for library in (diffusers, ours):

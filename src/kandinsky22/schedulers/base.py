@@ -34,6 +34,8 @@ _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_down
 # Config keys of every scheduler class: a class carries the ones it does not use without a warning, so that
 # ``B.from_config(a.config)`` swaps samplers quietly (the reference's "compatibles" rule).
 _ALL_SCHEDULER_KEYS: set[str] = set()
+# The scheduler classes, in definition order, for ``compatibles``.
+_SCHEDULER_CLASSES: list[type] = []
 
 
 @dataclass
@@ -49,6 +51,8 @@ class SchedulerMixin:
 
     config_defaults: ClassVar[dict[str, Any]] = {}
     order: ClassVar[int] = 1
+    # Classes of one family swap configs with each other (the reference's ``_compatibles``); UnCLIP is alone in its.
+    _family: ClassVar[str] = "diffusion"
     config: Config
     timesteps: torch.Tensor
     num_inference_steps: int | None
@@ -56,6 +60,8 @@ class SchedulerMixin:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _ALL_SCHEDULER_KEYS.update(cls.config_defaults)
+        if "config_defaults" in cls.__dict__:  # a scheduler, not a shared base
+            _SCHEDULER_CLASSES.append(cls)
 
     def __init__(self, **config: Any) -> None:
         unknown = sorted(k for k in config if k not in _ALL_SCHEDULER_KEYS and not k.startswith("_"))
@@ -113,6 +119,12 @@ class SchedulerMixin:
         folder.mkdir(parents=True, exist_ok=True)
         data = {"_class_name": type(self).__name__, **self.config}
         (folder / SCHEDULER_CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @property
+    def compatibles(self) -> list[type]:
+        """The scheduler classes that can take this one's place with ``from_config(scheduler.config)``: the
+        reference's list, less the samplers kandinsky22 does not have."""
+        return [cls for cls in _SCHEDULER_CLASSES if cls._family == self._family]
 
     def copy(self):
         """An independent scheduler in the same state, for one more concurrent run. Cheap: the tables are shared
