@@ -84,6 +84,21 @@ def test_bad_shard_size_is_a_value_error_naming_it(net, tmp_path, size):
         net.save_pretrained(tmp_path, max_shard_size=size)
 
 
+@pytest.mark.parametrize("dtype", ["float16", torch.int8, 16])
+def test_torch_dtype_that_is_no_float_dtype_is_a_value_error(net, tmp_path, dtype):
+    """A string went to ``Tensor.to`` as a device name ("Invalid device string: 'float16'")."""
+    net.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"torch_dtype.*{re.escape(repr(dtype))}"):
+        TinyNet.from_pretrained(tmp_path, torch_dtype=dtype)
+
+
+def test_unknown_from_pretrained_option_is_a_value_error(net, tmp_path):
+    """A misspelt option was ignored for a local folder (and made the hub download fail with a TypeError)."""
+    net.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="torch_dtyp"):
+        TinyNet.from_pretrained(tmp_path, torch_dtyp=torch.float16)
+
+
 def test_fp16_variant_and_dtype(net, tmp_path):
     net.half().save_pretrained(tmp_path, variant="fp16")
     assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()

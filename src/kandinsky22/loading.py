@@ -256,6 +256,17 @@ class ModelMixin(nn.Module):
 
         ``use_safetensors``: see :func:`weight_formats`; ``hub_kwargs``: ``snapshot_download``'s options
         (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...)."""
+        unknown = sorted(k for k in hub_kwargs if k not in HUB_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained got unknown options {unknown}; its options are subfolder, "
+                f"torch_dtype, variant, device, use_safetensors, {', '.join(HUB_OPTIONS)}"
+            )
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+            # `Tensor.to` would take a string for a device name ("Invalid device string: 'float16'")
+            raise ValueError(
+                f"`torch_dtype` must be a floating-point torch.dtype (e.g. torch.float16) or None, got {torch_dtype!r}"
+            )
         formats = weight_formats(use_safetensors)
         folder = resolve_folder(path_or_id, subfolder, weight_patterns(variant, formats), **hub_kwargs)
         config = read_json(folder / CONFIG_NAME)
