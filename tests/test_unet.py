@@ -218,6 +218,20 @@ def test_unsupported_config_raises(key, value, message):
         UNet2DConditionModel(**{**TINY, key: value})
 
 
+@pytest.mark.parametrize(("height", "width"), [(6, 8), (8, 10), (7, 7)])
+def test_latent_size_the_up_path_cannot_join_raises(height, width):
+    """H and W must be divisible by 2 ** (levels - 1) = 4 here: the reference fails deep in its up path, concatenating
+    a skip connection of another size."""
+    reference = build_reference(THREE_LEVELS)
+    sample, cond = make_inputs(THREE_LEVELS, batch=1, height=height, width=width)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"), torch.no_grad():
+        reference(sample, 1, None, added_cond_kwargs=cond)
+    torch.manual_seed(0)
+    ours = UNet2DConditionModel(**THREE_LEVELS)
+    with pytest.raises(ValueError, match=rf"divisible by 4, got shape \(1, 4, {height}, {width}\)"):
+        ours(sample, 1, added_cond_kwargs=cond)
+
+
 def test_missing_conditioning_raises():
     torch.manual_seed(0)
     image = UNet2DConditionModel(**VARIANTS["image"])
