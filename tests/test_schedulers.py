@@ -125,6 +125,11 @@ def test_add_noise_matches_reference(name: str) -> None:
         timesteps = torch.tensor([0, 999])
     expected = reference.add_noise(original, noise, timesteps)
     torch.testing.assert_close(scheduler.add_noise(original, noise, timesteps), expected, rtol=0, atol=1e-6)
+    # One timestep as a number or a 0-d tensor, for every sample (the reference takes a 1-d tensor only)
+    one = timesteps[:1]
+    expected = reference.add_noise(original, noise, one.expand(SHAPE[0]))
+    for timestep in (one[0], one.item()):
+        torch.testing.assert_close(scheduler.add_noise(original, noise, timestep), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", CLASS_NAMES)

@@ -300,8 +300,10 @@ class SigmaSchedulerMixin(SchedulerMixin):
         ``timesteps``, before the loop) unless a begin index is set, as the reference; then every sample takes the
         current step's σ, sliced on the device (no index copied from the host at each step)."""
         sigma = self._on_device(self.sigmas, like)
+        # A number or a 0-d tensor is one timestep, as add_noise of the DDPM family takes it
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
         if self._begin_index is None:
-            levels = sigma[[self._lookup(t) for t in torch.as_tensor(timesteps).tolist()]]
+            levels = sigma[[self._lookup(t) for t in timesteps.tolist()]]
         else:
             index = self._step_index if self._step_index is not None else self._begin_index
             levels = sigma[index : index + 1].expand(len(timesteps))
