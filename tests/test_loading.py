@@ -99,6 +99,36 @@ def test_unknown_from_pretrained_option_is_a_value_error(net, tmp_path):
         TinyNet.from_pretrained(tmp_path, torch_dtyp=torch.float16)
 
 
+def test_the_newer_of_a_single_file_and_shards_loads_as_in_the_reference(tmp_path):
+    """The reference saving unsharded, then sharded, into one folder leaves the single file next to the new shards,
+    and loads the shards; the single file's old weights were loaded instead."""
+    import diffusers
+
+    from kandinsky22 import VQModel
+    from kandinsky22.tiny import tiny_movq_config
+
+    torch.manual_seed(0)
+    old, new = diffusers.VQModel(**tiny_movq_config()), diffusers.VQModel(**tiny_movq_config())
+    old.save_pretrained(tmp_path)
+    new.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    assert_same_weights(VQModel.from_pretrained(tmp_path), diffusers.VQModel.from_pretrained(tmp_path))
+    assert_same_weights(VQModel.from_pretrained(tmp_path), new)
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_saving_again_replaces_the_weights_of_the_earlier_save(tmp_path, safe):
+    torch.manual_seed(0)
+    first, second = TinyNet(width=6, depth=3), TinyNet(width=6, depth=3)
+    first.save_pretrained(tmp_path, safe_serialization=safe, variant="v")
+    second.save_pretrained(tmp_path, safe_serialization=safe, variant="v", max_shard_size=200)
+    assert_same_weights(second, TinyNet.from_pretrained(tmp_path, variant="v"))
+    first.save_pretrained(tmp_path, safe_serialization=safe, variant="v")
+    assert_same_weights(first, TinyNet.from_pretrained(tmp_path, variant="v"))
+    ext = "safetensors" if safe else "bin"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", f"diffusion_pytorch_model.v.{ext}"]
+
+
 def test_fp16_variant_and_dtype(net, tmp_path):
     net.half().save_pretrained(tmp_path, variant="fp16")
     assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()

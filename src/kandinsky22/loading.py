@@ -133,23 +133,32 @@ def find_weight_files(
     folder: Path, variant: str | None = None, formats: Sequence[str] = ("safetensors", "bin")
 ) -> list[Path]:
     """The weight files of a model folder, in the order of ``formats`` (safetensors first, then .bin); sharded files
-    through their index."""
+    through their index.
+
+    A folder with both a single file and an index whose shards are all there was saved unsharded, then sharded (the
+    reference leaves the single file behind): the shards are the newer weights, which the reference loads too. An
+    index whose shards are gone is the stale one (the reference removes the shards, not the index)."""
     v = f".{variant}" if variant else ""
     for ext in formats:
         single = folder / f"{WEIGHTS_STEM}{v}.{ext}"
+        index = folder / f"{WEIGHTS_STEM}.{ext}.index{v}.json"
+        shards = _index_shards(index) if index.is_file() else []
+        missing = [str(s) for s in shards if not s.is_file()]
+        if shards and not missing:
+            return shards
         if single.is_file():
             return [single]
-        index = folder / f"{WEIGHTS_STEM}.{ext}.index{v}.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
-            missing = [str(s) for s in shards if not s.is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
-            return shards
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     wanted = " or ".join(f"{WEIGHTS_STEM}{v}.{ext}" for ext in formats) + " (or a sharded index)"
     raise FileNotFoundError(f"No weights '{wanted}' in '{folder}'. Files there: {present}")
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names, in order of first use."""
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [index.parent / name for name in dict.fromkeys(weight_map.values())]
 
 
 def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -310,6 +319,12 @@ class ModelMixin(nn.Module):
             else:
                 torch.save(tensors, path)
 
+        # The weights of an earlier save in this format and variant go first: a single file left next to new shards
+        # (or shards next to a new single file) would be found, and loaded, instead of the new weights.
+        stale_index = folder / f"{WEIGHTS_STEM}.{ext}.index{v}.json"
+        stale = [path for path in _index_shards(stale_index) if path.parent == folder] if stale_index.is_file() else []
+        for path in (*stale, stale_index, folder / f"{WEIGHTS_STEM}{v}.{ext}"):
+            path.unlink(missing_ok=True)
         shards = _split_shards(state, max_bytes)
         if len(shards) == 1:
             write(state, folder / f"{WEIGHTS_STEM}{v}.{ext}")
