@@ -9,6 +9,7 @@ import json
 import logging
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor as reference_randn_tensor
@@ -94,6 +95,21 @@ def test_save_and_load_round_trips_with_the_reference(name: str, tmp_path) -> No
     nested = getattr(ours, name).from_pretrained(tmp_path, subfolder="ours", steps_offset=0)
     if "steps_offset" in nested.config:  # a keyword that is not a hub option overrides the config
         assert nested.config.steps_offset == 0
+
+
+@pytest.mark.parametrize("name", [*CLASS_NAMES[:2], *SIGMA_CLASSES])
+def test_trained_betas_as_an_array_saves_like_the_reference(name: str, tmp_path) -> None:
+    """The reference documents ``trained_betas`` as an array and writes it as a list; saving (and repr) failed."""
+    betas = np.linspace(0.00085, 0.012, 1000)
+    getattr(diffusers, name)(trained_betas=betas).save_pretrained(tmp_path / "reference")
+    scheduler = getattr(ours, name)(trained_betas=betas)
+    scheduler.save_pretrained(tmp_path / "ours")
+    assert "trained_betas" in repr(scheduler)
+    written = json.loads((tmp_path / "ours" / "scheduler_config.json").read_text())
+    expected = json.loads((tmp_path / "reference" / "scheduler_config.json").read_text())
+    assert written["trained_betas"] == expected["trained_betas"]
+    loaded = getattr(ours, name).from_pretrained(tmp_path / "ours")
+    assert torch.equal(loaded.alphas_cumprod, scheduler.alphas_cumprod)
 
 
 def test_unknown_config_keys_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

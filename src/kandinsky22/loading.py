@@ -39,6 +39,18 @@ class Config(dict):
         raise AttributeError("Config is read-only; build a new model with from_config(config, **overrides)")
 
 
+def config_json(config: Mapping[str, Any], **dumps_kwargs: Any) -> str:
+    """``config`` as JSON; numpy arrays and scalars (e.g. ``trained_betas``, which the reference documents as an array)
+    and tensors are written as lists and numbers, as the reference writes arrays."""
+
+    def plain(value: Any) -> Any:
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+    return json.dumps(config, default=plain, **dumps_kwargs)
+
+
 class ModelOutput:
     """Base of the models' and schedulers' output dataclasses: attribute (``out.sample``), index (``out[0]``), key
     (``out["sample"]``) and tuple (``out.to_tuple()``) access, as the reference's outputs, whose ``[0]`` its own
@@ -308,7 +320,7 @@ class ModelMixin(nn.Module):
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": type(self).__name__, **self.config}
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (folder / CONFIG_NAME).write_text(config_json(config, indent=2, sort_keys=True) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         ext = "safetensors" if safe_serialization else "bin"
         v = f".{variant}" if variant else ""

@@ -11,7 +11,6 @@ A scheduler holds two kinds of state:
 from __future__ import annotations
 
 import copy as _copy
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..loading import Config, ModelOutput, read_json, resolve_folder
+from ..loading import Config, ModelOutput, config_json, read_json, resolve_folder
 from . import tables
 
 logger = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ class SchedulerMixin:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         data = {"_class_name": type(self).__name__, **self.config}
-        (folder / SCHEDULER_CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        (folder / SCHEDULER_CONFIG_NAME).write_text(config_json(data, indent=2, sort_keys=True) + "\n")
 
     @property
     def compatibles(self) -> list[type]:
@@ -135,7 +134,7 @@ class SchedulerMixin:
         return self.config.num_train_timesteps
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({json.dumps(dict(self.config), sort_keys=True)})"
+        return f"{type(self).__name__}({config_json(self.config, sort_keys=True)})"
 
     # -- validation helpers --------------------------------------------------------------------------------------
 
