@@ -271,6 +271,15 @@ def test_fast_path_input_errors() -> None:
         pipe.enable_fast_path(shapes=[(64,)])
     with pytest.raises(ValueError, match="shapes"):
         pipe.enable_fast_path(shapes=[(64, 64.0)])
+    # One shape without its list, or as text: a ValueError naming the value, not a TypeError from inside
+    with pytest.raises(ValueError, match=r"shapes.*\(64, 64\)"):
+        pipe.enable_fast_path(shapes=(64, 64))
+    with pytest.raises(ValueError, match="shapes.*'64x64'"):
+        pipe.enable_fast_path(shapes="64x64")
+    with pytest.raises(ValueError, match="shapes.*'64x64'"):
+        pipe.enable_fast_path(shapes=["64x64"])
+    with pytest.raises(ValueError, match="shapes=64"):
+        pipe.enable_fast_path(shapes=64)
     pipe.enable_sequential_cpu_offload(device="cpu")
     with pytest.raises(ValueError, match="sequential"):
         pipe.enable_fast_path()

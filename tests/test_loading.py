@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -64,6 +65,68 @@ def test_sharded_round_trip(net, tmp_path):
     assert len(shards) > 1
     assert find_weight_files(tmp_path) == [tmp_path / s for s in shards]
     assert_same_weights(net, TinyNet.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("size", ["20KB", "0.02MB", " 20kb "])
+def test_shard_size_as_the_reference_writes_it(size, tmp_path):
+    """The reference's max_shard_size is a string such as "10GB" (decimal units: 20KB = 20000 bytes)."""
+    torch.manual_seed(0)
+    net = TinyNet(width=40, depth=4)  # 6560 bytes a layer: three layers fit in 20000 bytes, not four
+    net.save_pretrained(tmp_path, max_shard_size=size)
+    index = json.loads((tmp_path / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2
+    assert_same_weights(net, TinyNet.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("size", ["10", "GB", "-1GB", "10GiB", 0, -5, 1.5, True])
+def test_bad_shard_size_is_a_value_error_naming_it(net, tmp_path, size):
+    with pytest.raises(ValueError, match=f"max_shard_size.*{re.escape(repr(size))}"):
+        net.save_pretrained(tmp_path, max_shard_size=size)
+
+
+@pytest.mark.parametrize("dtype", ["float16", torch.int8, 16])
+def test_torch_dtype_that_is_no_float_dtype_is_a_value_error(net, tmp_path, dtype):
+    """A string went to ``Tensor.to`` as a device name ("Invalid device string: 'float16'")."""
+    net.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"torch_dtype.*{re.escape(repr(dtype))}"):
+        TinyNet.from_pretrained(tmp_path, torch_dtype=dtype)
+
+
+def test_unknown_from_pretrained_option_is_a_value_error(net, tmp_path):
+    """A misspelt option was ignored for a local folder (and made the hub download fail with a TypeError)."""
+    net.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="torch_dtyp"):
+        TinyNet.from_pretrained(tmp_path, torch_dtyp=torch.float16)
+
+
+def test_the_newer_of_a_single_file_and_shards_loads_as_in_the_reference(tmp_path):
+    """The reference saving unsharded, then sharded, into one folder leaves the single file next to the new shards,
+    and loads the shards; the single file's old weights were loaded instead."""
+    import diffusers
+
+    from kandinsky22 import VQModel
+    from kandinsky22.tiny import tiny_movq_config
+
+    torch.manual_seed(0)
+    old, new = diffusers.VQModel(**tiny_movq_config()), diffusers.VQModel(**tiny_movq_config())
+    old.save_pretrained(tmp_path)
+    new.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    assert_same_weights(VQModel.from_pretrained(tmp_path), diffusers.VQModel.from_pretrained(tmp_path))
+    assert_same_weights(VQModel.from_pretrained(tmp_path), new)
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_saving_again_replaces_the_weights_of_the_earlier_save(tmp_path, safe):
+    torch.manual_seed(0)
+    first, second = TinyNet(width=6, depth=3), TinyNet(width=6, depth=3)
+    first.save_pretrained(tmp_path, safe_serialization=safe, variant="v")
+    second.save_pretrained(tmp_path, safe_serialization=safe, variant="v", max_shard_size=200)
+    assert_same_weights(second, TinyNet.from_pretrained(tmp_path, variant="v"))
+    first.save_pretrained(tmp_path, safe_serialization=safe, variant="v")
+    assert_same_weights(first, TinyNet.from_pretrained(tmp_path, variant="v"))
+    ext = "safetensors" if safe else "bin"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", f"diffusion_pytorch_model.v.{ext}"]
 
 
 def test_fp16_variant_and_dtype(net, tmp_path):

@@ -71,6 +71,7 @@ def test_encode_matches_reference(models, image):
     torch.testing.assert_close(latents, expected, atol=ATOL, rtol=0)
     (as_tuple,) = ours.encode(image, return_dict=False)
     assert torch.equal(as_tuple, latents)
+    torch.testing.assert_close(ours.encode(image)[0], ref.encode(image)[0], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("force_not_quantize", [True, False])
@@ -84,6 +85,8 @@ def test_decode_matches_reference(models, image, force_not_quantize, upsampling)
     torch.testing.assert_close(sample, expected, atol=ATOL, rtol=0)
     (as_tuple,) = ours.decode(z, force_not_quantize=force_not_quantize, return_dict=False)
     assert torch.equal(as_tuple, sample)
+    indexed = ours.decode(z, force_not_quantize=force_not_quantize)[0]  # as the reference's pipelines index it
+    torch.testing.assert_close(indexed, ref.decode(z, force_not_quantize=force_not_quantize)[0], atol=ATOL, rtol=0)
     if not force_not_quantize:  # the codebook lookup really changes the result, so this comparison tests it
         assert (sample - ours.decode(z, force_not_quantize=True).sample).abs().max() > 1e-2
 

@@ -67,6 +67,7 @@ def test_forward_matches_reference(models, timestep):
     torch.testing.assert_close(predicted, expected, atol=ATOL, rtol=ATOL)
     (as_tuple,) = ours(timestep=timestep, return_dict=False, **inputs)
     assert torch.equal(as_tuple, predicted)
+    torch.testing.assert_close(ours(timestep=timestep, **inputs)[0], expected, atol=ATOL, rtol=ATOL)
 
 
 @torch.no_grad()

@@ -4,10 +4,12 @@ an accelerator (never read), generator lists and the global RNG."""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor as reference_randn_tensor
@@ -95,6 +97,21 @@ def test_save_and_load_round_trips_with_the_reference(name: str, tmp_path) -> No
         assert nested.config.steps_offset == 0
 
 
+@pytest.mark.parametrize("name", [*CLASS_NAMES[:2], *SIGMA_CLASSES])
+def test_trained_betas_as_an_array_saves_like_the_reference(name: str, tmp_path) -> None:
+    """The reference documents ``trained_betas`` as an array and writes it as a list; saving (and repr) failed."""
+    betas = np.linspace(0.00085, 0.012, 1000)
+    getattr(diffusers, name)(trained_betas=betas).save_pretrained(tmp_path / "reference")
+    scheduler = getattr(ours, name)(trained_betas=betas)
+    scheduler.save_pretrained(tmp_path / "ours")
+    assert "trained_betas" in repr(scheduler)
+    written = json.loads((tmp_path / "ours" / "scheduler_config.json").read_text())
+    expected = json.loads((tmp_path / "reference" / "scheduler_config.json").read_text())
+    assert written["trained_betas"] == expected["trained_betas"]
+    loaded = getattr(ours, name).from_pretrained(tmp_path / "ours")
+    assert torch.equal(loaded.alphas_cumprod, scheduler.alphas_cumprod)
+
+
 def test_unknown_config_keys_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="kandinsky22"):
         scheduler = ours.DDPMScheduler.from_config({**DECODER, "made_up_key": 3, "_diffusers_version": "0.42.1"})
@@ -124,6 +141,11 @@ def test_add_noise_matches_reference(name: str) -> None:
         timesteps = torch.tensor([0, 999])
     expected = reference.add_noise(original, noise, timesteps)
     torch.testing.assert_close(scheduler.add_noise(original, noise, timesteps), expected, rtol=0, atol=1e-6)
+    # One timestep as a number or a 0-d tensor, for every sample (the reference takes a 1-d tensor only)
+    one = timesteps[:1]
+    expected = reference.add_noise(original, noise, one.expand(SHAPE[0]))
+    for timestep in (one[0], one.item()):
+        torch.testing.assert_close(scheduler.add_noise(original, noise, timestep), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", CLASS_NAMES)
@@ -287,6 +309,35 @@ def test_return_dict_false_gives_the_reference_tuples() -> None:
     dpm.set_timesteps(3)
     (prev_sample,) = dpm.step(sample, dpm.timesteps[0], sample, return_dict=False)
     assert prev_sample.shape == SHAPE
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_step_output_indexes_like_the_reference(name: str) -> None:
+    """The reference's own loops take ``scheduler.step(...)[0]``: its outputs index like a tuple of the fields that are
+    set, and like a dict."""
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for library in (diffusers, ours):
+        scheduler = getattr(library, name).from_config(NON_DEFAULT[name])
+        scheduler.set_timesteps(5)
+        t = scheduler.timesteps[0]
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        kwargs = {"generator": torch.Generator().manual_seed(1)} if takes_generator else {}
+        outputs.append(scheduler.step(stand_in_model(sample, t, 4), t, sample, **kwargs))
+    expected, got = outputs
+    assert len(got.to_tuple()) == len(expected.to_tuple())
+    for i in range(len(expected.to_tuple())):
+        torch.testing.assert_close(got[i], expected[i], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["prev_sample"], expected["prev_sample"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_compatibles_are_the_references_that_kandinsky22_has(name: str) -> None:
+    """``pipe.scheduler.compatibles`` lists the classes to swap to (the reference's, less those we do not have)."""
+    expected = {cls.__name__ for cls in getattr(diffusers, name)().compatibles} & set(CLASS_NAMES)
+    compatibles = getattr(ours, name)().compatibles
+    assert {cls.__name__ for cls in compatibles} == expected
+    assert all(cls is getattr(ours, cls.__name__) for cls in compatibles)
 
 
 def test_ddim_with_eta_draws_noise_like_the_reference() -> None:

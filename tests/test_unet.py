@@ -113,6 +113,11 @@ def test_parity_with_reference(variant, tmp_path, upsampling):
         as_output = ours(sample, 37, added_cond_kwargs=cond)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
     assert torch.equal(as_tuple[0], as_output.sample)
+    # The reference's loops index its output: unet(...)[0]
+    with torch.no_grad():
+        expected = reference(sample, 37, None, added_cond_kwargs=cond)[0]
+    torch.testing.assert_close(as_output[0], expected, atol=TOL, rtol=0)
+    assert torch.equal(as_output["sample"], as_output.sample)
 
 
 def test_parity_three_levels(tmp_path, upsampling):
@@ -211,6 +216,20 @@ def test_no_graph_breaks(variant, upsampling):
 def test_unsupported_config_raises(key, value, message):
     with pytest.raises(ValueError, match=rf"{key}.*{message}"):
         UNet2DConditionModel(**{**TINY, key: value})
+
+
+@pytest.mark.parametrize(("height", "width"), [(6, 8), (8, 10), (7, 7)])
+def test_latent_size_the_up_path_cannot_join_raises(height, width):
+    """H and W must be divisible by 2 ** (levels - 1) = 4 here: the reference fails deep in its up path, concatenating
+    a skip connection of another size."""
+    reference = build_reference(THREE_LEVELS)
+    sample, cond = make_inputs(THREE_LEVELS, batch=1, height=height, width=width)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"), torch.no_grad():
+        reference(sample, 1, None, added_cond_kwargs=cond)
+    torch.manual_seed(0)
+    ours = UNet2DConditionModel(**THREE_LEVELS)
+    with pytest.raises(ValueError, match=rf"divisible by 4, got shape \(1, 4, {height}, {width}\)"):
+        ours(sample, 1, added_cond_kwargs=cond)
 
 
 def test_missing_conditioning_raises():

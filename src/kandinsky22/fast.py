@@ -379,14 +379,19 @@ class CudaGraphCall:
 
 
 def _shape_list(shapes: Iterable[Sequence[int]] | None) -> list[tuple[int, int, int]]:
+    if isinstance(shapes, str) or not isinstance(shapes, (Iterable, type(None))):
+        raise ValueError(
+            f"`shapes` must be a list of (height, width) or (height, width, images_per_call), got shapes={shapes!r}"
+        )
     out = []
     for shape in shapes or ():
-        values = tuple(shape)
+        # Not taken apart: a lone (height, width) among them, or a "512x512" string, is an error
+        values = tuple(shape) if isinstance(shape, Sequence) and not isinstance(shape, str) else ()
         valid = len(values) in (2, 3) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
         if not valid:
             raise ValueError(
                 f"`shapes` entries must be (height, width) or (height, width, images_per_call) positive ints, got "
-                f"{shape!r}"
+                f"{shape!r} in shapes={shapes!r}"
             )
         out.append((*values, 1) if len(values) == 2 else values)
     return out

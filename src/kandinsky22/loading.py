@@ -6,6 +6,7 @@ so loading a 1.2 B-parameter UNet allocates each weight once (no random init, no
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -36,6 +37,37 @@ class Config(dict):
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Config is read-only; build a new model with from_config(config, **overrides)")
+
+
+def config_json(config: Mapping[str, Any], **dumps_kwargs: Any) -> str:
+    """``config`` as JSON; numpy arrays and scalars (e.g. ``trained_betas``, which the reference documents as an array)
+    and tensors are written as lists and numbers, as the reference writes arrays."""
+
+    def plain(value: Any) -> Any:
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+    return json.dumps(config, default=plain, **dumps_kwargs)
+
+
+class ModelOutput:
+    """Base of the models' and schedulers' output dataclasses: attribute (``out.sample``), index (``out[0]``), key
+    (``out["sample"]``) and tuple (``out.to_tuple()``) access, as the reference's outputs, whose ``[0]`` its own
+    loops use (``scheduler.step(...)[0]``, ``unet(...)[0]``). As there, a field left None is skipped."""
+
+    def to_tuple(self) -> tuple:
+        values = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return tuple(value for value in values if value is not None)
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            names = {field.name for field in dataclasses.fields(self)}
+            value = getattr(self, key) if key in names else None
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self.to_tuple()[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,23 +145,32 @@ def find_weight_files(
     folder: Path, variant: str | None = None, formats: Sequence[str] = ("safetensors", "bin")
 ) -> list[Path]:
     """The weight files of a model folder, in the order of ``formats`` (safetensors first, then .bin); sharded files
-    through their index."""
+    through their index.
+
+    A folder with both a single file and an index whose shards are all there was saved unsharded, then sharded (the
+    reference leaves the single file behind): the shards are the newer weights, which the reference loads too. An
+    index whose shards are gone is the stale one (the reference removes the shards, not the index)."""
     v = f".{variant}" if variant else ""
     for ext in formats:
         single = folder / f"{WEIGHTS_STEM}{v}.{ext}"
+        index = folder / f"{WEIGHTS_STEM}.{ext}.index{v}.json"
+        shards = _index_shards(index) if index.is_file() else []
+        missing = [str(s) for s in shards if not s.is_file()]
+        if shards and not missing:
+            return shards
         if single.is_file():
             return [single]
-        index = folder / f"{WEIGHTS_STEM}.{ext}.index{v}.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
-            missing = [str(s) for s in shards if not s.is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
-            return shards
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing[:3]}")
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     wanted = " or ".join(f"{WEIGHTS_STEM}{v}.{ext}" for ext in formats) + " (or a sharded index)"
     raise FileNotFoundError(f"No weights '{wanted}' in '{folder}'. Files there: {present}")
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names, in order of first use."""
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [index.parent / name for name in dict.fromkeys(weight_map.values())]
 
 
 def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -236,6 +277,17 @@ class ModelMixin(nn.Module):
 
         ``use_safetensors``: see :func:`weight_formats`; ``hub_kwargs``: ``snapshot_download``'s options
         (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...)."""
+        unknown = sorted(k for k in hub_kwargs if k not in HUB_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained got unknown options {unknown}; its options are subfolder, "
+                f"torch_dtype, variant, device, use_safetensors, {', '.join(HUB_OPTIONS)}"
+            )
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+            # `Tensor.to` would take a string for a device name ("Invalid device string: 'float16'")
+            raise ValueError(
+                f"`torch_dtype` must be a floating-point torch.dtype (e.g. torch.float16) or None, got {torch_dtype!r}"
+            )
         formats = weight_formats(use_safetensors)
         folder = resolve_folder(path_or_id, subfolder, weight_patterns(variant, formats), **hub_kwargs)
         config = read_json(folder / CONFIG_NAME)
@@ -255,18 +307,20 @@ class ModelMixin(nn.Module):
         save_directory: str | os.PathLike,
         variant: str | None = None,
         safe_serialization: bool = True,
-        max_shard_size: int | None = None,
+        max_shard_size: int | str | None = None,
     ) -> None:
         """Write ``config.json`` and the weights the way the reference does (readable by both libraries).
 
-        ``max_shard_size`` (bytes) splits the weights into shards with an index file.
+        ``max_shard_size`` (bytes, or a size such as ``"10GB"`` as the reference takes it) splits the weights into
+        shards with an index file.
         """
         from safetensors.torch import save_file
 
+        max_bytes = shard_size_bytes(max_shard_size)
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": type(self).__name__, **self.config}
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (folder / CONFIG_NAME).write_text(config_json(config, indent=2, sort_keys=True) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         ext = "safetensors" if safe_serialization else "bin"
         v = f".{variant}" if variant else ""
@@ -277,7 +331,13 @@ class ModelMixin(nn.Module):
             else:
                 torch.save(tensors, path)
 
-        shards = _split_shards(state, max_shard_size)
+        # The weights of an earlier save in this format and variant go first: a single file left next to new shards
+        # (or shards next to a new single file) would be found, and loaded, instead of the new weights.
+        stale_index = folder / f"{WEIGHTS_STEM}.{ext}.index{v}.json"
+        stale = [path for path in _index_shards(stale_index) if path.parent == folder] if stale_index.is_file() else []
+        for path in (*stale, stale_index, folder / f"{WEIGHTS_STEM}{v}.{ext}"):
+            path.unlink(missing_ok=True)
+        shards = _split_shards(state, max_bytes)
         if len(shards) == 1:
             write(state, folder / f"{WEIGHTS_STEM}{v}.{ext}")
             return
@@ -302,6 +362,31 @@ class ModelMixin(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# The reference's size units (huggingface_hub's): decimal, so "10GB" is 10**10 bytes.
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def shard_size_bytes(max_shard_size: int | str | None) -> int | None:
+    """``max_shard_size`` in bytes: None (no sharding), an int, or a number with a unit ("10GB", "500MB")."""
+    if max_shard_size is None:
+        return None
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
+        return max_shard_size
+    if isinstance(max_shard_size, str):
+        text = max_shard_size.strip()
+        unit = _SIZE_UNITS.get(text[-2:].upper())
+        try:
+            value = float(text[:-2])
+        except ValueError:
+            value = 0.0
+        if unit is not None and value * unit >= 1:
+            return int(value * unit)
+    raise ValueError(
+        f"max_shard_size must be a positive number of bytes or a size such as '10GB' (units KB, MB, GB, TB), "
+        f"got {max_shard_size!r}"
+    )
 
 
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading import Config, ModelMixin
+from ..loading import Config, ModelMixin, ModelOutput
 from .layers import FusibleProjections, UpsampleConv2d
 from .norms import group_norm_nhwc, norm_act, uses_triton
 from .residual import conv_before_norm, conv_residual
@@ -30,12 +30,12 @@ NORM_EPS = 1e-6
 
 
 @dataclass
-class VQEncoderOutput:
+class VQEncoderOutput(ModelOutput):
     latents: torch.Tensor
 
 
 @dataclass
-class DecoderOutput:
+class DecoderOutput(ModelOutput):
     sample: torch.Tensor
 
 

@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading import Config, ModelMixin
+from ..loading import Config, ModelMixin, ModelOutput
 from .layers import FusibleProjections
 
 MASK_VALUE = -10000.0  # the reference's additive mask value (not -inf), kept for bit-compatible attention
 
 
 @dataclass
-class PriorTransformerOutput:
+class PriorTransformerOutput(ModelOutput):
     predicted_image_embedding: torch.Tensor
 
 

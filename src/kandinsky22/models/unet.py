@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky22.loading import ModelMixin
+from kandinsky22.loading import ModelMixin, ModelOutput
 from kandinsky22.models.layers import AddedKVAttention, ContextKV, ResnetBlock2D, TimestepEmbedding, Timesteps
 from kandinsky22.models.norms import norm_act
 
@@ -53,7 +53,7 @@ _ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(ModelOutput):
     sample: torch.Tensor  # (B, out_channels, H, W)
 
 
@@ -548,6 +548,13 @@ class UNet2DConditionModel(ModelMixin):
         ``encoder_hidden_states`` is ignored, as in the reference: the context tokens come from ``image_embeds``.
         H and W must be divisible by 2 ** (levels - 1).
         """
+        factor = 2 ** (len(self.down_blocks) - 1)
+        if sample.ndim != 4 or sample.shape[-2] % factor or sample.shape[-1] % factor:
+            # Otherwise a size mismatch deep in the up path, where a skip connection is concatenated
+            raise ValueError(
+                f"UNet2DConditionModel needs a sample (B, C, H, W) with H and W divisible by {factor}, got shape "
+                f"{tuple(sample.shape)}"
+            )
         if conditioning is None:
             conditioning = self.prepare_conditioning(added_cond_kwargs)
         if conditioning.hint is not None:

@@ -11,7 +11,6 @@ A scheduler holds two kinds of state:
 from __future__ import annotations
 
 import copy as _copy
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..loading import Config, read_json, resolve_folder
+from ..loading import Config, ModelOutput, config_json, read_json, resolve_folder
 from . import tables
 
 logger = logging.getLogger(__name__)
@@ -34,10 +33,12 @@ _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_down
 # Config keys of every scheduler class: a class carries the ones it does not use without a warning, so that
 # ``B.from_config(a.config)`` swaps samplers quietly (the reference's "compatibles" rule).
 _ALL_SCHEDULER_KEYS: set[str] = set()
+# The scheduler classes, in definition order, for ``compatibles``.
+_SCHEDULER_CLASSES: list[type] = []
 
 
 @dataclass
-class SchedulerOutput:
+class SchedulerOutput(ModelOutput):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
 
@@ -49,6 +50,8 @@ class SchedulerMixin:
 
     config_defaults: ClassVar[dict[str, Any]] = {}
     order: ClassVar[int] = 1
+    # Classes of one family swap configs with each other (the reference's ``_compatibles``); UnCLIP is alone in its.
+    _family: ClassVar[str] = "diffusion"
     config: Config
     timesteps: torch.Tensor
     num_inference_steps: int | None
@@ -56,6 +59,8 @@ class SchedulerMixin:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _ALL_SCHEDULER_KEYS.update(cls.config_defaults)
+        if "config_defaults" in cls.__dict__:  # a scheduler, not a shared base
+            _SCHEDULER_CLASSES.append(cls)
 
     def __init__(self, **config: Any) -> None:
         unknown = sorted(k for k in config if k not in _ALL_SCHEDULER_KEYS and not k.startswith("_"))
@@ -112,7 +117,13 @@ class SchedulerMixin:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         data = {"_class_name": type(self).__name__, **self.config}
-        (folder / SCHEDULER_CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        (folder / SCHEDULER_CONFIG_NAME).write_text(config_json(data, indent=2, sort_keys=True) + "\n")
+
+    @property
+    def compatibles(self) -> list[type]:
+        """The scheduler classes that can take this one's place with ``from_config(scheduler.config)``: the
+        reference's list, less the samplers kandinsky22 does not have."""
+        return [cls for cls in _SCHEDULER_CLASSES if cls._family == self._family]
 
     def copy(self):
         """An independent scheduler in the same state, for one more concurrent run. Cheap: the tables are shared
@@ -123,7 +134,7 @@ class SchedulerMixin:
         return self.config.num_train_timesteps
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({json.dumps(dict(self.config), sort_keys=True)})"
+        return f"{type(self).__name__}({config_json(self.config, sort_keys=True)})"
 
     # -- validation helpers --------------------------------------------------------------------------------------
 
@@ -288,8 +299,10 @@ class SigmaSchedulerMixin(SchedulerMixin):
         ``timesteps``, before the loop) unless a begin index is set, as the reference; then every sample takes the
         current step's σ, sliced on the device (no index copied from the host at each step)."""
         sigma = self._on_device(self.sigmas, like)
+        # A number or a 0-d tensor is one timestep, as add_noise of the DDPM family takes it
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
         if self._begin_index is None:
-            levels = sigma[[self._lookup(t) for t in torch.as_tensor(timesteps).tolist()]]
+            levels = sigma[[self._lookup(t) for t in timesteps.tolist()]]
         else:
             index = self._step_index if self._step_index is not None else self._begin_index
             levels = sigma[index : index + 1].expand(len(timesteps))

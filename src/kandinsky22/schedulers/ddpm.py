@@ -215,6 +215,7 @@ class UnCLIPScheduler(SchedulerMixin):
         "beta_schedule": "squaredcos_cap_v2",
     }
     init_noise_sigma = 1.0
+    _family = "unclip"
 
     def _check_config(self) -> None:
         self._require_choice("beta_schedule", ("squaredcos_cap_v2",))
