@@ -341,21 +341,21 @@ class Pipeline:
         save_directory: str | os.PathLike,
         safe_serialization: bool = True,
         variant: str | None = None,
-        max_shard_size: int | None = None,
+        max_shard_size: int | str | None = None,
     ) -> None:
         """Write ``model_index.json`` and one folder per component, in the layout the reference loads.
 
         As the reference, each option goes to the components whose ``save_pretrained`` takes it: ``variant`` names
         the weight files (``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16.safetensors``; load them with
         ``variant="fp16"``), ``safe_serialization=False`` writes ``.bin`` files for the diffusion models (the CLIP
-        encoders of transformers 5 always write safetensors), ``max_shard_size`` (bytes) splits large weights.
+        encoders of transformers 5 always write safetensors), ``max_shard_size`` (bytes, or a size such as ``"10GB"``)
+        splits large weights.
         """
         if not isinstance(safe_serialization, bool):
             raise ValueError(f"`safe_serialization` must be True or False, got {safe_serialization!r}")
         if variant is not None and (not isinstance(variant, str) or not variant):
             raise ValueError(f"`variant` must be a name such as 'fp16' or None, got {variant!r}")
-        if max_shard_size is not None:
-            check_positive_int("max_shard_size", max_shard_size)
+        loading.shard_size_bytes(max_shard_size)  # checked before anything is written
         options = {"safe_serialization": safe_serialization, "variant": variant, "max_shard_size": max_shard_size}
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
