@@ -78,7 +78,7 @@ def test_shard_size_as_the_reference_writes_it(size, tmp_path):
     assert_same_weights(net, TinyNet.from_pretrained(tmp_path))
 
 
-@pytest.mark.parametrize("size", ["10", "GB", "-1GB", "10GiB", 0, -5, 1.5, True])
+@pytest.mark.parametrize("size", ["10", "GB", "-1GB", "10GiB", "infGB", "nanMB", 0, -5, 1.5, True])
 def test_bad_shard_size_is_a_value_error_naming_it(net, tmp_path, size):
     with pytest.raises(ValueError, match=f"max_shard_size.*{re.escape(repr(size))}"):
         net.save_pretrained(tmp_path, max_shard_size=size)

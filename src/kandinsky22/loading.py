@@ -10,6 +10,7 @@ import dataclasses
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -381,7 +382,7 @@ def shard_size_bytes(max_shard_size: int | str | None) -> int | None:
             value = float(text[:-2])
         except ValueError:
             value = 0.0
-        if unit is not None and value * unit >= 1:
+        if unit is not None and math.isfinite(value) and value * unit >= 1:
             return int(value * unit)
     raise ValueError(
         f"max_shard_size must be a positive number of bytes or a size such as '10GB' (units KB, MB, GB, TB), "
