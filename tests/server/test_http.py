@@ -288,6 +288,11 @@ def test_a_size_not_given_stays_within_max_side(server):
         assert (created.json()["width"], created.json()["height"]) == size
         job = server.wait(created.json()["id"], {"succeeded", "failed", "cancelled"})
         assert job["status"] == "succeeded", job["error"]
+    # The OpenAI route too: a request without "size" got 512x512 and a 400 under a smaller --max-side.
+    response = server.request("POST", "/v1/images/generations", {"prompt": "x", **FAST})
+    assert response.status == 200, response.body
+    image = PIL.Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+    assert image.size == (256, 256)
 
 
 def test_a_mix_text_naming_a_server_file_is_a_text(server, tmp_path):

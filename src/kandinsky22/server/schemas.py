@@ -79,7 +79,9 @@ class ImageGenerationRequest(_Request):
     """OpenAI ``POST /v1/images/generations`` plus our sampling fields."""
 
     n: int = 1
-    size: str = Field("512x512", description="WIDTHxHEIGHT in pixels.")
+    size: str | None = Field(
+        None, description="WIDTHxHEIGHT in pixels (default 512x512, or the max_side square of /v1/models if smaller)."
+    )
     response_format: Literal["b64_json", "url"] = "b64_json"
     # Sent by OpenAI clients; this server has one model and no quality or style presets, so they are accepted and
     # ignored rather than rejected.
@@ -218,7 +220,7 @@ def parse_job_request(fields: dict[str, Any]) -> JobRequest:
 
 
 def generation_to_job(req: ImageGenerationRequest, limits: Limits) -> Job:
-    width, height = parse_size(req.size)
+    width, height = (None, None) if req.size is None else parse_size(req.size)  # None: the default, within max_side
     _check_limits(req, req.n, width, height, limits)
     return _validated(Job(task="text2img", width=width, height=height, num_images=req.n, **_common(req)))
 
