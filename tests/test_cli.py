@@ -340,6 +340,18 @@ def test_offline_hub_exits_1_naming_the_repository(tmp_path: Path) -> None:
     assert "Could not get 'kandinsky-community/kandinsky-2-2-prior'" in error and "local folder" in hint
 
 
+def test_unreachable_hub_is_the_whole_message_on_one_line(tmp_path: Path) -> None:
+    # A refused connection (a local port: no network needed) gives huggingface_hub's message over several lines; the
+    # error line was its first line, cut inside a parenthesis, without the "download it elsewhere" advice.
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = run("generate", "a red cat", "--quiet", "-o", "x.png", cwd=tmp_path, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error, hint = result.stderr.splitlines()
+    assert "Could not get 'kandinsky-community/kandinsky-2-2-prior'" in error and "Connection refused" in error
+    assert error.count("(") == error.count(")") and "huggingface-cli download" in error
+    assert "local folder" in hint
+
+
 def test_argument_errors_come_back_without_importing_torch(tmp_path: Path) -> None:
     code = (
         "import sys; import kandinsky22.cli as cli; "

@@ -689,7 +689,12 @@ def _failure_of(err: BaseException) -> RuntimeFailure:
             text, f"check the path; for models pass a folder or a hub id (`{PROG} make-tiny DIR` makes offline ones)"
         )
     if isinstance(err, OSError):
-        return RuntimeFailure(text, "check the network and the hub id, or pass a local folder with --prior/--decoder")
+        # A hub failure quotes huggingface_hub's message, which runs over several lines: its first line alone stops
+        # mid-sentence, before the advice. All of it, on one line.
+        return RuntimeFailure(
+            " ".join(str(err).split()) or text,
+            "check the network and the hub id, or pass a local folder with --prior/--decoder",
+        )
     return RuntimeFailure(f"{type(err).__name__}: {text}", "run again with --debug for the traceback")
 
 
