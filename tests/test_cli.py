@@ -352,6 +352,16 @@ def test_unreachable_hub_is_the_whole_message_on_one_line(tmp_path: Path) -> Non
     assert "local folder" in hint
 
 
+def test_an_unavailable_device_exits_1_with_a_hint_about_device(tmp_path: Path, tiny: dict[str, str]) -> None:
+    # The hint was "run again with --debug for the traceback", which says nothing about what to do.
+    models = ["--prior", tiny["prior"], "--decoder", tiny["decoder"]]
+    result = run("generate", "x", *models, *FAST, "--device", "cuda:99", "-o", "x.png", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error, hint = result.stderr.splitlines()
+    assert "device 'cuda:99' is not available" in error
+    assert "--device auto" in hint and "--device cpu" in hint
+
+
 def test_argument_errors_come_back_without_importing_torch(tmp_path: Path) -> None:
     code = (
         "import sys; import kandinsky22.cli as cli; "

@@ -31,6 +31,7 @@ from kandinsky22.jobs import (
     MIN_PRIOR_STEPS,
     MIN_SIDE,
     SCHEDULERS,
+    DeviceUnavailable,
     Job,
     mix_item_kind,
 )
@@ -684,6 +685,8 @@ def _failure_of(err: BaseException) -> RuntimeFailure:
             f"out of memory: {text}",
             "try --dtype fp16, a smaller --width/--height, a smaller --batch-size or --num-images, or --device cpu",
         )
+    if isinstance(err, DeviceUnavailable):
+        return RuntimeFailure(text, "use --device auto (CUDA, else mps, else the CPU) or --device cpu")
     if isinstance(err, FileNotFoundError):
         return RuntimeFailure(
             text, f"check the path; for models pass a folder or a hub id (`{PROG} make-tiny DIR` makes offline ones)"
