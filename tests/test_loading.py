@@ -212,3 +212,22 @@ def test_unknown_config_keys_warn(caplog):
         model = TinyNet.from_config({"width": 2, "depth": 1, "colour": "red", "_diffusers_version": "0.1"})
     assert "colour" in caplog.text and "_diffusers_version" not in caplog.text
     assert model.config == {"width": 2, "depth": 1}
+
+
+def test_a_hub_failure_is_one_message_with_its_lines_kept_apart(monkeypatch):
+    """huggingface_hub's messages run over several lines; quoted as they were, a one-line error ran their sentences
+    together ("... not known An error happened ...")."""
+    import huggingface_hub
+
+    from kandinsky22 import loading
+
+    def fail(*args, **kwargs):
+        raise ConnectionError("Name or service not known\n\nAn error happened while trying to locate the files")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(OSError) as info:
+        loading.download_from_hub("owner/repo", ["*.json"])
+    assert "\n" not in str(info.value)
+    assert "(ConnectionError: Name or service not known; An error happened while trying to locate the files)" in str(
+        info.value
+    )

@@ -118,8 +118,9 @@ def download_from_hub(repo_id: str, allow_patterns: list[str], revision: str | N
     try:
         return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, revision=revision, **hub_kwargs))
     except Exception as err:  # network, auth, offline mode, missing repo: all end the same way for the user
+        detail = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())  # its lines, on one
         raise OSError(
-            f"Could not get '{repo_id}' from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            f"Could not get '{repo_id}' from the Hugging Face Hub ({type(err).__name__}: {detail}). "
             f"If you are offline, download it elsewhere (e.g. `huggingface-cli download {repo_id}`) and pass the "
             "local folder instead of the hub id."
         ) from err
