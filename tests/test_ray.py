@@ -253,3 +253,29 @@ def test_the_ingress_queue_runs_one_call_per_model_replica_at_once() -> None:
         assert queue.stats()["batch_sizes"] == {1: 2}
     finally:
         queue.stop(timeout=10)
+
+
+def test_a_ray_address_that_is_malformed_or_where_nothing_listens_is_an_error_naming_it(
+    tiny_repos: dict[str, Path], tmp_path: Path
+) -> None:
+    """``ray.init`` at an address where nothing listens retried for ever, deaf to Ctrl-C and SIGTERM; a malformed one
+    ended as a bare ``ValueError`` with the --debug hint."""
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job_line(1)])
+    base = [*COMMAND, "batch", str(jobs), "--out", str(tmp_path / "out"), *models(tiny_repos), "--quiet"]
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    for command in (base, [*COMMAND, "serve", *models(tiny_repos)]):
+        unreachable = subprocess.run(
+            [*command, "--ray", f"127.0.0.1:{port}"], env={**env, **ENV}, capture_output=True, text=True, timeout=120
+        )
+        assert unreachable.returncode == 1, unreachable.stderr
+        assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers at" in unreachable.stderr
+    malformed = subprocess.run(
+        [*base, "--ray", "nonsense"], env={**env, **ENV}, capture_output=True, text=True, timeout=120
+    )
+    assert malformed.returncode == 2, malformed.stderr
+    assert "error: --ray 'nonsense' is not a Ray address: Invalid address format: nonsense" in malformed.stderr
