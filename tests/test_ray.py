@@ -279,3 +279,51 @@ def test_a_ray_address_that_is_malformed_or_where_nothing_listens_is_an_error_na
     )
     assert malformed.returncode == 2, malformed.stderr
     assert "error: --ray 'nonsense' is not a Ray address: Invalid address format: nonsense" in malformed.stderr
+
+
+def test_serve_on_ray_says_why_when_the_model_replicas_cannot_load_the_models(
+    ray_address: str, tiny_repos: dict[str, Path], tmp_path: Path
+) -> None:
+    """A decoder folder without a model: with --min-replicas 1 the command failed with Ray's "Deploying application
+    kandinsky22 failed" and not the cause; with --min-replicas 0 the server said "loading" for ever and its jobs waited
+    for ever. Now as on the plain server: the replica's error, and /v1/health says "error" with it."""
+    broken = ["--prior", str(tiny_repos["prior"]), "--decoder", str(tmp_path), "--device", "cpu"]
+    command = [*COMMAND, "serve", "--port", "0", *broken, "--ray", ray_address, "--cpus-per-replica", "1"]
+    cause = f"the model replicas could not start: FileNotFoundError: No 'model_index.json' in '{tmp_path}'"
+    failed = subprocess.run(command, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1 and f"kandinsky22 serve: error: {cause}" in failed.stderr, failed.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        [*command, "--min-replicas", "0"],
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        base = read_listening(proc, lines)
+        health: dict[str, Any] = {}
+        for _ in range(180):  # the replica is started by the first call: loading, then the load's outcome
+            _, health = request(f"{base}/v1/health")
+            if health["status"] != "loading":
+                break
+            time.sleep(1)
+        assert health["status"] == "error" and health["error"] == f"RuntimeError: {cause}", health
+        status, body = request(f"{base}/v1/images/generations", {"prompt": "a red cat", "size": "64x64"})
+        assert status == 503 and cause in body["error"]["message"], body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
