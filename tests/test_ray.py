@@ -253,3 +253,77 @@ def test_the_ingress_queue_runs_one_call_per_model_replica_at_once() -> None:
         assert queue.stats()["batch_sizes"] == {1: 2}
     finally:
         queue.stop(timeout=10)
+
+
+def test_a_ray_address_that_is_malformed_or_where_nothing_listens_is_an_error_naming_it(
+    tiny_repos: dict[str, Path], tmp_path: Path
+) -> None:
+    """``ray.init`` at an address where nothing listens retried for ever, deaf to Ctrl-C and SIGTERM; a malformed one
+    ended as a bare ``ValueError`` with the --debug hint."""
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job_line(1)])
+    base = [*COMMAND, "batch", str(jobs), "--out", str(tmp_path / "out"), *models(tiny_repos), "--quiet"]
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    for command in (base, [*COMMAND, "serve", *models(tiny_repos)]):
+        unreachable = subprocess.run(
+            [*command, "--ray", f"127.0.0.1:{port}"], env={**env, **ENV}, capture_output=True, text=True, timeout=120
+        )
+        assert unreachable.returncode == 1, unreachable.stderr
+        assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers at" in unreachable.stderr
+    malformed = subprocess.run(
+        [*base, "--ray", "nonsense"], env={**env, **ENV}, capture_output=True, text=True, timeout=120
+    )
+    assert malformed.returncode == 2, malformed.stderr
+    assert "error: --ray 'nonsense' is not a Ray address: Invalid address format: nonsense" in malformed.stderr
+
+
+def test_serve_on_ray_says_why_when_the_model_replicas_cannot_load_the_models(
+    ray_address: str, tiny_repos: dict[str, Path], tmp_path: Path
+) -> None:
+    """A decoder folder without a model: with --min-replicas 1 the command failed with Ray's "Deploying application
+    kandinsky22 failed" and not the cause; with --min-replicas 0 the server said "loading" for ever and its jobs waited
+    for ever. Now as on the plain server: the replica's error, and /v1/health says "error" with it."""
+    broken = ["--prior", str(tiny_repos["prior"]), "--decoder", str(tmp_path), "--device", "cpu"]
+    command = [*COMMAND, "serve", "--port", "0", *broken, "--ray", ray_address, "--cpus-per-replica", "1"]
+    cause = f"the model replicas could not start: FileNotFoundError: No 'model_index.json' in '{tmp_path}'"
+    failed = subprocess.run(command, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1 and f"kandinsky22 serve: error: {cause}" in failed.stderr, failed.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        [*command, "--min-replicas", "0"],
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        base = read_listening(proc, lines)
+        health: dict[str, Any] = {}
+        for _ in range(180):  # the replica is started by the first call: loading, then the load's outcome
+            _, health = request(f"{base}/v1/health")
+            if health["status"] != "loading":
+                break
+            time.sleep(1)
+        assert health["status"] == "error" and health["error"] == f"RuntimeError: {cause}", health
+        status, body = request(f"{base}/v1/images/generations", {"prompt": "a red cat", "size": "64x64"})
+        assert status == 503 and cause in body["error"]["message"], body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0

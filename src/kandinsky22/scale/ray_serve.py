@@ -73,7 +73,7 @@ def _deploy_and_wait(ray: Any, args: argparse.Namespace, config: ServerConfig) -
     from ray import serve
 
     from kandinsky22.scale import default_gpus
-    from kandinsky22.scale.serve_app import APP_NAME, ReplicaOptions, build_app
+    from kandinsky22.scale.serve_app import APP_NAME, ReplicaOptions, build_app, replica_error
 
     replicas = ReplicaOptions(
         min_replicas=args.min_replicas,
@@ -86,11 +86,35 @@ def _deploy_and_wait(ray: Any, args: argparse.Namespace, config: ServerConfig) -
     # Ray Serve's proxy needs a port number: --port 0 takes one that is free now.
     port = args.port or _free_port(args.host)
     serve.start(http_options={"host": args.host, "port": port})
+    # Serve outlives the command on the cluster (a second run finds it running) and keeps the address it started
+    # with, ignoring the one asked for here: serve there, or say so when a given address cannot be had.
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (args.host, port):
+        if args.port:
+            from kandinsky22.cli import RuntimeFailure
+
+            raise RuntimeFailure(
+                f"Ray Serve already runs on this cluster, on {http.host}:{http.port}, not --host {args.host} "
+                f"--port {args.port}",
+                f"pass --host {http.host} --port {http.port}, or --port 0, or stop it first (`serve shutdown`)",
+            )
+        port = http.port
+    host = http.host
     # SIGTERM ends the process through the `finally` below, so the application does not outlive the command.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        serve.run(build_app(config, replicas), name=APP_NAME, route_prefix="/")
-        shown = f"[{args.host}]" if ":" in args.host else args.host
+        try:
+            serve.run(build_app(config, replicas), name=APP_NAME, route_prefix="/")
+        except RuntimeError as err:  # "Deploying application … failed": the replicas' own error says why
+            from kandinsky22.cli import RuntimeFailure
+
+            raise RuntimeFailure(
+                f"the model replicas could not start: {replica_error() or err}",
+                "check --prior and the decoders: folders readable on every node, or hub ids (--debug shows more)",
+            ) from err
+        shown = f"[{host}]" if ":" in host else host
         print(
             f"{PROG}: listening on http://{shown}:{port}/ (Ray Serve application '{APP_NAME}', "
             f"{replicas.min_replicas} to {replicas.max_replicas} model replica(s) with "

@@ -15,6 +15,7 @@ This module imports ray; only ``--ray`` imports it (see :mod:`kandinsky22.scale.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ APP_NAME = "kandinsky22"
 # job, so Ray Serve's default (5) would stall even health checks behind five waiting clients; the server's own
 # --max-queue is what limits the work.
 INGRESS_MAX_ONGOING_REQUESTS = 1000
+# While the ingress waits for a first model replica, it checks this often whether Ray Serve gave up starting one.
+REPLICA_POLL_S = 2.0
 
 
 @dataclass
@@ -106,8 +109,19 @@ class Ingress:
     def _loader(self, config: ServerConfig, info: dict[str, Any]) -> Callable[[], RunBatch]:
         def load() -> RunBatch:
             # Waits for a replica to be up (with --min-replicas 0, this starts one): /v1/health says ready after it.
-            info.update(self.model.describe.remote().result())
-            return self._run_batch
+            # A replica that cannot load the models leaves the call waiting for ever; Ray Serve marks the deployment
+            # unhealthy then, which fails the load as on the plain server (/v1/health says why, jobs fail).
+            response = self.model.describe.remote()
+            while True:
+                try:
+                    info.update(response.result(timeout_s=REPLICA_POLL_S))
+                    return self._run_batch
+                except TimeoutError:
+                    if _model_status() in ("UNHEALTHY", "DEPLOY_FAILED"):
+                        response.cancel()
+                        raise RuntimeError(
+                            f"the model replicas could not start: {replica_error() or 'see the Ray Serve logs'}"
+                        ) from None
 
         return load
 
@@ -128,6 +142,29 @@ class Ingress:
             # The replica's own exception, so a failed job reads as on the plain server ("ValueError: …").
             raise err.cause from None
         raise RuntimeError("the model replica ended the call without a result")
+
+
+def _model_deployment() -> Any:
+    return serve.status().applications[APP_NAME].deployments["Model"]
+
+
+def _model_status() -> str | None:
+    try:
+        status = _model_deployment().status
+        return str(getattr(status, "value", status))
+    except Exception:  # no status (yet): keep waiting
+        return None
+
+
+def replica_error() -> str | None:
+    """The last line of the exception a model replica raised while starting (Ray Serve keeps its traceback)."""
+    try:
+        message = _model_deployment().message or ""
+    except Exception:  # the status is a courtesy: without it the error reads as Ray's
+        return None
+    lines = [line.strip() for line in message.splitlines()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b[^:]*: ", line)]
+    return errors[-1] if errors else None
 
 
 def build_app(config: ServerConfig, replicas: ReplicaOptions) -> Any:
