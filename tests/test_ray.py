@@ -90,6 +90,16 @@ def models(repos: dict[str, Path]) -> list[str]:
     return ["--prior", str(repos["prior"]), "--decoder", str(repos["decoder"])]
 
 
+def _interrupt(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops the command; killed if it has not ended within two minutes."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def test_batch_on_ray_resumes_survives_a_killed_worker_and_matches_one_process(
     ray_address: str, tiny_repos: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -216,12 +226,7 @@ def test_serve_on_ray_answers_health_and_generation_like_the_plain_server(
             status == 200 and models_body["device"] == "cpu" and models_body["tasks"] == ["text2img", "img2img", "mix"]
         )
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _interrupt(proc)
     assert proc.returncode == 0, "".join(output[-30:])
     from ray import serve
 
@@ -320,10 +325,5 @@ def test_serve_on_ray_says_why_when_the_model_replicas_cannot_load_the_models(
         status, body = request(f"{base}/v1/images/generations", {"prompt": "a red cat", "size": "64x64"})
         assert status == 503 and cause in body["error"]["message"], body
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _interrupt(proc)
     assert proc.returncode == 0
