@@ -156,7 +156,8 @@ def image_to_tensor(
     """``image`` as a (B, 3, H, W) float32 tensor in [-1, 1].
 
     PIL images are always resized to ``size`` = (height, width). Arrays and tensors are resized (nearest), each item
-    on its own, only when ``resize`` is true; otherwise they keep their size and the caller checks it with :func:`check_sizes`.
+    on its own, only when ``resize`` is true; otherwise they keep their size and the caller checks it with
+    :func:`check_sizes`.
     ``unit_tensors``: a tensor with no negative value is in [0, 1] and is mapped to [-1, 1] — the reference's rule
     for img2img (its ``VaeImageProcessor`` normalizes a tensor unless its minimum is negative).
     """
