@@ -352,3 +352,169 @@ def test_ddim_with_eta_draws_noise_like_the_reference() -> None:
         results.append((sample, torch.randn(3, generator=generator)))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
     assert torch.equal(results[1][1], results[0][1])
+
+
+def test_signatures_take_the_reference_arguments_in_its_order() -> None:
+    """Code written for the reference runs unchanged: ``set_timesteps`` and ``step`` take every argument the
+    reference's do, at the same position and with the same default (so positional calls mean the same);
+    kandinsky22's extras are keyword-only."""
+    for name in CLASS_NAMES:
+        for method in ("set_timesteps", "step"):
+            reference = list(inspect.signature(getattr(getattr(diffusers, name), method)).parameters.values())[1:]
+            params = list(inspect.signature(getattr(getattr(ours, name), method)).parameters.values())[1:]
+            positional = [p for p in params if p.kind != inspect.Parameter.KEYWORD_ONLY]
+            expected = [(p.name, p.default) for p in reference]
+            assert [(p.name, p.default) for p in positional] == expected, f"{name}.{method}"
+
+
+DPM_PLAIN = {**DECODER, "timestep_spacing": "linspace"}
+# (class, set_timesteps keywords, what the message must name)
+BAD_SCHEDULES = [
+    *(
+        (name, kwargs, match)
+        for name in ("DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")
+        for kwargs, match in (
+            ({"timesteps": [999, 999, 500]}, r"strictly descending: timesteps\[1\]=999\.?0? follows timesteps\[0\]"),
+            ({"timesteps": [100, 500]}, r"timesteps\[1\]=500\.?0? follows timesteps\[0\]=100"),
+            ({"timesteps": [1000, 500]}, r"timesteps=\[1000, 500\] is out of range: 1000"),
+            ({"timesteps": [500, -1]}, r"timesteps=\[500, -1\] is out of range: -1"),
+            ({"timesteps": []}, r"timesteps=\[\] is empty"),
+            ({"timesteps": [999, float("nan")]}, r"timesteps=\[999, nan\] must be finite"),
+            ({"timesteps": [[999], [500]]}, r"timesteps must be a list of numbers, got \[\[999\], \[500\]\]"),
+            ({"num_inference_steps": 10, "timesteps": [999, 500]}, r"num_inference_steps=10, timesteps=\[999, 500\]"),
+            ({}, r"needs one of num_inference_steps, timesteps"),
+        )
+    ),
+    ("DDPMScheduler", {"timesteps": [999.5, 500]}, r"timesteps=\[999.5, 500\] must be whole numbers"),
+    ("DPMSolverMultistepScheduler", {"timesteps": [999, 500.25]}, r"timesteps=\[999, 500.25\] must be whole numbers"),
+    ("DPMSolverMultistepScheduler", {"num_inference_steps": 10, "mu": 0.5}, r"mu=0.5 needs use_dynamic_shifting"),
+    ("EulerDiscreteScheduler", {"timesteps": [999.5, 999.5]}, r"timesteps\[1\]=999.5 follows timesteps\[0\]=999.5"),
+    ("EulerDiscreteScheduler", {"timesteps": [999], "sigmas": [1.0, 0.0]}, r"only one of timesteps, sigmas"),
+    ("EulerDiscreteScheduler", {"sigmas": [14.0]}, r"sigmas=\[14.0\] has 1 value"),
+    ("EulerDiscreteScheduler", {"sigmas": [1.0, 2.0, 0.0]}, r"sigmas\[1\]=2.0 follows sigmas\[0\]=1.0"),
+    ("EulerDiscreteScheduler", {"sigmas": [1.0, -0.5]}, r"sigmas=\[1.0, -0.5\] must be non-negative"),
+    ("EulerDiscreteScheduler", {"sigmas": []}, r"sigmas=\[\] is empty"),
+    (
+        "UniPCMultistepScheduler",
+        {"num_inference_steps": 10, "sigmas": [1.0, 0.0]},
+        r"sigmas=\[1.0, 0.0\] needs use_flow",
+    ),
+    ("UniPCMultistepScheduler", {"num_inference_steps": 10, "mu": 1.0}, r"mu=1.0 needs use_dynamic_shifting"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "match"), BAD_SCHEDULES)
+def test_bad_custom_schedules_raise_value_error_naming_the_value(name: str, kwargs: dict, match: str) -> None:
+    scheduler = getattr(ours, name).from_config(DPM_PLAIN)
+    with pytest.raises(ValueError, match=match):
+        scheduler.set_timesteps(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+def test_custom_timesteps_with_karras_sigmas_are_refused_like_the_reference(name: str) -> None:
+    config = {**DECODER, "use_karras_sigmas": True}
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        getattr(diffusers, name).from_config(config).set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match=r"timesteps=\[999, 500\] cannot be used with use_karras_sigmas=True"):
+        getattr(ours, name).from_config(config).set_timesteps(timesteps=[999, 500])
+
+
+def test_bad_step_options_raise_value_error_naming_the_value() -> None:
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    euler = ours.EulerDiscreteScheduler.from_config(DECODER)
+    euler.set_timesteps(5)
+    with pytest.raises(ValueError, match="s_churn=-1.0 must be >= 0"):
+        euler.step(sample, euler.timesteps[0], sample, s_churn=-1.0)
+    ddim = ours.DDIMScheduler.from_config(DECODER)
+    ddim.set_timesteps(5)
+    t = ddim.timesteps[0]
+    with pytest.raises(ValueError, match="either generator or variance_noise"):
+        ddim.step(sample, t, sample, eta=0.5, generator=torch.Generator(), variance_noise=sample)
+    with pytest.raises(ValueError, match=r"variance_noise has shape \(1, 4, 6, 6\); it must match the sample's"):
+        ddim.step(sample, t, sample, eta=0.5, variance_noise=sample[:1])
+
+
+def test_euler_churn_draws_noise_only_inside_its_window() -> None:
+    """Karras et al.'s churn applies where s_tmin ≤ σ ≤ s_tmax: one draw per such step, none elsewhere."""
+    scheduler = ours.EulerDiscreteScheduler.from_config(DECODER)
+    scheduler.set_timesteps(12)
+    levels = scheduler.sigmas[:-1]
+    inside = int(((levels >= 0.5) & (levels <= 5.0)).sum())
+    assert 0 < inside < len(levels)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.zeros(SHAPE)
+    for t in scheduler.timesteps:
+        output = stand_in_model(scheduler.scale_model_input(sample, t), t, 4)
+        sample = scheduler.step(
+            output, t, sample, s_churn=40.0, s_tmin=0.5, s_tmax=5.0, generator=generator
+        ).prev_sample
+    replay = torch.Generator().manual_seed(0)
+    for _ in range(inside):
+        torch.randn(SHAPE, generator=replay)
+    assert torch.equal(torch.randn(3, generator=generator), torch.randn(3, generator=replay))
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule", "step_options"),
+    [
+        ("DDPMScheduler", {"timesteps": [999, 600, 421, 37, 0]}, {}),
+        ("DPMSolverMultistepScheduler", {"timesteps": [999, 600, 421, 37]}, {}),
+        ("EulerDiscreteScheduler", {"sigmas": [14.0, 3.0, 1.0, 0.3, 0.0]}, {"s_churn": 2.0, "s_tmin": 0.5}),
+    ],
+)
+def test_custom_schedules_never_read_timesteps_on_an_accelerator(name: str, schedule: dict, step_options: dict) -> None:
+    """With a custom table (and churn) too, a timestep off the CPU is not read: the step counter indexes the host
+    tables, with the same result as host timesteps."""
+    expected = run(getattr(ours, name).from_config(DECODER), 0, 4, schedule=schedule, step_options=step_options)[1]
+    scheduler = getattr(ours, name).from_config(DECODER)
+    scheduler.set_timesteps(**schedule)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        on_device = t.to("meta")
+        output = stand_in_model(scheduler.scale_model_input(sample, on_device), t, 4)
+        sample = scheduler.step(output, on_device, sample, generator=generator, **step_options).prev_sample
+    assert torch.equal(sample, expected)
+
+
+def test_ddpm_previous_timestep_follows_the_custom_list_like_the_reference() -> None:
+    custom = [999, 600, 421, 37, 5]
+    results = []
+    for library in (diffusers, ours):
+        scheduler = library.DDPMScheduler.from_config(DECODER)
+        before = [int(scheduler.previous_timestep(t)) for t in (999, 1, 0)]  # before set_timesteps: t − 1
+        scheduler.set_timesteps(timesteps=custom)
+        flags = [scheduler.custom_timesteps]
+        custom_prev = [int(scheduler.previous_timestep(t)) for t in custom]
+        scheduler.set_timesteps(10)
+        flags.append(scheduler.custom_timesteps)
+        results.append((before, custom_prev, flags))
+    assert results[1] == results[0]
+    assert results[1][1] == [600, 421, 37, 5, -1]
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "schedule"),
+    [
+        ("DDPMScheduler", DECODER, {"timesteps": [999, 500, 20]}),
+        ("DPMSolverMultistepScheduler", {**DECODER, "solver_order": 3, "solver_type": "heun"}, {"timesteps": [999, 9]}),
+        ("EulerDiscreteScheduler", NON_DEFAULT["EulerDiscreteScheduler"], {"sigmas": [10.0, 2.0, 0.5, 0.0]}),
+        ("EulerDiscreteScheduler", {**DECODER, "final_sigmas_type": "sigma_min"}, {"timesteps": [998.5, 9.25]}),
+    ],
+)
+def test_custom_schedules_leave_the_config_to_save_and_load(name: str, config: dict, schedule: dict, tmp_path) -> None:
+    """A custom table is per run, not configuration: the config saves and loads as before (readable by the reference),
+    and the loaded scheduler given the same call builds the same tables."""
+    scheduler = getattr(ours, name).from_config(config)
+    before = dict(scheduler.config)
+    scheduler.set_timesteps(**schedule)
+    assert dict(scheduler.config) == before
+    scheduler.save_pretrained(tmp_path)
+    assert reference_config(getattr(diffusers, name).from_pretrained(tmp_path)) == before
+    loaded = getattr(ours, name).from_pretrained(tmp_path)
+    assert dict(loaded.config) == before
+    loaded.set_timesteps(**schedule)
+    assert torch.equal(loaded.timesteps, scheduler.timesteps)
+    assert not hasattr(scheduler, "sigmas") or torch.equal(loaded.sigmas, scheduler.sigmas)
+    swapped = getattr(ours, name).from_config(scheduler.config)
+    assert dict(swapped.config) == before

@@ -77,18 +77,35 @@ def stand_in_model(x: torch.Tensor, t: torch.Tensor, out_channels: int) -> torch
     return prediction
 
 
-def run(scheduler, steps: int, out_channels: int, slice_channels: bool = False, seed: int = 0):
-    """A sampling loop like the pipelines'. Returns the timesteps, the final sample and the generator's next draw."""
-    scheduler.set_timesteps(steps)
+def run(
+    scheduler,
+    steps: int,
+    out_channels: int,
+    slice_channels: bool = False,
+    seed: int = 0,
+    schedule: dict | None = None,
+    step_options: dict | None = None,
+):
+    """A sampling loop like the pipelines'. Returns the timesteps, the final sample and the generator's next draw.
+
+    ``schedule`` replaces ``steps`` as the keywords of ``set_timesteps``; ``step_options`` go to every ``step`` (the
+    generator too, unless they hold ``variance_noise``)."""
+    if schedule is None:
+        scheduler.set_timesteps(steps)
+    else:
+        scheduler.set_timesteps(**schedule)
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma
     step_params = inspect.signature(scheduler.step).parameters
+    step_options = step_options or {}
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         output = stand_in_model(scheduler.scale_model_input(sample, t), t, out_channels)
         if slice_channels:
             output = output[:, : SHAPE[1]]
-        kwargs = {"generator": generator} if "generator" in step_params else {}
+        kwargs = dict(step_options)
+        if "generator" in step_params and "variance_noise" not in step_options:
+            kwargs["generator"] = generator
         if "prev_timestep" in step_params:  # UnCLIP: the prior pipeline passes the next timestep (None at the end)
             kwargs["prev_timestep"] = timesteps[i + 1] if i + 1 < len(timesteps) else None
         sample = scheduler.step(output, t, sample, **kwargs).prev_sample
@@ -191,3 +208,70 @@ OPTION_VARIANTS = [
 @pytest.mark.parametrize(("name", "base", "options"), OPTION_VARIANTS)
 def test_options_match_reference(name: str, base: dict, options: dict, steps: int) -> None:
     compare(name, {**base, **options}, steps)
+
+
+# Custom schedules (``set_timesteps(timesteps=…)`` / ``sigmas=…``) and per-step options (Euler's churn, DDIM's clipped
+# ε and given noise), each against the same call to the reference: the timestep and σ tables must be identical, the
+# trajectories agree to TOLERANCE and the generator advance alike (Euler's churn draws only on the steps it applies
+# to). Euler's σ of the decoder schedule run from 0.029 to 14.6, so the windows below churn on some steps only.
+SOME_NOISE = torch.randn(SHAPE, generator=torch.Generator().manual_seed(42))
+CUSTOM_VARIANTS = [
+    ("DDPMScheduler", DECODER, {"timesteps": [999, 850, 600, 421, 250, 100, 37, 1, 0]}, {}),
+    ("DDPMScheduler", LEARNED_DECODER, {"timesteps": [900, 500, 20]}, {}),  # the last step goes to x₀ from t = 20
+    ("DDPMScheduler", COSINE, {"timesteps": [999, 998, 600, 3]}, {}),  # 999 → 998: a single training step
+    ("DDIMScheduler", DECODER, {"num_inference_steps": 10}, {"eta": 0.5, "use_clipped_model_output": True}),
+    ("DDIMScheduler", DECODER, {"num_inference_steps": 10}, {"eta": 0.8, "variance_noise": SOME_NOISE}),
+    *(
+        ("DPMSolverMultistepScheduler", LEARNED_DECODER, {"timesteps": [999, 850, 600, 421, 250, 100, 37, 1]}, o)
+        for o in ({}, {"variance_noise": SOME_NOISE})
+    ),
+    *(
+        ("DPMSolverMultistepScheduler", {**LEARNED_DECODER, **o}, {"timesteps": torch.tensor([961, 700, 480, 9])}, {})
+        for o in ({"solver_order": 3, "lower_order_final": False}, {"final_sigmas_type": "sigma_min"})
+    ),
+    ("EulerDiscreteScheduler", DECODER, {"timesteps": [999, 700, 400, 100, 0]}, {}),
+    ("EulerDiscreteScheduler", LEARNED_DECODER, {"timesteps": [999.0, 750.5, 500.25, 250.75, 10.5]}, {}),
+    ("EulerDiscreteScheduler", DECODER, {"sigmas": [14.0, 8.0, 3.0, 1.0, 0.3, 0.05, 0.0]}, {}),
+    # custom σ take precedence over Karras σ, and their last value replaces final_sigmas_type
+    ("EulerDiscreteScheduler", {**DECODER, "use_karras_sigmas": True}, {"sigmas": [10.0, 2.0, 0.5, 0.1]}, {}),
+    ("EulerDiscreteScheduler", DECODER, {"num_inference_steps": 12}, {"s_churn": 1.0}),
+    ("EulerDiscreteScheduler", DECODER, {"num_inference_steps": 12}, {"s_churn": 40.0, "s_tmin": 0.5, "s_tmax": 5.0}),
+    ("EulerDiscreteScheduler", DECODER, {"num_inference_steps": 12}, {"s_churn": 3.0, "s_noise": 1.003, "s_tmin": 1}),
+    (
+        "EulerDiscreteScheduler",
+        {**DECODER, "prediction_type": "v_prediction", "use_karras_sigmas": True},
+        {"num_inference_steps": 9},
+        {"s_churn": 2.0, "s_tmax": 3.0},
+    ),
+    ("EulerDiscreteScheduler", DECODER, {"sigmas": [14.0, 8.0, 3.0, 1.0, 0.3, 0.05, 0.0]}, {"s_churn": 2.0}),
+]
+
+
+def custom_id(variant: tuple) -> str:
+    name, _, schedule, options = variant
+    shown = {
+        k: "noise" if isinstance(v, torch.Tensor) and v.ndim > 1 else v for k, v in {**schedule, **options}.items()
+    }
+    return f"{name}-{shown}"
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "schedule", "step_options"), CUSTOM_VARIANTS, ids=map(custom_id, CUSTOM_VARIANTS)
+)
+def test_custom_schedules_and_step_options_match_reference(
+    name: str, config: dict, schedule: dict, step_options: dict
+) -> None:
+    out_channels = 8 if config.get("variance_type") in ("learned", "learned_range") else 4
+    slice_channels = out_channels == 8 and name not in SPLITS_VARIANCE
+    ref_overrides = {"variance_type": None} if slice_channels and name == "DPMSolverMultistepScheduler" else {}
+    reference = getattr(diffusers, name).from_config(config, **ref_overrides)
+    scheduler = getattr(ours, name).from_config(config)
+    ref_ts, ref_sample, ref_next = run(reference, 0, out_channels, slice_channels, 0, schedule, step_options)
+    ts, sample, next_draw = run(scheduler, 0, out_channels, False, 0, schedule, step_options)
+    assert ts.dtype == ref_ts.dtype and torch.equal(ts, ref_ts)
+    if hasattr(reference, "sigmas"):
+        assert torch.equal(scheduler.sigmas, reference.sigmas.float())
+    assert scheduler.num_inference_steps == len(ts)
+    assert torch.equal(next_draw, ref_next), "different number of random draws"
+    error = (sample - ref_sample).abs().max().item()
+    assert error < TOLERANCE, f"{name}: max |Δ| = {error:.2e}"

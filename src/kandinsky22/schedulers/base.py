@@ -337,6 +337,16 @@ class MultistepSolverMixin(SigmaSchedulerMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         return sample
 
+    def _refuse_mu(self, mu: float | None) -> None:
+        """``set_timesteps(mu=...)`` shifts flow-matching σ (``use_dynamic_shifting``), which kandinsky22 does not
+        implement. The reference asserts (DPM-Solver) or ignores ``mu`` silently (UniPC); a shift the caller asked
+        for and did not get would change the image unnoticed, so both refuse it."""
+        if mu is not None:
+            raise ValueError(
+                f"mu={mu!r} needs use_dynamic_shifting=True (flow-matching σ), which kandinsky22 does not implement; "
+                f"this {type(self).__name__} has use_dynamic_shifting={self.config.use_dynamic_shifting!r}"
+            )
+
     def _check_ready(self) -> None:
         if self.num_inference_steps is None:
             raise ValueError("Call set_timesteps(num_inference_steps) before step()")

@@ -69,13 +69,24 @@ class DDIMScheduler(SchedulerMixin):
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
         eta: float = 0.0,
+        use_clipped_model_output: bool = False,
         generator: Generators = None,
+        variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM step; ``eta`` > 0 adds η·σ_t of fresh noise (η = 1 is DDPM-like), drawn from ``generator``."""
+        """One DDIM step; ``eta`` > 0 adds η·σ_t of fresh noise (η = 1 is DDPM-like), drawn from ``generator`` or
+        given as ``variance_noise``. ``use_clipped_model_output`` re-derives ε from the clipped x̂₀ (as GLIDE)."""
         c = self.config
         if self.num_inference_steps is None:
             raise ValueError("Call set_timesteps(num_inference_steps) before step()")
+        if eta > 0 and variance_noise is not None:
+            if generator is not None:  # as the reference: the noise comes from one or the other
+                raise ValueError("Pass either generator or variance_noise to DDIMScheduler.step, not both")
+            if variance_noise.shape != sample.shape:
+                raise ValueError(
+                    f"variance_noise has shape {tuple(variance_noise.shape)}; it must match the sample's "
+                    f"{tuple(sample.shape)}"
+                )
         model_output = noise_channels(model_output, sample)
         t = self._current_timestep(timestep)
         prev_t = t - c.num_train_timesteps // self.num_inference_steps
@@ -98,10 +109,14 @@ class DDIMScheduler(SchedulerMixin):
             x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
         variance = ((1 - alpha_prod_prev) / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
         std = eta * variance**0.5
+        if use_clipped_model_output:
+            eps = (sample - sqrt_alpha * x0) / sqrt_beta
         direction = float((1 - alpha_prod_prev - std**2) ** 0.5) * eps
         prev_sample = float(alpha_prod_prev**0.5) * x0 + direction
         if eta > 0:
-            noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
+            noise = variance_noise
+            if noise is None:
+                noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = prev_sample + float(std) * noise
         if not return_dict:
             return prev_sample, x0

@@ -8,6 +8,7 @@ trajectories match it to float32 rounding (reference-behaviour §2.5).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -125,6 +126,7 @@ class DDPMScheduler(SchedulerMixin):
     def _build(self) -> None:
         self.betas, self.alphas_cumprod = self._training_alphas_cumprod()
         self.num_inference_steps = None
+        self.custom_timesteps = False
         self._set_schedule(np.arange(self.config.num_train_timesteps)[::-1], None, torch.int64)
 
     def _set_schedule(self, timesteps: np.ndarray, device: torch.device | str | None, dtype: torch.dtype) -> None:
@@ -132,15 +134,40 @@ class DDPMScheduler(SchedulerMixin):
         # t → first position: the previous timestep is the table's next entry (reference: by index, first match)
         self._positions = {t: i for i, t in reversed(list(enumerate(self._host_timesteps)))}
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: torch.device | str | None = None,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
+        """``num_inference_steps`` spaced by ``timestep_spacing``, or the given ``timesteps`` (strictly descending,
+        in [0, T−1]): each step then goes to the next timestep in the list, the last one to x₀ (t = −1)."""
         c = self.config
-        tables.check_num_steps(num_inference_steps, c.num_train_timesteps)
-        self.num_inference_steps = num_inference_steps
-        grid = tables.spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
+        if tables.schedule_source(num_inference_steps, timesteps=timesteps) == "timesteps":
+            grid = tables.custom_timesteps(timesteps, c.num_train_timesteps)
+            self.custom_timesteps = True
+            # The reference leaves num_inference_steps as it was (stale, or None); the list's length is the truth
+            self.num_inference_steps = len(grid)
+        else:
+            tables.check_num_steps(num_inference_steps, c.num_train_timesteps)
+            grid = tables.spaced_timesteps(
+                c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset
+            )
+            self.custom_timesteps = False
+            self.num_inference_steps = num_inference_steps
         self._set_schedule(grid, device, torch.int64)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         return sample
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        """The timestep a step from ``timestep`` goes to: the next one in this run's table, −1 after the last (x₀).
+        Reads ``timestep`` (a device sync for a tensor on an accelerator): for use outside the sampling loop."""
+        value = int(timestep)
+        if value not in self._positions:
+            raise ValueError(f"timestep={value} is not in this scheduler's timesteps")
+        index = self._positions[value] + 1
+        return self._host_timesteps[index] if index < len(self._host_timesteps) else -1
 
     def _current(self, timestep: Any) -> tuple[int, int]:
         """(t, t_prev): by value when the timestep is readable on the host, else by the step counter."""

@@ -8,6 +8,7 @@ and the third-order variant). Step coefficients are float32, computed on the hos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -73,16 +74,32 @@ class DPMSolverMultistepScheduler(MultistepSolverMixin):
             "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"
         )
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: torch.device | str | None = None,
+        mu: float | None = None,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
+        """``num_inference_steps`` spaced by ``timestep_spacing`` (or Karras σ), or the given ``timesteps`` (strictly
+        descending, in [0, T−1]; not with ``use_karras_sigmas``, and ``lambda_min_clipped`` does not apply to them).
+        ``mu`` (the flow-matching time shift) needs ``use_dynamic_shifting``, which kandinsky22 does not have."""
         c = self.config
         total = c.num_train_timesteps
-        tables.check_num_steps(num_inference_steps, total)
+        self._refuse_mu(mu)
         ac = self.alphas_cumprod
-        # λ_min clipping cuts the noisiest end of the grid (for cosine schedules, whose λ goes to −∞).
-        train_lambda = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
-        clipped = int(torch.searchsorted(torch.flip(train_lambda, [0]), c.lambda_min_clipped))
-        grid = tables.solver_timesteps(c.timestep_spacing, num_inference_steps, total, c.steps_offset, total - clipped)
         train_sigmas = tables.train_sigmas(ac)
+        if tables.schedule_source(num_inference_steps, timesteps=timesteps) == "timesteps":
+            if c.use_karras_sigmas:  # as the reference: Karras σ make their own timesteps
+                raise ValueError(f"timesteps={tables.brief(timesteps)} cannot be used with use_karras_sigmas=True")
+            grid = tables.custom_timesteps(timesteps, total)
+        else:
+            tables.check_num_steps(num_inference_steps, total)
+            # λ_min clipping cuts the noisiest end of the grid (for cosine schedules, whose λ goes to −∞).
+            train_lambda = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
+            clipped = int(torch.searchsorted(torch.flip(train_lambda, [0]), c.lambda_min_clipped))
+            spacing = c.timestep_spacing
+            grid = tables.solver_timesteps(spacing, num_inference_steps, total, c.steps_offset, total - clipped)
         if c.use_karras_sigmas:
             sigmas = tables.karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), num_inference_steps)
             grid = tables.sigma_to_t(sigmas, np.log(train_sigmas))
@@ -100,9 +117,11 @@ class DPMSolverMultistepScheduler(MultistepSolverMixin):
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
-        """One solver step. ``generator`` is accepted for a uniform loop; DPM-Solver++ draws no noise."""
+        """One solver step. ``generator`` and ``variance_noise`` are accepted for a uniform loop and unused, as in the
+        reference: they feed its SDE variants, and DPM-Solver++ draws no noise."""
         c = self.config
         self._check_ready()
         i = self._index(timestep)

@@ -1,9 +1,11 @@
-"""Euler samplers in the noise-level parametrisation x = x₀ + σ·ε (Karras et al. 2022, Algorithm 2 without churn).
+"""Euler samplers in the noise-level parametrisation x = x₀ + σ·ε (Karras et al. 2022, Algorithm 2; churn optional).
 
 The UNet sees x/√(σ²+1) (``scale_model_input``), which is the variance-preserving x_t of the training schedule.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,10 +55,18 @@ class _EulerFamily(SigmaSchedulerMixin):
         sigma = self.sigmas[self._index(timestep)]
         return sample / float((sigma**2 + 1) ** 0.5)
 
-    def _x0(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def _x0(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        sigma: torch.Tensor,
+        sigma_hat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x̂₀ at noise level σ; with churn, ε-prediction uses the raised level σ̂ and v-prediction keeps σ's
+        scalings, as the reference."""
         prediction_type = self.config.prediction_type
         if prediction_type == "epsilon":
-            return sample - float(sigma) * model_output
+            return sample - float(sigma if sigma_hat is None else sigma_hat) * model_output
         if prediction_type == "sample":
             return model_output
         return model_output * float(-sigma / (sigma**2 + 1) ** 0.5) + sample / float(sigma**2 + 1)
@@ -66,8 +76,8 @@ class _EulerFamily(SigmaSchedulerMixin):
 
 
 class EulerDiscreteScheduler(_EulerFamily):
-    """Deterministic Euler steps in σ; ``use_karras_sigmas`` spaces the σ as Karras et al. 2022 (ρ = 7), optionally
-    between ``sigma_min`` and ``sigma_max``.
+    """Euler steps in σ, deterministic unless ``step`` is given ``s_churn``; ``use_karras_sigmas`` spaces the σ as
+    Karras et al. 2022 (ρ = 7), optionally between ``sigma_min`` and ``sigma_max``.
     """
 
     config_defaults = {
@@ -95,38 +105,80 @@ class EulerDiscreteScheduler(_EulerFamily):
         self._require_choice("final_sigmas_type", ("zero", "sigma_min"))
         self._require_default("interpolation_type", "use_exponential_sigmas", "use_beta_sigmas", "timestep_type")
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: torch.device | str | None = None,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> None:
+        """One of: ``num_inference_steps`` spaced by ``timestep_spacing`` (or Karras σ); ``timesteps`` (strictly
+        descending in [0, T−1], fractions allowed; not with ``use_karras_sigmas``), whose σ are interpolated; or
+        ``sigmas``, one per step plus the final level (which replaces ``final_sigmas_type``), whose timesteps are
+        interpolated in log σ and which take precedence over ``use_karras_sigmas``, as in the reference."""
         c = self.config
-        tables.check_num_steps(num_inference_steps, c.num_train_timesteps)
-        self.num_inference_steps = num_inference_steps
-        grid = self._grid(num_inference_steps)
         train = tables.train_sigmas(self.alphas_cumprod)
-        sigmas = np.interp(grid, np.arange(len(train)), train)
+        source = tables.schedule_source(num_inference_steps, timesteps=timesteps, sigmas=sigmas)
+        if source == "sigmas":
+            levels = tables.custom_sigmas(sigmas)
+            self.num_inference_steps = len(levels) - 1
+            self._install(tables.sigma_to_t(levels[:-1], np.log(train)), levels, device)
+            return
+        if source == "timesteps":
+            if c.use_karras_sigmas:  # as the reference: Karras σ make their own timesteps
+                raise ValueError(f"timesteps={tables.brief(timesteps)} cannot be used with use_karras_sigmas=True")
+            grid = tables.custom_timesteps(timesteps, c.num_train_timesteps, integer=False)
+            num_inference_steps = len(grid)
+        else:
+            tables.check_num_steps(num_inference_steps, c.num_train_timesteps)
+            grid = self._grid(num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+        levels = np.interp(grid, np.arange(len(train)), train)
         if c.use_karras_sigmas:
-            low = c.sigma_min if c.sigma_min is not None else float(sigmas[-1])
-            high = c.sigma_max if c.sigma_max is not None else float(sigmas[0])
-            sigmas = tables.karras_sigmas(low, high, num_inference_steps)
-            grid = tables.sigma_to_t(sigmas, np.log(train))
+            low = c.sigma_min if c.sigma_min is not None else float(levels[-1])
+            high = c.sigma_max if c.sigma_max is not None else float(levels[0])
+            levels = tables.karras_sigmas(low, high, num_inference_steps)
+            grid = tables.sigma_to_t(levels, np.log(train))
         ac = self.alphas_cumprod
         final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.final_sigmas_type == "sigma_min" else 0.0
-        self._install(grid, np.append(sigmas, final), device)
+        self._install(grid, np.append(levels, final), device)
 
     def step(
         self,
         model_output: torch.Tensor,
         timestep: float | torch.Tensor,
         sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
         generator: Generators = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One Euler step x ← x + (x − x̂₀)/σ · (σ_next − σ). ``generator`` is unused (no noise is drawn)."""
+        """One Euler step x ← x + (x − x̂₀)/σ̂ · (σ_next − σ̂).
+
+        Churn (Karras et al. 2022, Algorithm 2): at the steps whose σ lies in [``s_tmin``, ``s_tmax``], γ =
+        min(``s_churn``/n, √2 − 1) of n steps raises the noise level to σ̂ = (1 + γ)·σ by adding fresh noise
+        (std √(σ̂² − σ²)·``s_noise``, one draw from ``generator``) before the model output is used. Without churn
+        (the default) σ̂ = σ and nothing is drawn.
+        """
+        if s_churn < 0:  # the reference takes it and steps with σ̂ < σ, adding no noise: not Karras's churn
+            raise ValueError(f"s_churn={s_churn!r} must be >= 0")
         i = self._index(timestep)
         model_output = noise_channels(model_output, sample)
         sample = sample.to(torch.float32)
         sigma = self.sigmas[i]
-        x0 = self._x0(model_output, sample, sigma)
-        derivative = (sample - x0) / float(sigma)
-        prev_sample = (sample + derivative * float(self.sigmas[i + 1] - sigma)).to(model_output.dtype)
+        # γ and σ̂ from the host table, as the reference computes them: the float32 σ compared with the bounds as
+        # torch compares a tensor with a Python number; no device value is read.
+        in_window = bool(s_tmin <= sigma) and bool(sigma <= s_tmax)
+        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if in_window else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
+            sample = sample + noise * s_noise * float((sigma_hat**2 - sigma**2) ** 0.5)
+        x0 = self._x0(model_output, sample, sigma, sigma_hat)
+        derivative = (sample - x0) / float(sigma_hat)
+        prev_sample = (sample + derivative * float(self.sigmas[i + 1] - sigma_hat)).to(model_output.dtype)
         self._step_index = i + 1
         if not return_dict:
             return prev_sample, x0

@@ -8,7 +8,9 @@ reference's; this matters because the samplers' coefficients amplify last-bit di
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,6 +69,92 @@ def check_num_steps(num_inference_steps: int, num_train_timesteps: int, minimum:
         )
 
 
+def schedule_source(num_inference_steps: int | None, **custom: Any) -> str:
+    """Which one of ``num_inference_steps`` and the custom tables (``timesteps=``, ``sigmas=``) a ``set_timesteps``
+    call gives — exactly one, as the reference requires."""
+    given = {"num_inference_steps": num_inference_steps, **custom}
+    passed = [name for name, value in given.items() if value is not None]
+    if len(passed) == 1:
+        return passed[0]
+    if not passed:
+        raise ValueError(f"set_timesteps needs one of {', '.join(given)}; all were None")
+    shown = ", ".join(f"{name}={brief(given[name])}" for name in passed)
+    raise ValueError(f"set_timesteps takes only one of {', '.join(passed)}; got {shown}")
+
+
+def brief(values: Any) -> str:
+    """A short repr of a user's list (the first few entries) for error messages."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        values = values.tolist()
+    short = reprlib.Repr()
+    short.maxlist = short.maxtuple = 8
+    return short.repr(values)
+
+
+def _numbers(name: str, values: Any) -> np.ndarray:
+    """A user's sequence of numbers as a non-empty, finite, 1-d float64 array (ValueError naming it otherwise)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim != 1:
+        raise ValueError(f"{name} must be a list of numbers, got {brief(values)}")
+    if len(array) == 0:
+        raise ValueError(f"{name}={brief(values)} is empty")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}={brief(values)} must be finite")
+    return array
+
+
+def _check_descending(name: str, values: np.ndarray) -> None:
+    for i in range(1, len(values)):
+        if values[i] >= values[i - 1]:
+            raise ValueError(
+                f"{name} must be strictly descending: {name}[{i}]={values[i].item()!r} follows "
+                f"{name}[{i - 1}]={values[i - 1].item()!r}"
+            )
+
+
+def custom_timesteps(timesteps: Any, num_train_timesteps: int, integer: bool = True) -> np.ndarray:
+    """A user's ``set_timesteps(timesteps=...)``: non-empty, strictly descending, within [0, T−1]; int64, or float32
+    for the Euler samplers, which take fractional timesteps (as the reference converts them).
+
+    Stricter than the reference, which checks only DDPM's order and first value: elsewhere it clamps out-of-range
+    timesteps to the end of its σ table or truncates fractions without a word, and a repeated timestep makes a
+    multistep solver divide by a zero step.
+    """
+    values = _numbers("timesteps", timesteps)
+    if integer and not (values == np.round(values)).all():
+        raise ValueError(f"timesteps={brief(timesteps)} must be whole numbers")
+    values = values.astype(np.int64 if integer else np.float32)
+    _check_descending("timesteps", values)
+    if values[0] > num_train_timesteps - 1 or values[-1] < 0:
+        bad = values[0] if values[0] > num_train_timesteps - 1 else values[-1]
+        raise ValueError(
+            f"timesteps={brief(timesteps)} is out of range: {bad.item()!r} is not in [0, num_train_timesteps - 1 = "
+            f"{num_train_timesteps - 1}]"
+        )
+    return values
+
+
+def custom_sigmas(sigmas: Any) -> np.ndarray:
+    """A user's ``set_timesteps(sigmas=...)``: float32 noise levels, one per step plus the final level the last step
+    goes to (so at least 2), strictly descending to a final σ ≥ 0 (the steps divide by every other σ)."""
+    values = _numbers("sigmas", sigmas)
+    if len(values) < 2:
+        raise ValueError(
+            f"sigmas={brief(sigmas)} has {len(values)} value: it needs one per step plus the final noise level "
+            "(at least 2)"
+        )
+    values = values.astype(np.float32)  # the reference's precision, before the checks (rounding may tie values)
+    _check_descending("sigmas", values)
+    if values[-1] < 0:
+        raise ValueError(f"sigmas={brief(sigmas)} must be non-negative: the last is {values[-1].item()!r}")
+    return values
+
+
 def spaced_timesteps(spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int = 0) -> np.ndarray:
     """Descending int64 timesteps, ``num_steps`` of them (Lin et al. 2023, arXiv 2305.08891, Table 2).
 
@@ -115,9 +203,9 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
 
     ``log_train_sigmas`` is the ascending float32 table log σ_t; the arithmetic keeps its float32 differences as the
     reference does. The logs are taken one value at a time, as the reference does (numpy's vectorised log may round
-    differently).
+    differently), in the precision of ``sigmas``: float64 for computed σ, float32 for a user's list.
     """
-    log_sigma = np.array([np.log(max(float(s), 1e-10)) for s in np.atleast_1d(sigmas)])
+    log_sigma = np.array([np.log(np.maximum(s, 1e-10)) for s in np.atleast_1d(sigmas)])
     count_below = np.searchsorted(log_train_sigmas.astype(np.float64), log_sigma, side="right")
     low_idx = np.clip(count_below - 1, 0, len(log_train_sigmas) - 2)
     high_idx = low_idx + 1

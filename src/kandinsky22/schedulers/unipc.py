@@ -5,6 +5,7 @@ the model evaluation of the next step, so it costs nothing extra. Strongest in t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -76,9 +77,24 @@ class UniPCMultistepScheduler(MultistepSolverMixin):
         self._last_sample: torch.Tensor | None = None  # the predictor's input, for the next step's corrector
         self._this_order = 1
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: torch.device | str | None = None,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """``num_inference_steps`` spaced by ``timestep_spacing`` (or Karras σ). The reference takes custom ``sigmas``
+        and ``mu`` only for flow-matching σ (``use_flow_sigmas``, ``use_dynamic_shifting``), which kandinsky22 does
+        not implement: either one is refused."""
         c = self.config
         total = c.num_train_timesteps
+        if sigmas is not None:  # as the reference (for a config without flow σ)
+            raise ValueError(
+                f"sigmas={tables.brief(sigmas)} needs use_flow_sigmas=True (flow-matching σ), which kandinsky22 does "
+                f"not implement; this UniPCMultistepScheduler has use_flow_sigmas={c.use_flow_sigmas!r}"
+            )
+        self._refuse_mu(mu)
         tables.check_num_steps(num_inference_steps, total)
         grid = tables.solver_timesteps(c.timestep_spacing, num_inference_steps, total, c.steps_offset)
         train = tables.train_sigmas(self.alphas_cumprod)
@@ -115,11 +131,13 @@ class UniPCMultistepScheduler(MultistepSolverMixin):
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
-        generator: torch.Generator | None = None,
         return_dict: bool = True,
+        *,
+        generator: torch.Generator | None = None,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
         """Correct the last prediction with this model output (UniC), then predict the next sample (UniP).
-        ``generator`` is accepted for a uniform loop; UniPC draws no noise."""
+        ``generator`` is accepted for a uniform loop; UniPC draws no noise. It is keyword-only so that the
+        reference's positional ``step(output, t, sample, False)`` means ``return_dict=False`` here too."""
         c = self.config
         self._check_ready()
         i = self._index(timestep)
