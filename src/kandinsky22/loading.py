@@ -551,6 +551,11 @@ def _load_transformers_component(
     return cls.from_pretrained(folder, **options)
 
 
+def component_library(component: Any) -> str:
+    """The library ``model_index.json`` names for a component: ours are saved as the reference's (``diffusers``)."""
+    return "transformers" if type(component).__module__.startswith("transformers") else "diffusers"
+
+
 def _index_class_name(component: Any) -> str:
     name = type(component).__name__
     # The official model_index names CLIPImageProcessor; its Pil/Fast variants load from the same files.
@@ -562,6 +567,5 @@ def write_model_index(folder: Path, class_name: str, components: Mapping[str, An
     class names, so they are listed as ``diffusers`` components (and load back into our classes of the same name)."""
     index: dict[str, Any] = {"_class_name": class_name, "_diffusers_version": MODEL_INDEX_VERSION}
     for name, component in sorted(components.items()):
-        library = "transformers" if type(component).__module__.startswith("transformers") else "diffusers"
-        index[name] = [library, _index_class_name(component)]
+        index[name] = [component_library(component), _index_class_name(component)]
     (Path(folder) / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -271,6 +271,7 @@ class Pipeline:
         for name in self.component_names:
             setattr(self, name, components[name])
         self._progress_bar_config: dict[str, Any] = {}
+        self._name_or_path: str | None = None
         self._offload: _ModelOffload | None = None
         self._sequential_device: torch.device | None = None
         self._prefer_channels_last()
@@ -303,7 +304,46 @@ class Pipeline:
         """
         options, components = split_load_options(cls, component_overrides)
         folder, index = loading.read_model_index(path_or_id, **hub_options(options))
-        return cls(**cls._load_components(path_or_id, folder, index, torch_dtype, variant, components, options))
+        pipe = cls(**cls._load_components(path_or_id, folder, index, torch_dtype, variant, components, options))
+        pipe._name_or_path = str(path_or_id)
+        return pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline: Pipeline, torch_dtype: torch.dtype | None = None, **components: Any):
+        """A ``cls`` pipeline sharing ``pipeline``'s components (no copy), e.g.
+        ``KandinskyV22Img2ImgPipeline.from_pipe(text2img_pipe)``; ``components`` replace or add some by name, and
+        ``torch_dtype`` casts the new pipeline's models (the shared modules are the same objects, so the original's
+        too, as in the reference)."""
+        if not isinstance(pipeline, Pipeline):
+            raise ValueError(f"{cls.__name__}.from_pipe takes a kandinsky22 pipeline, got {type(pipeline).__name__}")
+        unknown = [k for k in components if k not in cls.component_names]
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no components {unknown}; it has {list(cls.component_names)}")
+        available = {**pipeline.components, **components}
+        missing = [k for k in cls.component_names if k not in available]
+        if missing:
+            raise ValueError(
+                f"{cls.__name__}.from_pipe: {type(pipeline).__name__} has no {missing}; pass them by name "
+                f"(it has {list(pipeline.component_names)})"
+            )
+        pipe = cls(**{name: available[name] for name in cls.component_names})
+        pipe._name_or_path = pipeline.name_or_path
+        if torch_dtype is not None:
+            if not isinstance(torch_dtype, torch.dtype):
+                raise ValueError(f"`torch_dtype` must be a torch.dtype or None, got {torch_dtype!r}")
+            pipe.to(torch_dtype)
+        return pipe
+
+    @property
+    def name_or_path(self) -> str | None:
+        """The folder or hub id this pipeline was loaded from (None for one built from components)."""
+        return self._name_or_path
+
+    @property
+    def config(self) -> loading.Config:
+        """As the reference's: each component's ``(library, class name)``, and ``_name_or_path``."""
+        entries = {name: (loading.component_library(c), type(c).__name__) for name, c in self.components.items()}
+        return loading.Config({**entries, "_name_or_path": self.name_or_path})
 
     @classmethod
     def _load_components(
@@ -422,6 +462,11 @@ class Pipeline:
         if self._offload is not None:
             self._offload.release()
 
+    def maybe_free_model_hooks(self) -> None:
+        """With model offloading, send the model still on the execution device back to the CPU (every call does this
+        when it ends; call it after an interrupted one). Without offloading, nothing to do."""
+        self._end_of_call()
+
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
         """Keep models on the CPU; move each whole model to ``device`` (default ``cuda``) while it is used."""
         self._set_model_offload(_ModelOffload(offload_device(gpu_id, device)))
@@ -470,6 +515,10 @@ class Pipeline:
         """
         return fast.enable_fast_path(self, shapes, backend, negative_prompts, compile_scope)
 
+    # -- images ------------------------------------------------------------------------------------------------
+
+    numpy_to_pil = staticmethod(numpy_to_pil)
+
     # -- progress bar ------------------------------------------------------------------------------------------
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -478,6 +527,51 @@ class Pipeline:
 
     def progress_bar(self, iterable: Iterable) -> Iterable:
         return tqdm(iterable, **self._progress_bar_config)
+
+
+class GuidedLoop:
+    """What the reference shows a ``callback_on_step_end`` of the running call: ``pipe.guidance_scale``,
+    ``pipe.do_classifier_free_guidance`` and ``pipe.num_timesteps`` (they keep the last call's values after it).
+
+    As in the reference, a callback may set ``pipe._guidance_scale`` to change the guidance of the steps after it,
+    e.g. to 0 to skip guidance in the last steps; it then returns the tensors that guidance doubles
+    ([negative; positive]) for the new batch (``image_embeds.chunk(2)[1]``). A batch that does not fit is refused
+    at the next step, naming the tensors, instead of a shape error inside the model.
+    """
+
+    _guidance_scale: float | None = None
+    _num_timesteps: int | None = None
+
+    @property
+    def guidance_scale(self) -> float | None:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale is not None and self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int | None:
+        return self._num_timesteps
+
+    def _start_loop(self, guidance_scale: float, timesteps: torch.Tensor) -> None:
+        self._guidance_scale, self._num_timesteps = guidance_scale, len(timesteps)
+
+    def _step_guidance(self, step: int, batch: int, state: dict[str, torch.Tensor], doubled: Sequence[str]) -> float:
+        """This step's guidance scale (a callback may have changed it), after checking that the tensors of ``state``
+        named in ``doubled`` have the batch it needs: ``2 * batch`` with guidance, ``batch`` without."""
+        scale = self._guidance_scale
+        check_guidance_scale("pipe._guidance_scale", scale)
+        wanted = 2 * batch if scale > 1 else batch
+        wrong = {name: state[name].shape[0] for name in doubled if state[name].shape[0] != wanted}
+        if wrong:
+            raise ValueError(
+                f"at step {step}, guidance_scale={scale} needs a batch of {wanted} in {list(doubled)} "
+                f"({'[negative; positive] for ' if scale > 1 else ''}{batch} latents), got batches {wrong}: a "
+                "callback_on_step_end that turns guidance on or off with `pipe._guidance_scale` must return those "
+                "tensors for the new batch (e.g. image_embeds.chunk(2)[1] to turn it off)"
+            )
+        return scale
 
 
 def step_accepts_generator(scheduler: Any) -> bool:

@@ -125,7 +125,9 @@ class _CombinedPipeline(Pipeline):
             prior = KandinskyV22PriorPipeline.from_pretrained(source, torch_dtype, variant, **given, **prior_options)
             prior_components = {f"prior_{k}": v for k, v in prior.components.items()}
         overrides = {**component_overrides, **prior_components}
-        return cls(**cls._load_components(path_or_id, folder, index, torch_dtype, variant, overrides, options))
+        pipe = cls(**cls._load_components(path_or_id, folder, index, torch_dtype, variant, overrides, options))
+        pipe._name_or_path = str(path_or_id)
+        return pipe
 
     # -- the sub-pipelines share settings -------------------------------------------------------------------------
 

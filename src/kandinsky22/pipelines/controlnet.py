@@ -28,6 +28,7 @@ class _HintConditioning:
 
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds", "hint"]
     _unet_inputs = (1, 4)  # the latents and the encoded hint (the UNet's hint encoder gives 4 channels)
+    _guided_inputs = ("image_embeds", "hint")
     _unet_takes_hint = True
     _unet_repository = "kandinsky-2-2-controlnet-depth"
 

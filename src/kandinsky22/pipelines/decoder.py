@@ -37,6 +37,7 @@ import torch
 
 from kandinsky22.pipelines.base import (
     Generator,
+    GuidedLoop,
     ImagePipelineOutput,
     Pipeline,
     check_callback,
@@ -55,11 +56,13 @@ DECODER_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Embeds = torch.Tensor | list[torch.Tensor]
 
 
-class DecoderPipeline(Pipeline):
+class DecoderPipeline(GuidedLoop, Pipeline):
     """Base of the decoder pipelines: components ``unet``, ``scheduler``, ``movq``; the loop and its helpers."""
 
     component_names = ("unet", "scheduler", "movq")
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds"]
+    # The loop state's tensors that guidance doubles ([negative; positive]), as the UNet takes them
+    _guided_inputs: ClassVar[tuple[str, ...]] = ("image_embeds",)
     output_types: Sequence[str] = DECODER_OUTPUT_TYPES
     # The UNet this pipeline drives: its input channels (a · latent channels + b), whether it encodes a depth hint, and
     # the official repository that holds one.
@@ -270,7 +273,7 @@ class DecoderPipeline(Pipeline):
         check_callback("callback_on_step_end", callback_on_step_end)
         check_callback("callback", callback)
         unet = self._use("unet")
-        cfg = guidance_scale > 1
+        self._start_loop(guidance_scale, timesteps)
         channels = latents.shape[1]
         # Only a learned-variance scheduler uses the UNet's variance channels (none of the official configs does).
         learned_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
@@ -288,6 +291,8 @@ class DecoderPipeline(Pipeline):
         state["latents"] = latents
         for i, t in enumerate(self.progress_bar(timesteps)):
             latents = state["latents"]
+            guidance_scale = self._step_guidance(i, latents.shape[0], state, self._guided_inputs)
+            cfg = guidance_scale > 1
             latent_input = torch.cat([latents, latents]) if cfg else latents
             latent_input = self.scheduler.scale_model_input(latent_input, t)
             current = self._added_cond_kwargs(state)

@@ -35,6 +35,7 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
 
     _callback_tensor_inputs = ["latents", "image_embeds", "negative_image_embeds", "masked_image", "mask_image"]
     _unet_inputs = (2, 1)  # the latents, the masked image's latents, the mask
+    _guided_inputs = ("image_embeds", "masked_image", "mask_image")
     _unet_repository = "kandinsky-2-2-decoder-inpaint"
 
     # -- hooks of the shared loop ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 from kandinsky22.pipelines.base import (
     Generator,
+    GuidedLoop,
     KandinskyPriorPipelineOutput,
     Pipeline,
     check_callback,
@@ -46,7 +47,7 @@ ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 _ZERO_EMBEDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class _PriorBase(Pipeline):
+class _PriorBase(GuidedLoop, Pipeline):
     component_names = ("prior", "image_encoder", "text_encoder", "tokenizer", "scheduler", "image_processor")
 
     def __init__(
@@ -110,6 +111,12 @@ class _PriorBase(Pipeline):
         encoder = self._use("image_encoder")
         return encoder(pixels.to(device=self._execution_device, dtype=encoder.dtype)).image_embeds
 
+    def get_zero_embed(self, batch_size: int = 1, device: torch.device | str | None = None) -> torch.Tensor:
+        """The reference's name for ``zero_image_embeds``, on ``device`` (default: where the pipeline runs)."""
+        check_positive_int("batch_size", batch_size)
+        embeds = self.zero_image_embeds(batch_size)
+        return embeds if device is None else embeds.to(device)
+
     def zero_image_embeds(self, batch_size: int = 1) -> torch.Tensor:
         """The CLIP embedding of an all-zero (normalized) image, the default negative; computed once per encoder,
         device and dtype."""
@@ -144,7 +151,7 @@ class _PriorBase(Pipeline):
         """The prior loop over ``timesteps`` (a host table); returns un-normalized image embeddings."""
         check_callback("callback_on_step_end", callback_on_step_end)
         prior = self._use("prior")
-        cfg = guidance_scale > 1
+        self._start_loop(guidance_scale, timesteps)
         names = ("prompt_embeds", "text_encoder_hidden_states", "text_mask")
         state = dict(zip(names, text), latents=latents)
         prior_timesteps = timesteps.to(latents.device)  # one copy, not a blocking one per step (see the decoder loop)
@@ -153,6 +160,8 @@ class _PriorBase(Pipeline):
         prompt, context = None, None
         for i, t in enumerate(self.progress_bar(timesteps)):
             latents = state["latents"]
+            guidance_scale = self._step_guidance(i, latents.shape[0], state, names)
+            cfg = guidance_scale > 1
             x = torch.cat([latents, latents]) if cfg else latents
             if context is None or any(state[name] is not current for name, current in zip(names, prompt)):
                 prompt = tuple(state[name] for name in names)
