@@ -247,6 +247,34 @@ def test_missing_conditioning_raises():
         hinted(sample, 1, added_cond_kwargs={"image_embeds": cond["image_embeds"]})
 
 
+@pytest.mark.parametrize(
+    ("variant", "change", "message"),
+    [
+        ("image", {"sample": (1, 5, 8, 8)}, r"needs a sample of 4 channels with the conditioning's batch 1, got shape "
+         r"\(1, 5, 8, 8\)"),
+        ("inpaint", {"sample": (1, 4, 8, 8)}, r"sample of 9 channels"),
+        ("image", {"sample": (2, 4, 8, 8)}, r"the conditioning's batch 1, got shape \(2, 4, 8, 8\)"),
+        ("image", {"image_embeds": (1, 7)}, r"added_cond_kwargs\['image_embeds'\] must be \(B, 32\) for this UNet, got "
+         r"\(1, 7\)"),
+        ("image", {"image_embeds": (32,)}, r"must be \(B, 32\) for this UNet, got \(32,\)"),
+        ("image_hint", {"hint": (2, 3, 64, 64)}, r"'hint'\] must be \(B, 3, 8H, 8W\) with the image_embeds' batch 1"),
+        ("image_hint", {"hint": (1, 1, 64, 64)}, r"'hint'\] must be \(B, 3, 8H, 8W\)"),
+        ("image_hint", {"hint": (1, 3, 32, 64)}, r"the hint's size \(4, 8\) after its encoder .* must equal the "
+         r"sample's \(8, 8\)"),
+    ],
+)  # fmt: skip
+def test_inputs_that_do_not_fit_the_unet_raise_naming_them(variant, change, message):
+    """The reference (and PyTorch inside our layers) fail with a matmul, concatenation or convolution shape error."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**VARIANTS[variant])
+    sample, cond = make_inputs(VARIANTS[variant], batch=1, height=8, width=8)
+    shapes = {"sample": sample.shape, **{name: value.shape for name, value in cond.items()}, **change}
+    sample = torch.randn(shapes.pop("sample"))
+    cond = {name: torch.randn(shape) for name, shape in shapes.items()}
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        unet(sample, 1, added_cond_kwargs=cond)
+
+
 @pytest.mark.parametrize("variant", ["image", "image_hint"])
 def test_per_run_time_modulation_equals_per_step(variant, monkeypatch):
     """A conditioning prepared with the run's timesteps (one table of every resnet's scale and shift per step) gives

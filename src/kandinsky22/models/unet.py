@@ -458,6 +458,10 @@ class UNet2DConditionModel(ModelMixin):
                 "UNet2DConditionModel needs added_cond_kwargs['image_embeds'] (the CLIP image embedding); "
                 f"got keys {sorted(cond)}"
             )
+        width = self.config.encoder_hid_dim
+        if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2 or image_embeds.shape[1] != width:
+            shape = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
+            raise ValueError(f"added_cond_kwargs['image_embeds'] must be (B, {width}) for this UNet, got {shape}")
         hint = None
         hint_encoder = self.add_embedding.input_hint_block
         if hint_encoder is not None:
@@ -466,6 +470,11 @@ class UNet2DConditionModel(ModelMixin):
                 raise ValueError(
                     "UNet2DConditionModel with addition_embed_type='image_hint' needs added_cond_kwargs['hint'] "
                     f"(B, 3, 8H, 8W); got keys {sorted(cond)}"
+                )
+            if hint.ndim != 4 or hint.shape[0] != image_embeds.shape[0] or hint.shape[1] != 3:
+                raise ValueError(
+                    f"added_cond_kwargs['hint'] must be (B, 3, 8H, 8W) with the image_embeds' batch "
+                    f"{image_embeds.shape[0]}, got {tuple(hint.shape)}"
                 )
             hint = hint_encoder(hint.to(self.conv_in.weight.dtype))
         context = self.encoder_hid_proj(image_embeds)  # (B, 32, cross_attention_dim)
@@ -529,6 +538,23 @@ class UNet2DConditionModel(ModelMixin):
             start = end
         return out
 
+    def _check_sample(self, sample: torch.Tensor, conditioning: UNetConditioning) -> None:
+        """Channels, batch and (with a hint) size, named here rather than as a shape error inside a layer. Shapes
+        only: nothing is read from the device, and a compiled graph resolves these at tracing."""
+        hint = conditioning.hint
+        channels = self.conv_in.in_channels - (0 if hint is None else hint.shape[1])
+        batch = conditioning.time_addition.shape[0]
+        if sample.shape[1] != channels or sample.shape[0] != batch:
+            raise ValueError(
+                f"UNet2DConditionModel needs a sample of {channels} channels with the conditioning's batch {batch}, "
+                f"got shape {tuple(sample.shape)}"
+            )
+        if hint is not None and hint.shape[-2:] != sample.shape[-2:]:
+            raise ValueError(
+                f"the hint's size {tuple(hint.shape[-2:])} after its encoder (1/8 of the hint's pixels) must equal "
+                f"the sample's {tuple(sample.shape[-2:])}"
+            )
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -557,6 +583,7 @@ class UNet2DConditionModel(ModelMixin):
             )
         if conditioning is None:
             conditioning = self.prepare_conditioning(added_cond_kwargs)
+        self._check_sample(sample, conditioning)
         if conditioning.hint is not None:
             sample = torch.cat([sample, conditioning.hint.to(sample.dtype)], dim=1)
 
