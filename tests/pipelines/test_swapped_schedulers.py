@@ -33,6 +33,7 @@ SCHEDULERS = {
         "DPMSolverMultistepScheduler",
         {"use_karras_sigmas": True, "solver_order": 3, "final_sigmas_type": "sigma_min"},
     ),
+    "dpm-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpm-order1-heun": ("DPMSolverMultistepScheduler", {"solver_order": 1, "solver_type": "heun"}),
     "dpm-order3": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
     "unipc": ("UniPCMultistepScheduler", {}),
@@ -194,3 +195,69 @@ def test_combined_pipeline_swap_reaches_the_decoder_and_matches_the_reference(de
     expected = ref("horse", generator=_gen(), **kwargs).images
     assert got.shape == (2, 4, 32, 32)
     assert (got - expected).abs().max() <= 1e-4 + 1e-5 * expected.abs().max()
+
+
+def _img2img_pair(loaded, scheduler: str) -> tuple:
+    ours_loaded, ref_loaded = loaded["decoder_repo"]
+    ours_scheduler, ref_scheduler = _schedulers(scheduler, ours_loaded.scheduler.config, ref_loaded.scheduler.config)
+    ours = kandinsky22.KandinskyV22Img2ImgPipeline(
+        unet=ours_loaded.unet, scheduler=ours_scheduler, movq=ours_loaded.movq
+    )
+    ref = diffusers.KandinskyV22Img2ImgPipeline(unet=ref_loaded.unet, scheduler=ref_scheduler, movq=ref_loaded.movq)
+    return _quiet(ours), _quiet(ref)
+
+
+def _embeds(batch: int) -> dict[str, torch.Tensor]:
+    return {
+        "image_embeds": torch.randn(batch, 32, generator=torch.Generator().manual_seed(10)),
+        "negative_image_embeds": torch.randn(batch, 32, generator=torch.Generator().manual_seed(11)),
+    }
+
+
+@pytest.mark.parametrize("scheduler", ["dpm-karras", "unipc-karras"])
+def test_img2img_starting_on_a_timestep_listed_twice(loaded, scheduler):
+    """50 Karras steps from the official config end [.., 5, 3, 1, 1, 0]; strength 0.06 keeps the last 3, from index 47.
+    The reference looks t=1 up, takes index 48 and runs past the table (IndexError / AssertionError); we start at 47:
+    the reference's result when told so with ``set_begin_index``."""
+    ours, ref = _img2img_pair(loaded, scheduler)
+    kwargs = {**_embeds(1), "image": _image((64, 64)), "height": 64, "width": 64, "num_inference_steps": 50}
+    kwargs.update(strength=0.06, output_type="latent")
+    set_timesteps = ref.scheduler.set_timesteps
+
+    def set_timesteps_and_begin(*args, **options):
+        set_timesteps(*args, **options)
+        ref.scheduler.set_begin_index(47)
+
+    ref.scheduler.set_timesteps = set_timesteps_and_begin
+    got = ours(**kwargs, generator=_gen()).images
+    assert ours.scheduler.timesteps[46:].tolist() == [3, 1, 1, 0]
+    hook = _with_our_fixes(ref)
+    try:
+        expected = ref(**kwargs, generator=_gen()).images
+    finally:
+        hook.remove()
+    assert (got - expected).abs().max() <= 1e-4 + 1e-5 * expected.abs().max()
+
+
+def test_img2img_one_image_for_several_embeddings_gets_noise_per_sample(loaded):
+    """As the reference given the image once per embedding (it broadcasts one noise draw to all samples otherwise)."""
+    ours, ref = _img2img_pair(loaded, "dpm-order3")
+    kwargs = {**_embeds(2), "height": 64, "width": 64, "num_inference_steps": 4, "strength": 0.5}
+    kwargs["output_type"] = "latent"
+    got = ours(**kwargs, image=_image((64, 64)), generator=_gen()).images
+    expected = ref(**kwargs, image=[_image((64, 64))] * 2, generator=_gen()).images
+    assert got.shape == (2, 4, 32, 32)
+    assert (got - expected).abs().max() <= 1e-4 + 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("scheduler", ["dpm-karras-order3-sigma-min", "unipc", "euler-ancestral"])
+@pytest.mark.parametrize("pipeline", ["img2img", "controlnet_img2img"])
+def test_a_strength_that_leaves_no_step_is_refused_with_any_scheduler(loaded, pipeline, scheduler):
+    """The reference fails inside ``add_noise`` (a RuntimeError about reshaping 0 elements)."""
+    class_name, repo = PIPELINES[pipeline]
+    ours_loaded = loaded[repo][0]
+    ours_scheduler, _ = _schedulers(scheduler, ours_loaded.scheduler.config, {})
+    pipe = getattr(kandinsky22, class_name)(unet=ours_loaded.unet, scheduler=ours_scheduler, movq=ours_loaded.movq)
+    hint = {"hint": torch.rand(1, 3, 64, 64)} if pipeline == "controlnet_img2img" else {}
+    with pytest.raises(ValueError, match=r"`strength`=0.1 with `num_inference_steps`=5 leaves no denoising step"):
+        pipe(**_embeds(1), **hint, image=_image((64, 64)), height=64, width=64, num_inference_steps=5, strength=0.1)

@@ -277,6 +277,7 @@ class DecoderPipeline(Pipeline):
         channels = latents.shape[1]
         # Only a learned-variance scheduler uses the UNet's variance channels (none of the official configs does).
         learned_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+        # The reference passes the generator to every sampler: UniPC's step, which takes none, raises a TypeError there.
         step_kwargs = {"generator": generator} if step_accepts_generator(self.scheduler) else {}
         order = getattr(self.scheduler, "order", 1)
         # The UNet reads the timestep from a device copy of the table made once: a per-step host-to-device copy would
