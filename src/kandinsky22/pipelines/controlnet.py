@@ -95,8 +95,8 @@ class KandinskyV22ControlnetPipeline(_HintConditioning, DecoderPipeline):
         hint = self._check_hint(hint, latent_size, batch)
         state = self._conditioning(image_embeds, negative_image_embeds, n, guidance_scale)
         state["hint"] = self._hint_state(hint, batch, n, guidance_scale)
-        start = self._start_noise((batch * n, self.movq.config.latent_channels, *latent_size), generator, latents)
         timesteps = self._timesteps(num_inference_steps)
+        start = self._start_noise((batch * n, self.movq.config.latent_channels, *latent_size), generator, latents)
         latents = self._denoise(
             start, timesteps, state, guidance_scale, generator, callback_on_step_end, names, callback, callback_steps
         )

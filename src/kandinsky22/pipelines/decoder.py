@@ -225,7 +225,10 @@ class DecoderPipeline(GuidedLoop, Pipeline):
             )
 
     def _start_noise(self, shape: tuple[int, ...], generator: Generator, latents: torch.Tensor | None) -> torch.Tensor:
-        """Start latents: drawn from the generator(s), or the caller's ``latents`` (checked, moved and cast)."""
+        """Start latents: drawn from the generator(s), or the caller's ``latents`` (checked, moved and cast), times
+        the scheduler's ``init_noise_sigma``. Call it after ``_timesteps``, as the reference: a σ scheduler's
+        ``init_noise_sigma`` is that of the run's timestep table (Euler with "leading" spacing: σ of the first step),
+        not that of the table installed before (the full training range, or the previous run's)."""
         to = {"device": self._execution_device, "dtype": self.unet.dtype}
         if latents is None:
             latents = randn_tensor(shape, generator=generator, **to)
@@ -277,6 +280,7 @@ class DecoderPipeline(GuidedLoop, Pipeline):
         channels = latents.shape[1]
         # Only a learned-variance scheduler uses the UNet's variance channels (none of the official configs does).
         learned_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+        # The reference passes the generator to every sampler: UniPC's step, which takes none, raises a TypeError there.
         step_kwargs = {"generator": generator} if step_accepts_generator(self.scheduler) else {}
         order = getattr(self.scheduler, "order", 1)
         # The UNet reads the timestep from a device copy of the table made once: a per-step host-to-device copy would
@@ -369,9 +373,9 @@ class KandinskyV22Pipeline(DecoderPipeline):
         )
         latent_size = self._latent_size(height, width)
         shape = (batch * num_images_per_prompt, self.unet.config.in_channels, *latent_size)
+        timesteps = self._timesteps(num_inference_steps)
         start = self._start_noise(shape, generator, latents)
         state = self._conditioning(image_embeds, negative_image_embeds, num_images_per_prompt, guidance_scale)
-        timesteps = self._timesteps(num_inference_steps)
         latents = self._denoise(
             start, timesteps, state, guidance_scale, generator, callback_on_step_end, names, callback, callback_steps
         )

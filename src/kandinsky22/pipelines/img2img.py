@@ -3,8 +3,12 @@
 As the reference (reference-behaviour.md §1.4): MoVQ-encode the image (unquantized, unscaled latents), keep the last
 ``int(steps · strength)`` timesteps, draw one noise tensor of the latents' shape (the first draw of the generator)
 and ``add_noise`` it at the first kept timestep; the loop is text2img's. Unlike the reference, the image is resized to
-``height`` × ``width`` (the reference swaps them), PIL images of any mode and numpy arrays are accepted, and a
-``strength`` that leaves no step is refused instead of returning the noised input.
+``height`` × ``width`` (the reference swaps them), PIL images of any mode and numpy arrays are accepted, a
+``strength`` that leaves no step is refused (the reference fails inside ``add_noise`` with a RuntimeError), a run that
+starts on a timestep listed twice (Karras σ rounded to the same integer) starts at its own index (the reference looks
+the timestep up, takes the later entry and runs past the table), and one image given for several embeddings gets its
+own noise per output image, as if it were given once per embedding (the reference draws the noise for the one image and
+broadcasts it: all its samples start from the same noised latents, and a list of generators uses only the first).
 """
 
 from __future__ import annotations

@@ -97,12 +97,12 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         state = self._conditioning(image_embeds, negative_image_embeds, n, guidance_scale)
         state.update(self._masked_image(pixels, repaint, batch, n))
         shape = (batch * n, self.movq.config.latent_channels, *latent_size)
+        timesteps = self._timesteps(num_inference_steps)
+        self.scheduler.set_begin_index(0)
         state["noise"] = self._start_noise(shape, generator, latents)
         if guidance_scale > 1:  # the UNet input is one batch of 2: [negative; positive]
             for name in ("masked_image", "mask_image"):
                 state[name] = torch.cat([state[name], state[name]])
-        timesteps = self._timesteps(num_inference_steps)
-        self.scheduler.set_begin_index(0)
         latents = self._denoise(
             state["noise"],
             timesteps,
