@@ -275,3 +275,26 @@ def test_custom_schedules_and_step_options_match_reference(
     assert torch.equal(next_draw, ref_next), "different number of random draws"
     error = (sample - ref_sample).abs().max().item()
     assert error < TOLERANCE, f"{name}: max |Δ| = {error:.2e}"
+
+
+@pytest.mark.parametrize(("order", "solver_type"), [(2, "heun"), (3, "midpoint")])
+def test_dpm_solver_zero_length_last_step_keeps_the_sample_where_the_reference_gives_nan(order, solver_type):
+    """Karras σ end at σ_min and ``final_sigmas_type="sigma_min"`` repeats it: the last step has zero length. From 15
+    steps (no ``lower_order_final``) the reference's higher-order formulas divide by that length; ours steps at first
+    order there, which leaves the sample unchanged. Every earlier step is the reference's."""
+    config = {**DECODER_SCHEDULER_CONFIG, "use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}
+    config.update(solver_order=order, solver_type=solver_type)
+    trajectories = []
+    for library in (ours, diffusers):
+        scheduler = library.DPMSolverMultistepScheduler.from_config(config)
+        scheduler.set_timesteps(20)
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        trajectory = [x]
+        for t in scheduler.timesteps:
+            x = scheduler.step(0.1 * x, t, x).prev_sample
+            trajectory.append(x)
+        trajectories.append(trajectory)
+    mine, reference = trajectories
+    assert reference[-1].isnan().all() and torch.isfinite(mine[-1]).all()
+    assert max((a - b).abs().max().item() for a, b in zip(mine[:-1], reference[:-1])) < 1e-5
+    assert torch.equal(mine[-1], mine[-2])

@@ -135,7 +135,10 @@ class DPMSolverMultistepScheduler(MultistepSolverMixin):
             x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
         self._model_outputs = [*self._model_outputs, x0][-c.solver_order :]
         warm = self._lower_order_nums
-        if c.solver_order == 1 or warm < 1 or final_first_order:
+        # A step of zero length (Karras σ end at σ_min, and final_sigmas_type "sigma_min" repeats it) leaves the sample
+        # as it is at first order; the higher orders divide by its length (the reference returns NaN there).
+        zero_length = bool(self._lambda[i + 1] == self._lambda[i])  # a host table: no device read
+        if c.solver_order == 1 or warm < 1 or final_first_order or zero_length:
             order = 1
         elif c.solver_order == 2 or warm < 2 or final_second_order:
             order = 2
