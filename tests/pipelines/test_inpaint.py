@@ -168,6 +168,32 @@ def test_callback_on_step_end_sees_and_replaces_mask(ours):
     assert out.shape == (1, 4, 32, 32) and out.abs().sum() == 0
 
 
+def test_inpaint_with_a_sigma_scheduler_renoises_the_kept_region_at_each_steps_level(ours):
+    """After step i the kept region holds the image latents plus the start noise at step i + 1's level: x₀ + σ·ε for
+    Euler, with ε the unit noise drawn from the generator. The reference adds its start latents, ε·σ_max, there."""
+    from kandinsky22 import EulerDiscreteScheduler
+    from kandinsky22.schedulers.noise import randn_tensor
+
+    pipe = _quiet(KandinskyV22InpaintPipeline(**{**ours.components, "scheduler": EulerDiscreteScheduler.from_config(
+        ours.scheduler.config)}))  # fmt: skip
+    kept = []
+
+    def record(pipe, i, t, tensors):
+        keep = tensors["mask_image"][:1]
+        kept.append(((tensors["latents"] - tensors["masked_image"][:1]) * keep, keep))
+        return {}
+
+    pipe(**_embeds(), **_common(3), image=_image(), mask_image=_mask(), output_type="latent", generator=_seed(),
+         callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents", "masked_image", "mask_image"])  # fmt: skip
+    noise = randn_tensor((1, 4, 32, 32), generator=_seed())  # the generator's first draw: the start noise
+    sigmas = pipe.scheduler.sigmas
+    assert pipe.scheduler.init_noise_sigma > 4  # σ_max of a 3-step run: the reference's kept region is that noisy
+    for i, (difference, keep) in enumerate(kept[:-1]):
+        assert keep.sum() > 100
+        assert (difference - noise * keep * float(sigmas[i + 1])).abs().max() < 1e-5
+    assert kept[-1][0].abs().max() == 0  # after the last step: the clean image latents
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Input errors (all raised before any model runs)
 # ---------------------------------------------------------------------------------------------------------------------

@@ -225,17 +225,18 @@ class DecoderPipeline(GuidedLoop, Pipeline):
             )
 
     def _start_noise(self, shape: tuple[int, ...], generator: Generator, latents: torch.Tensor | None) -> torch.Tensor:
-        """Start latents: drawn from the generator(s), or the caller's ``latents`` (checked, moved and cast), times
-        the scheduler's ``init_noise_sigma``. Call it after ``_timesteps``, as the reference: a σ scheduler's
-        ``init_noise_sigma`` is that of the run's timestep table (Euler with "leading" spacing: σ of the first step),
-        not that of the table installed before (the full training range, or the previous run's)."""
+        """Start latents: ``_noise`` times the scheduler's ``init_noise_sigma``. Call it after ``_timesteps``, as the
+        reference: a σ scheduler's ``init_noise_sigma`` is that of the run's timestep table (Euler with "leading"
+        spacing: σ of the first step), not that of the table installed before (the full range, or the previous run's)."""
+        return self._noise(shape, generator, latents) * self.scheduler.init_noise_sigma
+
+    def _noise(self, shape: tuple[int, ...], generator: Generator, latents: torch.Tensor | None) -> torch.Tensor:
+        """Unit noise: drawn from the generator(s), or the caller's ``latents`` (checked, moved and cast)."""
         to = {"device": self._execution_device, "dtype": self.unet.dtype}
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, **to)
-        else:
-            self._check_latents(latents, shape)
-            latents = latents.to(**to)
-        return latents * self.scheduler.init_noise_sigma
+            return randn_tensor(shape, generator=generator, **to)
+        self._check_latents(latents, shape)
+        return latents.to(**to)
 
     @staticmethod
     def _check_latents(latents: Any, shape: tuple[int, ...]) -> None:

@@ -4,9 +4,11 @@ As the reference (reference-behaviour.md §1.5): the user's mask (white / 1 = re
 resized to the latents (nearest) and eroded by one latent pixel (``erode_keep_mask``); the UNet sees
 ``[latents | image latents · keep | keep]`` (4 + 4 + 1 channels); after every step the image latents, re-noised to
 the next timestep with the *start noise*, replace the kept region; after the last step the clean image latents do.
-Unlike the reference, every sample uses its own image and mask (the reference blends all with the first), masks
-given as tensors are not binarized in place, and an image array or tensor of the wrong size, or a mask of another
-aspect ratio, is refused naming the sizes (the reference crashes inside the loop, or stretches the mask).
+Unlike the reference, the kept region is re-noised with unit noise (the reference uses the start latents, which a σ
+scheduler such as Euler has multiplied by σ_max), every sample uses its own image and mask (the reference blends all
+with the first), masks given as tensors are not binarized in place, and an image array or tensor of the wrong size,
+or a mask of another aspect ratio, is refused naming the sizes (the reference crashes inside the loop, or stretches
+the mask).
 """
 
 from __future__ import annotations
@@ -99,12 +101,15 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         shape = (batch * n, self.movq.config.latent_channels, *latent_size)
         timesteps = self._timesteps(num_inference_steps)
         self.scheduler.set_begin_index(0)
-        state["noise"] = self._start_noise(shape, generator, latents)
+        # The kept region is re-noised with the unit noise: add_noise scales it to each step's level. The reference
+        # re-noises with the start latents, already times init_noise_sigma: the same for the DDPM family (1), but
+        # for the σ schedulers (Euler: σ_max) a kept region σ_max times too noisy until the last blend.
+        state["noise"] = self._noise(shape, generator, latents)
         if guidance_scale > 1:  # the UNet input is one batch of 2: [negative; positive]
             for name in ("masked_image", "mask_image"):
                 state[name] = torch.cat([state[name], state[name]])
         latents = self._denoise(
-            state["noise"],
+            state["noise"] * self.scheduler.init_noise_sigma,
             timesteps,
             state,
             guidance_scale,
