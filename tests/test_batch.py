@@ -20,6 +20,7 @@ import PIL.Image
 import pytest
 from filelock import FileLock
 
+import kandinsky22.jobs
 from kandinsky22.batch import MANIFEST, PARTIAL_PREFIX, ImageResult, Summary, Unit, UnitRunner, read_jobs, run_batch
 from kandinsky22.recipe import read_recipe
 
@@ -95,7 +96,7 @@ def write_image(path: Path, mode: str, seed: int) -> Path:
 
 
 def test_files_manifest_recipes_malformed_lines_and_failures(
-    tiny_repos: dict[str, Path], engine: UnitRunner, tmp_path: Path
+    tiny_repos: dict[str, Path], engine: UnitRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image, mask = write_image(tmp_path / "in.png", "RGB", 1), write_image(tmp_path / "mask.png", "L", 2)
     lines: list[dict[str, Any] | str] = [
@@ -110,12 +111,14 @@ def test_files_manifest_recipes_malformed_lines_and_failures(
         job_line(6, id="../up"),
         job_line(7, task="img2img", image=str(tmp_path / "missing.png"), steps=10),
         ["not", "an", "object"],
-        # Valid, but the text2img decoder cannot inpaint: fails when it runs, alone.
+        # Valid, but the text2img decoder cannot inpaint, which its config tells only once it loads here (as for a hub
+        # repository not downloaded yet): fails when it runs, alone.
         job_line(8, task="inpaint", image=str(image), mask=str(mask), decoder=str(tiny_repos["decoder"])),
         {key: value for key, value in job_line(9).items() if key != "seed"},
     ]
     jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
     out = tmp_path / "out"
+    monkeypatch.setattr(kandinsky22.jobs, "decoder_config", lambda decoder, filename: None, raising=False)
     summary = run(jobs, out, tiny_repos, engine)
 
     assert (summary.jobs, summary.done, summary.failed, summary.skipped, summary.images) == (11, 3, 8, 0, 4)
@@ -129,7 +132,8 @@ def test_files_manifest_recipes_malformed_lines_and_failures(
     assert errors[9].startswith("line 9: id must be")
     assert "missing.png" in errors[10] and errors[10].startswith("line 10: ")
     assert errors[11] == "line 11: a line must be a JSON object of job fields"
-    assert "4-channel UNet" in errors[12] and records[12]["seed"] == 1008
+    assert errors[12].startswith("IncompatibleJob: decoder") and records[12]["seed"] == 1008
+    assert "is a text-to-image decoder (UNet in_channels 4" in errors[12]
     assert all(records[line]["files"] == [] for line in errors)
 
     assert records[1]["id"] == "000001" and records[1]["files"] == ["000001-0.png"]
