@@ -154,6 +154,33 @@ def test_files_manifest_recipes_malformed_lines_and_failures(
     assert pngs(out) == before
 
 
+def test_a_line_its_decoder_cannot_run_is_reported_before_any_model_loads(
+    tiny_repos: dict[str, Path], tmp_path: Path
+) -> None:
+    """A decoder of another kind, or a step count its sampler cannot take, fails the line when the file is read (from
+    the decoder's config files), as an invalid line does; they failed only once a worker had loaded the models."""
+    image, mask = write_image(tmp_path / "in.png", "RGB", 1), write_image(tmp_path / "mask.png", "L", 2)
+    decoder = str(tiny_repos["decoder"])
+    lines = [
+        job_line(1, steps=1000, decoder=decoder),
+        job_line(2, task="inpaint", image=str(image), mask=str(mask), decoder=decoder),
+        job_line(3, task="img2img", image=str(image), steps=1000, strength=0.5, decoder=decoder),  # runs 500 steps
+        job_line(4, steps=999, decoder=decoder),
+    ]
+    entries = read_jobs(write_jobs(tmp_path / "jobs.jsonl", lines))
+    assert [entry.error for entry in entries[2:]] == [None, None]
+    assert entries[0].error == (
+        f"line 1: steps 1000 is more than the ddpm sampler of decoder '{decoder}' can take: its schedule would start "
+        "at timestep 1000, past the 1000 timesteps the model was trained on (timestep_spacing 'leading', steps_offset "
+        "1); use at most 999 steps"
+    )
+    assert entries[1].error == (
+        f"line 2: decoder '{decoder}' is a text-to-image decoder (UNet in_channels 4, addition_embed_type 'image'), "
+        "but inpaint needs an inpainting decoder (UNet in_channels 9, addition_embed_type 'image'), such as "
+        "kandinsky-community/kandinsky-2-2-decoder-inpaint"
+    )
+
+
 def test_resume_after_an_interruption_redoes_exactly_the_unfinished_jobs(
     tiny_repos: dict[str, Path], engine: UnitRunner, tmp_path: Path
 ) -> None:
@@ -217,6 +244,11 @@ def test_console_script(tiny_repos: dict[str, Path], tmp_path: Path) -> None:
         (["missing.jsonl", "--out", "x"], 1, "no such jobs file"),
         ([str(jobs), "--out", "x", "--workers", "2"], 2, "--workers and --gpus-per-worker need --ray"),
         ([str(jobs), "--out", "x", "--prior", "no/such/folder/here"], 1, "no such model folder for --prior"),
+        (
+            [str(jobs), "--out", "x", "--depth-decoder", str(tiny_repos["decoder"])],
+            2,
+            f"error: --depth-decoder '{tiny_repos['decoder']}' is a text-to-image decoder (UNet in_channels 4",
+        ),
         ([str(jobs), "--out", "x", "--batch-size", "0"], 2, "--batch-size: must be a positive integer"),
         ([str(jobs), "--out", "x", "--compile-cache", "c"], 2, "--compile-cache needs --fast"),
         ([str(jobs), "--out", "x", "--fast", "--compile-cache", str(jobs)], 2, "compile cache folder"),

@@ -37,7 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kandinsky22.jobs import MAX_IMAGES, Job, group_jobs, image_size, mix_item_kind
+from kandinsky22.jobs import (
+    HUB_ID,
+    MAX_IMAGES,
+    IncompatibleJob,
+    Job,
+    check_decoder,
+    check_decoder_option,
+    group_jobs,
+    image_size,
+    mix_item_kind,
+)
 
 MANIFEST = "manifest.jsonl"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -169,6 +179,7 @@ def _read_line(text: str, number: int, prior: str | None, decoders: dict[str, st
             check_model(getattr(job, name), name)
         _check_inputs(job)
         job = job.resolved()
+        check_decoder(job)  # its kind and its steps, from its config files (a folder, or a hub id in the cache)
     except (TypeError, ValueError, FileNotFoundError) as err:
         return BatchJob(job_id, number, error=f"line {number}: {err}")
     # The fingerprint leaves out a seed drawn here, so that an unseeded job stays the same job across runs.
@@ -203,8 +214,6 @@ def _check_inputs(job: Job) -> None:
 
 def check_model(value: str | None, what: str) -> None:
     """A model that is neither an existing folder nor a hub id (``owner/name``) raises ``FileNotFoundError``."""
-    from kandinsky22.cli import HUB_ID
-
     if value and not Path(value).expanduser().exists() and not HUB_ID.match(value):
         raise FileNotFoundError(f"no such model folder for {what}: '{value}'")
 
@@ -603,6 +612,12 @@ def run_command(args: argparse.Namespace) -> int:
             raise RuntimeFailure(
                 str(err), "pass an existing folder or a hub id (`kandinsky22 make-tiny DIR`)"
             ) from None
+    for option, task in (("--decoder", "text2img"), ("--inpaint-decoder", "inpaint"), ("--depth-decoder", "depth")):
+        if task in decoders:
+            try:
+                check_decoder_option(task, decoders[task], option)
+            except IncompatibleJob as err:
+                raise UsageError(str(err)) from None
     apply_compile_cache(args)  # here too: a folder that cannot be one fails now, not in every worker
     engine = {"device": args.device, "dtype": args.dtype, "fast": args.fast, "compile_cache": args.compile_cache}
     if args.ray is None:
