@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -730,4 +731,27 @@ def test_what_the_configs_tell_only_once_loaded_is_a_usage_error_before_the_prio
     assert capsys.readouterr().err == (
         f"kandinsky22 inpaint: error: decoder '{tiny['decoder']}' is {KINDS['decoder']}, but inpaint needs "
         f"{KINDS['decoder-inpaint']}, such as kandinsky-community/kandinsky-2-2-decoder-inpaint\n"
+    )
+
+
+def _taken_port() -> socket.socket:
+    """A listening socket: a server that would start on its port fails at once (exit 1), instead of serving."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    return taken
+
+
+def test_serve_refuses_a_decoder_of_another_kind_before_it_starts(
+    tiny: dict[str, str], capsys: pytest.CaptureFixture
+) -> None:
+    """A decoder of another kind for its option failed only once the server had loaded the models (health "error")."""
+    from kandinsky22 import cli
+
+    with _taken_port() as taken:
+        serve = ["serve", "--port", str(taken.getsockname()[1]), "--prior", tiny["prior"], "--decoder", tiny["decoder"]]
+        assert cli.main([*serve, "--depth-decoder", tiny["decoder-inpaint"]]) == 2
+    assert capsys.readouterr().err == (
+        f"kandinsky22 serve: error: --depth-decoder '{tiny['decoder-inpaint']}' is {KINDS['decoder-inpaint']}, "
+        f"but depth needs {KINDS['controlnet-depth']}, such as kandinsky-community/kandinsky-2-2-controlnet-depth\n"
     )

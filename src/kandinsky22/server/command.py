@@ -22,6 +22,8 @@ from kandinsky22.jobs import (
     MAX_SIDE,
     MAX_STEPS,
     PRIOR_REPO,
+    IncompatibleJob,
+    check_decoder_option,
 )
 
 API_KEY_ENV = "KANDINSKY22_API_KEY"
@@ -203,6 +205,13 @@ def serve(args: argparse.Namespace) -> int:
         decoders["inpaint"] = args.inpaint_decoder
     if args.depth_decoder:
         decoders["depth"] = args.depth_decoder
+    for option, task in (("--decoder", "text2img"), ("--inpaint-decoder", "inpaint"), ("--depth-decoder", "depth")):
+        try:  # now, from its config file where it can be read, not once the server has loaded the others
+            if task in decoders:
+                check_decoder_option(task, decoders[task], option)
+        except IncompatibleJob as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
     config = ServerConfig(
         prior=args.prior,
         decoders=decoders,
