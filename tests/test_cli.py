@@ -734,6 +734,31 @@ def test_what_the_configs_tell_only_once_loaded_is_a_usage_error_before_the_prio
     )
 
 
+def test_loading_lines_come_as_each_model_starts_loading(
+    tiny: dict[str, str], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """ "loading PRIOR" and "loading DECODER" were both printed before the prior started loading."""
+    from kandinsky22 import cli
+    from kandinsky22.pipelines.decoder import KandinskyV22Pipeline
+    from kandinsky22.pipelines.prior import KandinskyV22PriorPipeline
+
+    printed_before = {}
+    for cls in (KandinskyV22PriorPipeline, KandinskyV22Pipeline):
+
+        def load(*args, cls=cls, original=cls.from_pretrained, **kwargs):
+            printed_before[cls.__name__] = capsys.readouterr().err
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", load)
+    out = tmp_path / "out.png"
+    args = ["generate", "x", "--prior", tiny["prior"], "--decoder", tiny["decoder"], *FAST[:4], "-o", str(out)]
+    assert cli.main([*args, "--width", "64", "--height", "64"]) == 0
+    before_prior, before_decoder = printed_before["KandinskyV22PriorPipeline"], printed_before["KandinskyV22Pipeline"]
+    assert before_prior.endswith(f"loading prior {tiny['prior']}\n") and tiny["decoder"] not in before_prior
+    assert f"loading decoder {tiny['decoder']}\n" in before_decoder and "loading prior" not in before_decoder
+    assert "loading" not in capsys.readouterr().err  # none after the loads
+
+
 def _taken_port() -> socket.socket:
     """A listening socket: a server that would start on its port fails at once (exit 1), instead of serving."""
     taken = socket.socket()

@@ -633,6 +633,9 @@ def _run_jobs(args: argparse.Namespace) -> int:
         warm_up=shapes,
         negative_prompts=negative,
         compile_scope=scope,
+        on_load=lambda role, model: _note(
+            args, f"loading {role} {model}" + ("" if Path(model).exists() else " (downloads on first use)")
+        ),
     )
     _note(args, f"device {engine.device_name}, {engine.dtype_name}; seeds {', '.join(str(j.seed) for j in singles)}")
     if shapes:
@@ -650,8 +653,6 @@ def _run_jobs(args: argparse.Namespace) -> int:
     totals: dict[str, float] = {}
     try:
         for group in groups:
-            for model in engine.missing_models(group[0]):
-                _note(args, f"loading {model}" + ("" if Path(model).exists() else " (downloads on first use)"))
             try:
                 results = engine.run(group, progress=bars)
             except IncompatibleJob as err:  # what the decoder's config told only once it loaded (a hub download)

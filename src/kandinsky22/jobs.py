@@ -664,6 +664,8 @@ class Engine:
     compile_scope=...)`` on every pipeline that has one: ``warm_up`` lists the ``(height, width, images_per_call)`` compiled when a pipeline loads. With
     ``compile_new_shapes=False`` (the server) any other shape runs eagerly instead of compiling — a compilation takes a
     minute or more on full-size models, during which every queued request would wait.
+    ``on_load(role, model)`` is called as a model starts loading (role ``"prior"`` or ``"decoder"``), so that a
+    caller can say what it is waiting for when it waits for it.
     """
 
     def __init__(
@@ -677,6 +679,7 @@ class Engine:
         compile_backend: str = "inductor",
         negative_prompts: bool = True,
         compile_scope: str = "blocks",
+        on_load: Callable[[str, str], None] | None = None,
     ) -> None:
         if compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}; got {compile_scope!r}")
@@ -695,6 +698,7 @@ class Engine:
         # decoder repository → {pipeline class name: pipeline}; the pipelines of one repository share its modules.
         self._decoders: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._scheduler_configs: dict[str, dict[str, Any]] = {}
+        self.on_load = on_load
         self._lock = threading.RLock()
 
     @property
@@ -733,6 +737,8 @@ class Engine:
         with self._lock:
             if repo not in self._priors:
                 self._priors.clear()  # one prior at a time: the official one is 1 B + 2.5 B parameters of CLIP
+                if self.on_load is not None:
+                    self.on_load("prior", repo)
                 pipe = KandinskyV22PriorPipeline.from_pretrained(repo, torch_dtype=self.dtype)
                 self._priors[repo] = self._prepare(pipe)
             return self._priors[repo]
@@ -748,6 +754,8 @@ class Engine:
             if pipes is None:
                 while len(self._decoders) >= self.max_decoders:
                     self._decoders.popitem(last=False)
+                if self.on_load is not None:
+                    self.on_load("decoder", repo)
                 pipe = getattr(kandinsky22, class_name).from_pretrained(repo, torch_dtype=self.dtype)
                 _check_decoder(pipe, job)
                 pipes = self._decoders[repo] = {class_name: self._prepare(pipe)}

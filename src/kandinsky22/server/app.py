@@ -146,6 +146,7 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
             compile_new_shapes=False,
             compile_backend=config.compile_backend,
             compile_scope=config.compile_scope,
+            on_load=lambda role, model: log.info("loading the %s %s", role, model),
         )
         # Load every repository now: the first request of a task must not stall everyone queued behind it for a load.
         # (Other tasks of a loaded repository only wrap its modules in another pipeline class, which is cheap.)
