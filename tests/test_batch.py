@@ -242,7 +242,14 @@ def test_console_script(tiny_repos: dict[str, Path], tmp_path: Path) -> None:
 
     for args, code, message in (
         (["missing.jsonl", "--out", "x"], 1, "no such jobs file"),
-        ([str(jobs), "--out", "x", "--workers", "2"], 2, "--workers and --gpus-per-worker need --ray"),
+        ([str(jobs), "--out", "x", "--workers", "2"], 2, "error: --workers needs --ray"),
+        # --cpus-per-worker was ignored without --ray (the jobs ran in this process)
+        ([str(jobs), "--out", "x", "--cpus-per-worker", "2"], 2, "error: --cpus-per-worker needs --ray"),
+        (
+            [str(jobs), "--out", "x", "--workers", "2", "--gpus-per-worker", "1", "--cpus-per-worker", "2"],
+            2,
+            "error: --workers, --gpus-per-worker and --cpus-per-worker need --ray (without it, the jobs run in this",
+        ),
         ([str(jobs), "--out", "x", "--prior", "no/such/folder/here"], 1, "no such model folder for --prior"),
         (
             [str(jobs), "--out", "x", "--depth-decoder", str(tiny_repos["decoder"])],
@@ -266,7 +273,7 @@ def test_errors_under_python_dash_m(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for args, code, message in (
         (["missing.jsonl", "--out", "x"], 1, "hint: check the JOBS path"),
-        ([str(jobs), "--out", "x", "--workers", "2"], 2, "error: --workers and --gpus-per-worker need --ray"),
+        ([str(jobs), "--out", "x", "--workers", "2"], 2, "error: --workers needs --ray"),
         ([str(jobs), "--out", "file.txt"], 2, "error: --out 'file.txt' is a file; give a folder"),
         (["latin1.jsonl", "--out", "x"], 2, "error: JOBS 'latin1.jsonl' is not UTF-8 text"),
     ):

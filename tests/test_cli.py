@@ -780,3 +780,21 @@ def test_serve_refuses_a_decoder_of_another_kind_before_it_starts(
         f"kandinsky22 serve: error: --depth-decoder '{tiny['decoder-inpaint']}' is {KINDS['decoder-inpaint']}, "
         f"but depth needs {KINDS['controlnet-depth']}, such as kandinsky-community/kandinsky-2-2-controlnet-depth\n"
     )
+
+
+def test_serve_refuses_ray_options_without_ray(tiny: dict[str, str], capsys: pytest.CaptureFixture) -> None:
+    """--min-replicas & co. without --ray were ignored: the server ran here, alone, as if they had not been given."""
+    from kandinsky22 import cli
+
+    with _taken_port() as taken:
+        serve = ["serve", "--port", str(taken.getsockname()[1]), "--prior", tiny["prior"], "--decoder", tiny["decoder"]]
+        assert cli.main([*serve, "--min-replicas", "2", "--downscale-delay", "5"]) == 2
+        assert capsys.readouterr().err == (
+            "kandinsky22 serve: error: --min-replicas and --downscale-delay need --ray (Ray Serve's model replicas; "
+            "without it, this process serves alone)\n"
+        )
+        for option, value in (("--max-replicas", "1"), ("--gpus-per-replica", "0"), ("--cpus-per-replica", "1")):
+            assert cli.main([*serve, option, value]) == 2
+            assert f"error: {option} needs --ray" in capsys.readouterr().err
+        assert cli.main([*serve, "--target-ongoing-requests", "2"]) == 2
+        assert "error: --target-ongoing-requests needs --ray" in capsys.readouterr().err

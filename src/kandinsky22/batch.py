@@ -537,6 +537,12 @@ def add_ray_address_argument(parser: argparse.ArgumentParser, what: str) -> None
     )
 
 
+def needs_ray(options: list[str]) -> str:
+    """``--a needs --ray``, ``--a and --b need --ray``, ``--a, --b and --c need --ray``."""
+    named = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} and {options[-1]}"
+    return f"{named} {'needs' if len(options) == 1 else 'need'} --ray"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``batch`` options, on ``parser`` (argparse only: importing this module is cheap)."""
     from kandinsky22.cli import DTYPES
@@ -571,7 +577,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument(
         "--gpus-per-worker", type=resource_amount, help="GPUs per actor (default: 1 if the cluster has GPUs)"
     )
-    ray.add_argument("--cpus-per-worker", type=resource_amount, default=1.0, help="CPUs per actor (default 1)")
+    ray.add_argument("--cpus-per-worker", type=resource_amount, help="CPUs per actor (default 1)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     out.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
@@ -584,8 +590,13 @@ def run_command(args: argparse.Namespace) -> int:
 
     if not DEVICE_PATTERN.match(args.device):
         raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
-    if args.ray is None and (args.workers or args.gpus_per_worker is not None):
-        raise UsageError("--workers and --gpus-per-worker need --ray")
+    ray_only = {"--workers": args.workers, "--gpus-per-worker": args.gpus_per_worker}
+    ray_only["--cpus-per-worker"] = args.cpus_per_worker
+    given = [option for option, value in ray_only.items() if value is not None]
+    if args.ray is None and given:
+        raise UsageError(f"{needs_ray(given)} (without it, the jobs run in this process)")
+    if args.cpus_per_worker is None:
+        args.cpus_per_worker = 1.0
     jobs = Path(args.jobs).expanduser()
     if not jobs.is_file():
         raise RuntimeFailure(f"no such jobs file: '{jobs}'", "check the JOBS path")

@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 
 PROG = "kandinsky22 serve"
 STOP_TIMEOUT_S = 30.0
+# The --ray options (argparse destinations) and their defaults. argparse leaves them None, so that one given without
+# --ray is an error instead of being silently ignored; --gpus-per-replica's default depends on the cluster.
+RAY_OPTION_DEFAULTS: dict[str, float | None] = {
+    "min_replicas": 1,
+    "max_replicas": 1,
+    "gpus_per_replica": None,
+    "cpus_per_replica": 1.0,
+    "target_ongoing_requests": 1.0,
+    "downscale_delay": 600.0,
+}
 
 
 def _count(text: str) -> int:
@@ -32,30 +42,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--ray`` options of ``serve``, on ``parser``."""
     ray = parser.add_argument_group("Ray Serve (one ingress replica; model replicas autoscaled on the cluster)")
     add_ray_address_argument(ray, "serve")
-    ray.add_argument("--min-replicas", type=_count, default=1, help="model replicas kept up, 0 allowed (default 1)")
-    ray.add_argument("--max-replicas", type=_count, default=1, help="model replicas at most (default 1)")
+    ray.add_argument("--min-replicas", type=_count, help="model replicas kept up, 0 allowed (default 1)")
+    ray.add_argument("--max-replicas", type=_count, help="model replicas at most (default 1)")
     ray.add_argument(
         "--gpus-per-replica",
         type=resource_amount,
         help="GPUs per model replica (default: 1 if the cluster has GPUs, else 0)",
     )
-    ray.add_argument("--cpus-per-replica", type=resource_amount, default=1.0, help="CPUs per model replica (default 1)")
+    ray.add_argument("--cpus-per-replica", type=resource_amount, help="CPUs per model replica (default 1)")
     ray.add_argument(
         "--target-ongoing-requests",
         type=resource_amount,
-        default=1.0,
         help="pipeline calls per replica (running or waiting) the autoscaler aims at (default 1)",
     )
     ray.add_argument(
-        "--downscale-delay",
-        type=resource_amount,
-        default=600.0,
-        help="seconds of low load before removing a replica (600)",
+        "--downscale-delay", type=resource_amount, help="seconds of low load before removing a replica (600)"
     )
+
+
+def ray_options_given(args: argparse.Namespace) -> list[str]:
+    """The --ray options given on the command line, as written there (``--min-replicas``)."""
+    return ["--" + dest.replace("_", "-") for dest in RAY_OPTION_DEFAULTS if getattr(args, dest, None) is not None]
 
 
 def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
     """Deploy on the cluster of ``args.ray`` and wait until interrupted; 2 for bad replica counts."""
+    for dest, default in RAY_OPTION_DEFAULTS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
     if args.max_replicas < max(1, args.min_replicas):
         print(f"{PROG}: error: --max-replicas must be at least 1 and at least --min-replicas", file=sys.stderr)
         return 2

@@ -163,6 +163,16 @@ def serve(args: argparse.Namespace) -> int:
     from kandinsky22.server.schemas import Limits
 
     prog = "kandinsky22 serve"
+    from kandinsky22.batch import needs_ray
+    from kandinsky22.scale.ray_serve import ray_options_given  # argparse only, no ray
+
+    given = ray_options_given(args)
+    if getattr(args, "ray", None) is None and given:
+        print(
+            f"{prog}: error: {needs_ray(given)} (Ray Serve's model replicas; without it, this process serves alone)",
+            file=sys.stderr,
+        )
+        return 2
     if args.max_side > MAX_SIDE or args.max_steps > MAX_STEPS or args.max_n > MAX_IMAGES:
         print(
             f"{prog}: error: --max-side is at most {MAX_SIDE}, --max-steps at most {MAX_STEPS} and --max-n at most "
