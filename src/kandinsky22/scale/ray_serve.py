@@ -116,6 +116,7 @@ def _deploy_and_wait(ray: Any, args: argparse.Namespace, config: ServerConfig) -
             )
         port = http.port
     host = http.host
+    _refuse_a_second_server(serve.status().applications, host, port)
     # SIGTERM ends the process through the `finally` below, so the application does not outlive the command.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -151,6 +152,28 @@ def _deploy_and_wait(ray: Any, args: argparse.Namespace, config: ServerConfig) -
         stopper = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
         stopper.start()
         stopper.join(STOP_TIMEOUT_S)
+
+
+def _refuse_a_second_server(applications: dict[str, Any], host: str, port: int) -> None:
+    """A cluster serves one ``kandinsky22 serve --ray``: Ray Serve has one HTTP address per cluster, and deploying
+    the application again under its name would replace the running one (its models, its queue and its jobs), which
+    its own command would then delete on exit. Refused, naming the running one, before anything is deployed."""
+    from kandinsky22.scale.serve_app import APP_NAME
+
+    if APP_NAME not in applications:
+        return
+    from kandinsky22.cli import RuntimeFailure
+
+    shown = f"[{host}]" if ":" in host else host
+    status = getattr(applications[APP_NAME], "status", None)
+    status = str(getattr(status, "value", status) or "").lower()
+    raise RuntimeFailure(
+        f"a kandinsky22 server already runs on this Ray cluster (Ray Serve application '{APP_NAME}'"
+        f"{', ' + status if status else ''}, at http://{shown}:{port}/); a cluster serves one, and a second would "
+        "replace it",
+        f"use that server, or stop it first: Ctrl-C its `{PROG} --ray` command, or, if that command is gone, "
+        f"`serve delete {APP_NAME}`; or serve on another Ray cluster",
+    )
 
 
 def _free_port(host: str) -> int:
