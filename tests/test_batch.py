@@ -20,6 +20,7 @@ import PIL.Image
 import pytest
 from filelock import FileLock
 
+import kandinsky22.jobs
 from kandinsky22.batch import MANIFEST, PARTIAL_PREFIX, ImageResult, Summary, Unit, UnitRunner, read_jobs, run_batch
 from kandinsky22.recipe import read_recipe
 
@@ -95,7 +96,7 @@ def write_image(path: Path, mode: str, seed: int) -> Path:
 
 
 def test_files_manifest_recipes_malformed_lines_and_failures(
-    tiny_repos: dict[str, Path], engine: UnitRunner, tmp_path: Path
+    tiny_repos: dict[str, Path], engine: UnitRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image, mask = write_image(tmp_path / "in.png", "RGB", 1), write_image(tmp_path / "mask.png", "L", 2)
     lines: list[dict[str, Any] | str] = [
@@ -110,12 +111,14 @@ def test_files_manifest_recipes_malformed_lines_and_failures(
         job_line(6, id="../up"),
         job_line(7, task="img2img", image=str(tmp_path / "missing.png"), steps=10),
         ["not", "an", "object"],
-        # Valid, but the text2img decoder cannot inpaint: fails when it runs, alone.
+        # Valid, but the text2img decoder cannot inpaint, which its config tells only once it loads here (as for a hub
+        # repository not downloaded yet): fails when it runs, alone.
         job_line(8, task="inpaint", image=str(image), mask=str(mask), decoder=str(tiny_repos["decoder"])),
         {key: value for key, value in job_line(9).items() if key != "seed"},
     ]
     jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
     out = tmp_path / "out"
+    monkeypatch.setattr(kandinsky22.jobs, "decoder_config", lambda decoder, filename: None, raising=False)
     summary = run(jobs, out, tiny_repos, engine)
 
     assert (summary.jobs, summary.done, summary.failed, summary.skipped, summary.images) == (11, 3, 8, 0, 4)
@@ -129,7 +132,8 @@ def test_files_manifest_recipes_malformed_lines_and_failures(
     assert errors[9].startswith("line 9: id must be")
     assert "missing.png" in errors[10] and errors[10].startswith("line 10: ")
     assert errors[11] == "line 11: a line must be a JSON object of job fields"
-    assert "4-channel UNet" in errors[12] and records[12]["seed"] == 1008
+    assert errors[12].startswith("IncompatibleJob: decoder") and records[12]["seed"] == 1008
+    assert "is a text-to-image decoder (UNet in_channels 4" in errors[12]
     assert all(records[line]["files"] == [] for line in errors)
 
     assert records[1]["id"] == "000001" and records[1]["files"] == ["000001-0.png"]
@@ -148,6 +152,33 @@ def test_files_manifest_recipes_malformed_lines_and_failures(
     assert (again.done, again.skipped, again.failed) == (0, 3, 8)
     assert sorted(record["line"] for record in manifest(out)) == sorted(records)
     assert pngs(out) == before
+
+
+def test_a_line_its_decoder_cannot_run_is_reported_before_any_model_loads(
+    tiny_repos: dict[str, Path], tmp_path: Path
+) -> None:
+    """A decoder of another kind, or a step count its sampler cannot take, fails the line when the file is read (from
+    the decoder's config files), as an invalid line does; they failed only once a worker had loaded the models."""
+    image, mask = write_image(tmp_path / "in.png", "RGB", 1), write_image(tmp_path / "mask.png", "L", 2)
+    decoder = str(tiny_repos["decoder"])
+    lines = [
+        job_line(1, steps=1000, decoder=decoder),
+        job_line(2, task="inpaint", image=str(image), mask=str(mask), decoder=decoder),
+        job_line(3, task="img2img", image=str(image), steps=1000, strength=0.5, decoder=decoder),  # runs 500 steps
+        job_line(4, steps=999, decoder=decoder),
+    ]
+    entries = read_jobs(write_jobs(tmp_path / "jobs.jsonl", lines))
+    assert [entry.error for entry in entries[2:]] == [None, None]
+    assert entries[0].error == (
+        f"line 1: steps 1000 is more than the ddpm sampler of decoder '{decoder}' can take: its schedule would start "
+        "at timestep 1000, past the 1000 timesteps the model was trained on (timestep_spacing 'leading', steps_offset "
+        "1); use at most 999 steps"
+    )
+    assert entries[1].error == (
+        f"line 2: decoder '{decoder}' is a text-to-image decoder (UNet in_channels 4, addition_embed_type 'image'), "
+        "but inpaint needs an inpainting decoder (UNet in_channels 9, addition_embed_type 'image'), such as "
+        "kandinsky-community/kandinsky-2-2-decoder-inpaint"
+    )
 
 
 def test_resume_after_an_interruption_redoes_exactly_the_unfinished_jobs(
@@ -211,8 +242,20 @@ def test_console_script(tiny_repos: dict[str, Path], tmp_path: Path) -> None:
 
     for args, code, message in (
         (["missing.jsonl", "--out", "x"], 1, "no such jobs file"),
-        ([str(jobs), "--out", "x", "--workers", "2"], 2, "--workers and --gpus-per-worker need --ray"),
+        ([str(jobs), "--out", "x", "--workers", "2"], 2, "error: --workers needs --ray"),
+        # --cpus-per-worker was ignored without --ray (the jobs ran in this process)
+        ([str(jobs), "--out", "x", "--cpus-per-worker", "2"], 2, "error: --cpus-per-worker needs --ray"),
+        (
+            [str(jobs), "--out", "x", "--workers", "2", "--gpus-per-worker", "1", "--cpus-per-worker", "2"],
+            2,
+            "error: --workers, --gpus-per-worker and --cpus-per-worker need --ray (without it, the jobs run in this",
+        ),
         ([str(jobs), "--out", "x", "--prior", "no/such/folder/here"], 1, "no such model folder for --prior"),
+        (
+            [str(jobs), "--out", "x", "--depth-decoder", str(tiny_repos["decoder"])],
+            2,
+            f"error: --depth-decoder '{tiny_repos['decoder']}' is a text-to-image decoder (UNet in_channels 4",
+        ),
         ([str(jobs), "--out", "x", "--batch-size", "0"], 2, "--batch-size: must be a positive integer"),
         ([str(jobs), "--out", "x", "--compile-cache", "c"], 2, "--compile-cache needs --fast"),
         ([str(jobs), "--out", "x", "--fast", "--compile-cache", str(jobs)], 2, "compile cache folder"),
@@ -230,7 +273,7 @@ def test_errors_under_python_dash_m(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for args, code, message in (
         (["missing.jsonl", "--out", "x"], 1, "hint: check the JOBS path"),
-        ([str(jobs), "--out", "x", "--workers", "2"], 2, "error: --workers and --gpus-per-worker need --ray"),
+        ([str(jobs), "--out", "x", "--workers", "2"], 2, "error: --workers needs --ray"),
         ([str(jobs), "--out", "file.txt"], 2, "error: --out 'file.txt' is a file; give a folder"),
         (["latin1.jsonl", "--out", "x"], 2, "error: JOBS 'latin1.jsonl' is not UTF-8 text"),
     ):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -549,3 +550,251 @@ def test_compile_cache_sets_the_inductor_cache_folder(
     assert "error: --compile-cache has no use with --no-fast" in capsys.readouterr().err
     assert cli.main(["serve", "--compile-cache", str(a_file)]) == 2
     assert f"kandinsky22 serve: error: --compile-cache: compile cache folder '{a_file}'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a decoder's config files say: checked before the models load where they can be read, else as they load
+# ----------------------------------------------------------------------------------------------------------------------
+
+DECODER_OF = {"generate": "decoder", "img2img": "decoder", "mix": "decoder", "inpaint": "decoder-inpaint"}
+DECODER_OF["depth"] = "controlnet-depth"
+STEPS_1000 = (
+    "--steps 1000 is more than the {sampler} sampler of decoder '{decoder}' can take: its schedule would start at "
+    "timestep 1000, past the 1000 timesteps the model was trained on (timestep_spacing 'leading', steps_offset 1); "
+    "use at most 999 steps"
+)
+KINDS = {
+    "decoder": "a text-to-image decoder (UNet in_channels 4, addition_embed_type 'image')",
+    "decoder-inpaint": "an inpainting decoder (UNet in_channels 9, addition_embed_type 'image')",
+    "controlnet-depth": "a controlnet-depth decoder (UNet in_channels 8, addition_embed_type 'image_hint')",
+}
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that starts loading fails the command (exit 1, "AssertionError: a model loaded")."""
+    from kandinsky22 import jobs
+
+    def load(self, *args, **kwargs):
+        raise AssertionError("a model loaded")
+
+    monkeypatch.setattr(jobs.Engine, "prior_pipeline", load)
+    monkeypatch.setattr(jobs.Engine, "decoder_pipeline", load)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "x", "--steps", "1000"],
+        ["generate", "x", "--steps", "1000", "--scheduler", "euler"],
+        ["generate", "--prompts-file", "p.jsonl"],
+        ["img2img", "x", "--image", "plain.png", "--strength", "1", "--steps", "1000"],
+        ["inpaint", "x", "--image", "plain.png", "--mask", "plain.png", "--steps", "1000"],
+        ["depth", "x", "--hint", "plain.png", "--steps", "1000"],
+        ["mix", "--item", "a", "--item", "plain.png", "--steps", "1000", "--scheduler", "ddim"],
+    ],
+    ids=["generate", "euler", "prompts-file", "img2img", "inpaint", "depth", "mix"],
+)
+def test_a_step_count_the_sampler_cannot_take_fails_before_the_models_load(
+    args: list[str], tiny: dict[str, str], tmp_path: Path, monkeypatch, capsys, no_loading
+) -> None:
+    """--steps 1000 with the decoders' DDPM config (and DDIM's and Euler's on it) reaches the untrained timestep 1000:
+    the pipelines refused it only after the models had loaded and the prior had run (exit 1, "ValueError: ...", the
+    --debug hint). Now a usage error from the decoder folder's scheduler config, before anything loads."""
+    from kandinsky22 import cli
+
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "steps": 999}\n{"prompt": "b", "steps": 1000}\n')
+    command = args[0]
+    decoder = tiny[DECODER_OF[command]]
+    assert cli.main([*args, "--prior", tiny["prior"], "--decoder", decoder, "-o", "out.png"]) == 2
+    sampler = args[args.index("--scheduler") + 1] if "--scheduler" in args else "ddpm"
+    where = "p.jsonl line 2: " if "--prompts-file" in args else ""
+    assert capsys.readouterr().err == (
+        f"kandinsky22 {command}: error: {where}{STEPS_1000.format(sampler=sampler, decoder=decoder)}\n"
+    )
+
+
+def test_a_step_count_the_sampler_can_take_is_not_refused(
+    tiny: dict[str, str], tmp_path: Path, monkeypatch, capsys, no_loading
+) -> None:
+    """1000 steps of which the strength keeps the trained ones, 999 steps, and samplers whose schedule stays within
+    the trained timesteps at 1000 steps: on to the models."""
+    from kandinsky22 import cli
+
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    models = ["--prior", tiny["prior"], "--decoder", tiny["decoder"], "-o", "out.png"]
+    for args in (
+        ["img2img", "x", "--image", "plain.png", "--strength", "0.5", "--steps", "1000"],
+        ["generate", "x", "--steps", "999"],
+        ["generate", "x", "--steps", "1000", "--scheduler", "dpm++"],
+        ["generate", "x", "--steps", "1000", "--scheduler", "unipc"],
+    ):
+        assert cli.main([*args, *models, "--quiet"]) == 1, args
+        assert "AssertionError: a model loaded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "given"),
+    [
+        ("generate", "decoder-inpaint"),
+        ("generate", "controlnet-depth"),
+        ("img2img", "decoder-inpaint"),
+        ("inpaint", "decoder"),
+        ("depth", "decoder"),
+        ("depth", "decoder-inpaint"),
+    ],
+)
+def test_a_decoder_of_another_kind_is_named_before_the_models_load(
+    command: str, given: str, tiny: dict[str, str], tmp_path: Path, monkeypatch, capsys, no_loading
+) -> None:
+    """The kind a decoder folder holds is in its UNet config: it failed once the models had loaded, as a generic
+    "ValueError: ..." with the --debug hint (exit 1)."""
+    from kandinsky22 import cli
+    from kandinsky22.jobs import DEFAULT_DECODERS
+
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    inputs = {"img2img": ["--image", "plain.png"], "inpaint": ["--image", "plain.png", "--mask", "plain.png"]}
+    inputs["depth"] = ["--hint", "plain.png"]
+    args = [command, "x", *inputs.get(command, []), "--prior", tiny["prior"], "--decoder", tiny[given]]
+    assert cli.main([*args, "-o", "out.png"]) == 2
+    task = cli.COMMAND_TASKS[command]
+    assert capsys.readouterr().err == (
+        f"kandinsky22 {command}: error: --decoder '{tiny[given]}' is {KINDS[given]}, but {task} needs "
+        f"{KINDS[DECODER_OF[command]]}, such as {DEFAULT_DECODERS[task]}\n"
+    )
+
+
+def _hub_cache(root: Path, repo: str, folder: str) -> Path:
+    """A local hub cache holding ``repo``'s UNet and scheduler configs, copied from ``folder``, as a download leaves
+    them (what ``huggingface_hub.try_to_load_from_cache`` reads)."""
+    cache = root / "hub"
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "0123abcd"
+    for name in ("unet/config.json", "scheduler/scheduler_config.json"):
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(folder) / name, snapshot / name)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    return cache
+
+
+def test_a_hub_decoder_in_the_local_cache_is_checked_before_it_loads(
+    tiny: dict[str, str], tmp_path: Path, monkeypatch, capsys, no_loading
+) -> None:
+    """For a hub id, the configs of a repository downloaded before are in the local hub cache: read there (no
+    network); a repository not in the cache is checked once it loads (see the next test)."""
+    import huggingface_hub
+
+    from kandinsky22 import cli
+    from kandinsky22.jobs import DECODER_REPO
+
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    cache = _hub_cache(tmp_path / "hf", DECODER_REPO, tiny["decoder"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert cli.main(["generate", "x", "--steps", "1000", "-o", "out.png"]) == 2
+    assert capsys.readouterr().err == (
+        f"kandinsky22 generate: error: {STEPS_1000.format(sampler='ddpm', decoder=DECODER_REPO)}\n"
+    )
+    inpaint = ["inpaint", "x", "--image", "plain.png", "--mask", "plain.png", "--decoder", DECODER_REPO]
+    assert cli.main([*inpaint, "-o", "out.png"]) == 2
+    assert f"error: --decoder '{DECODER_REPO}' is {KINDS['decoder']}, but inpaint needs" in capsys.readouterr().err
+    # Not in the cache: nothing to read before loading.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert cli.main(["generate", "x", "--steps", "1000", "-o", "out.png", "--quiet"]) == 1
+    assert "AssertionError: a model loaded" in capsys.readouterr().err
+
+
+def test_what_the_configs_tell_only_once_loaded_is_a_usage_error_before_the_prior_runs(
+    tiny: dict[str, str], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A decoder whose configs cannot be read before it loads (a hub repository not downloaded yet): the same errors
+    once it has loaded, before the prior runs, as a usage error; they were "ValueError: ..." with the --debug hint,
+    the step count only after the prior had run."""
+    from kandinsky22 import cli, jobs
+
+    def prior_ran(*args, **kwargs):
+        raise AssertionError("the prior ran")
+
+    monkeypatch.setattr(jobs, "decoder_config", lambda decoder, filename: None, raising=False)
+    monkeypatch.setattr(jobs.Engine, "_embeddings", prior_ran)
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    models = ["--prior", tiny["prior"], "--decoder", tiny["decoder"], "--quiet", "-o", "out.png"]
+    assert cli.main(["generate", "x", "--steps", "1000", *models]) == 2
+    message = STEPS_1000.format(sampler="ddpm", decoder=tiny["decoder"]).removeprefix("--")
+    assert capsys.readouterr().err == f"kandinsky22 generate: error: {message}\n"
+    assert cli.main(["inpaint", "x", "--image", "plain.png", "--mask", "plain.png", *models]) == 2
+    assert capsys.readouterr().err == (
+        f"kandinsky22 inpaint: error: decoder '{tiny['decoder']}' is {KINDS['decoder']}, but inpaint needs "
+        f"{KINDS['decoder-inpaint']}, such as kandinsky-community/kandinsky-2-2-decoder-inpaint\n"
+    )
+
+
+def test_loading_lines_come_as_each_model_starts_loading(
+    tiny: dict[str, str], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """ "loading PRIOR" and "loading DECODER" were both printed before the prior started loading."""
+    from kandinsky22 import cli
+    from kandinsky22.pipelines.decoder import KandinskyV22Pipeline
+    from kandinsky22.pipelines.prior import KandinskyV22PriorPipeline
+
+    printed_before = {}
+    for cls in (KandinskyV22PriorPipeline, KandinskyV22Pipeline):
+
+        def load(*args, cls=cls, original=cls.from_pretrained, **kwargs):
+            printed_before[cls.__name__] = capsys.readouterr().err
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", load)
+    out = tmp_path / "out.png"
+    args = ["generate", "x", "--prior", tiny["prior"], "--decoder", tiny["decoder"], *FAST[:4], "-o", str(out)]
+    assert cli.main([*args, "--width", "64", "--height", "64"]) == 0
+    before_prior, before_decoder = printed_before["KandinskyV22PriorPipeline"], printed_before["KandinskyV22Pipeline"]
+    assert before_prior.endswith(f"loading prior {tiny['prior']}\n") and tiny["decoder"] not in before_prior
+    assert f"loading decoder {tiny['decoder']}\n" in before_decoder and "loading prior" not in before_decoder
+    assert "loading" not in capsys.readouterr().err  # none after the loads
+
+
+def _taken_port() -> socket.socket:
+    """A listening socket: a server that would start on its port fails at once (exit 1), instead of serving."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    return taken
+
+
+def test_serve_refuses_a_decoder_of_another_kind_before_it_starts(
+    tiny: dict[str, str], capsys: pytest.CaptureFixture
+) -> None:
+    """A decoder of another kind for its option failed only once the server had loaded the models (health "error")."""
+    from kandinsky22 import cli
+
+    with _taken_port() as taken:
+        serve = ["serve", "--port", str(taken.getsockname()[1]), "--prior", tiny["prior"], "--decoder", tiny["decoder"]]
+        assert cli.main([*serve, "--depth-decoder", tiny["decoder-inpaint"]]) == 2
+    assert capsys.readouterr().err == (
+        f"kandinsky22 serve: error: --depth-decoder '{tiny['decoder-inpaint']}' is {KINDS['decoder-inpaint']}, "
+        f"but depth needs {KINDS['controlnet-depth']}, such as kandinsky-community/kandinsky-2-2-controlnet-depth\n"
+    )
+
+
+def test_serve_refuses_ray_options_without_ray(tiny: dict[str, str], capsys: pytest.CaptureFixture) -> None:
+    """--min-replicas & co. without --ray were ignored: the server ran here, alone, as if they had not been given."""
+    from kandinsky22 import cli
+
+    with _taken_port() as taken:
+        serve = ["serve", "--port", str(taken.getsockname()[1]), "--prior", tiny["prior"], "--decoder", tiny["decoder"]]
+        assert cli.main([*serve, "--min-replicas", "2", "--downscale-delay", "5"]) == 2
+        assert capsys.readouterr().err == (
+            "kandinsky22 serve: error: --min-replicas and --downscale-delay need --ray (Ray Serve's model replicas; "
+            "without it, this process serves alone)\n"
+        )
+        for option, value in (("--max-replicas", "1"), ("--gpus-per-replica", "0"), ("--cpus-per-replica", "1")):
+            assert cli.main([*serve, option, value]) == 2
+            assert f"error: {option} needs --ray" in capsys.readouterr().err
+        assert cli.main([*serve, "--target-ongoing-requests", "2"]) == 2
+        assert "error: --target-ongoing-requests needs --ray" in capsys.readouterr().err

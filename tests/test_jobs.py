@@ -16,6 +16,7 @@ from kandinsky22.jobs import (
     PRIOR_REPO,
     Cancelled,
     Engine,
+    IncompatibleJob,
     Job,
     crop_to_size,
     fit_to_grid,
@@ -252,8 +253,14 @@ def test_progress_stages_timings_and_cancel(tiny: dict[str, Path], engine: Engin
 def test_wrong_decoder_for_task_names_the_right_kind(tiny: dict[str, Path], engine: Engine, tmp_path: Path) -> None:
     photo = _write_image(tmp_path / "photo.png", (64, 64))
     job = Job(task="inpaint", prompt="x", image=str(photo), mask=str(photo), prior=str(tiny["prior"]))
-    with pytest.raises(ValueError, match="has a 4-channel UNet, but inpaint needs a 9-channel one"):
+    message = (
+        f"decoder '{tiny['decoder']}' is a text-to-image decoder (UNet in_channels 4, addition_embed_type 'image'), "
+        "but inpaint needs an inpainting decoder (UNet in_channels 9, addition_embed_type 'image'), such as "
+        f"{INPAINT_REPO}"
+    )
+    with pytest.raises(IncompatibleJob) as raised:
         engine.run([dataclasses.replace(job, decoder=str(tiny["decoder"]), seed=0)])
+    assert str(raised.value) == message
 
 
 def test_fast_flag_enables_the_fast_path_where_a_pipeline_has_one(

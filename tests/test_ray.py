@@ -327,3 +327,60 @@ def test_serve_on_ray_says_why_when_the_model_replicas_cannot_load_the_models(
     finally:
         _interrupt(proc)
     assert proc.returncode == 0
+
+
+def test_a_second_serve_on_one_cluster_is_refused_naming_the_first() -> None:
+    """Ray Serve has one HTTP address per cluster: a second ``serve --ray`` deployed the application again under its
+    name, which replaced the first server (its models, queue and jobs) and was deleted by either command's exit."""
+    from types import SimpleNamespace
+
+    from kandinsky22.cli import RuntimeFailure
+    from kandinsky22.scale.ray_serve import _refuse_a_second_server
+    from kandinsky22.scale.serve_app import APP_NAME
+
+    _refuse_a_second_server({}, "127.0.0.1", 8000)
+    _refuse_a_second_server({"someone-else": SimpleNamespace(status="RUNNING")}, "127.0.0.1", 8000)
+    with pytest.raises(RuntimeFailure) as refused:
+        _refuse_a_second_server({APP_NAME: SimpleNamespace(status="RUNNING")}, "::1", 8000)
+    assert str(refused.value) == (
+        "a kandinsky22 server already runs on this Ray cluster (Ray Serve application 'kandinsky22', running, at "
+        "http://[::1]:8000/); a cluster serves one, and a second would replace it"
+    )
+    assert "Ctrl-C its `kandinsky22 serve --ray` command" in refused.value.hint
+    assert "`serve delete kandinsky22`" in refused.value.hint
+
+
+def test_serve_on_a_cluster_that_serves_kandinsky22_already_exits_1_and_leaves_it(
+    ray_address: str, tiny_repos: dict[str, Path]
+) -> None:
+    """The whole command against a running application of that name (a stand-in, so that no model loads): refused
+    before it deploys anything, and the running one still answers."""
+    from ray import serve
+
+    from kandinsky22.scale.ray_serve import _free_port
+    from kandinsky22.scale.serve_app import APP_NAME
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class First:
+        def __call__(self, request: Any) -> str:
+            return "the first server"
+
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port("127.0.0.1")})
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config  # Serve keeps the address it started with when a test before started it
+    serve.run(First.bind(), name=APP_NAME, route_prefix="/")
+    try:
+        second = subprocess.run(
+            [*COMMAND, "serve", "--port", "0", *models(tiny_repos), "--device", "cpu", "--ray", ray_address],
+            env={**os.environ, **ENV},
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+        )
+        assert second.returncode == 1, second.stderr[-3000:]
+        assert "kandinsky22 serve: error: a kandinsky22 server already runs on this Ray cluster" in second.stderr
+        with urllib.request.urlopen(f"http://{http.host}:{http.port}/", timeout=60) as response:
+            assert response.read() == b"the first server"
+    finally:
+        serve.delete(APP_NAME)

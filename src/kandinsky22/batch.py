@@ -37,7 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kandinsky22.jobs import MAX_IMAGES, Job, group_jobs, image_size, mix_item_kind
+from kandinsky22.jobs import (
+    HUB_ID,
+    MAX_IMAGES,
+    IncompatibleJob,
+    Job,
+    check_decoder,
+    check_decoder_option,
+    group_jobs,
+    image_size,
+    mix_item_kind,
+)
 
 MANIFEST = "manifest.jsonl"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -169,6 +179,7 @@ def _read_line(text: str, number: int, prior: str | None, decoders: dict[str, st
             check_model(getattr(job, name), name)
         _check_inputs(job)
         job = job.resolved()
+        check_decoder(job)  # its kind and its steps, from its config files (a folder, or a hub id in the cache)
     except (TypeError, ValueError, FileNotFoundError) as err:
         return BatchJob(job_id, number, error=f"line {number}: {err}")
     # The fingerprint leaves out a seed drawn here, so that an unseeded job stays the same job across runs.
@@ -203,8 +214,6 @@ def _check_inputs(job: Job) -> None:
 
 def check_model(value: str | None, what: str) -> None:
     """A model that is neither an existing folder nor a hub id (``owner/name``) raises ``FileNotFoundError``."""
-    from kandinsky22.cli import HUB_ID
-
     if value and not Path(value).expanduser().exists() and not HUB_ID.match(value):
         raise FileNotFoundError(f"no such model folder for {what}: '{value}'")
 
@@ -528,6 +537,12 @@ def add_ray_address_argument(parser: argparse.ArgumentParser, what: str) -> None
     )
 
 
+def needs_ray(options: list[str]) -> str:
+    """``--a needs --ray``, ``--a and --b need --ray``, ``--a, --b and --c need --ray``."""
+    named = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} and {options[-1]}"
+    return f"{named} {'needs' if len(options) == 1 else 'need'} --ray"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``batch`` options, on ``parser`` (argparse only: importing this module is cheap)."""
     from kandinsky22.cli import DTYPES
@@ -562,7 +577,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument(
         "--gpus-per-worker", type=resource_amount, help="GPUs per actor (default: 1 if the cluster has GPUs)"
     )
-    ray.add_argument("--cpus-per-worker", type=resource_amount, default=1.0, help="CPUs per actor (default 1)")
+    ray.add_argument("--cpus-per-worker", type=resource_amount, help="CPUs per actor (default 1)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     out.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
@@ -575,8 +590,13 @@ def run_command(args: argparse.Namespace) -> int:
 
     if not DEVICE_PATTERN.match(args.device):
         raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
-    if args.ray is None and (args.workers or args.gpus_per_worker is not None):
-        raise UsageError("--workers and --gpus-per-worker need --ray")
+    ray_only = {"--workers": args.workers, "--gpus-per-worker": args.gpus_per_worker}
+    ray_only["--cpus-per-worker"] = args.cpus_per_worker
+    given = [option for option, value in ray_only.items() if value is not None]
+    if args.ray is None and given:
+        raise UsageError(f"{needs_ray(given)} (without it, the jobs run in this process)")
+    if args.cpus_per_worker is None:
+        args.cpus_per_worker = 1.0
     jobs = Path(args.jobs).expanduser()
     if not jobs.is_file():
         raise RuntimeFailure(f"no such jobs file: '{jobs}'", "check the JOBS path")
@@ -603,6 +623,12 @@ def run_command(args: argparse.Namespace) -> int:
             raise RuntimeFailure(
                 str(err), "pass an existing folder or a hub id (`kandinsky22 make-tiny DIR`)"
             ) from None
+    for option, task in (("--decoder", "text2img"), ("--inpaint-decoder", "inpaint"), ("--depth-decoder", "depth")):
+        if task in decoders:
+            try:
+                check_decoder_option(task, decoders[task], option)
+            except IncompatibleJob as err:
+                raise UsageError(str(err)) from None
     apply_compile_cache(args)  # here too: a folder that cannot be one fails now, not in every worker
     engine = {"device": args.device, "dtype": args.dtype, "fast": args.fast, "compile_cache": args.compile_cache}
     if args.ray is None:

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from kandinsky22 import __version__
 from kandinsky22.jobs import (
     COMPILE_SCOPES,
+    HUB_ID,
     MAX_IMAGES,
     MAX_SEED,
     MAX_SIDE,
@@ -32,7 +33,9 @@ from kandinsky22.jobs import (
     MIN_SIDE,
     SCHEDULERS,
     DeviceUnavailable,
+    IncompatibleJob,
     Job,
+    check_decoder,
     mix_item_kind,
 )
 
@@ -45,7 +48,6 @@ DEFAULT_OUT = "kandinsky22-{seed}.png"
 # One image per pipeline call by default: batched kernels sum in a different order, so an image made in a batch can
 # differ from its --from-png re-run by a rounding level on a few pixels. --batch-size trades that for throughput.
 DEFAULT_BATCH = 1
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -412,8 +414,9 @@ def _prepare_job(job: Job, where: str) -> Job:
         raise UsageError(f"{where}{err}") from None
 
 
-def build_jobs(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any] | None]:
-    """The validated, resolved jobs of the command line, and the recipe they came from (``--from-png``)."""
+def build_jobs(args: argparse.Namespace) -> tuple[list[tuple[str, Job]], dict[str, Any] | None]:
+    """The validated, resolved jobs of the command line, each with where it comes from for errors (``""``, or
+    ``FILE line N: `` for a prompts file), and the recipe they came from (``--from-png``)."""
     task = COMMAND_TASKS[args.command]
     options = _explicit_options(args)
     recipe = None
@@ -438,7 +441,22 @@ def build_jobs(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any] | No
             sources = [("", Job.from_dict({"task": task, **options}))]
         except (TypeError, ValueError) as err:
             raise UsageError(str(err)) from None
-    return [_prepare_job(job, where) for where, job in sources], recipe
+    return [(where, _prepare_job(job, where)) for where, job in sources], recipe
+
+
+def _check_decoders(sources: list[tuple[str, Job]]) -> None:
+    """Each job's decoder is of its task's kind and its sampler takes its steps, as far as the decoder's config files
+    tell before it loads (a folder, or a hub repository in the local cache); the rest is checked once it loads."""
+    checked = set()
+    for where, job in sources:
+        key = (job.task, job.decoder, job.scheduler, job.steps, job.strength)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            check_decoder(job, decoder_name="--decoder", steps_name="--steps")
+        except IncompatibleJob as err:
+            raise UsageError(f"{where}{err}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -578,9 +596,10 @@ def _run_jobs(args: argparse.Namespace) -> int:
     if args.compile_scope is not None and not args.fast:
         raise UsageError(f"--compile-scope {args.compile_scope} needs --fast (it says what the fast path compiles)")
     scope = args.compile_scope or "blocks"
-    jobs, recipe = build_jobs(args)
-    singles = [single for job in jobs for single in job.expand()]
+    sources, recipe = build_jobs(args)
+    singles = [single for _, job in sources for single in job.expand()]
     paths = plan_outputs(args.out, singles, args.overwrite)
+    _check_decoders(sources)  # after the checks that need no torch: a sampler's schedule needs it
     if recipe is not None:
         from kandinsky22.recipe import changed_inputs
 
@@ -614,6 +633,9 @@ def _run_jobs(args: argparse.Namespace) -> int:
         warm_up=shapes,
         negative_prompts=negative,
         compile_scope=scope,
+        on_load=lambda role, model: _note(
+            args, f"loading {role} {model}" + ("" if Path(model).exists() else " (downloads on first use)")
+        ),
     )
     _note(args, f"device {engine.device_name}, {engine.dtype_name}; seeds {', '.join(str(j.seed) for j in singles)}")
     if shapes:
@@ -631,9 +653,10 @@ def _run_jobs(args: argparse.Namespace) -> int:
     totals: dict[str, float] = {}
     try:
         for group in groups:
-            for model in engine.missing_models(group[0]):
-                _note(args, f"loading {model}" + ("" if Path(model).exists() else " (downloads on first use)"))
-            results = engine.run(group, progress=bars)
+            try:
+                results = engine.run(group, progress=bars)
+            except IncompatibleJob as err:  # what the decoder's config told only once it loaded (a hub download)
+                raise UsageError(str(err)) from None
             bars.close()
             for job, result in zip(group, results):
                 i = index[id(job)]

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -41,6 +44,8 @@ PRIOR_REPO = "kandinsky-community/kandinsky-2-2-prior"
 DECODER_REPO = "kandinsky-community/kandinsky-2-2-decoder"
 INPAINT_REPO = "kandinsky-community/kandinsky-2-2-decoder-inpaint"
 CONTROLNET_REPO = "kandinsky-community/kandinsky-2-2-controlnet-depth"
+# A hub repository id (``owner/name``), the rule of ``loading.is_hub_id`` (which imports torch) for what is not a folder
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DEFAULT_DECODERS = {
     "text2img": DECODER_REPO,
     "img2img": DECODER_REPO,
@@ -72,6 +77,12 @@ ProgressFn = Callable[[str, int, int], None]
 
 class Cancelled(Exception):
     """Raised out of :meth:`Engine.run` when the cancellation hook returned true between two steps."""
+
+
+class IncompatibleJob(ValueError):
+    """A job its decoder cannot run: a decoder of another kind than the task needs, or a step count its sampler cannot
+    take. Found from the decoder's config files, before it loads where they can be read (:func:`check_decoder`), else
+    once it has loaded (:meth:`Engine.run`); a bad argument either way, which the CLI reports as one (exit 2)."""
 
 
 @dataclass
@@ -440,9 +451,160 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
-# The UNet input channels each task needs, and the official repository that has them.
-_UNET_CHANNELS = {"text2img": 4, "img2img": 4, "mix": 4, "inpaint": 9, "depth": 8}
+# The decoder UNet each task needs, as its config says it: (in_channels, addition_embed_type) — the latents alone,
+# or with a mask and the masked image's latents (4 + 1 + 4), or with a depth hint encoded beside the image embedding.
+_TASK_UNETS = {
+    "text2img": (4, "image"),
+    "img2img": (4, "image"),
+    "mix": (4, "image"),
+    "inpaint": (9, "image"),
+    "depth": (8, "image_hint"),
+}
+_DECODER_KINDS = {
+    (4, "image"): "a text-to-image decoder",
+    (9, "image"): "an inpainting decoder",
+    (8, "image_hint"): "a controlnet-depth decoder",
+}
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a decoder's config files say about a job: checked before loading where they can be read, else after
+# ----------------------------------------------------------------------------------------------------------------------
+
+UNET_CONFIG = "unet/config.json"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+# Step counts below a refused one tried for the largest that works, to name it in the error.
+_STEPS_TRIED_BELOW = 8
+
+
+def decoder_config(decoder: str, filename: str) -> dict[str, Any] | None:
+    """A decoder's config file (:data:`UNET_CONFIG`, :data:`SCHEDULER_CONFIG`) as it can be read before the decoder
+    loads: from its folder, or for a hub id from the local hub cache, without the network. ``None`` where it cannot be
+    read yet (a repository not downloaded yet, a damaged folder): loading the decoder then checks it, or reports it."""
+    folder = Path(decoder).expanduser()
+    if folder.exists():
+        path = folder / filename
+    elif HUB_ID.match(decoder):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(decoder, filename)
+        except ValueError:  # an id the hub would refuse ("a/b..c"): loading says so
+            return None
+        if not isinstance(cached, str):  # not in the cache (None), or known to be missing from the repository
+            return None
+        path = Path(cached)
+    else:
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_decoder(job: Job, decoder_name: str = "decoder", steps_name: str = "steps") -> None:
+    """Before loading: ``job``'s decoder must be of the kind its task needs and its sampler must take ``job.steps``,
+    as far as the decoder's config files can be read now (:func:`decoder_config`); raises :class:`IncompatibleJob`.
+    ``job`` is resolved; ``decoder_name`` and ``steps_name`` are what the caller's user calls them (``--decoder``).
+
+    The kind is a JSON file's two values; the steps build the sampler (which imports torch) only when its config is
+    there. :meth:`Engine.run` makes the same checks once the decoder has loaded, for what could not be read here."""
+    unet = decoder_config(job.decoder, UNET_CONFIG)
+    if unet is not None:
+        check_decoder_kind(job, unet, decoder_name)
+    scheduler = decoder_config(job.decoder, SCHEDULER_CONFIG)
+    if scheduler is not None:
+        check_steps(job, scheduler, steps_name)
+
+
+def check_decoder_option(task: str, decoder: str, name: str) -> None:
+    """A command's decoder option (``name``, e.g. ``--inpaint-decoder``) for ``task``: of the task's kind, as far as
+    its UNet config can be read before loading (:func:`decoder_config`); else :class:`IncompatibleJob`."""
+    unet = decoder_config(decoder, UNET_CONFIG)
+    if unet is not None:
+        check_decoder_kind(Job(task=task, decoder=decoder), unet, name)
+
+
+def check_decoder_kind(job: Job, unet_config: dict[str, Any], name: str = "decoder") -> None:
+    """The UNet of ``job``'s decoder (its config) must be the kind the task needs; else :class:`IncompatibleJob`
+    naming the kind found, the kind needed and the official repository of that kind."""
+    have = (unet_config.get("in_channels"), unet_config.get("addition_embed_type"))
+    need = _TASK_UNETS[job.task]
+    if have != need:
+        raise IncompatibleJob(
+            f"{name} '{job.decoder}' is {_decoder_kind(have)}, but {job.task} needs {_decoder_kind(need)}, such as "
+            f"{DEFAULT_DECODERS[job.task]}"
+        )
+
+
+def _decoder_kind(unet: tuple[Any, Any]) -> str:
+    kind = _DECODER_KINDS.get(unet, "a decoder of no kind kandinsky22 runs")
+    return f"{kind} (UNet in_channels {unet[0]}, addition_embed_type {unet[1]!r})"
+
+
+def make_scheduler(name: str, config: dict[str, Any]) -> Any:
+    """A fresh decoder sampler ``name`` (one of :data:`SCHEDULERS`) built on a decoder's scheduler config."""
+    import kandinsky22
+
+    class_name, overrides = SCHEDULER_CLASSES[name]
+    return getattr(kandinsky22, class_name).from_config(config, **overrides)
+
+
+def check_steps(job: Job, scheduler_config: dict[str, Any], name: str = "steps") -> None:
+    """``job.steps`` must be a count that ``job.scheduler``, built on ``scheduler_config``, can take: a schedule within
+    the timesteps the UNet was trained on, from the step ``job.strength`` starts at — the pipelines' own check
+    (:func:`~kandinsky22.pipelines.decoder.untrained_timestep`). Else :class:`IncompatibleJob` naming ``name``, the
+    value and, where a few lower counts find it, the largest count that works. ``job`` is resolved (its strength set
+    where its task uses one)."""
+    from kandinsky22.loading import config_json  # a loaded scheduler's config may hold arrays (trained_betas)
+
+    config = config_json(scheduler_config, sort_keys=True)
+    problem = _steps_problem(job.scheduler, config, job.steps, job.strength)
+    if not problem:
+        return
+    advice = "use fewer steps"
+    for steps in range(job.steps - 1, max(0, job.steps - 1 - _STEPS_TRIED_BELOW), -1):
+        lower = _steps_problem(job.scheduler, config, steps, job.strength)
+        if lower is None:
+            advice = f"use at most {steps} steps"
+        if not lower:  # works, or leaves no step (and so will every lower count)
+            break
+    raise IncompatibleJob(
+        f"{name} {job.steps} is more than the {job.scheduler} sampler of decoder '{job.decoder}' can take: {problem}; "
+        f"{advice}"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _steps_problem(sampler: str, config: str, steps: int, strength: float | None) -> str | None:
+    """Why ``sampler`` on the scheduler config (JSON) cannot run ``steps`` (from ``strength``'s first step): ``None``
+    when it can; ``""`` when ``strength`` leaves no step of that count (a lower count than a job's, which
+    :meth:`Job.validate` refuses for the job's own)."""
+    from kandinsky22.pipelines.decoder import untrained_timestep
+    from kandinsky22.pipelines.img2img import strength_start
+
+    try:
+        scheduler = make_scheduler(sampler, json.loads(config))
+    except ValueError:  # a config the sampler cannot take: loading the decoder says so
+        return None
+    try:
+        scheduler.set_timesteps(steps)
+    except ValueError as err:  # out of its range ("num_inference_steps=… is out of range: …")
+        return str(err)
+    try:
+        first = 0 if strength is None else strength_start(steps, strength)
+    except ValueError:
+        return ""
+    timestep = untrained_timestep(scheduler, scheduler.timesteps[first:])
+    if timestep is None:
+        return None
+    c = scheduler.config
+    return (
+        f"its schedule would start at timestep {timestep}, past the {c.num_train_timesteps} timesteps the model was "
+        f"trained on (timestep_spacing {c.get('timestep_spacing')!r}, steps_offset {c.get('steps_offset')})"
+    )
 
 
 class DeviceUnavailable(RuntimeError):
@@ -502,6 +664,8 @@ class Engine:
     compile_scope=...)`` on every pipeline that has one: ``warm_up`` lists the ``(height, width, images_per_call)`` compiled when a pipeline loads. With
     ``compile_new_shapes=False`` (the server) any other shape runs eagerly instead of compiling — a compilation takes a
     minute or more on full-size models, during which every queued request would wait.
+    ``on_load(role, model)`` is called as a model starts loading (role ``"prior"`` or ``"decoder"``), so that a
+    caller can say what it is waiting for when it waits for it.
     """
 
     def __init__(
@@ -515,6 +679,7 @@ class Engine:
         compile_backend: str = "inductor",
         negative_prompts: bool = True,
         compile_scope: str = "blocks",
+        on_load: Callable[[str, str], None] | None = None,
     ) -> None:
         if compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}; got {compile_scope!r}")
@@ -533,6 +698,7 @@ class Engine:
         # decoder repository → {pipeline class name: pipeline}; the pipelines of one repository share its modules.
         self._decoders: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._scheduler_configs: dict[str, dict[str, Any]] = {}
+        self.on_load = on_load
         self._lock = threading.RLock()
 
     @property
@@ -571,6 +737,8 @@ class Engine:
         with self._lock:
             if repo not in self._priors:
                 self._priors.clear()  # one prior at a time: the official one is 1 B + 2.5 B parameters of CLIP
+                if self.on_load is not None:
+                    self.on_load("prior", repo)
                 pipe = KandinskyV22PriorPipeline.from_pretrained(repo, torch_dtype=self.dtype)
                 self._priors[repo] = self._prepare(pipe)
             return self._priors[repo]
@@ -586,6 +754,8 @@ class Engine:
             if pipes is None:
                 while len(self._decoders) >= self.max_decoders:
                     self._decoders.popitem(last=False)
+                if self.on_load is not None:
+                    self.on_load("decoder", repo)
                 pipe = getattr(kandinsky22, class_name).from_pretrained(repo, torch_dtype=self.dtype)
                 _check_decoder(pipe, job)
                 pipes = self._decoders[repo] = {class_name: self._prepare(pipe)}
@@ -599,10 +769,7 @@ class Engine:
 
     def _scheduler(self, job: Job) -> Any:
         """A fresh decoder scheduler for one run (schedulers keep per-run state)."""
-        import kandinsky22
-
-        class_name, overrides = SCHEDULER_CLASSES[job.scheduler]
-        return getattr(kandinsky22, class_name).from_config(self._scheduler_configs[job.decoder], **overrides)
+        return make_scheduler(job.scheduler, self._scheduler_configs[job.decoder])
 
     # -- running -----------------------------------------------------------------------------------------------------
 
@@ -639,6 +806,8 @@ class Engine:
             loading = bool(self.missing_models(first))
             prior = self.prior_pipeline(first.prior)
             decoder = self.decoder_pipeline(first)
+            # What check_decoder could not read before the decoder loaded: refused now, before the prior runs.
+            check_steps(first, self._scheduler_configs[first.decoder])
             decoder.scheduler = self._scheduler(first)
             if loading:
                 timings["load"] = time.perf_counter() - started
@@ -755,13 +924,8 @@ def _decoder_class(job: Job) -> str:
 
 
 def _check_decoder(pipe: Any, job: Job) -> None:
-    """A decoder of the wrong kind for the task fails here, naming the repository that fits."""
-    have, need = pipe.unet.config.in_channels, _UNET_CHANNELS[job.task]
-    if have != need:
-        raise ValueError(
-            f"decoder '{job.decoder}' has a {have}-channel UNet, but {job.task} needs a {need}-channel one, "
-            f"like {DEFAULT_DECODERS[job.task]}"
-        )
+    """A decoder of the wrong kind for the task fails here, once loaded (see :func:`check_decoder_kind`)."""
+    check_decoder_kind(job, pipe.unet.config)
 
 
 def _decode(decoder: Any, latents: Any) -> list[PIL.Image.Image]:

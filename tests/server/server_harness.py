@@ -7,7 +7,7 @@ log line (models loaded), so no port is guessed and nothing waits on a clock.
 
 Tests that need jobs to queue first start a "blocker" (:func:`start_blocker`): a long job of another size, which keeps
 the one worker busy until the test cancels it (it stops at its next step). What queues behind it is then known
-exactly, whatever the machine's speed: the blocker's 2 x MAX_STEPS steps take far longer than any test needs to
+exactly, whatever the machine's speed: the blocker's 2 x MAX_STEPS - 1 steps take far longer than any test needs to
 queue its jobs.
 """
 
@@ -190,7 +190,8 @@ API_KEY = "test-key-0123456789"
 
 def start_blocker(server: Server) -> str:
     """Start a long job of a size no test uses otherwise; return its id once it runs."""
-    body = {"prompt": "blocker", "width": 64, "height": 128, "steps": MAX_STEPS, "prior_steps": MAX_STEPS}
+    # MAX_STEPS - 1 decoder steps: the decoder's DDPM config cannot take MAX_STEPS (it would start at timestep 1000)
+    body = {"prompt": "blocker", "width": 64, "height": 128, "steps": MAX_STEPS - 1, "prior_steps": MAX_STEPS}
     response = server.request("POST", "/v1/jobs", body)
     assert response.status == 202, response.body
     job_id = response.json()["id"]

@@ -237,6 +237,10 @@ BAD_REQUESTS = [
     ("/v1/images/generations", {**GEN, "size": "4096x4096"}, 400, "width"),
     ("/v1/images/generations", {**GEN, "steps": 0}, 400, "steps"),
     ("/v1/images/generations", {**GEN, "steps": MAX_STEPS + 1}, 400, "steps"),
+    # Within --max-steps, but the decoder's DDPM config would start at the untrained timestep 1000: the job was
+    # accepted, ran its prior, then failed (a 500).
+    ("/v1/images/generations", {**GEN, "steps": 1000}, 400, "steps"),
+    ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "steps": 1000, "scheduler": "ddim"}, 400, "steps"),
     ("/v1/images/generations", {**GEN, "steps": "many"}, 400, "steps"),
     ("/v1/images/generations", {**GEN, "n": 0}, 400, "n"),
     ("/v1/images/generations", {**GEN, "n": 99}, 400, "n"),

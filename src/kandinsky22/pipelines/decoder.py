@@ -56,6 +56,19 @@ DECODER_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Embeds = torch.Tensor | list[torch.Tensor]
 
 
+def untrained_timestep(scheduler: Any, timesteps: torch.Tensor) -> int | None:
+    """The first of ``timesteps`` (the scheduler's table for a run, from the step the run starts at) when it lies past
+    the timesteps the UNet was trained on (0..T-1), else ``None``.
+
+    "leading" spacing with a ``steps_offset`` reaches T when ``num_inference_steps`` = T (the official DDPM config at
+    1000 steps): DDPM and DDIM then index past their tables inside the first step (an IndexError, in the reference
+    too). The pipelines refuse such a run before it starts; :func:`kandinsky22.jobs.check_steps` asks the same of a
+    scheduler built from a decoder's config before the models load.
+    """
+    first = int(timesteps[0])  # the largest; a host table, no device read
+    return first if first >= scheduler.config.num_train_timesteps else None
+
+
 class DecoderPipeline(GuidedLoop, Pipeline):
     """Base of the decoder pipelines: components ``unet``, ``scheduler``, ``movq``; the loop and its helpers."""
 
@@ -210,12 +223,10 @@ class DecoderPipeline(GuidedLoop, Pipeline):
         return self.scheduler.timesteps
 
     def _check_timesteps(self, timesteps: torch.Tensor) -> None:
-        """The timesteps run must be ones the UNet was trained on (0..T-1). "leading" spacing with a ``steps_offset``
-        reaches T when ``num_inference_steps`` = T (the official DDPM config at 1000 steps): DDPM and DDIM then index
-        past their tables inside the first step (an IndexError, in the reference too)."""
-        config = self.scheduler.config
-        first = int(timesteps[0])  # the largest; a host table, no device read
-        if first >= config.num_train_timesteps:
+        """See :func:`untrained_timestep`: a table that reaches past the trained timesteps is refused here."""
+        first = untrained_timestep(self.scheduler, timesteps)
+        if first is not None:
+            config = self.scheduler.config
             steps = getattr(self.scheduler, "num_inference_steps", len(timesteps))
             spacing, offset = config.get("timestep_spacing"), config.get("steps_offset")
             raise ValueError(

@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 
 PROG = "kandinsky22 serve"
 STOP_TIMEOUT_S = 30.0
+# The --ray options (argparse destinations) and their defaults. argparse leaves them None, so that one given without
+# --ray is an error instead of being silently ignored; --gpus-per-replica's default depends on the cluster.
+RAY_OPTION_DEFAULTS: dict[str, float | None] = {
+    "min_replicas": 1,
+    "max_replicas": 1,
+    "gpus_per_replica": None,
+    "cpus_per_replica": 1.0,
+    "target_ongoing_requests": 1.0,
+    "downscale_delay": 600.0,
+}
 
 
 def _count(text: str) -> int:
@@ -32,30 +42,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--ray`` options of ``serve``, on ``parser``."""
     ray = parser.add_argument_group("Ray Serve (one ingress replica; model replicas autoscaled on the cluster)")
     add_ray_address_argument(ray, "serve")
-    ray.add_argument("--min-replicas", type=_count, default=1, help="model replicas kept up, 0 allowed (default 1)")
-    ray.add_argument("--max-replicas", type=_count, default=1, help="model replicas at most (default 1)")
+    ray.add_argument("--min-replicas", type=_count, help="model replicas kept up, 0 allowed (default 1)")
+    ray.add_argument("--max-replicas", type=_count, help="model replicas at most (default 1)")
     ray.add_argument(
         "--gpus-per-replica",
         type=resource_amount,
         help="GPUs per model replica (default: 1 if the cluster has GPUs, else 0)",
     )
-    ray.add_argument("--cpus-per-replica", type=resource_amount, default=1.0, help="CPUs per model replica (default 1)")
+    ray.add_argument("--cpus-per-replica", type=resource_amount, help="CPUs per model replica (default 1)")
     ray.add_argument(
         "--target-ongoing-requests",
         type=resource_amount,
-        default=1.0,
         help="pipeline calls per replica (running or waiting) the autoscaler aims at (default 1)",
     )
     ray.add_argument(
-        "--downscale-delay",
-        type=resource_amount,
-        default=600.0,
-        help="seconds of low load before removing a replica (600)",
+        "--downscale-delay", type=resource_amount, help="seconds of low load before removing a replica (600)"
     )
+
+
+def ray_options_given(args: argparse.Namespace) -> list[str]:
+    """The --ray options given on the command line, as written there (``--min-replicas``)."""
+    return ["--" + dest.replace("_", "-") for dest in RAY_OPTION_DEFAULTS if getattr(args, dest, None) is not None]
 
 
 def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
     """Deploy on the cluster of ``args.ray`` and wait until interrupted; 2 for bad replica counts."""
+    for dest, default in RAY_OPTION_DEFAULTS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
     if args.max_replicas < max(1, args.min_replicas):
         print(f"{PROG}: error: --max-replicas must be at least 1 and at least --min-replicas", file=sys.stderr)
         return 2
@@ -102,6 +116,7 @@ def _deploy_and_wait(ray: Any, args: argparse.Namespace, config: ServerConfig) -
             )
         port = http.port
     host = http.host
+    _refuse_a_second_server(serve.status().applications, host, port)
     # SIGTERM ends the process through the `finally` below, so the application does not outlive the command.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -137,6 +152,28 @@ def _deploy_and_wait(ray: Any, args: argparse.Namespace, config: ServerConfig) -
         stopper = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
         stopper.start()
         stopper.join(STOP_TIMEOUT_S)
+
+
+def _refuse_a_second_server(applications: dict[str, Any], host: str, port: int) -> None:
+    """A cluster serves one ``kandinsky22 serve --ray``: Ray Serve has one HTTP address per cluster, and deploying
+    the application again under its name would replace the running one (its models, its queue and its jobs), which
+    its own command would then delete on exit. Refused, naming the running one, before anything is deployed."""
+    from kandinsky22.scale.serve_app import APP_NAME
+
+    if APP_NAME not in applications:
+        return
+    from kandinsky22.cli import RuntimeFailure
+
+    shown = f"[{host}]" if ":" in host else host
+    status = getattr(applications[APP_NAME], "status", None)
+    status = str(getattr(status, "value", status) or "").lower()
+    raise RuntimeFailure(
+        f"a kandinsky22 server already runs on this Ray cluster (Ray Serve application '{APP_NAME}'"
+        f"{', ' + status if status else ''}, at http://{shown}:{port}/); a cluster serves one, and a second would "
+        "replace it",
+        f"use that server, or stop it first: Ctrl-C its `{PROG} --ray` command, or, if that command is gone, "
+        f"`serve delete {APP_NAME}`; or serve on another Ray cluster",
+    )
 
 
 def _free_port(host: str) -> int:

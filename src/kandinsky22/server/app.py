@@ -36,7 +36,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kandinsky22 import __version__
-from kandinsky22.jobs import DEFAULT_SIZE, PRIOR_REPO, SCHEDULERS, Job, ProgressFn
+from kandinsky22.jobs import (
+    DEFAULT_SIZE,
+    PRIOR_REPO,
+    SCHEDULER_CONFIG,
+    SCHEDULERS,
+    IncompatibleJob,
+    Job,
+    ProgressFn,
+    check_steps,
+    decoder_config,
+)
 from kandinsky22.server.schemas import (
     ImageGenerationRequest,
     JobRequest,
@@ -136,6 +146,7 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
             compile_new_shapes=False,
             compile_backend=config.compile_backend,
             compile_scope=config.compile_scope,
+            on_load=lambda role, model: log.info("loading the %s %s", role, model),
         )
         # Load every repository now: the first request of a task must not stall everyone queued behind it for a load.
         # (Other tasks of a loaded repository only wrap its modules in another pipeline class, which is cheap.)
@@ -413,6 +424,15 @@ def create_app(
                 f"task {job.task!r} is not served here; this server runs {', '.join(config.tasks)}", param="task"
             )
         job = dataclasses.replace(job, prior=config.prior, decoder=decoder).resolved(max_side=limits.max_side)
+        # A step count the decoder's sampler cannot take, from its scheduler config (a folder, or a hub repository in
+        # the cache, where the loaded models are): refused here, not as a failed job. (Without the config, the run
+        # refuses it before the prior runs.)
+        scheduler_config = decoder_config(decoder, SCHEDULER_CONFIG)
+        if scheduler_config is not None:
+            try:
+                check_steps(job, scheduler_config)
+            except IncompatibleJob as err:
+                raise RequestError(str(err), param="steps") from None
         # A side not given comes from the other and the input image's aspect: it must respect --max-side as a given
         # one does (with neither given, resolved() keeps the default size within it).
         for name in ("width", "height"):

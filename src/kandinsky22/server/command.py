@@ -22,6 +22,8 @@ from kandinsky22.jobs import (
     MAX_SIDE,
     MAX_STEPS,
     PRIOR_REPO,
+    IncompatibleJob,
+    check_decoder_option,
 )
 
 API_KEY_ENV = "KANDINSKY22_API_KEY"
@@ -161,6 +163,16 @@ def serve(args: argparse.Namespace) -> int:
     from kandinsky22.server.schemas import Limits
 
     prog = "kandinsky22 serve"
+    from kandinsky22.batch import needs_ray
+    from kandinsky22.scale.ray_serve import ray_options_given  # argparse only, no ray
+
+    given = ray_options_given(args)
+    if getattr(args, "ray", None) is None and given:
+        print(
+            f"{prog}: error: {needs_ray(given)} (Ray Serve's model replicas; without it, this process serves alone)",
+            file=sys.stderr,
+        )
+        return 2
     if args.max_side > MAX_SIDE or args.max_steps > MAX_STEPS or args.max_n > MAX_IMAGES:
         print(
             f"{prog}: error: --max-side is at most {MAX_SIDE}, --max-steps at most {MAX_STEPS} and --max-n at most "
@@ -203,6 +215,13 @@ def serve(args: argparse.Namespace) -> int:
         decoders["inpaint"] = args.inpaint_decoder
     if args.depth_decoder:
         decoders["depth"] = args.depth_decoder
+    for option, task in (("--decoder", "text2img"), ("--inpaint-decoder", "inpaint"), ("--depth-decoder", "depth")):
+        try:  # now, from its config file where it can be read, not once the server has loaded the others
+            if task in decoders:
+                check_decoder_option(task, decoders[task], option)
+        except IncompatibleJob as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
     config = ServerConfig(
         prior=args.prior,
         decoders=decoders,
