@@ -11,6 +11,7 @@ import torch
 
 from kandinsky22 import (
     KandinskyV22CombinedPipeline,
+    KandinskyV22Img2ImgCombinedPipeline,
     KandinskyV22Img2ImgPipeline,
     KandinskyV22InpaintPipeline,
     KandinskyV22Pipeline,
@@ -163,6 +164,8 @@ def test_from_pipe_takes_replacements_and_refuses_what_it_cannot_build(our_decod
     combined = KandinskyV22CombinedPipeline.from_pretrained(decoder_repo)
     decoder = KandinskyV22Pipeline.from_pipe(combined)
     assert decoder.unet is combined.unet and decoder.name_or_path == str(decoder_repo)
+    edit = KandinskyV22Img2ImgCombinedPipeline.from_pipe(combined)
+    assert edit.prior_prior is combined.prior_prior and edit.decoder_pipe.unet is combined.unet
 
 
 def test_config_and_name_or_path_are_the_references(our_decoder, ref_decoder, our_prior, ref_prior, decoder_repo):
