@@ -174,11 +174,6 @@ def save_image(
     return path
 
 
-def save_png(image: PIL.Image.Image, path: str | os.PathLike, recipe: dict[str, Any]) -> Path:
-    """Write ``image`` as PNG with ``recipe`` in its ``kandinsky22`` text chunk (:func:`save_image` in PNG)."""
-    return save_image(image, path, recipe, "png")
-
-
 def transcode(png: bytes, output_format: str, quality: int | None = None) -> bytes:
     """A PNG written by :func:`encode_image` re-encoded in ``output_format``, recipe included; PNG comes back as is.
 
