@@ -22,7 +22,7 @@ from filelock import FileLock
 
 import kandinsky22.jobs
 from kandinsky22.batch import MANIFEST, PARTIAL_PREFIX, ImageResult, Summary, Unit, UnitRunner, read_jobs, run_batch
-from kandinsky22.recipe import read_recipe
+from kandinsky22.recipe import read_recipe, transcode
 
 SCRIPT = shutil.which("kandinsky22")
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kandinsky22.cli"]
@@ -218,6 +218,46 @@ def test_resume_after_an_interruption_redoes_exactly_the_unfinished_jobs(
     assert read_recipe(out / "000006-0.png")["prompt"] == "a blue horse"
 
 
+def test_jpeg_and_webp_files_and_a_change_of_format_or_quality_redoes_the_jobs(
+    tiny_repos: dict[str, Path], engine: UnitRunner, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job_line(1, prompt="рыжий кот 🐱"), job_line(2, num_images=2)])
+    png_out, out = tmp_path / "png", tmp_path / "out"
+    run(jobs, png_out, tiny_repos, engine)
+    names = ["000001-0", "000002-0", "000002-1"]
+    assert sorted(pngs(png_out)) == [f"{name}.png" for name in names]
+
+    def check(suffix: str, output_format: str, quality: int) -> None:
+        assert sorted(p.name for p in out.glob(f"*{suffix}")) == [name + suffix for name in names]
+        assert {record["quality"] for record in manifest(out)} == {quality}
+        assert sorted(name for record in manifest(out) for name in record["files"]) == [n + suffix for n in names]
+        for name in names:
+            png = (png_out / f"{name}.png").read_bytes()
+            # The same image and recipe as the PNG run's: its PNG, re-encoded, gives the file byte for byte.
+            assert (out / (name + suffix)).read_bytes() == transcode(png, output_format, quality)
+            assert read_recipe(out / (name + suffix)) == read_recipe(png)
+        assert read_recipe(out / f"000001-0{suffix}")["prompt"] == "рыжий кот 🐱"
+
+    summary = run(jobs, out, tiny_repos, engine, output_format="webp")
+    assert (summary.done, summary.images) == (2, 3)
+    check(".webp", "webp", 90)
+    # Another format names other files, another quality makes other bytes: either way the jobs are redone.
+    summary = run(jobs, out, tiny_repos, engine, output_format="jpeg", quality=70)
+    assert (summary.done, summary.skipped) == (2, 0)
+    check(".jpg", "jpeg", 70)
+    assert run(jobs, out, tiny_repos, engine, output_format="jpeg", quality=70).skipped == 2
+    assert run(jobs, out, tiny_repos, engine, output_format="jpeg", quality=40).done == 2
+    check(".jpg", "jpeg", 40)
+    # A manifest of an earlier version has no "quality": its PNG jobs are complete.
+    lines = [json.loads(line) for line in (png_out / MANIFEST).read_text().splitlines()]
+    (png_out / MANIFEST).write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "quality"}) + "\n" for r in lines)
+    )
+    assert run(jobs, png_out, tiny_repos, engine).skipped == 2
+    with pytest.raises(ValueError, match="quality applies to jpeg and webp only"):
+        run(jobs, png_out, tiny_repos, engine, quality=80)
+
+
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
@@ -276,6 +316,9 @@ def test_errors_under_python_dash_m(tmp_path: Path) -> None:
         ([str(jobs), "--out", "x", "--workers", "2"], 2, "error: --workers needs --ray"),
         ([str(jobs), "--out", "file.txt"], 2, "error: --out 'file.txt' is a file; give a folder"),
         (["latin1.jsonl", "--out", "x"], 2, "error: JOBS 'latin1.jsonl' is not UTF-8 text"),
+        ([str(jobs), "--out", "x", "--quality", "80"], 2, "error: --quality 80 applies to --format jpeg and webp"),
+        ([str(jobs), "--out", "x", "--format", "gif"], 2, "argument --format: must be png, jpeg (or jpg) or webp"),
+        ([str(jobs), "--out", "x", "--format", "jpeg", "--quality", "0"], 2, "--quality: must be an integer from 1"),
     ):
         command = [sys.executable, "-m", "kandinsky22.cli", "batch", *args]
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)

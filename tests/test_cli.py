@@ -20,7 +20,7 @@ import PIL.Image
 import pytest
 
 from kandinsky22.jobs import Job
-from kandinsky22.recipe import read_recipe, save_png
+from kandinsky22.recipe import encode_image, job_from_recipe, read_recipe, save_image
 
 SCRIPT = shutil.which("kandinsky22")
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kandinsky22.cli"]
@@ -221,6 +221,47 @@ def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Pat
     assert read_recipe(tmp_path / "fp32.png")["dtype"] == "fp32"
 
 
+def test_jpeg_and_webp_outputs_carry_the_recipe_that_remakes_them(tiny: dict[str, str], tmp_path: Path) -> None:
+    """-o cat.JPG writes a JPEG holding the recipe; --from-png on it re-makes the job into a folder as WebP, and
+    --from-image on that WebP re-makes it as PNG. JPEG and WebP are lossy, so the recipes and jobs are compared; the
+    PNG's pixels, encoded as the JPEG was, give the JPEG's bytes: the same image was made each time."""
+    prompt = "рыжий кот в шляпе 🐱🎩"
+    size = ["--width", "64", "--height", "64"]
+    first = ok(
+        run(
+            "generate",
+            prompt,
+            "--seed",
+            "5",
+            *size,
+            *FAST,
+            "--quality",
+            "80",
+            "-o",
+            "cat.JPG",
+            *models(tiny),
+            cwd=tmp_path,
+        )
+    )
+    assert first.stdout.startswith("cat.JPG  seed 5  64x64")
+    jpeg = tmp_path / "cat.JPG"
+    assert jpeg.read_bytes()[:3] == b"\xff\xd8\xff"
+    recipe = read_recipe(jpeg)
+    assert set(recipe) == RECIPE_KEYS
+    assert (recipe["prompt"], recipe["seed"], recipe["steps"], recipe["prior"]) == (prompt, 5, 3, tiny["prior"])
+
+    ok(run("generate", "--from-png", "cat.JPG", "--format", "webp", "--quiet", "-o", "again/", cwd=tmp_path))
+    webp = tmp_path / "again" / "kandinsky22-5.webp"
+    assert webp.read_bytes()[8:12] == b"WEBP"
+    ok(run("generate", "--from-image", str(webp), "--quiet", "-o", "third.png", cwd=tmp_path))
+    png = tmp_path / "third.png"
+
+    assert read_recipe(webp) == recipe and read_recipe(png) == recipe  # nothing format-specific in a recipe
+    assert job_from_recipe(read_recipe(webp)) == job_from_recipe(read_recipe(png)) == job_from_recipe(recipe)
+    with PIL.Image.open(png) as image:
+        assert encode_image(image, recipe, "jpeg", 80) == jpeg.read_bytes()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------------------------
@@ -239,7 +280,18 @@ def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Pat
         (["generate", "x", "--guidance", "0.5"], "argument --guidance: must be a number from 1 to 100, got '0.5'"),
         (["generate", "x", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8' (choose from"),
         (["generate", "x", "--device", "tpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps"),
-        (["generate", "x", "-o", "cat.jpg"], "--out must name a .png file"),
+        (["generate", "x", "-o", "cat.gif"], "--out must name a .png, .jpg, .jpeg or .webp file (the recipe is"),
+        (
+            ["generate", "x", "-o", "cat.jpg", "--format", "png"],
+            "--out 'cat.jpg' names a JPEG file but --format is png",
+        ),
+        (["generate", "x", "-o", "out/{n}.webp", "--format", "jpg"], "names a WebP file but --format is jpeg"),
+        (["generate", "x", "-o", "cat.PNG", "--quality", "80"], "--quality applies to jpeg and webp files; 'cat.PNG'"),
+        (["generate", "x", "--quality", "80"], "--quality applies to jpeg and webp files; 'kandinsky22-{seed}.png'"),
+        (["generate", "x", "--format", "jpeg", "--quality", "0"], "argument --quality: must be from 1 to 100, got 0"),
+        (["generate", "x", "--format", "gif"], "argument --format: must be png, jpeg (or jpg) or webp, got 'gif'"),
+        (["generate", "--from-image", "plain.jpg"], "--from-image: 'plain.jpg' holds no kandinsky22 recipe"),
+        (["generate", "--from-png", "plain.webp"], "--from-png: 'plain.webp' holds no kandinsky22 recipe"),
         (["generate", "x", "-o", "{name}.png"], "--out pattern '{name}.png' may only use {n} and {seed}"),
         (["make-tiny", "plain.png"], "DIR 'plain.png' is a file; give a folder"),
         (["generate", "x", "-o", "plain.png/x.png"], "--out needs 'plain.png' to be a folder, but 'plain.png' is a"),
@@ -281,9 +333,11 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, tmp_p
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "colour": "red"}\n')
     (tmp_path / "null.jsonl").write_text('{"prompt": "a", "items": null}\n')
     write_image(tmp_path / "plain.png", (64, 64), seed=0)
+    for name in ("plain.jpg", "plain.webp"):
+        PIL.Image.open(tmp_path / "plain.png").save(tmp_path / name)
     # What the server writes for an img2img upload: the recipe has no file for the image.
     uploaded = {**Job(task="img2img", prompt="x", seed=1).to_dict(), "tool": "kandinsky22", "version": "0"}
-    save_png(PIL.Image.new("RGB", (64, 64)), tmp_path / "uploaded.png", uploaded)
+    save_image(PIL.Image.new("RGB", (64, 64)), tmp_path / "uploaded.png", uploaded)
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
@@ -420,7 +474,7 @@ def test_an_output_that_cannot_be_written_is_one_line_and_a_hint(
 
     monkeypatch.setattr(jobs.Engine, "run", run_one)
     monkeypatch.setattr(jobs.Engine, "missing_models", lambda self, job: [])
-    monkeypatch.setattr(recipe, "save_png", disk_full)
+    monkeypatch.setattr(recipe, "save_image", disk_full)
     from kandinsky22 import cli
 
     out = tmp_path / "x.png"

@@ -244,7 +244,7 @@ def test_the_ingress_queue_runs_one_call_per_model_replica_at_once() -> None:
 
     def run_batch(jobs: list[Job], progress: Any, should_cancel: Any) -> list[JobOutput]:
         both_running.wait()  # a queue running one call at a time breaks the barrier: the jobs fail
-        return [JobOutput(pngs=[b"png"], seeds=[job.seed], timings={}) for job in jobs]
+        return [JobOutput(files=[b"png"], seeds=[job.seed], timings={}) for job in jobs]
 
     queue = JobQueue(lambda: run_batch, Limits(), concurrency=2)
     queue.start()

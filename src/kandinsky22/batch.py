@@ -2,23 +2,25 @@
 
 JOBS holds one job per line: a JSON object of :class:`~kandinsky22.jobs.Job` fields (dashes allowed, as in the CLI's
 prompts files) and an optional ``id`` (default: the line number, ``000042``); blank lines and ``#`` comments are
-skipped. Image ``k`` of a job goes to ``DIR/{id}-{k}.png`` (recipe chunk included). Once all its files are written,
-the job gets one line in ``DIR/manifest.jsonl``: id, line, files, seed, timings, and the error if it failed. A line
-that is not a valid job gets a manifest line with its line number and the error; the other jobs go on.
+skipped. Image ``k`` of a job goes to ``DIR/{id}-{k}.png`` (``.jpg`` or ``.webp`` with ``--format``), its recipe
+inside (see :mod:`kandinsky22.recipe`). Once all its files are written, the job gets one line in
+``DIR/manifest.jsonl``: id, line, files, quality, seed, timings, and the error if it failed. A line that is not a
+valid job gets a manifest line with its line number and the error; the other jobs go on.
 
 Resuming: a job is complete when its manifest line has no error, all its files exist and it was made from the same job
-fields (``spec``, a fingerprint). A re-run skips complete jobs and redoes the others, failed ones included. Files are
+fields (``spec``, a fingerprint) at the same quality (a run in another format names other files, so it redoes the
+jobs). A re-run skips complete jobs and redoes the others, failed ones included. Files are
 written under a temporary name and renamed, and the manifest line comes after the files, so an interrupted run leaves
 each job complete or to be redone, never a half-written image listed as done. A re-run first rewrites the manifest
 with the complete lines only, so every job has at most one line.
 
 Seeds: a job without a seed gets one drawn here, once, before any work is handed out, so a worker that crashes and is
-retried remakes the same image. The manifest and each PNG's recipe record it.
+retried remakes the same image. The manifest and each image's recipe record it.
 
 The work is cut into units of one pipeline call each (:func:`~kandinsky22.jobs.group_jobs`, at most ``batch_size``
 images). The same units run in this process or on a Ray actor pool (:mod:`kandinsky22.scale.ray_batch`), so the same
-seeds give identical pixels either way. Workers return PNG bytes; only this process writes to DIR, so DIR need not be
-shared with the cluster (input images and model folders must be readable on every node, or be hub ids).
+seeds give identical pixels either way. Workers return the encoded files; only this process writes to DIR, so DIR need
+not be shared with the cluster (input images and model folders must be readable on every node, or be hub ids).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from kandinsky22.jobs import (
     image_size,
     mix_item_kind,
 )
+from kandinsky22.recipe import EXTENSIONS, check_quality
 
 MANIFEST = "manifest.jsonl"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -64,18 +66,22 @@ class BatchJob:
     job: Job | None = None
     spec: str = ""
     error: str | None = None
+    output_format: str = "png"
 
     @property
     def files(self) -> list[str]:
-        return [] if self.job is None else [f"{self.id}-{k}.png" for k in range(self.job.num_images)]
+        suffix = EXTENSIONS[self.output_format]
+        return [] if self.job is None else [f"{self.id}-{k}{suffix}" for k in range(self.job.num_images)]
 
 
 @dataclass
 class Unit:
-    """One pipeline call: single-image jobs and, for each, its batch job's id and image index."""
+    """One pipeline call: single-image jobs and, for each, its batch job's id and image index; the files' format."""
 
     index: int
     images: list[tuple[str, int, Job]]
+    output_format: str = "png"
+    quality: int | None = None
 
     def payload(self) -> str:
         """JSON text, what crosses to a worker (plain data, so any worker can rebuild the jobs)."""
@@ -83,19 +89,21 @@ class Unit:
             {
                 "unit": self.index,
                 "images": [{"job": job_id, "index": k, "fields": job.to_dict()} for job_id, k, job in self.images],
+                "format": self.output_format,
+                "quality": self.quality,
             }
         )
 
 
 @dataclass
 class ImageResult:
-    """What a worker sends back for one image: its PNG file (or the error) and the timings of its pipeline call."""
+    """What a worker sends back for one image: its file (or the error) and the timings of its pipeline call."""
 
     unit: int
     job: str
     index: int
     seed: int
-    png: bytes | None = None
+    data: bytes | None = None
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     device: str = ""
@@ -127,9 +135,13 @@ RunUnits = Callable[[list[Unit]], Iterable[ImageResult]]
 
 
 def read_jobs(
-    path: str | os.PathLike, prior: str | None = None, decoders: dict[str, str] | None = None
+    path: str | os.PathLike,
+    prior: str | None = None,
+    decoders: dict[str, str] | None = None,
+    output_format: str = "png",
 ) -> list[BatchJob]:
     """Every job line of ``path``, resolved, with its seed; ``prior`` and ``decoders`` (by task) fill missing models.
+    ``output_format`` gives the suffix of the jobs' files.
 
     A line that is not a valid job comes back with ``error`` set (``line N: …``); a missing file raises.
     """
@@ -147,6 +159,7 @@ def read_jobs(
             )
         else:
             used[entry.id] = number
+        entry.output_format = output_format
         entries.append(entry)
     return entries
 
@@ -252,11 +265,14 @@ def is_complete(record: dict[str, Any], out_dir: Path) -> bool:
     )
 
 
-def plan(entries: list[BatchJob], out_dir: Path) -> tuple[list[dict[str, Any]], list[BatchJob]]:
+def plan(
+    entries: list[BatchJob], out_dir: Path, quality: int | None = None
+) -> tuple[list[dict[str, Any]], list[BatchJob]]:
     """The manifest lines to keep (complete jobs) and the jobs to run, in file order.
 
-    A complete line of a job whose fields changed since (or whose line is no longer valid) is dropped and the job is
-    redone; complete lines of ids that are no longer in the jobs file are kept (their files are still there).
+    A complete line of a job whose fields, files (their format) or ``quality`` changed since (or whose line is no
+    longer valid) is dropped and the job is redone; complete lines of ids that are no longer in the jobs file are kept
+    (their files are still there).
     """
     current = {entry.id: entry for entry in reversed(entries)}  # a repeated id: the first line is the job
     keep = {
@@ -265,15 +281,22 @@ def plan(entries: list[BatchJob], out_dir: Path) -> tuple[list[dict[str, Any]], 
         if is_complete(record, out_dir)
         and (
             job_id not in current
-            or (record.get("spec") == current[job_id].spec and record["files"] == current[job_id].files)
+            or (
+                record.get("spec") == current[job_id].spec
+                and record["files"] == current[job_id].files
+                and record.get("quality") == quality  # absent from PNG lines of earlier versions: None
+            )
         )
     }
     todo = [entry for entry in entries if entry.job is not None and entry.id not in keep]
     return list(keep.values()), todo
 
 
-def make_units(todo: list[BatchJob], batch_size: int) -> list[Unit]:
-    """The pipeline calls of ``todo``: images of jobs that can share a call, at most ``batch_size`` per call."""
+def make_units(
+    todo: list[BatchJob], batch_size: int, output_format: str = "png", quality: int | None = None
+) -> list[Unit]:
+    """The pipeline calls of ``todo``: images of jobs that can share a call, at most ``batch_size`` per call, each
+    to be encoded in ``output_format`` at ``quality``."""
     singles: list[Job] = []
     owner: dict[int, tuple[str, int]] = {}
     for entry in todo:
@@ -281,7 +304,9 @@ def make_units(todo: list[BatchJob], batch_size: int) -> list[Unit]:
             owner[id(single)] = (entry.id, k)
             singles.append(single)
     groups = group_jobs(singles, batch_size)
-    return [Unit(i, [(*owner[id(job)], job) for job in group]) for i, group in enumerate(groups)]
+    return [
+        Unit(i, [(*owner[id(job)], job) for job in group], output_format, quality) for i, group in enumerate(groups)
+    ]
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -312,12 +337,19 @@ class _Manifest:
 
 
 def _record(
-    entry: BatchJob, files: list[str], error: str | None, timings: dict[str, float], device: str = "", dtype: str = ""
+    entry: BatchJob,
+    files: list[str],
+    error: str | None,
+    timings: dict[str, float],
+    device: str = "",
+    dtype: str = "",
+    quality: int | None = None,
 ) -> dict[str, Any]:
     return {
         "id": entry.id,
         "line": entry.line,
         "files": files,
+        "quality": quality,
         "seed": None if entry.job is None else entry.job.seed,
         "timings": {stage: round(seconds, 4) for stage, seconds in timings.items()},
         "error": error,
@@ -331,8 +363,9 @@ def _record(
 class _Collector:
     """Gathers each job's images as results arrive (in any order, duplicates ignored) and records finished jobs."""
 
-    def __init__(self, todo: list[BatchJob], out_dir: Path, manifest: _Manifest) -> None:
+    def __init__(self, todo: list[BatchJob], out_dir: Path, manifest: _Manifest, quality: int | None) -> None:
         self.entries = {entry.id: entry for entry in todo}
+        self.quality = quality
         self.results: dict[str, dict[int, ImageResult]] = {entry.id: {} for entry in todo}
         self.out_dir = out_dir
         self.manifest = manifest
@@ -364,8 +397,8 @@ class _Collector:
             self.failed += 1
             return
         for name, result in zip(entry.files, results):
-            write_atomically(self.out_dir / name, result.png)
-        self.manifest.append(_record(entry, entry.files, None, timings, first.device, first.dtype))
+            write_atomically(self.out_dir / name, result.data)
+        self.manifest.append(_record(entry, entry.files, None, timings, first.device, first.dtype, self.quality))
         self.done += 1
         self.images += len(results)
 
@@ -380,27 +413,31 @@ def run_batch(
     batch_size: int = 1,
     limit: int | None = None,
     on_image: Callable[[int, int], None] | None = None,
+    output_format: str = "png",
+    quality: int | None = None,
 ) -> Summary:
     """Run the jobs of ``jobs_path`` that are not complete in ``out_dir`` (at most ``limit`` of them).
 
     ``run_units`` runs the pipeline calls (default: :func:`run_local`, in this process); ``on_image(done, total)`` is
-    called after each image arrives.
+    called after each image arrives. The files are ``output_format`` (png, jpeg or webp) at ``quality`` (JPEG and
+    WebP only: 1..100, default 90; see :func:`kandinsky22.recipe.encode_image`).
     """
     started = time.perf_counter()
-    entries = read_jobs(jobs_path, prior, decoders)
+    quality = check_quality(output_format, quality)
+    entries = read_jobs(jobs_path, prior, decoders, output_format)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(PARTIAL_PREFIX + "*"):
         leftover.unlink()
-    keep, todo = plan(entries, out)
+    keep, todo = plan(entries, out, quality)
     skipped = sum(1 for entry in entries if entry.job is not None) - len(todo)
     todo = todo[:limit] if limit is not None else todo
     invalid = [entry for entry in entries if entry.job is None]
-    units = make_units(todo, batch_size)
+    units = make_units(todo, batch_size, output_format, quality)
     total = sum(len(unit.images) for unit in units)
     arrived = 0
     manifest = _Manifest(out, keep)
-    collector = _Collector(todo, out, manifest)
+    collector = _Collector(todo, out, manifest, quality)
     try:
         for entry in invalid:
             manifest.append(_record(entry, [], entry.error, {}))
@@ -448,10 +485,12 @@ class UnitRunner:
     def __call__(self, payload: str) -> list[ImageResult]:
         data = json.loads(payload)
         images = [(image["job"], image["index"], Job.from_dict(image["fields"])) for image in data["images"]]
-        return self._run(data["unit"], images)
+        return self._run(data["unit"], images, data.get("format", "png"), data.get("quality"))
 
-    def _run(self, unit: int, images: list[tuple[str, int, Job]]) -> list[ImageResult]:
-        from kandinsky22.recipe import make_recipe
+    def _run(
+        self, unit: int, images: list[tuple[str, int, Job]], output_format: str, quality: int | None
+    ) -> list[ImageResult]:
+        from kandinsky22.recipe import encode_image, make_recipe
 
         engine = self.engine
         try:
@@ -460,7 +499,11 @@ class UnitRunner:
             owners = list(dict.fromkeys(job_id for job_id, _, _ in images))
             if len(owners) > 1:
                 # Several jobs shared the call: run each alone, so only the one that breaks fails.
-                return [r for owner in owners for r in self._run(unit, [i for i in images if i[0] == owner])]
+                return [
+                    result
+                    for owner in owners
+                    for result in self._run(unit, [i for i in images if i[0] == owner], output_format, quality)
+                ]
             message = f"{type(err).__name__}: {err}"
             return [ImageResult(unit, job_id, k, job.seed, error=message) for job_id, k, job in images]
         device, dtype = engine.device_name, engine.dtype_name
@@ -470,23 +513,14 @@ class UnitRunner:
                 job_id,
                 k,
                 result.job.seed,
-                png=_png_bytes(result.image, make_recipe(result.job, device, dtype)),
+                # The one writer of recipe files (the CLI's and the server's too): the same job gives the same bytes.
+                data=encode_image(result.image, make_recipe(result.job, device, dtype), output_format, quality),
                 timings=result.timings,
                 device=device,
                 dtype=dtype,
             )
             for (job_id, k, _), result in zip(images, results)
         ]
-
-
-def _png_bytes(image: Any, recipe: dict[str, Any]) -> bytes:
-    """The file :func:`kandinsky22.recipe.save_png` writes: it is the one writer of recipe PNGs, so bulk outputs are
-    byte-identical to the CLI's. It writes to a path, hence the scratch file (the image is small next to its compute).
-    """
-    from kandinsky22.recipe import save_png
-
-    with tempfile.TemporaryDirectory(prefix="kandinsky22-") as scratch:
-        return save_png(image, Path(scratch) / "image.png", recipe).read_bytes()
 
 
 def run_local(units: list[Unit], **engine: Any) -> Iterator[ImageResult]:
@@ -512,6 +546,12 @@ def _batch_size(text: str) -> int:
     if value > MAX_IMAGES:
         raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_IMAGES}, got {value}")
     return value
+
+
+def _quality(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 100, got {text!r}")
+    return int(text)
 
 
 def resource_amount(text: str) -> float:
@@ -545,10 +585,12 @@ def needs_ray(options: list[str]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``batch`` options, on ``parser`` (argparse only: importing this module is cheap)."""
-    from kandinsky22.cli import DTYPES
+    from kandinsky22.cli import DTYPES, output_format_type
 
     parser.add_argument("jobs", metavar="JOBS", help="JSON lines file: one job per line (Job fields, optional id)")
-    parser.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder: PNGs and manifest.jsonl")
+    parser.add_argument(
+        "-o", "--out", required=True, metavar="DIR", help="output folder: the images and manifest.jsonl"
+    )
     models = parser.add_argument_group("models (for lines that name none)")
     models.add_argument("--prior", help="prior hub id or folder (default: the official prior)")
     models.add_argument("--decoder", help="decoder for text2img, img2img and mix (default: the official one)")
@@ -579,6 +621,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ray.add_argument("--cpus-per-worker", type=resource_amount, help="CPUs per actor (default 1)")
     out = parser.add_argument_group("output")
+    out.add_argument(
+        "--format",
+        type=output_format_type,
+        default="png",
+        metavar="{png,jpeg,webp}",
+        help="the images' format: png (the default), jpeg or webp; each file carries its recipe",
+    )
+    out.add_argument("--quality", type=_quality, metavar="N", help="jpeg and webp quality, 1-100 (default 90)")
     out.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     out.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     out.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -597,6 +647,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError(f"{needs_ray(given)} (without it, the jobs run in this process)")
     if args.cpus_per_worker is None:
         args.cpus_per_worker = 1.0
+    if args.quality is not None and args.format == "png":
+        raise UsageError(f"--quality {args.quality} applies to --format jpeg and webp (PNG is lossless)")
     jobs = Path(args.jobs).expanduser()
     if not jobs.is_file():
         raise RuntimeFailure(f"no such jobs file: '{jobs}'", "check the JOBS path")
@@ -667,6 +719,8 @@ def run_command(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             limit=args.limit,
             on_image=bar,
+            output_format=args.format,
+            quality=args.quality,
         )
     finally:
         sys.stdout = stdout

@@ -38,13 +38,15 @@ from kandinsky22.jobs import (
     check_decoder,
     mix_item_kind,
 )
+from kandinsky22.recipe import EXTENSIONS, FORMAT_NAMES, FORMATS, SUFFIX_FORMATS, format_of
 
 PROG = "kandinsky22"
 COMMAND_TASKS = {"generate": "text2img", "img2img": "img2img", "inpaint": "inpaint", "mix": "mix", "depth": "depth"}
 TASK_COMMANDS = {task: command for command, task in COMMAND_TASKS.items()}
 # Input images a task needs: options of its command, unless --from-png or --prompts-file gives them.
 REQUIRED_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "depth": ("hint",)}
-DEFAULT_OUT = "kandinsky22-{seed}.png"
+# The output file name without --out (or inside an --out folder), with the suffix of the output format.
+DEFAULT_NAME = "kandinsky22-{seed}"
 # One image per pipeline call by default: batched kernels sum in a different order, so an image made in a batch can
 # differ from its --from-png re-run by a rounding level on a few pixels. --batch-size trades that for throughput.
 DEFAULT_BATCH = 1
@@ -149,6 +151,29 @@ def _non_empty(text: str) -> str:
     return text
 
 
+def output_format_type(text: str) -> str:
+    """argparse type of ``--format`` (here and in ``kandinsky22 batch``): png, jpeg (or jpg) or webp, any case."""
+    name = {"jpg": "jpeg"}.get(text.lower(), text.lower())
+    if name not in FORMATS:
+        raise argparse.ArgumentTypeError(f"must be png, jpeg (or jpg) or webp, got {text!r}")
+    return name
+
+
+class _RecordOption(argparse.Action):
+    """Store the value and, in ``{dest}_option``, the option it was given as (``--from-png`` or ``--from-image``), so
+    that errors name what the user typed."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_option", option_string)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The parser
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,11 +227,32 @@ def _common_options() -> argparse.ArgumentParser:
     )
     out = common.add_argument_group("input and output")
     out.add_argument(
-        "-o", "--out", help=f"output .png file, folder or pattern with {{n}}/{{seed}} (default {DEFAULT_OUT})"
+        "-o",
+        "--out",
+        help="output file (.png, .jpg/.jpeg or .webp: the suffix sets the format), folder, or pattern with "
+        f"{{n}}/{{seed}} (default {DEFAULT_NAME}.png, or the --format's suffix)",
+    )
+    out.add_argument(
+        "--format",
+        type=output_format_type,
+        metavar="{png,jpeg,webp}",
+        help="png (the default), jpeg or webp: for a folder or the default name; a file's suffix must agree",
+    )
+    out.add_argument(
+        "--quality",
+        type=_int_in(1, 100),
+        metavar="N",
+        help="jpeg and webp quality, 1-100 (default 90); png is lossless",
     )
     out.add_argument("--overwrite", action="store_true", help="replace existing output files")
     out.add_argument("--prompts-file", help="one job per line: a prompt, or a JSON object of job options")
-    out.add_argument("--from-png", help="re-run the job recorded in a PNG made by this tool (options given override)")
+    out.add_argument(
+        "--from-png",
+        "--from-image",
+        action=_RecordOption,
+        metavar="FILE",
+        help="re-run the job recorded in a PNG, JPEG or WebP file made by this tool (options given override)",
+    )
     out.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     out.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
     out.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -216,7 +262,8 @@ def _common_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Kandinsky 2.2 from a terminal: every PNG carries the recipe that reproduces it.",
+        description="Kandinsky 2.2 from a terminal: every image (PNG, JPEG or WebP) carries the recipe that "
+        "reproduces it.",
         epilog="Run `kandinsky22 make-tiny DIR` to get tiny offline checkpoints (they draw noise) for a smoke test.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -330,15 +377,16 @@ def _read_prompts_file(path: str, task: str, options: dict[str, Any]) -> list[tu
     return jobs
 
 
-def _job_from_png(path: str, task: str, options: dict[str, Any]) -> tuple[Job, dict[str, Any]]:
+def _job_from_png(path: str, task: str, options: dict[str, Any], option: str) -> tuple[Job, dict[str, Any]]:
+    """The job recorded in the image ``path`` (``option``: how the user named it, for errors) and its recipe."""
     from kandinsky22.recipe import job_from_recipe, read_recipe
 
     try:
         recipe = read_recipe(path)
     except FileNotFoundError as err:
-        raise RuntimeFailure(str(err), "check the --from-png path") from None
+        raise RuntimeFailure(str(err), f"check the {option} path") from None
     except ValueError as err:
-        raise UsageError(f"--from-png: {err}") from None
+        raise UsageError(f"{option}: {err}") from None
     if recipe.get("task") != task and recipe.get("task") in TASK_COMMANDS:
         made_by = TASK_COMMANDS[recipe["task"]]
         raise UsageError(f"'{path}' was made by `{PROG} {made_by}`; re-run it with that command")
@@ -346,11 +394,11 @@ def _job_from_png(path: str, task: str, options: dict[str, Any]) -> tuple[Job, d
     missing = [name for name in REQUIRED_INPUTS.get(task, ()) if fields.get(name) is None]
     if missing:  # an input that was in memory (a server upload): the recipe has no file for it
         given = " and ".join(f"--{name}" for name in missing)
-        raise UsageError(f"--from-png: '{path}' records no file for {given} (it was uploaded); give {given}")
+        raise UsageError(f"{option}: '{path}' records no file for {given} (it was uploaded); give {given}")
     try:
         job = job_from_recipe(fields)
     except ValueError as err:
-        raise UsageError(f"--from-png: {err}") from None
+        raise UsageError(f"{option}: {err}") from None
     return job, recipe
 
 
@@ -414,16 +462,22 @@ def _prepare_job(job: Job, where: str) -> Job:
         raise UsageError(f"{where}{err}") from None
 
 
+def _from_option(args: argparse.Namespace) -> str:
+    """``--from-png`` or ``--from-image``, as given (``--from-png`` where the namespace was built by other code)."""
+    return getattr(args, "from_png_option", None) or "--from-png"
+
+
 def build_jobs(args: argparse.Namespace) -> tuple[list[tuple[str, Job]], dict[str, Any] | None]:
     """The validated, resolved jobs of the command line, each with where it comes from for errors (``""``, or
     ``FILE line N: `` for a prompts file), and the recipe they came from (``--from-png``)."""
     task = COMMAND_TASKS[args.command]
     options = _explicit_options(args)
     recipe = None
+    from_option = _from_option(args)
     if args.from_png and args.prompts_file:
-        raise UsageError("--from-png and --prompts-file cannot be combined; use one of them")
+        raise UsageError(f"{from_option} and --prompts-file cannot be combined; use one of them")
     if args.from_png:
-        job, recipe = _job_from_png(args.from_png, task, options)
+        job, recipe = _job_from_png(args.from_png, task, options, from_option)
         sources = [("", job)]
     elif args.prompts_file:
         if options.get("prompt") is not None:
@@ -464,21 +518,41 @@ def _check_decoders(sources: list[tuple[str, Job]]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def plan_outputs(pattern: str | None, jobs: Sequence[Job], overwrite: bool) -> list[Path]:
+def plan_outputs(
+    pattern: str | None,
+    jobs: Sequence[Job],
+    overwrite: bool,
+    output_format: str | None = None,
+    quality: int | None = None,
+) -> list[Path]:
     """The file of each single-image job: ``pattern`` filled with ``{n}`` (1, 2, …) and ``{seed}``.
 
-    A folder gets the default name inside it; several images and a pattern without ``{n}`` or ``{seed}`` get
-    ``-{n}`` before the suffix. Names that repeat are an error; existing files are one unless ``overwrite``.
+    A folder (or no pattern) gets the default name with the suffix of ``output_format`` (default png); a file's suffix
+    (.png, .jpg/.jpeg, .webp, any case) sets the format, and an ``output_format`` that differs is an error. Several
+    images and a pattern without ``{n}`` or ``{seed}`` get ``-{n}`` before the suffix. Names that repeat are an error;
+    existing files are one unless ``overwrite``. A ``quality`` for PNG files is an error (PNG is lossless).
     """
-    pattern = pattern or DEFAULT_OUT
-    if pattern.endswith(("/", os.sep)) or Path(pattern).expanduser().is_dir():
-        pattern = str(Path(pattern) / DEFAULT_OUT)
-    if not pattern.lower().endswith(".png"):
+    default_name = DEFAULT_NAME + EXTENSIONS[output_format or "png"]
+    if pattern is None:
+        pattern = default_name
+    elif pattern.endswith(("/", os.sep)) or Path(pattern).expanduser().is_dir():
+        pattern = str(Path(pattern) / default_name)
+    stem, suffix = os.path.splitext(pattern)
+    suffix_format = SUFFIX_FORMATS.get(suffix.lower())
+    if suffix_format is None:
         raise UsageError(
-            f"--out must name a .png file (the recipe lives in a PNG chunk), a folder or a pattern; got {pattern!r}"
+            "--out must name a .png, .jpg, .jpeg or .webp file (the recipe is stored in each), a folder or a "
+            f"pattern; got {pattern!r}"
         )
+    if output_format is not None and output_format != suffix_format:
+        raise UsageError(
+            f"--out {pattern!r} names a {FORMAT_NAMES[suffix_format]} file but --format is {output_format}; "
+            "drop --format, or give --out a matching suffix"
+        )
+    if quality is not None and suffix_format == "png":
+        raise UsageError(f"--quality applies to jpeg and webp files; {pattern!r} is a PNG (lossless)")
     if len(jobs) > 1 and "{n" not in pattern and "{seed" not in pattern:
-        pattern = pattern[: -len(".png")] + "-{n}" + pattern[-len(".png") :]
+        pattern = stem + "-{n}" + suffix
     paths = []
     for n, job in enumerate(jobs, 1):
         try:
@@ -598,7 +672,8 @@ def _run_jobs(args: argparse.Namespace) -> int:
     scope = args.compile_scope or "blocks"
     sources, recipe = build_jobs(args)
     singles = [single for _, job in sources for single in job.expand()]
-    paths = plan_outputs(args.out, singles, args.overwrite)
+    paths = plan_outputs(args.out, singles, args.overwrite, args.format, args.quality)
+    output_format = format_of(paths[0])
     _check_decoders(sources)  # after the checks that need no torch: a sampler's schedule needs it
     if recipe is not None:
         from kandinsky22.recipe import changed_inputs
@@ -611,7 +686,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
     from kandinsky22.jobs import Engine, group_jobs
-    from kandinsky22.recipe import make_recipe, save_png
+    from kandinsky22.recipe import make_recipe, save_image
 
     transformers_logging.disable_progress_bar()  # its per-file "Loading weights" bars; ours show the stages
     if args.quiet:
@@ -660,9 +735,12 @@ def _run_jobs(args: argparse.Namespace) -> int:
             bars.close()
             for job, result in zip(group, results):
                 i = index[id(job)]
+                recipe_of_image = make_recipe(result.job, engine.device_name, engine.dtype_name)
                 try:
                     paths[i].parent.mkdir(parents=True, exist_ok=True)
-                    save_png(result.image, paths[i], make_recipe(result.job, engine.device_name, engine.dtype_name))
+                    save_image(result.image, paths[i], recipe_of_image, output_format, args.quality)
+                except ValueError as err:  # a recipe too long for a JPEG's Exif segment
+                    raise RuntimeFailure(f"cannot write '{paths[i]}': {err}", "use --out with .png or .webp") from err
                 except OSError as err:
                     raise RuntimeFailure(
                         f"cannot write '{paths[i]}': {err.strerror or err}", "check the --out folder and the free space"

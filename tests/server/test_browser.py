@@ -1,5 +1,5 @@
-"""The web page in headless Chromium (Debian's ``chromium``, driven by Playwright): fill, generate, see progress and
-the image. Skipped, saying why, where chromium or playwright is missing; ``.ci/run`` installs both."""
+"""The web page in headless Chromium (Debian's ``chromium``, driven by Playwright): fill, choose a format, generate, see
+progress and the image. Skipped, saying why, where chromium or playwright is missing; ``.ci/run`` installs both."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def test_generate_from_the_page(server, tmp_path):
             for field, value in (("width", "64"), ("height", "96"), ("steps", "2"), ("prior_steps", "2")):
                 page.fill(f"#{field}", value)
             page.fill("#seed", "42")
+            assert page.input_value("#output_format") == "png"
+            page.select_option("#output_format", "webp")
             page.click("#generate")
             page.wait_for_function("window.progressTexts.some(t => t.startsWith('queued'))")
             assert page.is_visible("#cancel") and page.is_disabled("#generate")
@@ -57,8 +59,8 @@ def test_generate_from_the_page(server, tmp_path):
             assert size == [64, 96]
             assert page.inner_text("figure.result .seed") == "seed 42"
             link = page.query_selector("figure.result a")
-            assert link.get_attribute("download") == "kandinsky22-42.png"
-            assert link.get_attribute("href").endswith("/images/0.png")
+            assert link.get_attribute("download") == "kandinsky22-42.webp"
+            assert link.get_attribute("href").endswith("/images/0.webp")
 
             texts = page.evaluate("window.progressTexts")
             assert any(t.startswith("queued — 0 ahead") for t in texts), texts

@@ -28,6 +28,8 @@ from server_harness import (
     start_blocker,
 )
 
+from kandinsky22.recipe import read_recipe, transcode
+
 # -- service routes ----------------------------------------------------------------------------------------------------
 
 
@@ -74,6 +76,110 @@ def test_generations_b64_and_url_with_exact_size_seeds_and_recipe(server):
     job = server.request("GET", f"/v1/jobs/{by_url.headers['X-Job-Id']}").json()
     assert job["status"] == "succeeded" and job["seeds"] == [11, 12]
     assert {"prior_s", "decoder_s", "decode_s", "queue_s", "total_s"} <= set(job["timings"])
+
+
+def magic(data: bytes) -> str:
+    """The format a file's first bytes say it is."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    return "webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else "?"
+
+
+def test_generations_in_each_output_format_carry_the_recipe(server):
+    body = {"prompt": "рыжий кот 🐱", "size": "64x64", "seed": 21, **FAST}
+    files = {}
+    for output_format, extra in (("png", {}), ("jpeg", {"output_compression": 50}), ("webp", {})):
+        response = server.request("POST", "/v1/images/generations", {**body, "output_format": output_format, **extra})
+        assert response.status == 200, response.body
+        files[output_format] = base64.b64decode(response.json()["data"][0]["b64_json"])
+        assert magic(files[output_format]) == output_format
+        assert read_recipe(files[output_format])["prompt"] == "рыжий кот 🐱"
+    # The same job: the same recipe in each, nothing in it about the format.
+    assert read_recipe(files["jpeg"]) == read_recipe(files["webp"]) == read_recipe(files["png"])
+    # output_compression is the encoder's quality (90 without it): the PNG's image encoded so gives the same bytes.
+    assert files["jpeg"] == transcode(files["png"], "jpeg", 50)
+    assert files["webp"] == transcode(files["png"], "webp", 90)
+
+    by_url = server.request(
+        "POST", "/v1/images/generations", {**body, "output_format": "jpeg", "response_format": "url"}
+    )
+    assert by_url.status == 200, by_url.body
+    url = by_url.json()["data"][0]["url"]
+    assert url == f"{server.url}/v1/jobs/{by_url.headers['X-Job-Id']}/images/0.jpg"
+    jpeg = server.request("GET", url.removeprefix(server.url))
+    assert jpeg.status == 200 and jpeg.headers["Content-Type"] == "image/jpeg"
+    assert jpeg.body == transcode(files["png"], "jpeg", 90)
+
+
+def test_job_images_are_served_with_their_formats_media_type_and_extension(server):
+    for output_format, suffix, media_type, others in (
+        ("webp", ".webp", "image/webp", (".png", ".jpg")),
+        ("jpeg", ".jpg", "image/jpeg", (".png", ".webp")),
+        ("png", ".png", "image/png", (".jpg", ".jpeg", ".webp")),
+    ):
+        body = {"prompt": "a red cat", "width": 64, "height": 64, "seed": 3, "output_format": output_format, **FAST}
+        final = _run_job(server, body)
+        assert final["status"] == "succeeded" and final["output_format"] == output_format
+        path = f"/v1/jobs/{final['id']}/images/0{suffix}"
+        assert final["images"][0]["url"] == server.url + path
+        image = server.request("GET", path)
+        assert image.status == 200 and image.headers["Content-Type"] == media_type, image.body
+        assert magic(image.body) == output_format and read_recipe(image.body)["seed"] == 3
+        # Another format's extension: a 404 that names the image's URL (a .png URL with JPEG bytes would mislead).
+        for other in others:
+            wrong = server.request("GET", f"/v1/jobs/{final['id']}/images/0{other}")
+            assert wrong.status == 404 and wrong.error()["type"] == "not_found"
+            assert wrong.error()["message"].endswith(f"its image 0 is at {path}"), wrong.error()
+        if output_format == "jpeg":  # .jpeg names JPEG too, and extensions are read in any case
+            for same in (".jpeg", ".JPG"):
+                assert server.request("GET", f"/v1/jobs/{final['id']}/images/0{same}").body == image.body
+        assert server.request("GET", f"/v1/jobs/{final['id']}/images/1{suffix}").status == 404
+
+
+JOB = {"prompt": "a red cat", "width": 64, "height": 64, **FAST}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "message"),
+    [
+        ("/v1/images/generations", {"output_format": "gif"}, "output_format", "'png', 'jpeg' or 'webp'"),
+        ("/v1/images/generations", {"output_format": "jpg"}, "output_format", "'png', 'jpeg' or 'webp'"),
+        ("/v1/jobs", {**JOB, "output_format": "JPEG"}, "output_format", "'png', 'jpeg' or 'webp'"),
+        (
+            "/v1/images/generations",
+            {"output_format": "jpeg", "output_compression": 101},
+            "output_compression",
+            "output_compression must be from 0 to 100, got 101",
+        ),
+        (
+            "/v1/jobs",
+            {**JOB, "output_format": "webp", "output_compression": -1},
+            "output_compression",
+            "output_compression must be from 0 to 100, got -1",
+        ),
+        (
+            "/v1/images/generations",
+            {"output_compression": 80},
+            "output_compression",
+            "output_compression applies to output_format jpeg and webp (png is lossless)",
+        ),
+        ("/v1/jobs", {**JOB, "output_format": "jpeg", "output_compression": "high"}, "output_compression", "integer"),
+        (
+            "/v1/jobs",
+            {**JOB, "output_format": "jpeg", "output_compression": True},
+            "output_compression",
+            "a boolean is not accepted",
+        ),
+    ],
+)
+def test_bad_output_formats_and_compressions_are_400s_naming_the_field(server, path, body, param, message):
+    response = server.request("POST", path, {**GEN, **body} if path.endswith("generations") else body)
+    assert response.status == 400, response.body
+    error = response.error()
+    assert error["param"] == param and message in error["message"], error
+    assert error["type"] == "invalid_request_error"
 
 
 # -- load ----------------------------------------------------------------------------------------------------------------

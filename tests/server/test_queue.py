@@ -65,7 +65,7 @@ class GatedRunner:
             raise RuntimeError("the model broke")
         return [
             JobOutput(
-                pngs=[f"{job.prompt}:{job.seed + i}".encode() for i in range(job.num_images)],
+                files=[f"{job.prompt}:{job.seed + i}".encode() for i in range(job.num_images)],
                 seeds=[job.seed + i for i in range(job.num_images)],
                 timings={"decoder": 0.0},
             )
@@ -141,7 +141,7 @@ def test_compatible_text2img_jobs_share_a_call_up_to_max_batch_images(runner):
         assert runner.calls == [["hold"], ["a", "b", "d"], ["c"], ["e"]]
         assert [finals[s["id"]]["batch_size"] for s in (a, b, d, other_size, too_many)] == [4, 4, 4, 1, 2]
         # Each job gets its own outputs back, with its own seeds.
-        assert queue.pngs(b["id"]) == [b"b:7", b"b:8"]
+        assert queue.files(b["id"]) == [b"b:7", b"b:8"]
         assert finals[d["id"]]["seeds"] == [99]
     finally:
         queue.stop(TIMEOUT)
@@ -184,7 +184,7 @@ def test_cancel_queued_and_running_jobs(runner):
         with pytest.raises(JobFinished):
             queue.cancel(behind["id"])
         assert queue.cancel("no-such-job") is None
-        assert queue.pngs(running["id"]) is None
+        assert queue.files(running["id"]) is None
     finally:
         queue.stop(TIMEOUT)
 
@@ -233,7 +233,7 @@ def test_results_expire_after_their_ttl_and_beyond_the_cap():
             wait_status(queue, ids[-1], TERMINAL)
         # Three finished, cap two: the oldest went.
         assert queue.get(ids[0]) is None
-        assert queue.pngs(ids[1]) == [b"b:7"]
+        assert queue.files(ids[1]) == [b"b:7"]
         now[0] += 61
         assert queue.get(ids[1]) is None and queue.get(ids[2]) is None
     finally:
@@ -274,5 +274,34 @@ def test_a_model_load_failure_fails_queued_jobs_and_is_reported():
         assert queue.state == "error" and queue.load_error == "OSError: no such model folder"
         with pytest.raises(Unavailable, match="no such model folder"):
             queue.submit(make_job("b"))
+    finally:
+        queue.stop(TIMEOUT)
+
+
+def test_each_job_gets_its_files_in_its_own_format_and_one_that_cannot_be_encoded_fails_alone():
+    """The runner makes PNGs (recipe included); each job's are re-encoded in its output format once it succeeds. A
+    recipe too long for a JPEG's Exif fails that job only."""
+    import PIL.Image
+
+    from kandinsky22.recipe import encode_image, make_recipe
+
+    image = PIL.Image.new("RGB", (64, 64), (200, 30, 30))
+
+    def run_batch(jobs, progress, should_cancel):
+        recipes = [make_recipe(job, "cpu", "fp32") for job in jobs]
+        return [JobOutput(files=[encode_image(image, r)], seeds=[r["seed"]], timings={}) for r in recipes]
+
+    queue = JobQueue(lambda: run_batch, Limits())
+    queue.start()
+    try:
+        requests = [("a", "png", None), ("b", "jpeg", 50), ("c", "webp", 90), ("x" * 40_000, "jpeg", 90)]
+        ids = [queue.submit(make_job(prompt), fmt, quality)["id"] for prompt, fmt, quality in requests]
+        finals = [wait_status(queue, job_id, TERMINAL) for job_id in ids]
+        assert [final["output_format"] for final in finals] == ["png", "jpeg", "webp", "jpeg"]
+        assert [final["status"] for final in finals] == ["succeeded"] * 3 + ["failed"]
+        for job_id, (prompt, fmt, quality) in zip(ids[:3], requests):
+            recipe = make_recipe(make_job(prompt), "cpu", "fp32")
+            assert queue.files(job_id) == [encode_image(image, recipe, fmt, quality)]
+        assert "more than a JPEG holds" in finals[3]["error"] and queue.files(ids[3]) is None
     finally:
         queue.stop(TIMEOUT)

@@ -24,7 +24,7 @@ from kandinsky22.batch import ImageResult, Unit
 from kandinsky22.scale import connected, default_gpus
 
 KILL_WORKER_ENV = "KANDINSKY22_KILL_WORKER"
-_COLUMNS = ("unit", "job", "index", "seed", "png", "error", "timings", "device", "dtype")
+_COLUMNS = ("unit", "job", "index", "seed", "data", "error", "timings", "device", "dtype")
 
 
 @dataclass
@@ -88,7 +88,7 @@ def _schema() -> Any:
             ("job", pa.string()),
             ("index", pa.int64()),
             ("seed", pa.int64()),
-            ("png", pa.binary()),
+            ("data", pa.binary()),
             ("error", pa.string()),
             ("timings", pa.string()),
             ("device", pa.string()),

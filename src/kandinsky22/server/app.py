@@ -1,8 +1,9 @@
 """The HTTP API (FastAPI) and the web page, in front of one :class:`~kandinsky22.server.worker.JobQueue`.
 
 Routes: ``POST /v1/images/generations`` (OpenAI-compatible, waits for the images), the job API (``POST /v1/jobs``,
-``GET``/``DELETE /v1/jobs/{id}``, ``/events`` as server-sent events, ``/images/{k}.png``), ``GET /v1/health``,
-``GET /v1/models``, FastAPI's ``/openapi.json`` and ``/docs``, and the page at ``/``.
+``GET``/``DELETE /v1/jobs/{id}``, ``/events`` as server-sent events, ``/images/{k}.png``, ``.jpg`` or ``.webp`` as
+the job's ``output_format``), ``GET /v1/health``, ``GET /v1/models``, FastAPI's ``/openapi.json`` and ``/docs``, and
+the page at ``/``.
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``. With an API key every route but
 ``/v1/health`` needs it, as ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or HTTP Basic with KEY as the password
@@ -17,7 +18,6 @@ import binascii
 import contextlib
 import dataclasses
 import hmac
-import io
 import json
 import logging
 import os
@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +47,7 @@ from kandinsky22.jobs import (
     check_steps,
     decoder_config,
 )
+from kandinsky22.recipe import EXTENSIONS, FORMAT_NAMES, MEDIA_TYPES, SUFFIX_FORMATS
 from kandinsky22.server.schemas import (
     ImageGenerationRequest,
     JobRequest,
@@ -54,12 +55,10 @@ from kandinsky22.server.schemas import (
     RequestError,
     generation_to_job,
     job_request_to_job,
+    output_encoding,
     parse_job_request,
 )
 from kandinsky22.server.worker import TERMINAL, JobFinished, JobOutput, JobQueue, QueueFull, RunBatch, Unavailable
-
-if TYPE_CHECKING:
-    import PIL.Image
 
 log = logging.getLogger("kandinsky22.server")
 
@@ -106,19 +105,6 @@ class ServerConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def png_bytes(image: PIL.Image.Image, recipe: dict[str, Any]) -> bytes:
-    """The PNG file :func:`kandinsky22.recipe.save_png` writes, in memory (results are served, not saved)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from kandinsky22.recipe import RECIPE_KEY
-
-    info = PngInfo()
-    info.add_itxt(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
 def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], RunBatch]:
     """A ``load()`` for the :class:`JobQueue`: builds the Engine, loads every served model, returns the runner.
 
@@ -127,7 +113,7 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
 
     def load() -> RunBatch:
         from kandinsky22.jobs import Engine, resolve_device
-        from kandinsky22.recipe import make_recipe
+        from kandinsky22.recipe import encode_image, make_recipe
 
         started = time.perf_counter()
         fast = resolve_device(config.device).type == "cuda" if config.fast is None else config.fast
@@ -192,8 +178,9 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
                     for stage, seconds in call_timings[call].items():
                         timings[stage] = timings.get(stage, 0.0) + seconds
                 recipes = [make_recipe(r.job, engine.device_name, engine.dtype_name) for r in mine]
-                pngs = [png_bytes(r.image, recipe) for r, recipe in zip(mine, recipes)]
-                outputs.append(JobOutput(pngs=pngs, seeds=[r.job.seed for r in mine], timings=timings))
+                # PNG, lossless: the queue re-encodes the images of a job that asked for JPEG or WebP.
+                pngs = [encode_image(r.image, recipe, "png") for r, recipe in zip(mine, recipes)]
+                outputs.append(JobOutput(files=pngs, seeds=[r.job.seed for r in mine], timings=timings))
             return outputs
 
         return run_batch
@@ -307,9 +294,14 @@ class BodyLimitMiddleware:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def image_url(base_url: str, job_id: str, index: int, output_format: str) -> str:
+    return f"{base_url}/v1/jobs/{job_id}/images/{index}{EXTENSIONS[output_format]}"
+
+
 def job_view(snapshot: dict[str, Any], base_url: str) -> dict[str, Any]:
     job: Job = snapshot["job"]
     url = f"{base_url}/v1/jobs/{snapshot['id']}"
+    output_format = snapshot["output_format"]
     seeds = snapshot["seeds"]
     timings = {f"{stage}_s": round(seconds, 4) for stage, seconds in snapshot["timings"].items()}
     if snapshot["started_at"] is not None:
@@ -332,6 +324,7 @@ def job_view(snapshot: dict[str, Any], base_url: str) -> dict[str, Any]:
         "prior_guidance_scale": job.prior_guidance,
         "scheduler": job.scheduler,
         "strength": job.strength,
+        "output_format": output_format,
         "seeds": seeds,
         "queue_position": snapshot["queue_position"],
         "progress": {"stage": snapshot["stage"], "stages": snapshot["stages"]},
@@ -341,7 +334,10 @@ def job_view(snapshot: dict[str, Any], base_url: str) -> dict[str, Any]:
         "finished_at": snapshot["finished_at"],
         "timings": timings,
         "cancel_requested": snapshot["cancel_requested"],
-        "images": [{"index": k, "seed": seeds[k], "url": f"{url}/images/{k}.png"} for k in range(snapshot["images"])],
+        "images": [
+            {"index": k, "seed": seeds[k], "url": image_url(base_url, snapshot["id"], k, output_format)}
+            for k in range(snapshot["images"])
+        ],
         "events_url": f"{url}/events",
         "error": None if snapshot["error"] is None else {"message": snapshot["error"], "type": "server_error"},
     }
@@ -517,7 +513,8 @@ def create_app(
 
     @app.post("/v1/images/generations", summary="OpenAI-compatible text to image (waits for the images)")
     async def generations(body: ImageGenerationRequest, request: Request) -> JSONResponse:
-        job_id = queue.submit(configured(generation_to_job(body, limits)))["id"]
+        output_format, quality = output_encoding(body)
+        job_id = queue.submit(configured(generation_to_job(body, limits)), output_format, quality)["id"]
         final = None
         async with contextlib.aclosing(changes(job_id, DISCONNECT_POLL_S)) as updates:
             async for final in updates:
@@ -527,8 +524,8 @@ def create_app(
                         queue.cancel(job_id)
                     return error_response(499, "the client went away", "cancelled")
         headers = {"X-Job-Id": job_id}
-        pngs = queue.pngs(job_id)  # now: results are dropped after their TTL or beyond --max-results
-        if final is None or (final["status"] == "succeeded" and pngs is None):
+        files = queue.files(job_id)  # now: results are dropped after their TTL or beyond --max-results
+        if final is None or (final["status"] == "succeeded" and files is None):
             message = "the results were dropped before they could be sent (raise --max-results)"
             return error_response(500, message, "server_error", headers=headers)
         if final["status"] == "cancelled":
@@ -540,9 +537,9 @@ def create_app(
         for k, seed in enumerate(final["seeds"]):
             item: dict[str, Any] = {"revised_prompt": None, "seed": seed}
             if body.response_format == "url":
-                item["url"] = f"{base}/v1/jobs/{job_id}/images/{k}.png"
+                item["url"] = image_url(base, job_id, k, output_format)
             else:
-                item["b64_json"] = base64.b64encode(pngs[k]).decode()
+                item["b64_json"] = base64.b64encode(files[k]).decode()
             data.append(item)
         return JSONResponse({"created": int(final["created_at"]), "data": data}, headers=headers)
 
@@ -566,7 +563,10 @@ def create_app(
                 raise RequestError(f"the body is not valid JSON ({err})") from err
             if not isinstance(fields, dict):
                 raise RequestError("the body must be a JSON object")
-        snapshot = queue.submit(configured(job_request_to_job(parse_job_request(fields), limits, files)))
+        job_request = parse_job_request(fields)
+        output_format, quality = output_encoding(job_request)
+        job = configured(job_request_to_job(job_request, limits, files))
+        snapshot = queue.submit(job, output_format, quality)
         view = job_view(snapshot, _base_url(request))
         return JSONResponse(view, status_code=202, headers={"Location": f"/v1/jobs/{view['id']}"})
 
@@ -611,21 +611,34 @@ def create_app(
         )
 
     @app.get(
-        "/v1/jobs/{job_id}/images/{index}.png",
-        summary="One result image: a PNG carrying its recipe in a 'kandinsky22' text chunk",
+        "/v1/jobs/{job_id}/images/{index}.{extension}",
+        summary="One result image in the job's output_format (png, jpg or webp), carrying its recipe (PNG: a "
+        "'kandinsky22' text chunk; JPEG and WebP: the Exif UserComment)",
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}},
+        responses={200: {"content": {media_type: {} for media_type in MEDIA_TYPES.values()}}},
     )
-    def job_image(job_id: str, index: int) -> Response:
+    def job_image(job_id: str, index: int, extension: str) -> Response:
         snapshot = _found(job_id, queue.get(job_id))
-        pngs = queue.pngs(job_id) or []
-        if not 0 <= index < len(pngs):
+        files = queue.files(job_id) or []
+        if not 0 <= index < len(files):
             raise RequestError(
                 f"job {job_id} has no image {index} (status {snapshot['status']}, {snapshot['images']} image(s))",
                 status=404,
                 error_type="not_found",
             )
-        return Response(pngs[index], media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        # The extension must name the stored format (.jpeg too for a JPEG): a .png URL that served JPEG bytes would
+        # mislead whatever saves it by its name.
+        output_format = snapshot["output_format"]
+        if SUFFIX_FORMATS.get(f".{extension.lower()}") != output_format:
+            url = image_url("", job_id, index, output_format)
+            raise RequestError(
+                f"job {job_id}'s images are {FORMAT_NAMES[output_format]}: its image {index} is at {url}",
+                status=404,
+                error_type="not_found",
+            )
+        return Response(
+            files[index], media_type=MEDIA_TYPES[output_format], headers={"Cache-Control": "private, max-age=3600"}
+        )
 
     return app
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kandinsky22.jobs import IMAGE_SUFFIXES, MIN_PRIOR_STEPS, SCHEDULERS, TASKS, Job, MixText, eight_bit, upright
+from kandinsky22.recipe import DEFAULT_QUALITY, check_quality
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -65,6 +66,15 @@ class _Request(BaseModel):
     guidance_scale: float = 4.0
     prior_guidance_scale: float = 4.0
     scheduler: str = Field("ddpm", description=f"One of {', '.join(SCHEDULERS)}.")
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png",
+        description="File format of the images; each carries its recipe (PNG: a text chunk; JPEG, WebP: Exif).",
+    )
+    output_compression: int | None = Field(
+        None,
+        description="jpeg and webp only: the encoder's quality, 0-100 (OpenAI's name and scale: 100 is the best "
+        f"quality and the largest file; 0 is read as 1). Default {DEFAULT_QUALITY}.",
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -217,6 +227,20 @@ def parse_job_request(fields: dict[str, Any]) -> JobRequest:
         first = err.errors()[0]
         loc = [str(part) for part in first["loc"]]
         raise RequestError(f"{'.'.join(loc) or 'body'}: {first['msg']}", param=loc[0] if loc else None) from err
+
+
+def output_encoding(req: _Request) -> tuple[str, int | None]:
+    """The request's image format and encoder quality: ``output_compression`` is the quality (0 is read as 1, the
+    lowest libjpeg takes), ``None`` for PNG."""
+    compression = req.output_compression
+    if compression is not None:
+        if not 0 <= compression <= 100:
+            raise RequestError(f"output_compression must be from 0 to 100, got {compression}", "output_compression")
+        if req.output_format == "png":
+            raise RequestError(
+                "output_compression applies to output_format jpeg and webp (png is lossless)", "output_compression"
+            )
+    return req.output_format, check_quality(req.output_format, None if compression is None else max(1, compression))
 
 
 def generation_to_job(req: ImageGenerationRequest, limits: Limits) -> Job:

@@ -7,14 +7,17 @@ steps, scheduler, guidance), up to ``max_batch`` images. Each image has its own 
 so batching never changes an image. A failed batch is retried job by job, so a request that breaks the model fails
 alone; the worker goes on either way.
 
-Finished jobs keep their PNGs in memory until ``result_ttl_s`` after they finish, and at most ``max_results`` finished
-jobs are kept (the oldest go first).
+The runner makes PNG files (recipe included); a job that asked for JPEG or WebP gets them re-encoded here, in the worker
+thread, once (:func:`kandinsky22.recipe.transcode`: the PNG is lossless, so the file is the one the image itself would
+give). Finished jobs keep their files in memory until ``result_ttl_s`` after they finish, and at most ``max_results``
+finished jobs are kept (the oldest go first).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kandinsky22.jobs import Cancelled, Job, ProgressFn
+from kandinsky22.recipe import transcode
 from kandinsky22.server.schemas import Limits
 
 log = logging.getLogger("kandinsky22.server")
@@ -35,9 +39,10 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 @dataclass
 class JobOutput:
-    """What running one job produced: PNG files (recipe chunk included), their seeds, per-stage seconds."""
+    """What running one job produced: image files with their recipes (PNGs from the runner; the queue re-encodes them
+    in the job's output format), their seeds, per-stage seconds."""
 
-    pngs: list[bytes]
+    files: list[bytes]
     seeds: list[int]
     timings: dict[str, float]
 
@@ -65,6 +70,9 @@ class JobRecord:
     id: str
     job: Job
     created_at: float
+    # How the result files are encoded (kandinsky22.recipe.encode_image): png, or jpeg/webp at a quality.
+    output_format: str = "png"
+    quality: int | None = None
     status: str = "queued"
     started_at: float | None = None
     finished_at: float | None = None
@@ -72,7 +80,7 @@ class JobRecord:
     stages: dict[str, list[int]] = field(default_factory=dict)
     stage: str | None = None
     batch_size: int | None = None  # images in the pipeline call that ran this job
-    output: JobOutput | None = None
+    output: JobOutput | None = None  # once succeeded: its files in output_format
     error: str | None = None
     cancel_requested: bool = False
     version: int = 0
@@ -87,6 +95,7 @@ class JobRecord:
             "id": self.id,
             "status": self.status,
             "job": self.job,
+            "output_format": self.output_format,
             "queue_position": queue_position,
             "created_at": self.created_at,
             "started_at": self.started_at,
@@ -95,7 +104,7 @@ class JobRecord:
             "stages": {name: {"step": s[0], "steps": s[1]} for name, s in self.stages.items()},
             "batch_size": self.batch_size,
             "seeds": self.output.seeds if self.output else [self.job.seed + i for i in range(self.images)],
-            "images": len(self.output.pngs) if self.output else 0,
+            "images": len(self.output.files) if self.output else 0,
             "timings": dict(self.output.timings) if self.output else {},
             "error": self.error,
             "cancel_requested": self.cancel_requested,
@@ -162,15 +171,23 @@ class JobQueue:
 
     # -- the HTTP side -----------------------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> dict[str, Any]:
-        """Queue a validated job (its seed drawn now, so status shows it); raises :class:`QueueFull`."""
+    def submit(self, job: Job, output_format: str = "png", quality: int | None = None) -> dict[str, Any]:
+        """Queue a validated job (its seed drawn now, so status shows it), its images to be served in
+        ``output_format`` at ``quality`` (as :func:`kandinsky22.recipe.check_quality` returns it); raises
+        :class:`QueueFull`."""
         job = job.with_seed()
         with self._cond:
             if self._stopping:
                 raise Unavailable(self.load_error or "the server is shutting down")
             if len(self._queue) >= self.limits.max_queue:
                 raise QueueFull(len(self._queue), self._retry_after())
-            record = JobRecord(id=uuid.uuid4().hex, job=job, created_at=self._clock())
+            record = JobRecord(
+                id=uuid.uuid4().hex,
+                job=job,
+                created_at=self._clock(),
+                output_format=output_format,
+                quality=quality,
+            )
             record.stages = {"prior": [0, job.prior_steps], "decoder": [0, job.steps], "decode": [0, 1]}
             self._jobs[record.id] = record
             self._queue.append(record)
@@ -184,11 +201,12 @@ class JobQueue:
             record = self._jobs.get(job_id)
             return None if record is None else record.snapshot(self._position(record))
 
-    def pngs(self, job_id: str) -> list[bytes] | None:
-        """The job's PNG files; ``None`` before it succeeded or once its results were dropped."""
+    def files(self, job_id: str) -> list[bytes] | None:
+        """The job's image files, in its output format; ``None`` before it succeeded or once its results were
+        dropped."""
         with self._cond:
             record = self._jobs.get(job_id)
-            return None if record is None or record.output is None else list(record.output.pngs)
+            return None if record is None or record.output is None else list(record.output.files)
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         """Cancel a queued job now, or a running one at its next step; ``None`` for an unknown id."""
@@ -375,17 +393,30 @@ class JobQueue:
                 self._running.remove(batch)
             return
         seconds = time.perf_counter() - started
+        # Outside the lock: re-encoding takes milliseconds per image, and the HTTP side must not wait for it.
+        encoded = [self._encode(record, output) for record, output in zip(batch, outputs)]
         with self._cond:
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
             self.batch_sizes[sum(record.images for record in batch)] += 1
-            for record, output in zip(batch, outputs):
+            for record, output, (files, error) in zip(batch, outputs, encoded):
                 if record.status in TERMINAL:
                     continue
                 if record.cancel_requested:
                     self._finish(record, "cancelled")
+                elif error is not None:
+                    self._finish(record, "failed", error)
                 else:
-                    record.output = output
-                    self.images_done += len(output.pngs)
+                    record.output = dataclasses.replace(output, files=files)  # the PNGs are dropped
+                    self.images_done += len(files)
                     self._finish(record, "succeeded")
             self._running.remove(batch)
             self._evict()
+
+    @staticmethod
+    def _encode(record: JobRecord, output: JobOutput) -> tuple[list[bytes] | None, str | None]:
+        """The job's PNGs in its output format, or why they could not be encoded (a recipe too long for a JPEG)."""
+        try:
+            return [transcode(png, record.output_format, record.quality) for png in output.files], None
+        except Exception as err:  # fails this job; raised, it would end the worker thread and stall the queue
+            log.warning("job %s: its images could not be encoded as %s: %s", record.id, record.output_format, err)
+            return None, f"{type(err).__name__}: {err}"

@@ -102,7 +102,8 @@ function addResults(job) {
     seed.textContent = `seed ${image.seed}`;
     const link = document.createElement("a");
     link.href = image.url;
-    link.download = `kandinsky22-${image.seed}.png`;
+    // The URL ends in the job's format's suffix (.png, .jpg, .webp): the saved file keeps it.
+    link.download = `kandinsky22-${image.seed}.${image.url.split(".").pop()}`;
     link.textContent = "download";
     caption.append(prompt, seed, link);
     figure.append(img, caption);
@@ -148,7 +149,12 @@ async function generate(event) {
   event.preventDefault();
   showError("");
   const form = new FormData($("generate-form"));
-  const request = { task: "text2img", prompt: form.get("prompt"), scheduler: form.get("scheduler") };
+  const request = {
+    task: "text2img",
+    prompt: form.get("prompt"),
+    scheduler: form.get("scheduler"),
+    output_format: form.get("output_format"),
+  };
   if (form.get("negative_prompt")) {
     request.negative_prompt = form.get("negative_prompt");
   }
