@@ -258,6 +258,25 @@ def test_jpeg_and_webp_files_and_a_change_of_format_or_quality_redoes_the_jobs(
         run(jobs, png_out, tiny_repos, engine, quality=80)
 
 
+def test_a_run_in_another_format_keeps_the_lines_of_the_jobs_it_did_not_redo(
+    tiny_repos: dict[str, Path], engine: UnitRunner, tmp_path: Path
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job_line(1), job_line(2)])
+    out = tmp_path / "out"
+    assert run(jobs, out, tiny_repos, engine).done == 2
+    # A JPEG run cut short by --limit redoes job 1 only: job 2's PNG line still describes its file.
+    summary = run(jobs, out, tiny_repos, engine, output_format="jpeg", limit=1)
+    assert (summary.done, summary.skipped) == (1, 0)
+    assert sorted((record["id"], record["files"][0]) for record in manifest(out)) == [
+        ("000001", "000001-0.jpg"),
+        ("000002", "000002-0.png"),
+    ]
+    # Back to PNG: only job 1 (now listed as JPEG) is redone.
+    summary = run(jobs, out, tiny_repos, engine)
+    assert (summary.done, summary.skipped) == (1, 1)
+    assert sorted(record["files"][0] for record in manifest(out)) == ["000001-0.png", "000002-0.png"]
+
+
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(

@@ -12,7 +12,8 @@ fields (``spec``, a fingerprint) at the same quality (a run in another format na
 jobs). A re-run skips complete jobs and redoes the others, failed ones included. Files are
 written under a temporary name and renamed, and the manifest line comes after the files, so an interrupted run leaves
 each job complete or to be redone, never a half-written image listed as done. A re-run first rewrites the manifest
-with the complete lines only, so every job has at most one line.
+with the complete lines only, so every job has at most one line; the line of a job made in another format or at
+another quality comes back at the end of the run if the run did not redo that job (``--limit``, an interruption).
 
 Seeds: a job without a seed gets one drawn here, once, before any work is handed out, so a worker that crashes and is
 retried remakes the same image. The manifest and each image's recipe record it.
@@ -267,29 +268,34 @@ def is_complete(record: dict[str, Any], out_dir: Path) -> bool:
 
 def plan(
     entries: list[BatchJob], out_dir: Path, quality: int | None = None
-) -> tuple[list[dict[str, Any]], list[BatchJob]]:
-    """The manifest lines to keep (complete jobs) and the jobs to run, in file order.
+) -> tuple[list[dict[str, Any]], list[BatchJob], dict[str, dict[str, Any]]]:
+    """The manifest lines to keep (complete jobs), the jobs to run, in file order, and the complete lines of jobs to
+    run that were made in another format or at another quality (by job id).
 
     A complete line of a job whose fields, files (their format) or ``quality`` changed since (or whose line is no
     longer valid) is dropped and the job is redone; complete lines of ids that are no longer in the jobs file are kept
-    (their files are still there).
+    (their files are still there). A line of the same job fields in another format or at another quality still
+    describes files on disk: the run puts it back when it ends without having redone that job (``--limit``, an
+    interruption), so that going back to that format skips the job.
     """
     current = {entry.id: entry for entry in reversed(entries)}  # a repeated id: the first line is the job
-    keep = {
-        job_id: record
-        for job_id, record in read_manifest(out_dir).items()
-        if is_complete(record, out_dir)
-        and (
-            job_id not in current
-            or (
-                record.get("spec") == current[job_id].spec
-                and record["files"] == current[job_id].files
+    keep: dict[str, dict[str, Any]] = {}
+    other_format: dict[str, dict[str, Any]] = {}
+    for job_id, record in read_manifest(out_dir).items():
+        if not is_complete(record, out_dir):
+            continue
+        if job_id not in current:
+            keep[job_id] = record
+        elif record.get("spec") == current[job_id].spec:
+            if (
+                record["files"] == current[job_id].files
                 and record.get("quality") == quality  # absent from PNG lines of earlier versions: None
-            )
-        )
-    }
+            ):
+                keep[job_id] = record
+            else:
+                other_format[job_id] = record
     todo = [entry for entry in entries if entry.job is not None and entry.id not in keep]
-    return list(keep.values()), todo
+    return list(keep.values()), todo, other_format
 
 
 def make_units(
@@ -429,7 +435,7 @@ def run_batch(
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(PARTIAL_PREFIX + "*"):
         leftover.unlink()
-    keep, todo = plan(entries, out, quality)
+    keep, todo, other_format = plan(entries, out, quality)
     skipped = sum(1 for entry in entries if entry.job is not None) - len(todo)
     todo = todo[:limit] if limit is not None else todo
     invalid = [entry for entry in entries if entry.job is None]
@@ -448,6 +454,10 @@ def run_batch(
                     if on_image is not None:
                         on_image(arrived, total)
     finally:
+        finished = collector.entries.keys() - collector.results.keys()
+        for job_id, record in other_format.items():
+            if job_id not in finished:  # not redone in this run (--limit, an interruption): its files stay listed
+                manifest.append(record)
         manifest.close()
     missing = [entry.id for entry in todo if entry.id in collector.results]
     if missing:

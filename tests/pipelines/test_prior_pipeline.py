@@ -337,3 +337,12 @@ def test_emb2emb_input_errors(emb2emb, kwargs, match):
     kwargs = {"prompt": "horse", "image": picture(0), "num_inference_steps": 4, "strength": 0.5, **kwargs}
     with pytest.raises(ValueError, match=match):
         emb2emb[0](**kwargs)
+
+
+def test_a_long_prompt_is_named_by_its_start_in_the_truncation_warning(our_prior, caplog):
+    prompt = "a red cat on a blue mat " * 400
+    with caplog.at_level("WARNING", logger="kandinsky22.pipelines.prior"):
+        our_prior(prompt, num_inference_steps=2, generator=gen())
+    [message] = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert f"{len(prompt)} characters" in message
+    assert len(message) < 300

@@ -85,7 +85,15 @@ class _PriorBase(GuidedLoop, Pipeline):
         untruncated = self.tokenizer(texts, truncation=False)["input_ids"]
         for text, ids in zip(texts, untruncated):
             if len(ids) > max_length:
-                logger.warning("The prompt %r is longer than CLIP's %d tokens and was truncated", text, max_length)
+                # The start only: a prompt of tens of thousands of characters would fill the terminal.
+                shown = text if len(text) <= 120 else text[:120] + "…"
+                logger.warning(
+                    "The prompt %r (%d characters, %d tokens) is longer than CLIP's %d tokens and was truncated",
+                    shown,
+                    len(text),
+                    len(ids),
+                    max_length,
+                )
         # The reference runs the text tower without the padding mask (CLIP's causal mask only).
         out = text_encoder(tokens.input_ids.to(device))
         dtype = self.prior.dtype
