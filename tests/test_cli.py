@@ -221,6 +221,22 @@ def test_from_png_runs_in_the_recorded_dtype(tiny: dict[str, str], tmp_path: Pat
     assert read_recipe(tmp_path / "fp32.png")["dtype"] == "fp32"
 
 
+def test_a_recipe_too_long_for_a_jpeg_is_refused_before_the_models_load(tiny: dict[str, str], tmp_path: Path) -> None:
+    """A JPEG's Exif holds 64 KiB: a 40,000-character prompt (80 kB in UTF-16) was refused only when the image was
+    written, after the whole run. WebP takes it."""
+    prompt = "a red cat " * 4000
+    refused = run("generate", prompt, *FAST, "-o", "long.jpg", *models(tiny), cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert "--out (JPEG): the recipe takes" in refused.stderr and "more than a JPEG holds" in refused.stderr
+    assert "loading" not in refused.stderr and not (tmp_path / "long.jpg").exists()
+    ok(
+        run(
+            "generate", prompt, *FAST, "--width", "64", "--height", "64", "-o", "long.webp", *models(tiny), cwd=tmp_path
+        )
+    )
+    assert read_recipe(tmp_path / "long.webp")["prompt"] == prompt
+
+
 def test_jpeg_and_webp_outputs_carry_the_recipe_that_remakes_them(tiny: dict[str, str], tmp_path: Path) -> None:
     """-o cat.JPG writes a JPEG holding the recipe; --from-png on it re-makes the job into a folder as WebP, and
     --from-image on that WebP re-makes it as PNG. JPEG and WebP are lossy, so the recipes and jobs are compared; the

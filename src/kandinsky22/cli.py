@@ -665,6 +665,21 @@ def apply_compile_cache(args: argparse.Namespace) -> None:
         raise UsageError(f"--compile-cache: {err}") from None
 
 
+def _check_recipes_fit(jobs: list[Job], output_format: str | None) -> None:
+    """Each image's recipe must fit its file (a JPEG's Exif holds 64 KiB: a prompt of tens of thousands of characters
+    does not), checked before the models run instead of when the image is written. The device and dtype are recorded
+    only then: the longest names stand in for them."""
+    if output_format != "jpeg":  # the only format with a limit
+        return
+    from kandinsky22.recipe import check_fits, make_recipe
+
+    for job in jobs:
+        try:
+            check_fits(make_recipe(job, device="cuda:99", dtype="bf16"), output_format)
+        except ValueError as err:
+            raise UsageError(f"--out (JPEG): {err}") from None
+
+
 def _run_jobs(args: argparse.Namespace) -> int:
     apply_compile_cache(args)
     if args.compile_scope is not None and not args.fast:
@@ -674,6 +689,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
     singles = [single for _, job in sources for single in job.expand()]
     paths = plan_outputs(args.out, singles, args.overwrite, args.format, args.quality)
     output_format = format_of(paths[0])
+    _check_recipes_fit(singles, output_format)
     _check_decoders(sources)  # after the checks that need no torch: a sampler's schedule needs it
     if recipe is not None:
         from kandinsky22.recipe import changed_inputs

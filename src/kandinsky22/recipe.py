@@ -131,13 +131,25 @@ def encode_image(
         image.save(buffer, format="PNG", pnginfo=info)
         return buffer.getvalue()
     exif = _exif_with_comment(text)
-    if output_format == "jpeg" and len(exif) > _MAX_JPEG_EXIF:
-        raise ValueError(
-            f"the recipe takes {len(exif)} bytes of Exif, more than a JPEG holds ({_MAX_JPEG_EXIF}); "
-            "write a PNG or WebP file instead"
-        )
+    if output_format == "jpeg":
+        _check_jpeg_exif(len(exif))
     image.save(buffer, format=output_format.upper(), quality=quality, exif=exif)
     return buffer.getvalue()
+
+
+def check_fits(recipe: dict[str, Any], output_format: str) -> None:
+    """Raise ``ValueError`` when ``recipe`` is too long for ``output_format`` (a JPEG's Exif segment holds 64 KiB;
+    WebP and PNG have no such limit): to refuse a job before it runs rather than when its image is written."""
+    if output_format == "jpeg":
+        _check_jpeg_exif(len(_exif_with_comment(json.dumps(recipe, ensure_ascii=False, sort_keys=True))))
+
+
+def _check_jpeg_exif(size: int) -> None:
+    if size > _MAX_JPEG_EXIF:
+        raise ValueError(
+            f"the recipe takes {size} bytes of Exif, more than a JPEG holds ({_MAX_JPEG_EXIF}); write a PNG or WebP "
+            "file instead"
+        )
 
 
 def _exif_with_comment(text: str) -> bytes:
