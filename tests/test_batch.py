@@ -358,3 +358,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path) -> None
     jobs.write_bytes(b"\xef\xbb\xbf" + (json.dumps(job_line(1)) + "\n").encode())
     (entry,) = read_jobs(jobs)
     assert entry.error is None and entry.job.prompt == "a red cat 1"
+
+
+def test_a_recipe_too_long_for_a_jpeg_fails_its_line_when_the_file_is_read(tmp_path: Path) -> None:
+    """A JPEG's Exif holds 64 KiB of recipe: the line failed only once its image had been made. WebP takes it."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{**job_line(1), "prompt": "a red cat " * 4000}, job_line(2)])
+    long, short = read_jobs(jobs, output_format="jpeg")
+    assert long.error.startswith("line 1: the recipe takes") and "more than a JPEG holds" in long.error
+    assert short.error is None
+    assert [entry.error for entry in read_jobs(jobs, output_format="webp")] == [None, None]

@@ -50,7 +50,7 @@ from kandinsky22.jobs import (
     image_size,
     mix_item_kind,
 )
-from kandinsky22.recipe import EXTENSIONS, check_quality
+from kandinsky22.recipe import EXTENSIONS, check_job_fits, check_quality
 
 MANIFEST = "manifest.jsonl"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -153,7 +153,7 @@ def read_jobs(
         text = text.strip()
         if not text or text.startswith("#"):
             continue
-        entry = _read_line(text, number, prior, decoders or {})
+        entry = _read_line(text, number, prior, decoders or {}, output_format)
         if entry.id in used:
             entry = BatchJob(
                 entry.id, number, error=f"line {number}: id {entry.id!r} is already used by line {used[entry.id]}"
@@ -165,7 +165,9 @@ def read_jobs(
     return entries
 
 
-def _read_line(text: str, number: int, prior: str | None, decoders: dict[str, str]) -> BatchJob:
+def _read_line(
+    text: str, number: int, prior: str | None, decoders: dict[str, str], output_format: str = "png"
+) -> BatchJob:
     default_id = f"{number:06d}"
     try:
         fields = json.loads(text)
@@ -194,6 +196,7 @@ def _read_line(text: str, number: int, prior: str | None, decoders: dict[str, st
         _check_inputs(job)
         job = job.resolved()
         check_decoder(job)  # its kind and its steps, from its config files (a folder, or a hub id in the cache)
+        check_job_fits(job, output_format)  # a JPEG's Exif holds 64 KiB of recipe
     except (TypeError, ValueError, FileNotFoundError) as err:
         return BatchJob(job_id, number, error=f"line {number}: {err}")
     # The fingerprint leaves out a seed drawn here, so that an unseeded job stays the same job across runs.

@@ -666,16 +666,14 @@ def apply_compile_cache(args: argparse.Namespace) -> None:
 
 
 def _check_recipes_fit(jobs: list[Job], output_format: str | None) -> None:
-    """Each image's recipe must fit its file (a JPEG's Exif holds 64 KiB: a prompt of tens of thousands of characters
-    does not), checked before the models run instead of when the image is written. The device and dtype are recorded
-    only then: the longest names stand in for them."""
+    """Each image's recipe must fit its file (:func:`kandinsky22.recipe.check_job_fits`), before the models run."""
     if output_format != "jpeg":  # the only format with a limit
         return
-    from kandinsky22.recipe import check_fits, make_recipe
+    from kandinsky22.recipe import check_job_fits
 
     for job in jobs:
         try:
-            check_fits(make_recipe(job, device="cuda:99", dtype="bf16"), output_format)
+            check_job_fits(job, output_format)
         except ValueError as err:
             raise UsageError(f"--out (JPEG): {err}") from None
 

@@ -137,10 +137,13 @@ def encode_image(
     return buffer.getvalue()
 
 
-def check_fits(recipe: dict[str, Any], output_format: str) -> None:
-    """Raise ``ValueError`` when ``recipe`` is too long for ``output_format`` (a JPEG's Exif segment holds 64 KiB;
-    WebP and PNG have no such limit): to refuse a job before it runs rather than when its image is written."""
+def check_job_fits(job: Job, output_format: str) -> None:
+    """Raise ``ValueError`` when the recipe of ``job``'s images is too long for ``output_format`` (a JPEG's Exif
+    segment holds 64 KiB, a prompt of tens of thousands of characters does not; WebP and PNG have no such limit): to
+    refuse a job before it runs rather than when its image is written. The device and dtype are recorded only then:
+    the longest names stand in for them."""
     if output_format == "jpeg":
+        recipe = make_recipe(job, device="cuda:99", dtype="bf16")
         _check_jpeg_exif(len(_exif_with_comment(json.dumps(recipe, ensure_ascii=False, sort_keys=True))))
 
 
