@@ -170,7 +170,7 @@ def test_callback_on_step_end_sees_and_replaces_mask(ours):
 
 def test_inpaint_with_a_sigma_scheduler_renoises_the_kept_region_at_each_steps_level(ours):
     """After step i the kept region holds the image latents plus the start noise at step i + 1's level: x₀ + σ·ε for
-    Euler, with ε the unit noise drawn from the generator. The reference adds its start latents, ε·σ_max, there."""
+    Euler, with ε the unit noise drawn from the generator. The reference adds its start latents there, ε times init_noise_sigma."""
     from kandinsky22 import EulerDiscreteScheduler
     from kandinsky22.schedulers.noise import randn_tensor
 
@@ -187,7 +187,7 @@ def test_inpaint_with_a_sigma_scheduler_renoises_the_kept_region_at_each_steps_l
          callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents", "masked_image", "mask_image"])  # fmt: skip
     noise = randn_tensor((1, 4, 32, 32), generator=_seed())  # the generator's first draw: the start noise
     sigmas = pipe.scheduler.sigmas
-    assert pipe.scheduler.init_noise_sigma > 4  # σ_max of a 3-step run: the reference's kept region is that noisy
+    assert pipe.scheduler.init_noise_sigma > 4  # of a 3-step run: the reference's kept region is that much too noisy
     for i, (difference, keep) in enumerate(kept[:-1]):
         assert keep.sum() > 100
         assert (difference - noise * keep * float(sigmas[i + 1])).abs().max() < 1e-5

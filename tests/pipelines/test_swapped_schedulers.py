@@ -8,7 +8,7 @@ rest can be compared:
 * it never calls ``scale_model_input``, so Euler's UNet inputs are ~σ times too large
   (``test_text2img_pipeline.test_a_sigma_scheduler_gets_its_model_input_scaled``);
 * it passes ``generator`` to every ``scheduler.step``, and UniPC's takes none: a TypeError at the first step;
-* its inpaint re-noises the kept region with the start latents, which a σ scheduler has multiplied by σ_max
+* its inpaint re-noises the kept region with the start latents, which a σ scheduler has multiplied by its init_noise_sigma
   (``test_inpaint_with_a_sigma_scheduler_renoises_the_kept_region_at_each_steps_level``).
 
 Compared as latents, relative to their size: without clipping the tiny random UNet drives them to ~100 and float32
@@ -117,7 +117,7 @@ def _with_our_fixes(ref) -> torch.utils.hooks.RemovableHandle:
         ref.scheduler.step = lambda *args, generator=None, **kwargs: step(*args, **kwargs)
     if type(ref).__name__ == "KandinskyV22InpaintPipeline":
         # Our inpaint re-noises the kept region with unit noise; the reference passes its start latents, which are
-        # times init_noise_sigma (σ_max for Euler, 1 for the DDPM family)
+        # times init_noise_sigma (about σ_max for Euler, 1 for the DDPM family)
         add_noise = ref.scheduler.add_noise
         ref.scheduler.add_noise = lambda x, noise, t: add_noise(x, noise / ref.scheduler.init_noise_sigma, t)
     return ref.unet.register_forward_pre_hook(scale_latent_channels, with_kwargs=True)
