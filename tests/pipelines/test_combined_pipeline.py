@@ -179,29 +179,15 @@ def test_components_are_shared_and_replaceable(combined, our_decoder):
     ],
 )
 def test_combined_input_errors_come_before_the_prior_runs(combined, kwargs, match):
-    ours, _ = combined
-    calls = []
-    handle = ours.prior_prior.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        with pytest.raises(ValueError, match=match):
-            ours(**{"prompt": "horse", **FAST, **kwargs})
-    finally:
-        handle.remove()
-    assert not calls
+    _raises_before_the_prior_runs(combined[0], ValueError, match, **kwargs)
 
 
 def test_img2img_combined_checks_strength_before_the_prior_runs(combined):
     img2img = KandinskyV22Img2ImgCombinedPipeline(**combined[0].components)
-    calls = []
-    handle = img2img.prior_prior.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        with pytest.raises(ValueError, match="strength"):
-            img2img("horse", picture(0), strength=0.3, **FAST)  # int(2 * 0.3) = 0 steps
-        with pytest.raises(ValueError, match="latents"):
-            img2img("horse", picture(0), strength=1.0, latents=torch.zeros(1, 4, 32, 32), **FAST)
-    finally:
-        handle.remove()
-    assert not calls
+    # int(2 * 0.3) = 0 steps
+    _raises_before_the_prior_runs(img2img, ValueError, "strength", image=picture(0), strength=0.3)
+    latents = torch.zeros(1, 4, 32, 32)
+    _raises_before_the_prior_runs(img2img, ValueError, "latents", image=picture(0), strength=1.0, latents=latents)
 
 
 def _raises_before_the_prior_runs(pipe, error: type[Exception], match: str, **kwargs) -> None:
