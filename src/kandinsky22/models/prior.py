@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import Config, ModelMixin, ModelOutput
+from ..lora import LoraModelMixin
 from .layers import FusibleProjections
 
 MASK_VALUE = -10000.0  # the reference's additive mask value (not -inf), kept for bit-compatible attention
@@ -149,9 +150,10 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x)), k, v
 
 
-class PriorTransformer(ModelMixin):
+class PriorTransformer(LoraModelMixin, ModelMixin):
     """Predicts the clean (normalized) CLIP image embedding from x_t, the timestep and the text encoder outputs."""
 
+    _lora_target = "prior"
     config_defaults: ClassVar[dict[str, Any]] = {
         "num_attention_heads": 32,
         "attention_head_dim": 64,

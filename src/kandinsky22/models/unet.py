@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kandinsky22.loading import ModelMixin, ModelOutput
+from kandinsky22.lora import LoraModelMixin
 from kandinsky22.models.layers import AddedKVAttention, ContextKV, ResnetBlock2D, TimestepEmbedding, Timesteps
 from kandinsky22.models.norms import norm_act
 
@@ -321,7 +322,7 @@ class UpBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(LoraModelMixin, ModelMixin):
     """Decoder UNet of Kandinsky 2.2 (text2img / img2img: 4 input channels; inpaint: 9; controlnet-depth: 8).
 
     Builds any number of levels from the reference's config keys; values outside this family raise ``ValueError``.
@@ -329,6 +330,7 @@ class UNet2DConditionModel(ModelMixin):
 
     # Every key the reference writes to config.json, with the reference's default: a key missing from a file means
     # this value for both libraries. Several defaults (SD-style blocks) are outside this family on purpose.
+    _lora_target = "unet"
     config_defaults: ClassVar[dict[str, Any]] = {
         "sample_size": None,
         "in_channels": 4,

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kandinsky22 import fast, loading
+from kandinsky22.lora import LoraPipelineMixin
 from kandinsky22.models.movq import VQModel
 from kandinsky22.models.unet import UNet2DConditionModel
 
@@ -251,7 +252,7 @@ def offload_device(gpu_id: int | None, device: torch.device | str | None) -> tor
 CHANNELS_LAST_DEVICES = {"cuda"}
 
 
-class Pipeline:
+class Pipeline(LoraPipelineMixin):
     """Components by name, ``from_pretrained`` / ``save_pretrained``, ``to``, offloading and the progress bar.
 
     A subclass lists its components in ``component_names`` (the reference's constructor order) and calls
