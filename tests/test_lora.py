@@ -263,6 +263,7 @@ def test_errors_name_what_is_wrong(adapter, tmp_path):
         "not in the Kandinsky 2.2 unet": {k.replace("down_blocks.1.", "up_blocks.9."): v for k, v in adapter.items()},
         "do not fit": {k: torch.cat([v, v], dim=-1) if k.endswith("lora_A.weight") else v for k, v in adapter.items()},
         "has no up (lora_B) weight": {k: v for k, v in adapter.items() if "lora_B" not in k},
+        "adapters of biases": {**adapter, "down_blocks.1.attentions.0.to_q.lora_B.bias": torch.ones(32)},
         "DoRA": {**adapter, "down_blocks.1.attentions.0.to_q.lora_magnitude_vector": torch.ones(32)},
         "text encoder": {**adapter, "text_encoder.text_model.encoder.layers.0.q_proj.lora_A.weight": torch.ones(4, 32)},
         "not a LoRA weight": {"down_blocks.1.attentions.0.to_q.weight": torch.ones(32, 32)},
@@ -298,3 +299,18 @@ def test_errors_name_what_is_wrong(adapter, tmp_path):
         ours.load_lora_adapter(tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="unknown LoRA loading options"):
         ours.load_lora_adapter(tmp_path / "broken.safetensors", revisoin="main")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_convolution_adapters_in_either_layout(unets, tmp_path, layout):
+    """peft's Conv2d LoRA (down: a k×k convolution to the rank, up: 1×1), saved kohya style, on a UNet laid out as
+    the pipelines lay it out on CUDA."""
+    reference, ours = unets
+    add_adapter(reference, "c", seed=20, rank=3, alpha=6, modules=["conv1", "conv_shortcut", "to_q"])
+    save_file(as_format(peft_tensors(reference, "c"), "kohya", alpha=6), str(tmp_path / "locon.safetensors"))
+    if layout == "channels_last":
+        ours.to(memory_format=torch.channels_last)
+    ours.load_lora_adapter(tmp_path / "locon.safetensors")
+    assert any(v.dim() == 4 for k, v in peft_tensors(reference, "c").items())
+    got, expected = unet_outputs(reference, ours)
+    assert (got - expected).abs().max() < TOL

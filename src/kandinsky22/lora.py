@@ -68,7 +68,7 @@ _ALPHA_KEY = re.compile(r"^(?P<module>.+)\.alpha$")
 
 @dataclasses.dataclass
 class LoraLayer:
-    """One adapted weight: ``delta = scale · up @ down``, shaped like the weight."""
+    """One adapted weight's adapter: it adds ``scale · up @ down`` (reshaped like the weight)."""
 
     down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
@@ -78,10 +78,11 @@ class LoraLayer:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        up = self.up.to(device, torch.float32).flatten(1)  # (out, rank)
-        down = self.down.to(device, torch.float32).flatten(1)  # (rank, in · kh · kw)
-        return (up @ down).mul_(self.scale).reshape(shape)
+    def add_to(self, merged: torch.Tensor, weight: float) -> None:
+        """``merged += weight · scale · up @ down``, in place (``merged``: float32, shaped like the adapted weight)."""
+        up = self.up.to(merged.device, torch.float32).flatten(1)  # (out, rank)
+        down = self.down.to(merged.device, torch.float32).flatten(1)  # (rank, in · kh · kw)
+        merged.view(merged.shape[0], -1).addmm_(up, down, alpha=weight * self.scale)
 
 
 @dataclasses.dataclass
@@ -207,6 +208,8 @@ def split_by_target(state: Mapping[str, torch.Tensor], source: str) -> dict[str 
     for key, tensor in state.items():
         if "lora_magnitude_vector" in key:
             raise ValueError(f"LoRA {source}: DoRA adapters ({key!r}) are not supported")
+        if re.search(r"\.lora(_B|_up|\.up)\.bias$", key):
+            raise ValueError(f"LoRA {source}: adapters of biases ({key!r}) are not supported")
         if key.startswith(_TEXT_ENCODER_PREFIXES):
             raise ValueError(
                 f"LoRA {source} adapts a text encoder ({key!r}): only the decoder UNet and the prior take adapters "
@@ -415,9 +418,9 @@ def apply(model: nn.Module) -> None:
             if not any(name in adapter.layers for adapter in state.adapters.values()):
                 del state.originals[name]
             continue
-        merged = original.to(view.device, torch.float32, copy=True)
+        merged = original.to(view.device, torch.float32, memory_format=torch.contiguous_format, copy=True)
         for layer, weight in terms:
-            merged.add_(layer.delta(view.shape, view.device), alpha=weight)
+            layer.add_to(merged, weight)
         view.copy_(merged)
 
 
