@@ -314,3 +314,18 @@ def test_convolution_adapters_in_either_layout(unets, tmp_path, layout):
     assert any(v.dim() == 4 for k, v in peft_tensors(reference, "c").items())
     got, expected = unet_outputs(reference, ours)
     assert (got - expected).abs().max() < TOL
+
+
+def test_prefix_picks_this_models_keys_from_a_pipelines_file(unets):
+    reference, ours = unets
+    add_adapter(reference, "a", seed=21, alpha=4)
+    tensors = {f"unet.{k}": v for k, v in peft_tensors(reference, "a").items()}
+    tensors["prior.transformer_blocks.0.attn1.to_q.lora_A.weight"] = torch.ones(2, 24)
+    tensors["prior.transformer_blocks.0.attn1.to_q.lora_B.weight"] = torch.ones(24, 2)
+    with pytest.raises(ValueError, match="adapts the prior, not this unet"):
+        ours.load_lora_adapter(tensors)
+    with pytest.raises(ValueError, match="no keys under prefix='transformer'"):
+        ours.load_lora_adapter(tensors, prefix="transformer")
+    ours.load_lora_adapter(tensors, prefix="unet")
+    got, expected = unet_outputs(reference, ours)
+    assert (got - expected).abs().max() < TOL

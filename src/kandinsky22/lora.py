@@ -483,13 +483,20 @@ class LoraModelMixin:
         adapter_name: str | None = None,
         weight_name: str | None = None,
         subfolder: str | None = None,
+        prefix: str | None = None,
         **hub_kwargs: Any,
     ) -> str:
         """Load a LoRA file, folder, hub repository or state dict into this model (see ``kandinsky22.lora``);
-        returns the adapter's name (``default_<n>`` unless given)."""
+        returns the adapter's name (``default_<n>`` unless given). ``prefix``: take only the keys under it (e.g.
+        "unet" in a file for a whole pipeline); by default, those of this model, prefixed or not."""
         tensors, settings, source = read_lora(
             pretrained_model_name_or_path_or_dict, weight_name, subfolder, **hub_kwargs
         )
+        if prefix:
+            start = f"{prefix.rstrip('.')}."
+            tensors = {key[len(start) :]: value for key, value in tensors.items() if key.startswith(start)}
+            if not tensors:
+                raise ValueError(f"LoRA {source} has no keys under prefix={prefix!r}")
         grouped = split_by_target(tensors, source)
         others = sorted(t for t in grouped if t is not None and t != self._lora_target)
         if others:

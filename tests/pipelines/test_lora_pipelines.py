@@ -15,9 +15,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import test_unet  # noqa: E402
+from graph_standin import fast_path_as_on_cuda  # noqa: E402
 from test_lora import PRIOR_MODULES, TOL, add_adapter, peft_tensors  # noqa: E402
 
 from kandinsky22 import KandinskyV22CombinedPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline  # noqa: E402
+from kandinsky22.fast import CudaGraphCall  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -114,9 +116,11 @@ def test_a_lora_for_a_model_the_pipeline_lacks_is_refused(decoder_repo, prior_re
 
 
 @pytest.mark.parametrize("scope", ["blocks", "none"])
-def test_adapters_changed_after_the_fast_path_reach_its_compiled_models(decoder_repo, scope):
-    """Loaded, reweighted and unloaded after ``enable_fast_path``: the compiled blocks and the fused projections read
-    the merged weights in place (aot_eager traces as Inductor would, without generating code)."""
+def test_adapters_changed_after_the_fast_path_reach_its_compiled_models(decoder_repo, scope, monkeypatch):
+    """Loaded, reweighted and unloaded after ``enable_fast_path``: the compiled blocks, the fused projections and the
+    CUDA graphs (the CPU stand-in here) read the merged weights in place (aot_eager traces as Inductor would, without
+    generating code). A real CUDA graph replays the addresses it captured: no parameter may move."""
+    fast_path_as_on_cuda(monkeypatch)
     reference = test_unet.build_reference(test_unet.TINY)
     add_adapter(reference, "a", seed=19)
     adapter = peft_tensors(reference, "a")
@@ -138,6 +142,8 @@ def test_adapters_changed_after_the_fast_path_reach_its_compiled_models(decoder_
         ).images
 
     base = image(fast)
+    addresses = {name: p.data_ptr() for name, p in fast.unet.named_parameters()}
+    assert isinstance(fast.unet._compiled_call_impl, CudaGraphCall)
     for pipe in (eager, fast):
         pipe.load_lora_weights(adapter)
     assert np.abs(image(fast) - image(eager)).max() < TOL
@@ -147,3 +153,4 @@ def test_adapters_changed_after_the_fast_path_reach_its_compiled_models(decoder_
     assert np.abs(image(fast) - image(eager)).max() < TOL
     fast.unload_lora_weights()
     assert np.abs(image(fast) - base).max() == 0
+    assert {name: p.data_ptr() for name, p in fast.unet.named_parameters()} == addresses
