@@ -74,10 +74,6 @@ class LoraLayer:
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
     scale: float
 
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
     def add_to(self, merged: torch.Tensor, weight: float) -> None:
         """``merged += weight · scale · up @ down``, in place (``merged``: float32, shaped like the adapted weight)."""
         up = self.up.to(merged.device, torch.float32).flatten(1)  # (out, rank)
@@ -114,7 +110,14 @@ def read_lora(
     **hub_kwargs: Any,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """The state dict of a LoRA file, folder or hub repository (or a dict, as it is), the adapter settings found
-    beside it (peft's ``adapter_config.json`` or the file's ``lora_adapter_metadata``) and a name for messages."""
+    beside it (peft's ``adapter_config.json`` or the file's ``lora_adapter_metadata``; by target model, "" for all)
+    and a name for messages."""
+    unknown = sorted(k for k in hub_kwargs if k not in loading.HUB_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown LoRA loading options {unknown}; the options are weight_name, subfolder, "
+            f"{', '.join(loading.HUB_OPTIONS)}"
+        )
     if isinstance(source, Mapping):
         state = dict(source)
         if not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -122,12 +125,6 @@ def read_lora(
         return state, {}, "<state dict>"
     if not isinstance(source, (str, Path)):
         raise ValueError(f"a LoRA is a file, a folder, a hub id or a state dict; got {type(source).__name__}")
-    unknown = sorted(k for k in hub_kwargs if k not in loading.HUB_OPTIONS)
-    if unknown:
-        raise ValueError(
-            f"unknown LoRA loading options {unknown}; the options are weight_name, subfolder, "
-            f"{', '.join(loading.HUB_OPTIONS)}"
-        )
     path = Path(source).expanduser()
     if path.is_file():
         file = path
@@ -151,10 +148,10 @@ def read_lora(
         raise ValueError(f"LoRA file {str(file)!r} cannot be read: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"LoRA file {str(file)!r} does not hold a state dict of tensors")
-    settings: dict[str, Any] = {}
+    settings: dict[str, dict[str, Any]] = {}
     config = file.parent / PEFT_CONFIG
     if config.is_file():
-        settings = loading.read_json(config)
+        settings = {"": loading.read_json(config)}
     elif "lora_adapter_metadata" in metadata:
         settings = _lora_metadata(metadata["lora_adapter_metadata"], file)
     return state, settings, str(file)
@@ -178,15 +175,24 @@ def _find_lora_file(folder: Path, weight_name: str | None) -> Path:
     )
 
 
-def _lora_metadata(text: str, file: Path) -> dict[str, Any]:
-    # diffusers writes one JSON object per model, keyed "unet.lora_alpha", … (or the peft config itself)
+def _lora_metadata(text: str, file: Path) -> dict[str, dict[str, Any]]:
+    """The peft settings diffusers writes into a file: one model's config as it is, or a pipeline's, each model's
+    under its prefix ("unet.lora_alpha", …)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         raise ValueError(f"LoRA file {str(file)!r}: its lora_adapter_metadata is not JSON") from None
     if not isinstance(data, dict):
         return {}
-    return {key.rsplit(".", 1)[-1] if key.split(".", 1)[0] in TARGETS else key: v for key, v in data.items()}
+    settings: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        prefix, _, name = key.partition(".")
+        target = _PREFIXES.get(f"{prefix}.")
+        if target and name:
+            settings.setdefault(target, {})[name] = value
+        else:
+            settings.setdefault("", {})[key] = value
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -299,9 +305,11 @@ def _weight_view(entry: tuple[nn.Module, str, slice | None]) -> torch.Tensor:
 
 
 def resolve_layers(
-    model: nn.Module, parts: Mapping[str, _Parts], settings: Mapping[str, Any], source: str, target: str
+    model: nn.Module, parts: Mapping[str, _Parts], all_settings: Mapping[str, Any], source: str, target: str
 ) -> dict[str, LoraLayer]:
-    """Check each module's LoRA against ``model``'s weight and make its layer (with its scale)."""
+    """Check each module's LoRA against ``model``'s weight and make its layer, with its scale from its alpha key or
+    from ``all_settings`` (``read_lora``'s: the ``target``'s, else those for every model)."""
+    settings = all_settings.get(target) or all_settings.get("") or {}
     weights = adaptable_weights(model)
     kohya = {name.replace(".", "_"): name for name in weights}
     layers: dict[str, LoraLayer] = {}

@@ -58,10 +58,9 @@ def test_combined_pipeline_routes_one_file_to_the_unet_and_the_prior(decoder_rep
     add_adapter(reference.prior_prior, "a", seed=16, rank=2, alpha=4, modules=PRIOR_MODULES)
     tensors = {f"unet.{k}": v for k, v in peft_tensors(reference.unet, "a").items()}
     tensors |= {f"prior.{k}": v for k, v in peft_tensors(reference.prior_prior, "a").items()}
-    tensors |= {f"prior.transformer_blocks.0.attn1.{m}.alpha": torch.tensor(4.0) for m in PRIOR_MODULES}
-    save_file(
-        tensors, str(tmp_path / "both.safetensors"), metadata={"lora_adapter_metadata": json.dumps({"lora_alpha": 8})}
-    )
+    # diffusers' metadata for a pipeline's file: each model's peft config under its prefix
+    metadata = {"unet.r": 4, "unet.lora_alpha": 8, "prior.r": 2, "prior.lora_alpha": 4}
+    save_file(tensors, str(tmp_path / "both.safetensors"), metadata={"lora_adapter_metadata": json.dumps(metadata)})
     ours.load_lora_weights(tmp_path / "both.safetensors")
     assert ours.get_list_adapters() == {"prior_prior": ["default_0"], "unet": ["default_0"]}
     images = []
