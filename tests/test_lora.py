@@ -267,6 +267,12 @@ def test_errors_name_what_is_wrong(adapter, tmp_path):
         "DoRA": {**adapter, "down_blocks.1.attentions.0.to_q.lora_magnitude_vector": torch.ones(32)},
         "text encoder": {**adapter, "text_encoder.text_model.encoder.layers.0.q_proj.lora_A.weight": torch.ones(4, 32)},
         "not a LoRA weight": {"down_blocks.1.attentions.0.to_q.weight": torch.ones(32, 32)},
+        "holds no LoRA weights": {},
+        "without naming the model": {
+            **adapter,
+            "transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 24),
+            "transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(24, 4),
+        },
         "adapts the prior, not this unet": {
             "prior.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 24),
             "prior.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(24, 4),

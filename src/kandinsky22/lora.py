@@ -131,7 +131,7 @@ def read_lora(
     else:
         patterns = [weight_name] if weight_name else list(LORA_FILES)
         folder = loading.resolve_folder(source, subfolder, [*patterns, PEFT_CONFIG], **hub_kwargs)
-        file = _find_lora_file(folder, weight_name)
+        file = find_lora_file(folder, weight_name)
     if file.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
         raise ValueError(f"LoRA file {str(file)!r}: expected a .safetensors or a pickled .bin/.pt file")
     try:
@@ -157,7 +157,8 @@ def read_lora(
     return state, settings, str(file)
 
 
-def _find_lora_file(folder: Path, weight_name: str | None) -> Path:
+def find_lora_file(folder: Path, weight_name: str | None = None) -> Path:
+    """The LoRA file of a folder: ``weight_name``, else the first of ``LORA_FILES`` there, else its only .safetensors."""
     if weight_name:
         file = folder / weight_name
         if not file.is_file():
@@ -272,6 +273,71 @@ def _parse_key(key: str) -> tuple[str | None, str, str | None]:
 
 def _shown(target: str | None, name: str) -> str:
     return f"{target}.{name}" if target else name
+
+
+# Module names only one of the two models has (the official structures): an unprefixed file adapts one model, told by
+# its names; the time embedding's linears are in both.
+_PRIOR_ONLY = (
+    "transformer_blocks.",
+    "proj_in",
+    "embedding_proj",
+    "encoder_hidden_states_proj",
+    "proj_to_clip_embeddings",
+)
+_UNET_ONLY = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "encoder_hid_proj.", "add_embedding.")
+
+
+@dataclasses.dataclass
+class LoraFile:
+    """A LoRA as read, its tensors grouped by the model each part adapts ("unet", "prior") and by module; not yet
+    in any model. ``LoraFile.read`` reads one; ``load_into`` merges its part for a model into it."""
+
+    source: str  # for messages: the file read, or "<state dict>"
+    settings: dict[str, dict[str, Any]]  # read_lora's
+    parts: dict[str, dict[str, _Parts]]  # target model → module → its tensors
+
+    @classmethod
+    def read(
+        cls,
+        source: str | Path | Mapping[str, torch.Tensor],
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        prefix: str | None = None,
+        **hub_kwargs: Any,
+    ) -> LoraFile:
+        """Read a LoRA (see ``read_lora``). Keys prefixed ``unet.`` / ``prior.`` (kohya: ``lora_unet_`` /
+        ``lora_prior_``) name their model; the unprefixed ones adapt one model, the one their module names belong
+        to. ``prefix``: take only the keys under it, as keys of that model."""
+        tensors, settings, shown = read_lora(source, weight_name, subfolder, **hub_kwargs)
+        if prefix:
+            start = f"{prefix.rstrip('.')}."
+            tensors = {key[len(start) :]: value for key, value in tensors.items() if key.startswith(start)}
+            if not tensors:
+                raise ValueError(f"LoRA {shown} has no keys under prefix={prefix!r}")
+        grouped = split_by_target(tensors, shown)
+        if not grouped:
+            raise ValueError(f"LoRA {shown} holds no LoRA weights")
+        unprefixed = grouped.pop(None, {})
+        if unprefixed:
+            prior = [n for n in unprefixed if n.startswith(_PRIOR_ONLY)]
+            unet = [n for n in unprefixed if n.startswith(_UNET_ONLY)]
+            if prior and unet:
+                raise ValueError(
+                    f"LoRA {shown} adapts modules of the prior ({prior[0]}) and of the UNet ({unet[0]}) without "
+                    "naming the model: prefix its keys with 'prior.' and 'unet.'"
+                )
+            target = "prior" if prior else "unet"
+            grouped[target] = {**grouped.get(target, {}), **unprefixed}
+        return cls(shown, settings, grouped)  # type: ignore[arg-type]
+
+    def layers_for(self, model: nn.Module, target: str) -> dict[str, LoraLayer]:
+        """Its layers for ``model`` (the ``target`` model), checked against its weights; ``ValueError`` if none."""
+        return resolve_layers(model, self.parts.get(target, {}), self.settings, self.source, target)
+
+    def load_into(self, model: nn.Module, name: str, weight: float = 1.0) -> None:
+        """Merge its part for ``model`` (a UNet or a prior) in, as adapter ``name`` active at ``weight``."""
+        target = model._lora_target  # type: ignore[attr-defined]
+        add_adapter(model, Adapter(name, self.source, self.layers_for(model, target)), weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -497,22 +563,12 @@ class LoraModelMixin:
         """Load a LoRA file, folder, hub repository or state dict into this model (see ``kandinsky22.lora``);
         returns the adapter's name (``default_<n>`` unless given). ``prefix``: take only the keys under it (e.g.
         "unet" in a file for a whole pipeline); by default, those of this model, prefixed or not."""
-        tensors, settings, source = read_lora(
-            pretrained_model_name_or_path_or_dict, weight_name, subfolder, **hub_kwargs
-        )
-        if prefix:
-            start = f"{prefix.rstrip('.')}."
-            tensors = {key[len(start) :]: value for key, value in tensors.items() if key.startswith(start)}
-            if not tensors:
-                raise ValueError(f"LoRA {source} has no keys under prefix={prefix!r}")
-        grouped = split_by_target(tensors, source)
-        others = sorted(t for t in grouped if t is not None and t != self._lora_target)
+        file = LoraFile.read(pretrained_model_name_or_path_or_dict, weight_name, subfolder, prefix, **hub_kwargs)
+        others = sorted(t for t in file.parts if t != self._lora_target)
         if others:
-            raise ValueError(f"LoRA {source} adapts the {others[0]}, not this {self._lora_target}")
-        parts = {name: p for modules in grouped.values() for name, p in modules.items()}
-        layers = resolve_layers(self, parts, settings, source, self._lora_target)  # type: ignore[arg-type]
+            raise ValueError(f"LoRA {file.source} adapts the {others[0]}, not this {self._lora_target}")
         name = adapter_name or default_name([self])  # type: ignore[list-item]
-        add_adapter(self, Adapter(name, source, layers))  # type: ignore[arg-type]
+        file.load_into(self, name)  # type: ignore[arg-type]
         return name
 
     def set_adapters(self, adapter_names: str | Sequence[str], weights: float | Sequence[float] | None = None) -> None:
@@ -539,11 +595,6 @@ class LoraModelMixin:
 
     def enable_lora(self) -> None:
         set_enabled(self, True)  # type: ignore[arg-type]
-
-
-def _guess_target(name: str) -> str:
-    """The model an unprefixed module name belongs to in Kandinsky 2.2 (for messages and for routing)."""
-    return "prior" if name.startswith("transformer_blocks.") else "unet"
 
 
 class LoraPipelineMixin:
@@ -581,28 +632,21 @@ class LoraPipelineMixin:
         The adapter is merged into the weights it changes (``kandinsky22.lora``): no cost per step. Formats: the
         2023 Kandinsky 2.2 training scripts' attention processors, peft, diffusers and kohya."""
         models = self._lora_models()
-        tensors, settings, source = read_lora(
-            pretrained_model_name_or_path_or_dict, weight_name, subfolder, **hub_kwargs
-        )
-        per_model: dict[str, dict[str, _Parts]] = {}
-        for target, modules in split_by_target(tensors, source).items():
-            for module, parts in modules.items():
-                model = target or _guess_target(module)
-                per_model.setdefault(model, {})[module] = parts
-        for target in per_model:
+        file = LoraFile.read(pretrained_model_name_or_path_or_dict, weight_name, subfolder, **hub_kwargs)
+        for target in file.parts:
             if target not in models:
                 held = " and ".join(models) or "neither"
                 raise ValueError(
-                    f"LoRA {source} adapts the {target}; {type(self).__name__} holds the {held}: load it on a "
+                    f"LoRA {file.source} adapts the {target}; {type(self).__name__} holds the {held}: load it on a "
                     f"pipeline with a {target} (e.g. a combined pipeline)"
                 )
         name = adapter_name or default_name(model for _, model in models.values())
-        taken = [models[t][0] for t in per_model if name in state_of(models[t][1]).adapters]
+        taken = [models[t][0] for t in file.parts if name in state_of(models[t][1]).adapters]
         if taken:
             raise ValueError(f"an adapter named {name!r} is already loaded in {taken}; choose another adapter_name")
-        layers = {t: resolve_layers(models[t][1], parts, settings, source, t) for t, parts in per_model.items()}
+        layers = {t: file.layers_for(models[t][1], t) for t in file.parts}  # all checked before any is merged
         for target, adapted in layers.items():
-            add_adapter(models[target][1], Adapter(name, source, adapted))
+            add_adapter(models[target][1], Adapter(name, file.source, adapted))
         return name
 
     def _loaded_adapters(self) -> dict[str, list[str]]:
