@@ -10,10 +10,11 @@ valid job gets a manifest line with its line number and the error; the other job
 Resuming: a job is complete when its manifest line has no error, all its files exist and it was made from the same job
 fields (``spec``, a fingerprint; with ``--lora``, of the LoRAs and their files too) at the same quality (a run in
 another format names other files, so it redoes the jobs). A re-run skips complete jobs and redoes the others, failed
-ones included. Files are written under a temporary name and renamed, and the manifest line comes after the files, so an interrupted run leaves
-each job complete or to be redone, never a half-written image listed as done. A re-run first rewrites the manifest
-with the complete lines only, so every job has at most one line; the line of a job made in another format or at
-another quality comes back at the end of the run if the run did not redo that job (``--limit``, an interruption).
+ones included. Files are written under a temporary name and renamed, and the manifest line comes after the files, so
+an interrupted run leaves each job complete or to be redone, never a half-written image listed as done. A re-run first
+rewrites the manifest with the complete lines only, so every job has at most one line; the line of a job made in
+another format or at another quality comes back at the end of the run if the run did not redo that job (``--limit``,
+an interruption).
 
 Seeds: a job without a seed gets one drawn here, once, before any work is handed out, so a worker that crashes and is
 retried remakes the same image. The manifest and each image's recipe record it.
