@@ -236,5 +236,10 @@ class EngineLoras:
 
 
 def _reason(err: Exception, shown: str) -> str:
-    """``kandinsky22.lora``'s message without its ``LoRA <file>: `` start (the error names the source already)."""
-    return str(err).removeprefix(f"LoRA {shown}: ")
+    """``kandinsky22.lora``'s message without its ``LoRA <file>: `` (or ``LoRA <file> ``) start: the error names the
+    source already."""
+    text = str(err)
+    for start in (f"LoRA {shown}: ", f"LoRA {shown} "):
+        if text.startswith(start):
+            return text[len(start) :]
+    return text
