@@ -8,12 +8,13 @@ inside (see :mod:`kandinsky22.recipe`). Once all its files are written, the job 
 valid job gets a manifest line with its line number and the error; the other jobs go on.
 
 Resuming: a job is complete when its manifest line has no error, all its files exist and it was made from the same job
-fields (``spec``, a fingerprint) at the same quality (a run in another format names other files, so it redoes the
-jobs). A re-run skips complete jobs and redoes the others, failed ones included. Files are
-written under a temporary name and renamed, and the manifest line comes after the files, so an interrupted run leaves
-each job complete or to be redone, never a half-written image listed as done. A re-run first rewrites the manifest
-with the complete lines only, so every job has at most one line; the line of a job made in another format or at
-another quality comes back at the end of the run if the run did not redo that job (``--limit``, an interruption).
+fields (``spec``, a fingerprint; with ``--lora``, of the LoRAs and their files too) at the same quality (a run in
+another format names other files, so it redoes the jobs). A re-run skips complete jobs and redoes the others, failed
+ones included. Files are written under a temporary name and renamed, and the manifest line comes after the files, so
+an interrupted run leaves each job complete or to be redone, never a half-written image listed as done. A re-run first
+rewrites the manifest with the complete lines only, so every job has at most one line; the line of a job made in
+another format or at another quality comes back at the end of the run if the run did not redo that job (``--limit``,
+an interruption).
 
 Seeds: a job without a seed gets one drawn here, once, before any work is handed out, so a worker that crashes and is
 retried remakes the same image. The manifest and each image's recipe record it.
@@ -34,7 +35,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from kandinsky22.jobs import (
     image_size,
     mix_item_kind,
 )
+from kandinsky22.lora_specs import LoraError, LoraSpec, checked_sources, lora_argument
 from kandinsky22.recipe import EXTENSIONS, check_job_fits, check_quality
 
 MANIFEST = "manifest.jsonl"
@@ -140,9 +142,11 @@ def read_jobs(
     prior: str | None = None,
     decoders: dict[str, str] | None = None,
     output_format: str = "png",
+    loras: Sequence[dict[str, Any]] = (),
 ) -> list[BatchJob]:
     """Every job line of ``path``, resolved, with its seed; ``prior`` and ``decoders`` (by task) fill missing models.
-    ``output_format`` gives the suffix of the jobs' files.
+    ``output_format`` gives the suffix of the jobs' files; ``loras`` (as recipes record them) apply to every job, so
+    they are part of each job's fingerprint.
 
     A line that is not a valid job comes back with ``error`` set (``line N: …``); a missing file raises.
     """
@@ -153,7 +157,7 @@ def read_jobs(
         text = text.strip()
         if not text or text.startswith("#"):
             continue
-        entry = _read_line(text, number, prior, decoders or {}, output_format)
+        entry = _read_line(text, number, prior, decoders or {}, output_format, loras)
         if entry.id in used:
             entry = BatchJob(
                 entry.id, number, error=f"line {number}: id {entry.id!r} is already used by line {used[entry.id]}"
@@ -166,7 +170,12 @@ def read_jobs(
 
 
 def _read_line(
-    text: str, number: int, prior: str | None, decoders: dict[str, str], output_format: str = "png"
+    text: str,
+    number: int,
+    prior: str | None,
+    decoders: dict[str, str],
+    output_format: str = "png",
+    loras: Sequence[dict[str, Any]] = (),
 ) -> BatchJob:
     default_id = f"{number:06d}"
     try:
@@ -196,11 +205,13 @@ def _read_line(
         _check_inputs(job)
         job = job.resolved()
         check_decoder(job)  # its kind and its steps, from its config files (a folder, or a hub id in the cache)
-        check_job_fits(job, output_format)  # a JPEG's Exif holds 64 KiB of recipe
+        check_job_fits(job, output_format, loras)  # a JPEG's Exif holds 64 KiB of recipe
     except (TypeError, ValueError, FileNotFoundError) as err:
         return BatchJob(job_id, number, error=f"line {number}: {err}")
-    # The fingerprint leaves out a seed drawn here, so that an unseeded job stays the same job across runs.
-    spec = hashlib.sha256(json.dumps(job.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    # The fingerprint leaves out a seed drawn here, so that an unseeded job stays the same job across runs. LoRAs (and
+    # their files' hashes) are in it only when there are some: the jobs of earlier runs without any keep theirs.
+    fields = {**job.to_dict(), "loras": list(loras)} if loras else job.to_dict()
+    spec = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return BatchJob(job_id, number, job.with_seed(), spec)
 
 
@@ -424,16 +435,18 @@ def run_batch(
     on_image: Callable[[int, int], None] | None = None,
     output_format: str = "png",
     quality: int | None = None,
+    loras: Sequence[dict[str, Any]] = (),
 ) -> Summary:
     """Run the jobs of ``jobs_path`` that are not complete in ``out_dir`` (at most ``limit`` of them).
 
     ``run_units`` runs the pipeline calls (default: :func:`run_local`, in this process); ``on_image(done, total)`` is
     called after each image arrives. The files are ``output_format`` (png, jpeg or webp) at ``quality`` (JPEG and
-    WebP only: 1..100, default 90; see :func:`kandinsky22.recipe.encode_image`).
+    WebP only: 1..100, default 90; see :func:`kandinsky22.recipe.encode_image`). ``loras``: the LoRAs the runner
+    applies (:meth:`~kandinsky22.lora_specs.LoadedLora.record`), for the jobs' fingerprints.
     """
     started = time.perf_counter()
     quality = check_quality(output_format, quality)
-    entries = read_jobs(jobs_path, prior, decoders, output_format)
+    entries = read_jobs(jobs_path, prior, decoders, output_format, loras)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(PARTIAL_PREFIX + "*"):
@@ -485,7 +498,12 @@ class UnitRunner:
     """Runs units with one :class:`~kandinsky22.jobs.Engine`, which loads each model once, on first use."""
 
     def __init__(
-        self, device: str = "auto", dtype: str = "auto", fast: bool = False, compile_cache: str | None = None
+        self,
+        device: str = "auto",
+        dtype: str = "auto",
+        fast: bool = False,
+        compile_cache: str | None = None,
+        loras: Sequence[LoraSpec] = (),
     ) -> None:
         from kandinsky22.jobs import Engine
 
@@ -493,7 +511,7 @@ class UnitRunner:
             from kandinsky22.fast import use_compile_cache
 
             use_compile_cache(compile_cache)
-        self.engine = Engine(device=device, dtype=dtype, fast=fast)
+        self.engine = Engine(device=device, dtype=dtype, fast=fast, loras=loras)
 
     def __call__(self, payload: str) -> list[ImageResult]:
         data = json.loads(payload)
@@ -508,6 +526,8 @@ class UnitRunner:
         engine = self.engine
         try:
             results = engine.run([job for _, _, job in images])
+        except LoraError:  # a LoRA that does not fit the models fails every job: the run stops
+            raise
         except Exception as err:  # one job's failure is recorded in the manifest; the others go on
             owners = list(dict.fromkeys(job_id for job_id, _, _ in images))
             if len(owners) > 1:
@@ -527,7 +547,9 @@ class UnitRunner:
                 k,
                 result.job.seed,
                 # The one writer of recipe files (the CLI's and the server's too): the same job gives the same bytes.
-                data=encode_image(result.image, make_recipe(result.job, device, dtype), output_format, quality),
+                data=encode_image(
+                    result.image, make_recipe(result.job, device, dtype, engine.lora_records), output_format, quality
+                ),
                 timings=result.timings,
                 device=device,
                 dtype=dtype,
@@ -609,6 +631,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--decoder", help="decoder for text2img, img2img and mix (default: the official one)")
     models.add_argument("--inpaint-decoder", help="decoder for inpaint (default: the official inpainting decoder)")
     models.add_argument("--depth-decoder", help="decoder for depth (default: the official controlnet-depth one)")
+    models.add_argument(
+        "--lora",
+        action="append",
+        type=lora_argument,
+        metavar="SOURCE[:WEIGHT]",
+        help="apply a LoRA to every job (repeat for several): a .safetensors/.bin file, a folder holding one, or a hub "
+        "id; WEIGHT (default 1) after the last ':'. Recorded in each image's recipe",
+    )
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps (each worker)")
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on GPUs, fp32 on CPU")
@@ -695,7 +725,9 @@ def run_command(args: argparse.Namespace) -> int:
             except IncompatibleJob as err:
                 raise UsageError(str(err)) from None
     apply_compile_cache(args)  # here too: a folder that cannot be one fails now, not in every worker
+    loras = _loras(args.lora or [])
     engine = {"device": args.device, "dtype": args.dtype, "fast": args.fast, "compile_cache": args.compile_cache}
+    engine["loras"] = [LoraSpec(record["source"], record["weight"]) for record in loras]
     if args.ray is None:
 
         def runner(units: list[Unit]) -> Iterator[ImageResult]:
@@ -734,7 +766,10 @@ def run_command(args: argparse.Namespace) -> int:
             on_image=bar,
             output_format=args.format,
             quality=args.quality,
+            loras=loras,
         )
+    except LoraError as err:  # a LoRA whose modules are not in the models, or do not fit them
+        raise UsageError(str(err)) from None
     finally:
         sys.stdout = stdout
         bar.close()
@@ -753,6 +788,25 @@ def run_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if summary.failed else 0
+
+
+def _loras(specs: list[LoraSpec]) -> list[dict[str, Any]]:
+    """``--lora``: local paths checked, each file found, read and hashed here, before any job runs (so that a LoRA
+    that cannot be used stops the run now, and its hash is part of the jobs' fingerprints); as recipes record them.
+    The workers find and read them again, where they run."""
+    from kandinsky22.cli import RuntimeFailure, UsageError
+    from kandinsky22.lora_specs import EngineLoras
+
+    try:
+        loras = EngineLoras(checked_sources(specs))
+        loras.load()
+    except LoraError as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:  # a hub failure
+        raise RuntimeFailure(
+            " ".join(str(err).split()), "check the network and the --lora hub id, or pass a local LoRA file or folder"
+        ) from err
+    return loras.records()
 
 
 def _quiet_loading(quiet: bool) -> None:

@@ -38,6 +38,7 @@ from kandinsky22.jobs import (
     check_decoder,
     mix_item_kind,
 )
+from kandinsky22.lora_specs import LoraError, LoraSpec, changed_loras, checked_sources, lora_argument, specs_of_recipe
 from kandinsky22.recipe import EXTENSIONS, FORMAT_NAMES, FORMATS, SUFFIX_FORMATS, format_of
 
 PROG = "kandinsky22"
@@ -185,6 +186,14 @@ def _common_options() -> argparse.ArgumentParser:
     models.add_argument("--prior", type=_non_empty, help="prior hub id or folder (default: the official prior)")
     models.add_argument(
         "--decoder", type=_non_empty, help="decoder hub id or folder (default: the official repository for the task)"
+    )
+    models.add_argument(
+        "--lora",
+        action="append",
+        type=lora_argument,
+        metavar="SOURCE[:WEIGHT]",
+        help="apply a LoRA (repeat for several): a .safetensors/.bin file, a folder holding one, or a hub id; WEIGHT "
+        "(default 1) after the last ':'. With --from-png: replaces the recorded LoRAs (default: those)",
     )
     gen = common.add_argument_group("generation")
     gen.add_argument("--negative", help="negative prompt of the decoder (what the image should not look like)")
@@ -665,17 +674,61 @@ def apply_compile_cache(args: argparse.Namespace) -> None:
         raise UsageError(f"--compile-cache: {err}") from None
 
 
-def _check_recipes_fit(jobs: list[Job], output_format: str | None) -> None:
+def _check_recipes_fit(jobs: list[Job], output_format: str | None, loras: Sequence[LoraSpec] = ()) -> None:
     """Each image's recipe must fit its file (:func:`kandinsky22.recipe.check_job_fits`), before the models run."""
     if output_format != "jpeg":  # the only format with a limit
         return
     from kandinsky22.recipe import check_job_fits
 
+    records = [{"source": lora.source, "weight": lora.weight} for lora in loras]
     for job in jobs:
         try:
-            check_job_fits(job, output_format)
+            check_job_fits(job, output_format, records)
         except ValueError as err:
             raise UsageError(f"--out (JPEG): {err}") from None
+
+
+def _lora_specs(args: argparse.Namespace, recipe: dict[str, Any] | None) -> list[LoraSpec]:
+    """``--lora`` as given, else (``--from-png``) the LoRAs the recipe records; local paths must exist (made
+    absolute)."""
+    where = ""
+    if args.lora is not None:
+        specs = args.lora
+    elif recipe is not None:
+        try:
+            specs = specs_of_recipe(recipe)
+        except ValueError as err:
+            raise UsageError(f"{_from_option(args)}: the recipe of '{args.from_png}': {err}") from None
+        where = f" (recorded in '{args.from_png}')"
+    else:
+        return []
+    try:
+        return checked_sources(specs)
+    except LoraError as err:
+        raise UsageError(f"{err}{where}") from None
+
+
+def _load_loras(args: argparse.Namespace, engine: Any, recipe: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Find, read and hash the engine's LoRAs before the models load; with ``--from-png``, warn about a LoRA file that
+    is not the one the image was made with."""
+    try:
+        records = engine.load_loras()
+    except LoraError as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:  # a hub failure: its message runs over several lines
+        raise RuntimeFailure(
+            " ".join(str(err).split()), "check the network and the --lora hub id, or pass a local LoRA file or folder"
+        ) from err
+    for loaded in engine.loras.load():
+        _note(args, f"lora {loaded.spec.source} (weight {loaded.spec.weight:g}): {loaded.file}")
+    if recipe is not None:
+        for source in changed_loras(recipe, records):
+            print(
+                f"{PROG} {args.command}: warning: --lora {source}: the file is not the one '{args.from_png}' was made "
+                "with (its SHA-256 differs); the image may differ",
+                file=sys.stderr,
+            )
+    return records
 
 
 def _run_jobs(args: argparse.Namespace) -> int:
@@ -684,10 +737,11 @@ def _run_jobs(args: argparse.Namespace) -> int:
         raise UsageError(f"--compile-scope {args.compile_scope} needs --fast (it says what the fast path compiles)")
     scope = args.compile_scope or "blocks"
     sources, recipe = build_jobs(args)
+    loras = _lora_specs(args, recipe)
     singles = [single for _, job in sources for single in job.expand()]
     paths = plan_outputs(args.out, singles, args.overwrite, args.format, args.quality)
     output_format = format_of(paths[0])
-    _check_recipes_fit(singles, output_format)
+    _check_recipes_fit(singles, output_format, loras)
     _check_decoders(sources)  # after the checks that need no torch: a sampler's schedule needs it
     if recipe is not None:
         from kandinsky22.recipe import changed_inputs
@@ -725,8 +779,10 @@ def _run_jobs(args: argparse.Namespace) -> int:
         on_load=lambda role, model: _note(
             args, f"loading {role} {model}" + ("" if Path(model).exists() else " (downloads on first use)")
         ),
+        loras=loras,
     )
     _note(args, f"device {engine.device_name}, {engine.dtype_name}; seeds {', '.join(str(j.seed) for j in singles)}")
+    lora_records = _load_loras(args, engine, recipe)
     if shapes:
         sizes = ", ".join(f"{width}x{height} ({n} per call)" for height, width, n in shapes)
         if scope == "none":
@@ -746,10 +802,12 @@ def _run_jobs(args: argparse.Namespace) -> int:
                 results = engine.run(group, progress=bars)
             except IncompatibleJob as err:  # what the decoder's config told only once it loaded (a hub download)
                 raise UsageError(str(err)) from None
+            except LoraError as err:  # a LoRA whose modules are not in the models it adapts, or do not fit them
+                raise UsageError(str(err)) from None
             bars.close()
             for job, result in zip(group, results):
                 i = index[id(job)]
-                recipe_of_image = make_recipe(result.job, engine.device_name, engine.dtype_name)
+                recipe_of_image = make_recipe(result.job, engine.device_name, engine.dtype_name, lora_records)
                 try:
                     paths[i].parent.mkdir(parents=True, exist_ok=True)
                     save_image(result.image, paths[i], recipe_of_image, output_format, args.quality)
@@ -783,6 +841,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
             "version": __version__,
             "device": engine.device_name,
             "dtype": engine.dtype_name,
+            "loras": lora_records,
             "images": records,
             "timings": {k: round(v, 4) for k, v in totals.items()},
         }

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import PIL.Image
     import torch
 
+    from kandinsky22.lora_specs import LoraSpec
+
 TASKS = ("text2img", "img2img", "inpaint", "mix", "depth")
 SCHEDULERS = ("ddpm", "ddim", "dpm++", "dpm++-karras", "euler", "euler-a", "unipc")
 # kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
@@ -665,7 +667,8 @@ class Engine:
     ``compile_new_shapes=False`` (the server) any other shape runs eagerly instead of compiling — a compilation takes a
     minute or more on full-size models, during which every queued request would wait.
     ``on_load(role, model)`` is called as a model starts loading (role ``"prior"`` or ``"decoder"``), so that a
-    caller can say what it is waiting for when it waits for it.
+    caller can say what it is waiting for when it waits for it. ``loras`` (``--lora``) are merged into every UNet and
+    prior as it loads (:class:`~kandinsky22.lora_specs.EngineLoras`); :attr:`lora_records` is what recipes record.
     """
 
     def __init__(
@@ -680,7 +683,10 @@ class Engine:
         negative_prompts: bool = True,
         compile_scope: str = "blocks",
         on_load: Callable[[str, str], None] | None = None,
+        loras: Sequence[LoraSpec] = (),
     ) -> None:
+        from kandinsky22.lora_specs import EngineLoras
+
         if compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}; got {compile_scope!r}")
         self.device = resolve_device(device)
@@ -699,6 +705,7 @@ class Engine:
         self._decoders: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._scheduler_configs: dict[str, dict[str, Any]] = {}
         self.on_load = on_load
+        self.loras = EngineLoras(loras)
         self._lock = threading.RLock()
 
     @property
@@ -710,6 +717,18 @@ class Engine:
         return {v: k for k, v in DTYPE_NAMES.items()}[str(self.dtype).removeprefix("torch.")]
 
     # -- loading -----------------------------------------------------------------------------------------------------
+
+    def load_loras(self) -> list[dict[str, Any]]:
+        """Find, hash and read the LoRAs now (else as the first model loads); what recipes record of them.
+        Raises :class:`~kandinsky22.lora_specs.LoraError`, or ``OSError`` for a hub failure."""
+        with self._lock:
+            self.loras.load()
+            return self.loras.records()
+
+    @property
+    def lora_records(self) -> list[dict[str, Any]]:
+        """The LoRAs as recipes record them (source, weight, SHA-256 of the file read); empty without any."""
+        return self.loras.records()
 
     def missing_models(self, job: Job) -> list[str]:
         """The model ids ``job`` needs that are not loaded yet (the CLI says it is loading them)."""
@@ -740,6 +759,7 @@ class Engine:
                 if self.on_load is not None:
                     self.on_load("prior", repo)
                 pipe = KandinskyV22PriorPipeline.from_pretrained(repo, torch_dtype=self.dtype)
+                self.loras.adapt(pipe)  # merged before the fast path fuses and compiles: it reads the merged weights
                 self._priors[repo] = self._prepare(pipe)
             return self._priors[repo]
 
@@ -758,6 +778,7 @@ class Engine:
                     self.on_load("decoder", repo)
                 pipe = getattr(kandinsky22, class_name).from_pretrained(repo, torch_dtype=self.dtype)
                 _check_decoder(pipe, job)
+                self.loras.adapt(pipe)  # the repository's other pipeline classes share this UNet
                 pipes = self._decoders[repo] = {class_name: self._prepare(pipe)}
                 self._scheduler_configs[repo] = dict(pipe.scheduler.config)
             self._decoders.move_to_end(repo)

@@ -2,7 +2,9 @@
 
 A recipe is JSON holding every :class:`Job` field of the single image (its own seed, ``num_images`` 1), plus the tool
 name and version, the device and dtype it ran on (fp16 and fp32 give slightly different pixels), and the SHA-256 of
-every input file, so that a re-run can warn when an input changed since. Where it is stored depends on the format:
+every input file, so that a re-run can warn when an input changed since; and the LoRAs it was made with, if any
+(``loras``: source, weight and the SHA-256 of the file read; see :mod:`kandinsky22.lora_specs`). Where it is stored
+depends on the format:
 
 * PNG: an iTXt chunk with the keyword ``kandinsky22`` (UTF-8, so any prompt survives).
 * JPEG and WebP: the Exif UserComment tag (0x9286, in the Exif IFD), as other generators (AUTOMATIC1111's web UI)
@@ -20,6 +22,7 @@ import io
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
 
 RECIPE_KEY = "kandinsky22"
 TOOL = "kandinsky22"
-_EXTRA_KEYS = ("tool", "version", "device", "dtype", "inputs_sha256")
+_EXTRA_KEYS = ("tool", "version", "device", "dtype", "inputs_sha256", "loras")
 
 FORMATS = ("png", "jpeg", "webp")
 # The file name suffix each format is written with, and the suffixes read as each format (any case).
@@ -77,9 +80,11 @@ def input_hashes(job: Job) -> dict[str, Any]:
     return hashes
 
 
-def make_recipe(job: Job, device: str, dtype: str) -> dict[str, Any]:
-    """The recipe of one image: every job field, tool and version, device and dtype, input file hashes."""
-    return {
+def make_recipe(job: Job, device: str, dtype: str, loras: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The recipe of one image: every job field, tool and version, device and dtype, input file hashes, and the LoRAs
+    it was made with (``{source, weight, sha256}`` each, :meth:`kandinsky22.lora_specs.LoadedLora.record`; the key
+    only where there are some)."""
+    recipe = {
         "tool": TOOL,
         "version": __version__,
         **job.to_dict(),
@@ -87,6 +92,9 @@ def make_recipe(job: Job, device: str, dtype: str) -> dict[str, Any]:
         "dtype": dtype,
         "inputs_sha256": input_hashes(job),
     }
+    if loras:
+        recipe["loras"] = [dict(lora) for lora in loras]
+    return recipe
 
 
 def check_quality(output_format: str, quality: int | None) -> int | None:
@@ -137,13 +145,14 @@ def encode_image(
     return buffer.getvalue()
 
 
-def check_job_fits(job: Job, output_format: str) -> None:
+def check_job_fits(job: Job, output_format: str, loras: Sequence[dict[str, Any]] | None = None) -> None:
     """Raise ``ValueError`` when the recipe of ``job``'s images is too long for ``output_format`` (a JPEG's Exif
     segment holds 64 KiB, a prompt of tens of thousands of characters does not; WebP and PNG have no such limit): to
     refuse a job before it runs rather than when its image is written. The device and dtype are recorded only then:
-    the longest names stand in for them."""
+    the longest names stand in for them, as a SHA-256 for each of ``loras``' files."""
     if output_format == "jpeg":
-        recipe = make_recipe(job, device="cuda:99", dtype="bf16")
+        loras = [{**lora, "sha256": "0" * 64} for lora in loras or ()]
+        recipe = make_recipe(job, device="cuda:99", dtype="bf16", loras=loras)
         _check_jpeg_exif(len(_exif_with_comment(json.dumps(recipe, ensure_ascii=False, sort_keys=True))))
 
 

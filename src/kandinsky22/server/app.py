@@ -47,6 +47,7 @@ from kandinsky22.jobs import (
     check_steps,
     decoder_config,
 )
+from kandinsky22.lora_specs import LoraSpec
 from kandinsky22.recipe import EXTENSIONS, FORMAT_NAMES, MEDIA_TYPES, SUFFIX_FORMATS
 from kandinsky22.server.schemas import (
     ImageGenerationRequest,
@@ -77,6 +78,8 @@ class ServerConfig:
 
     prior: str = PRIOR_REPO
     decoders: dict[str, str] = field(default_factory=dict)
+    # merged into the UNets and the prior as they load, for every request (kandinsky22.lora_specs)
+    loras: list[LoraSpec] = field(default_factory=list)
     device: str = "auto"
     dtype: str = "auto"
     # None: the pipelines' fast path (enable_fast_path) where the device is CUDA, the device it is made for.
@@ -108,7 +111,8 @@ class ServerConfig:
 def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], RunBatch]:
     """A ``load()`` for the :class:`JobQueue`: builds the Engine, loads every served model, returns the runner.
 
-    ``info`` receives the device, dtype and whether the fast path is on, for ``/v1/models``.
+    ``info`` receives the device, dtype, whether the fast path is on and the LoRAs applied (as recipes record them:
+    source, weight, SHA-256 of the file read), for ``/v1/models``.
     """
 
     def load() -> RunBatch:
@@ -133,7 +137,10 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
             compile_backend=config.compile_backend,
             compile_scope=config.compile_scope,
             on_load=lambda role, model: log.info("loading the %s %s", role, model),
+            loras=config.loras,
         )
+        for lora in engine.load_loras():
+            log.info("LoRA %s, weight %g (file SHA-256 %s)", lora["source"], lora["weight"], lora["sha256"])
         # Load every repository now: the first request of a task must not stall everyone queued behind it for a load.
         # (Other tasks of a loaded repository only wrap its modules in another pipeline class, which is cheap.)
         engine.prior_pipeline(config.prior)
@@ -142,6 +149,7 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
             engine.decoder_pipeline(Job(task=task, decoder=decoder))
         warmed = [f"{width}x{height}" for width, height in config.warm_up] if engine.fast_applied else []
         info.update(device=engine.device_name, dtype=engine.dtype_name, fast=engine.fast_applied, warm_up=warmed)
+        info.update(loras=[{**lora.record(), "adapts": sorted(lora.modules)} for lora in engine.loras.load()])
         if engine.fast_applied:
             log.info(
                 "fast path: %s compiled for %s images per call in %.1f s (compile cache: %s); other sizes run eagerly",
@@ -177,7 +185,7 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
                 for call in calls:
                     for stage, seconds in call_timings[call].items():
                         timings[stage] = timings.get(stage, 0.0) + seconds
-                recipes = [make_recipe(r.job, engine.device_name, engine.dtype_name) for r in mine]
+                recipes = [make_recipe(r.job, engine.device_name, engine.dtype_name, engine.lora_records) for r in mine]
                 # PNG, lossless: the queue re-encodes the images of a job that asked for JPEG or WebP.
                 pngs = [encode_image(r.image, recipe, "png") for r, recipe in zip(mine, recipes)]
                 outputs.append(JobOutput(files=pngs, seeds=[r.job.seed for r in mine], timings=timings))
@@ -389,6 +397,9 @@ def create_app(
         "fast": None,
         "warm_up": None,
         "batch_invariant": config.batch_invariant,
+        # source and weight until the models have loaded; then also the SHA-256 of each file read and the models it
+        # adapts ("unet", "prior")
+        "loras": [{"source": lora.source, "weight": lora.weight, "sha256": None} for lora in config.loras],
     }
     queue = JobQueue(loader(config, info), limits, concurrency=concurrency)
     started_at = time.time()

@@ -25,6 +25,7 @@ from kandinsky22.jobs import (
     IncompatibleJob,
     check_decoder_option,
 )
+from kandinsky22.lora_specs import LoraError, checked_sources, lora_argument
 
 API_KEY_ENV = "KANDINSKY22_API_KEY"
 DEFAULT_PORT = 8000
@@ -86,6 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--decoder", default=DECODER_REPO, help="decoder for text2img, img2img and mix")
     models.add_argument("--inpaint-decoder", help=f"inpainting decoder: serves inpaint (e.g. {INPAINT_REPO})")
     models.add_argument("--depth-decoder", help=f"controlnet-depth decoder: serves depth (e.g. {CONTROLNET_REPO})")
+    models.add_argument(
+        "--lora",
+        action="append",
+        type=lora_argument,
+        metavar="SOURCE[:WEIGHT]",
+        help="apply a LoRA to every request (repeat for several): a .safetensors/.bin file, a folder holding one, or a "
+        "hub id; WEIGHT (default 1) after the last ':'. Listed by /v1/models and recorded in each image's recipe",
+    )
     models.add_argument("--device", type=_device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps")
     models.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="auto: fp16 on GPUs")
     fast = models.add_mutually_exclusive_group()
@@ -222,9 +231,15 @@ def serve(args: argparse.Namespace) -> int:
         except IncompatibleJob as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 2
+    try:  # a local file or folder that is not there: now, not once the models are loading
+        loras = checked_sources(args.lora or [])
+    except LoraError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         prior=args.prior,
         decoders=decoders,
+        loras=loras,
         device=args.device,
         dtype=args.dtype,
         fast=False if args.no_fast else True if args.fast else None,

@@ -1,0 +1,245 @@
+"""LoRAs as the command line takes them: ``--lora SOURCE[:WEIGHT]`` of the image commands, ``batch`` and ``serve``.
+
+SOURCE is a LoRA file (.safetensors or a pickled .bin), a folder holding one, or a hub id; WEIGHT (default 1) is the
+text after the last ``:`` when it reads as a number, so ``C:\\loras\\style.safetensors`` and ``owner/name`` need none.
+A spec is plain data (:class:`LoraSpec`); this module parses and checks specs without torch, so a bad one is refused
+before any model loads. :class:`EngineLoras` is what an :class:`~kandinsky22.jobs.Engine` does with them: it finds the
+file each LoRA is read from (in a folder or hub repository: the one :mod:`kandinsky22.lora` picks), reads and hashes
+it once, and merges each LoRA's part for the UNet and for the prior into those models as their pipelines load (the
+Engine loads the prior and the decoders separately, so a LoRA that adapts both is split between them).
+
+What a recipe records of each LoRA (:meth:`LoadedLora.record`): the source (a local path made absolute, so that the
+recipe works from any folder), the weight and the SHA-256 of the file read, so that a re-run can tell when the file
+changed since.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kandinsky22.jobs import HUB_ID
+
+if TYPE_CHECKING:
+    from kandinsky22.lora import _Parts
+
+OPTION = "--lora"
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be used: its file cannot be found or read, or it does not fit the models it adapts.
+    ``str()`` names the option and the source as given: ``--lora SOURCE: reason``."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{OPTION} {source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to apply: a file, folder or hub id, and its weight (0 leaves the models as they are)."""
+
+    source: str
+    weight: float = 1.0
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """``SOURCE[:WEIGHT]``: the weight is what follows the last ``:`` if it reads as a number (it must be finite);
+    otherwise the whole text is the source. Raises ``ValueError``."""
+    source, colon, tail = text.rpartition(":")
+    weight = 1.0
+    if not colon:
+        source = text
+    else:
+        try:
+            weight = float(tail)
+        except ValueError:  # part of the source: a Windows drive, a file name with a colon
+            source, weight = text, 1.0
+        if not math.isfinite(weight):
+            raise ValueError(f"WEIGHT must be a finite number, got {tail!r} in {text!r}")
+    if not source.strip():
+        raise ValueError(f"must be SOURCE[:WEIGHT] (a LoRA file, a folder holding one, or a hub id), got {text!r}")
+    return LoraSpec(source, weight)
+
+
+def lora_argument(text: str) -> LoraSpec:
+    """argparse type of ``--lora``."""
+    import argparse
+
+    try:
+        return parse_lora(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def checked_sources(specs: Sequence[LoraSpec]) -> list[LoraSpec]:
+    """``specs`` with local paths made absolute (not resolving links: a hub cache's files are links to blobs without
+    a suffix); a source that is neither an existing path nor a hub id (``owner/name``) raises :class:`LoraError`.
+    No torch: for the checks made before anything loads."""
+    checked = []
+    for spec in specs:
+        path = Path(spec.source).expanduser()
+        if path.exists():
+            checked.append(dataclasses.replace(spec, source=os.path.abspath(path)))
+        elif HUB_ID.match(spec.source):
+            checked.append(spec)
+        else:
+            raise LoraError(
+                spec.source,
+                "no such file or folder (give a .safetensors or .bin file, a folder holding one, or a hub id)",
+            )
+    return checked
+
+
+def specs_of_recipe(recipe: Mapping[str, Any]) -> list[LoraSpec]:
+    """The LoRAs a recipe records (none for a recipe without ``loras``); ``ValueError`` for a malformed entry."""
+    recorded = recipe.get("loras") or []
+    if not isinstance(recorded, list):
+        raise ValueError(f"its loras must be a list, got {recorded!r}")
+    specs = []
+    for entry in recorded:
+        source = entry.get("source") if isinstance(entry, dict) else None
+        weight = entry.get("weight") if isinstance(entry, dict) else None
+        if (
+            not isinstance(source, str)
+            or not source
+            or isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+        ):
+            raise ValueError(f"its loras hold {entry!r}; each must be {{source, weight, sha256}}")
+        specs.append(LoraSpec(source, float(weight)))
+    return specs
+
+
+def changed_loras(recipe: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The sources of ``records`` (LoRAs as read now) whose file differs from the one the recipe recorded for the
+    same source."""
+    recorded = {
+        entry.get("source"): entry.get("sha256") for entry in recipe.get("loras") or [] if isinstance(entry, dict)
+    }
+    return [
+        record["source"]
+        for record in records
+        if record["source"] in recorded and recorded[record["source"]] not in (None, record["sha256"])
+    ]
+
+
+def lora_file(source: str) -> Path:
+    """The file a LoRA is read from: the file itself; in a folder or a hub repository (downloaded if need be), the
+    one :func:`kandinsky22.lora.read_lora` picks. ``FileNotFoundError`` where there is none; ``OSError`` for a hub
+    failure."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return Path(os.path.abspath(path))
+    from kandinsky22 import loading, lora
+
+    folder = loading.resolve_folder(source, None, [*lora.LORA_FILES, lora.PEFT_CONFIG])
+    try:
+        return Path(os.path.abspath(lora._find_lora_file(folder, None)))
+    except FileNotFoundError:
+        # kandinsky22.lora's message advises weight_name=, which the command line has not: give the file instead.
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        where = f"folder '{folder}'" if path.exists() else f"hub repository '{source}'"
+        several = (
+            f", and it holds several other .safetensors files ({', '.join(others)}): give one of them" if others else ""
+        )
+        raise FileNotFoundError(
+            f"no LoRA file in the {where}: looked for {', '.join(lora.LORA_FILES)}{several}"
+        ) from None
+
+
+@dataclass
+class LoadedLora:
+    """A LoRA read from its file: its modules per target model (``"unet"``, ``"prior"``) and its settings."""
+
+    spec: LoraSpec
+    name: str  # the adapter's name in the models
+    file: Path
+    sha256: str
+    shown: str  # kandinsky22.lora's name for it, in its messages
+    settings: dict[str, Any]
+    modules: dict[str, dict[str, _Parts]]
+
+    def record(self) -> dict[str, Any]:
+        """What a recipe keeps of it."""
+        return {"source": self.spec.source, "weight": self.spec.weight, "sha256": self.sha256}
+
+
+def load_lora(spec: LoraSpec, name: str) -> LoadedLora:
+    """Find, hash and read ``spec``'s file, and split its modules by the model they adapt (a key without a
+    ``unet.``/``prior.`` prefix goes where :mod:`kandinsky22.lora` routes it). Raises :class:`LoraError`, or
+    ``OSError`` for a hub failure."""
+    from kandinsky22 import lora
+    from kandinsky22.recipe import file_sha256
+
+    try:
+        file = lora_file(spec.source)
+    except FileNotFoundError as err:
+        raise LoraError(spec.source, str(err)) from None
+    try:
+        tensors, settings, shown = lora.read_lora(file)
+        modules: dict[str, dict[str, _Parts]] = {}
+        for target, parts in lora.split_by_target(tensors, shown).items():
+            for module, part in parts.items():
+                modules.setdefault(target or lora._guess_target(module), {})[module] = part
+    except ValueError as err:
+        raise LoraError(spec.source, _reason(err, str(file))) from None
+    if not modules:
+        raise LoraError(spec.source, f"'{file}' holds no LoRA weights")
+    return LoadedLora(spec, name, file, file_sha256(file), shown, settings, modules)
+
+
+class EngineLoras:
+    """An Engine's LoRAs: read once (:meth:`load`), then merged into each UNet and prior as its pipeline loads
+    (:meth:`adapt`), each at its weight."""
+
+    def __init__(self, specs: Sequence[LoraSpec] = ()) -> None:
+        self.specs = list(specs)
+        self._loaded: list[LoadedLora] | None = None
+
+    def load(self) -> list[LoadedLora]:
+        if self._loaded is None:
+            self._loaded = [load_lora(spec, f"lora{i}") for i, spec in enumerate(self.specs, 1)]
+        return self._loaded
+
+    def records(self) -> list[dict[str, Any]]:
+        """What recipes record (empty before :meth:`load`, and without LoRAs)."""
+        return [lora.record() for lora in self._loaded or []]
+
+    def adapt(self, pipe: Any) -> None:
+        """Merge each LoRA's part for ``pipe``'s UNet or prior (whichever it holds) into it; :class:`LoraError` for a
+        LoRA whose modules are not in the model or do not fit it (the model is left part-adapted: drop it)."""
+        if not self.specs:
+            return
+        from kandinsky22 import lora
+
+        for model in pipe.components.values():
+            if not isinstance(model, lora.LoraModelMixin):
+                continue
+            target = model._lora_target
+            for loaded in self.load():
+                parts = loaded.modules.get(target)
+                if not parts:
+                    continue
+                try:
+                    layers = lora.resolve_layers(model, parts, loaded.settings, loaded.shown, target)
+                except ValueError as err:
+                    raise LoraError(loaded.spec.source, _reason(err, loaded.shown)) from None
+                lora.add_adapter(model, lora.Adapter(loaded.name, loaded.shown, layers), loaded.spec.weight)
+
+
+def _reason(err: Exception, shown: str) -> str:
+    """``kandinsky22.lora``'s message without its ``LoRA <file>: `` (or ``LoRA <file> ``) start: the error names the
+    source already."""
+    text = str(err)
+    for start in (f"LoRA {shown}: ", f"LoRA {shown} "):
+        if text.startswith(start):
+            return text[len(start) :]
+    return text
