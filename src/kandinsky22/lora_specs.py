@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from kandinsky22.jobs import HUB_ID
 
 if TYPE_CHECKING:
-    from kandinsky22.lora import _Parts
+    from kandinsky22.lora import LoraFile
 
 OPTION = "--lora"
 
@@ -142,7 +142,7 @@ def lora_file(source: str) -> Path:
 
     folder = loading.resolve_folder(source, None, [*lora.LORA_FILES, lora.PEFT_CONFIG])
     try:
-        return Path(os.path.abspath(lora._find_lora_file(folder, None)))
+        return Path(os.path.abspath(lora.find_lora_file(folder)))
     except FileNotFoundError:
         # kandinsky22.lora's message advises weight_name=, which the command line has not: give the file instead.
         others = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -157,15 +157,13 @@ def lora_file(source: str) -> Path:
 
 @dataclass
 class LoadedLora:
-    """A LoRA read from its file: its modules per target model (``"unet"``, ``"prior"``) and its settings."""
+    """A LoRA read from its file, split by the model each part adapts (:class:`kandinsky22.lora.LoraFile`)."""
 
     spec: LoraSpec
     name: str  # the adapter's name in the models
     file: Path
     sha256: str
-    shown: str  # kandinsky22.lora's name for it, in its messages
-    settings: dict[str, Any]
-    modules: dict[str, dict[str, _Parts]]
+    lora: LoraFile
 
     def record(self) -> dict[str, Any]:
         """What a recipe keeps of it."""
@@ -173,8 +171,7 @@ class LoadedLora:
 
 
 def load_lora(spec: LoraSpec, name: str) -> LoadedLora:
-    """Find, hash and read ``spec``'s file, and split its modules by the model they adapt (a key without a
-    ``unet.``/``prior.`` prefix goes where :mod:`kandinsky22.lora` routes it). Raises :class:`LoraError`, or
+    """Find, hash and read ``spec``'s file, split by the model each part adapts. Raises :class:`LoraError`, or
     ``OSError`` for a hub failure."""
     from kandinsky22 import lora
     from kandinsky22.recipe import file_sha256
@@ -184,16 +181,10 @@ def load_lora(spec: LoraSpec, name: str) -> LoadedLora:
     except FileNotFoundError as err:
         raise LoraError(spec.source, str(err)) from None
     try:
-        tensors, settings, shown = lora.read_lora(file)
-        modules: dict[str, dict[str, _Parts]] = {}
-        for target, parts in lora.split_by_target(tensors, shown).items():
-            for module, part in parts.items():
-                modules.setdefault(target or lora._guess_target(module), {})[module] = part
+        read = lora.LoraFile.read(file)
     except ValueError as err:
         raise LoraError(spec.source, _reason(err, str(file))) from None
-    if not modules:
-        raise LoraError(spec.source, f"'{file}' holds no LoRA weights")
-    return LoadedLora(spec, name, file, file_sha256(file), shown, settings, modules)
+    return LoadedLora(spec, name, file, file_sha256(file), read)
 
 
 class EngineLoras:
@@ -223,16 +214,13 @@ class EngineLoras:
         for model in pipe.components.values():
             if not isinstance(model, lora.LoraModelMixin):
                 continue
-            target = model._lora_target
             for loaded in self.load():
-                parts = loaded.modules.get(target)
-                if not parts:
+                if model._lora_target not in loaded.lora.parts:
                     continue
                 try:
-                    layers = lora.resolve_layers(model, parts, loaded.settings, loaded.shown, target)
+                    loaded.lora.load_into(model, loaded.name, loaded.spec.weight)
                 except ValueError as err:
-                    raise LoraError(loaded.spec.source, _reason(err, loaded.shown)) from None
-                lora.add_adapter(model, lora.Adapter(loaded.name, loaded.shown, layers), loaded.spec.weight)
+                    raise LoraError(loaded.spec.source, _reason(err, loaded.lora.source)) from None
 
 
 def _reason(err: Exception, shown: str) -> str:

@@ -149,7 +149,7 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
             engine.decoder_pipeline(Job(task=task, decoder=decoder))
         warmed = [f"{width}x{height}" for width, height in config.warm_up] if engine.fast_applied else []
         info.update(device=engine.device_name, dtype=engine.dtype_name, fast=engine.fast_applied, warm_up=warmed)
-        info.update(loras=[{**lora.record(), "adapts": sorted(lora.modules)} for lora in engine.loras.load()])
+        info.update(loras=[{**lora.record(), "adapts": sorted(lora.lora.parts)} for lora in engine.loras.load()])
         if engine.fast_applied:
             log.info(
                 "fast path: %s compiled for %s images per call in %.1f s (compile cache: %s); other sizes run eagerly",
