@@ -437,11 +437,12 @@ def test_argument_errors_come_back_without_importing_torch(tmp_path: Path) -> No
     code = (
         "import sys; import kandinsky22.cli as cli; "
         "rc = (cli.main(['img2img', 'x', '--image', 'a.png', '--strength', '0.1', '--steps', '5']), "
-        "cli.main(['generate', 'x', '--prior', '/nonexistent/prior'])); "
+        "cli.main(['generate', 'x', '--prior', '/nonexistent/prior']), "
+        "cli.main(['generate', 'x', '--lora', 'gone.safetensors'])); "
         "print(rc, sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "(2, 1) []"
+    assert result.stdout.strip() == "(2, 1, 2) []"
 
 
 def test_out_of_memory_is_one_line_and_a_hint(

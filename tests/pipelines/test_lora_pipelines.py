@@ -25,6 +25,17 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
 
+def images_of(pipes, **kwargs) -> list[np.ndarray]:
+    """Each pipeline's images for the same call and seed (64², 2 steps)."""
+    images = []
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        call = {"height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np", **kwargs}
+        images.append(pipe(generator=generator, **call).images)
+    return images
+
+
 def test_text2img_with_a_decoder_lora_matches_the_reference(decoder_repo, tmp_path):
     reference = diffusers.KandinskyV22Pipeline.from_pretrained(decoder_repo)
     ours = KandinskyV22Pipeline.from_pretrained(decoder_repo)
@@ -34,20 +45,7 @@ def test_text2img_with_a_decoder_lora_matches_the_reference(decoder_repo, tmp_pa
     assert ours.get_list_adapters() == {"unet": ["style"]} and ours.get_active_adapters() == ["style"]
     embeds = torch.randn(1, 32, generator=torch.Generator().manual_seed(1))
     negative = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
-    images = []
-    for pipe in (ours, reference):
-        pipe.set_progress_bar_config(disable=True)
-        images.append(
-            pipe(
-                image_embeds=embeds,
-                negative_image_embeds=negative,
-                height=64,
-                width=64,
-                num_inference_steps=2,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-            ).images
-        )
+    images = images_of((ours, reference), image_embeds=embeds, negative_image_embeds=negative)
     assert np.abs(images[0] - images[1]).max() < TOL
 
 
@@ -63,20 +61,7 @@ def test_combined_pipeline_routes_one_file_to_the_unet_and_the_prior(decoder_rep
     save_file(tensors, str(tmp_path / "both.safetensors"), metadata={"lora_adapter_metadata": json.dumps(metadata)})
     ours.load_lora_weights(tmp_path / "both.safetensors")
     assert ours.get_list_adapters() == {"prior_prior": ["default_0"], "unet": ["default_0"]}
-    images = []
-    for pipe in (ours, reference):
-        pipe.set_progress_bar_config(disable=True)
-        images.append(
-            pipe(
-                prompt="a red cat",
-                height=64,
-                width=64,
-                num_inference_steps=2,
-                prior_num_inference_steps=2,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-            ).images
-        )
+    images = images_of((ours, reference), prompt="a red cat", prior_num_inference_steps=2)
     assert np.abs(images[0] - images[1]).max() < TOL
     ours.unload_lora_weights()
     assert ours.get_list_adapters() == {} and ours.get_active_adapters() == []
