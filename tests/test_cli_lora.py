@@ -85,6 +85,8 @@ def test_local_sources_must_exist_and_are_made_absolute(tmp_path: Path, monkeypa
         checked_sources([LoraSpec("gone.safetensors")])
     with pytest.raises(LoraError, match="no such file or folder"):
         checked_sources([LoraSpec("./owner/name")])  # a path, not a hub id
+    with pytest.raises(LoraError, match=r"^--lora style\.safetensors:abc: WEIGHT must be a number, got 'abc'"):
+        checked_sources([LoraSpec("style.safetensors:abc")])  # parse_lora keeps a non-number in the source
 
 
 def test_the_file_of_a_folder_is_the_one_kandinsky22_lora_reads(tmp_path: Path) -> None:

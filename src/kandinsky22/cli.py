@@ -720,7 +720,8 @@ def _load_loras(args: argparse.Namespace, engine: Any, recipe: dict[str, Any] | 
             " ".join(str(err).split()), "check the network and the --lora hub id, or pass a local LoRA file or folder"
         ) from err
     for loaded in engine.loras.load():
-        _note(args, f"lora {loaded.spec.source} (weight {loaded.spec.weight:g}): {loaded.file}")
+        read = "" if str(loaded.file) == loaded.spec.source else f": {loaded.file}"
+        _note(args, f"lora {loaded.spec.source} (weight {loaded.spec.weight:g}){read}")
     if recipe is not None:
         for source in changed_loras(recipe, records):
             print(

@@ -90,6 +90,9 @@ def checked_sources(specs: Sequence[LoraSpec]) -> list[LoraSpec]:
         elif HUB_ID.match(spec.source):
             checked.append(spec)
         else:
+            head, colon, tail = spec.source.rpartition(":")
+            if colon and Path(head).expanduser().exists():
+                raise LoraError(spec.source, f"WEIGHT must be a number, got {tail!r}")
             raise LoraError(
                 spec.source,
                 "no such file or folder (give a .safetensors or .bin file, a folder holding one, or a hub id)",
