@@ -83,3 +83,21 @@ def test_a_bad_lora_option_exits_2_before_the_server_starts(lora: str, message: 
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message)
     assert "listening" not in result.stdout
+
+
+def test_the_page_names_the_servers_loras(lora_server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        try:
+            page = browser.new_page()
+            page.goto(lora_server.url + "/")
+            page.wait_for_selector("#scheduler option[value=ddpm]", state="attached")
+            info = page.inner_text("#server-info")
+            assert f"+ LoRA {lora_server.lora.name} ×0.8 ·" in info, info
+            assert f"LoRA (unet): {lora_server.lora} ×0.8" in page.get_attribute("#server-info", "title")
+        finally:
+            browser.close()

@@ -34,8 +34,16 @@ async function loadServerInfo() {
   const info = await response.json();
   // A model id is a hub id or a folder: its last part names it; the full ids are in the tooltip.
   const models = info.data.map((m) => m.id.split("/").filter(Boolean).pop()).join(" + ");
-  $("server-info").textContent = `${models} · ${info.device} ${info.dtype} · tasks: ${info.tasks.join(", ")}`;
-  $("server-info").title = info.data.map((m) => `${m.role}: ${m.id}`).join("\n");
+  // LoRAs loaded at start-up (serve --lora): a file's or folder's last part and the weight; the sources in the tooltip.
+  const loras = info.loras || [];
+  const loraText = loras.map((l) => `${l.source.split(/[\\/]/).filter(Boolean).pop()} ×${l.weight}`).join(", ");
+  $("server-info").textContent =
+    `${models}${loras.length ? ` + LoRA ${loraText}` : ""} · ${info.device} ${info.dtype} · ` +
+    `tasks: ${info.tasks.join(", ")}`;
+  $("server-info").title = [
+    ...info.data.map((m) => `${m.role}: ${m.id}`),
+    ...loras.map((l) => `LoRA (${l.adapts.join(" + ")}): ${l.source} ×${l.weight}`),
+  ].join("\n");
   const scheduler = $("scheduler");
   for (const name of info.schedulers) {
     const option = document.createElement("option");
