@@ -9,6 +9,7 @@ from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler, UnCLIPScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .lms import LMSDiscreteScheduler
 from .noise import randn_tensor
 from .unipc import UniPCMultistepScheduler
 
@@ -18,6 +19,7 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
+    "LMSDiscreteScheduler",
     "SchedulerMixin",
     "SchedulerOutput",
     "UnCLIPScheduler",
