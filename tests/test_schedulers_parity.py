@@ -31,6 +31,7 @@ CLASS_NAMES = (
     "EulerAncestralDiscreteScheduler",
     "UniPCMultistepScheduler",
     "LMSDiscreteScheduler",
+    "DPMSolverSinglestepScheduler",
 )
 # Schedulers whose reference implementation splits an 8-channel (learned-variance) output itself; the others get the
 # 4 noise channels on the reference side (its DPM-Solver would slice 3 channels, a bug kandinsky22 does not copy).
@@ -210,6 +211,24 @@ OPTION_VARIANTS = [
     ("EulerDiscreteScheduler", COSINE, {"final_sigmas_type": "sigma_min", "prediction_type": "sample"}),
     ("EulerAncestralDiscreteScheduler", LEARNED_DECODER, {"timestep_spacing": "linspace"}),
     ("EulerAncestralDiscreteScheduler", COSINE, {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    *(
+        ("DPMSolverSinglestepScheduler", LEARNED_DECODER, {"solver_order": o, "solver_type": s, "algorithm_type": a})
+        for o in (1, 2, 3)
+        for s in ("midpoint", "heun")
+        for a in ("dpmsolver++", "sde-dpmsolver++")
+    ),
+    *(
+        ("DPMSolverSinglestepScheduler", LEARNED_DECODER, {"solver_order": o, "use_karras_sigmas": True, **f})
+        for o in (2, 3)
+        for f in ({}, {"final_sigmas_type": "sigma_min", "lower_order_final": False})
+    ),
+    *(
+        ("DPMSolverSinglestepScheduler", COSINE, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", **o})
+        for o in ({"solver_order": 3, "solver_type": "heun"}, {"prediction_type": "v_prediction"})
+    ),
+    ("DPMSolverSinglestepScheduler", LEARNED_DECODER, {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    ("DPMSolverSinglestepScheduler", COSINE, {"lambda_min_clipped": -5.1, "solver_order": 3}),
+    ("DPMSolverSinglestepScheduler", COSINE, {"thresholding": True, "sample_max_value": 1.5}),
     ("LMSDiscreteScheduler", LEARNED_DECODER, {"use_karras_sigmas": True}),
     ("LMSDiscreteScheduler", LEARNED_DECODER, {"prediction_type": "v_prediction", "timestep_spacing": "linspace"}),
     ("LMSDiscreteScheduler", COSINE, {"prediction_type": "sample", "timestep_spacing": "trailing"}),
@@ -257,6 +276,15 @@ CUSTOM_VARIANTS = [
     ),
     ("EulerDiscreteScheduler", DECODER, {"sigmas": [14.0, 8.0, 3.0, 1.0, 0.3, 0.05, 0.0]}, {"s_churn": 2.0}),
     *(("LMSDiscreteScheduler", LEARNED_DECODER, {"num_inference_steps": 12}, {"order": o}) for o in (1, 2, 3, 5)),
+    *(
+        (
+            "DPMSolverSinglestepScheduler",
+            {**LEARNED_DECODER, **o},
+            {"timesteps": [999, 850, 600, 421, 250, 100, 37]},
+            {},
+        )
+        for o in ({"solver_order": 3}, {"algorithm_type": "sde-dpmsolver++"})
+    ),
 ]
 
 
@@ -276,7 +304,7 @@ def test_custom_schedules_and_step_options_match_reference(
 ) -> None:
     out_channels = 8 if config.get("variance_type") in ("learned", "learned_range") else 4
     slice_channels = out_channels == 8 and name not in SPLITS_VARIANCE
-    ref_overrides = {"variance_type": None} if slice_channels and name == "DPMSolverMultistepScheduler" else {}
+    ref_overrides = {"variance_type": None} if slice_channels and name.startswith("DPMSolver") else {}
     reference = getattr(diffusers, name).from_config(config, **ref_overrides)
     scheduler = getattr(ours, name).from_config(config)
     ref_ts, ref_sample, ref_next = run(reference, 0, out_channels, slice_channels, 0, schedule, step_options)

@@ -24,6 +24,7 @@ _EXPORTS = {
     "EulerAncestralDiscreteScheduler": "kandinsky22.schedulers",
     "UniPCMultistepScheduler": "kandinsky22.schedulers",
     "LMSDiscreteScheduler": "kandinsky22.schedulers",
+    "DPMSolverSinglestepScheduler": "kandinsky22.schedulers",
     # pipelines
     "ImagePipelineOutput": "kandinsky22.pipelines.base",
     "KandinskyPriorPipelineOutput": "kandinsky22.pipelines.base",

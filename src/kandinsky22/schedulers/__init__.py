@@ -7,6 +7,7 @@ Swap samplers with ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pi
 from .base import SchedulerMixin, SchedulerOutput
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler, UnCLIPScheduler
+from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .lms import LMSDiscreteScheduler
@@ -17,6 +18,7 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "LMSDiscreteScheduler",
