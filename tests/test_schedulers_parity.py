@@ -32,17 +32,37 @@ CLASS_NAMES = (
     "UniPCMultistepScheduler",
     "LMSDiscreteScheduler",
     "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler",
 )
 # Schedulers whose reference implementation splits an 8-channel (learned-variance) output itself; the others get the
 # 4 noise channels on the reference side (its DPM-Solver would slice 3 channels, a bug kandinsky22 does not copy).
 SPLITS_VARIANCE = ("DDPMScheduler", "UnCLIPScheduler")
 # The reference's LMS integrates its coefficients numerically (scipy's quad) from a float32 integrand: they carry ~1e-7
 # relative noise, which ours (the exact integral of the same polynomial) do not. Compared relative to the samples' size.
+# DEIS's closed-form coefficients are differences of nearly equal terms, which the reference evaluates in float32 (up to
+# 1e-4 relative noise over a run), ours in float64. Ours must then agree with the reference to within the reference's
+# own float32 noise: twice the gap between its run and the same run with its σ table (hence its coefficients) in float64.
 RELATIVE_TOLERANCE = {"LMSDiscreteScheduler": 1e-6}
+FLOAT32_COEFFICIENTS = ("DEISMultistepScheduler",)
 
 
 def tolerance(name: str, expected: torch.Tensor) -> float:
     return max(TOLERANCE, RELATIVE_TOLERANCE.get(name, 0.0) * expected.abs().max().item())
+
+
+def reference_noise(name: str, config: dict, expected: torch.Tensor, *run_args) -> float:
+    """For FLOAT32_COEFFICIENTS: 2·max|Δ| between the reference's result ``expected`` and its run with float64 tables."""
+    if name not in FLOAT32_COEFFICIENTS:
+        return 0.0
+    scheduler = getattr(diffusers, name).from_config(config)
+    set_timesteps = scheduler.set_timesteps
+
+    def set_timesteps_float64(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        scheduler.sigmas = scheduler.sigmas.double()
+
+    scheduler.set_timesteps = set_timesteps_float64
+    return 2 * (run(scheduler, *run_args)[1] - expected).abs().max().item()
 
 
 # Official configs (reference-behaviour §3), the reference's DDIM test config (§4) and two more schedules.
@@ -152,7 +172,11 @@ def compare(name: str, config: dict, steps: int) -> float:
         assert torch.isfinite(sample).all()
         pytest.skip("the reference diverges (inf/NaN) on this combination; kandinsky22 stays finite")
     error = (sample - ref_sample).abs().max().item()
-    assert error < tolerance(name, ref_sample), f"{name} {steps} steps: max |Δ| = {error:.2e}"
+    slice_channels = out_channels == 8 and name not in SPLITS_VARIANCE
+    allowed = tolerance(name, ref_sample) + reference_noise(
+        name, config, ref_sample, steps, out_channels, slice_channels
+    )
+    assert error < allowed, f"{name} {steps} steps: max |Δ| = {error:.2e}"
     return error
 
 
@@ -229,6 +253,14 @@ OPTION_VARIANTS = [
     ("DPMSolverSinglestepScheduler", LEARNED_DECODER, {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
     ("DPMSolverSinglestepScheduler", COSINE, {"lambda_min_clipped": -5.1, "solver_order": 3}),
     ("DPMSolverSinglestepScheduler", COSINE, {"thresholding": True, "sample_max_value": 1.5}),
+    *(
+        ("DEISMultistepScheduler", LEARNED_DECODER, {"solver_order": o, "use_karras_sigmas": k})
+        for o in (1, 2, 3)
+        for k in (False, True)
+    ),
+    ("DEISMultistepScheduler", LEARNED_DECODER, {"solver_order": 3, "lower_order_final": False}),
+    ("DEISMultistepScheduler", COSINE, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("DEISMultistepScheduler", COSINE, {"thresholding": True, "prediction_type": "sample"}),
     ("LMSDiscreteScheduler", LEARNED_DECODER, {"use_karras_sigmas": True}),
     ("LMSDiscreteScheduler", LEARNED_DECODER, {"prediction_type": "v_prediction", "timestep_spacing": "linspace"}),
     ("LMSDiscreteScheduler", COSINE, {"prediction_type": "sample", "timestep_spacing": "trailing"}),

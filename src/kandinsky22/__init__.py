@@ -25,6 +25,7 @@ _EXPORTS = {
     "UniPCMultistepScheduler": "kandinsky22.schedulers",
     "LMSDiscreteScheduler": "kandinsky22.schedulers",
     "DPMSolverSinglestepScheduler": "kandinsky22.schedulers",
+    "DEISMultistepScheduler": "kandinsky22.schedulers",
     # pipelines
     "ImagePipelineOutput": "kandinsky22.pipelines.base",
     "KandinskyPriorPipelineOutput": "kandinsky22.pipelines.base",

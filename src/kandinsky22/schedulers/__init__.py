@@ -7,6 +7,7 @@ Swap samplers with ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pi
 from .base import SchedulerMixin, SchedulerOutput
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler, UnCLIPScheduler
+from .deis import DEISMultistepScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
@@ -15,6 +16,7 @@ from .noise import randn_tensor
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
+    "DEISMultistepScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
