@@ -23,6 +23,9 @@ _EXPORTS = {
     "EulerDiscreteScheduler": "kandinsky22.schedulers",
     "EulerAncestralDiscreteScheduler": "kandinsky22.schedulers",
     "UniPCMultistepScheduler": "kandinsky22.schedulers",
+    "LMSDiscreteScheduler": "kandinsky22.schedulers",
+    "DPMSolverSinglestepScheduler": "kandinsky22.schedulers",
+    "DEISMultistepScheduler": "kandinsky22.schedulers",
     # pipelines
     "ImagePipelineOutput": "kandinsky22.pipelines.base",
     "KandinskyPriorPipelineOutput": "kandinsky22.pipelines.base",

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 TASKS = ("text2img", "img2img", "inpaint", "mix", "depth")
 SCHEDULERS = ("ddpm", "ddim", "dpm++", "dpm++-karras", "euler", "euler-a", "unipc")
+SCHEDULERS += ("lms", "dpm++-single", "deis")
 # kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
 COMPILE_SCOPES = ("blocks", "model", "none")
 
@@ -452,6 +453,9 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpm++-single": ("DPMSolverSinglestepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
 }
 # The decoder UNet each task needs, as its config says it: (in_channels, addition_embed_type) — the latents alone,
 # or with a mask and the masked image's latents (4 + 1 + 4), or with a depth hint encoded beside the image embedding.

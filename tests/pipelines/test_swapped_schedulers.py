@@ -42,6 +42,12 @@ SCHEDULERS = {
     "unipc-karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
     "ddpm-thresholding": ("DDPMScheduler", {"clip_sample": False, "thresholding": True}),
     "ddim-no-clip": ("DDIMScheduler", {"clip_sample": False}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm-single-order3": ("DPMSolverSinglestepScheduler", {"solver_order": 3}),
+    "sde-dpm-single": ("DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "deis-order3-karras": ("DEISMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
 }
 
 # (pipeline, scheduler, call options). Sizes are (height, width); `batch` is the number of image embeddings.
@@ -61,6 +67,17 @@ CASES = [
     ("controlnet", "euler-ancestral", {"steps": 3, "n": 2}),
     ("controlnet", "dpm-order1-heun", {"steps": 3, "guidance_scale": 1.0}),
     ("controlnet_img2img", "euler-ancestral", {"steps": 5, "strength": 0.6}),
+    ("text2img", "lms", {"steps": 6, "n": 2}),
+    ("text2img", "dpm-single-order3", {"steps": 7}),
+    ("text2img", "sde-dpm-single", {"steps": 4, "n": 2}),
+    ("text2img", "deis-order3-karras", {"steps": 6}),
+    ("img2img", "lms-karras", {"steps": 10, "strength": 0.6}),  # starts at index 4: order 1, 2, 3, 4 (see below)
+    ("img2img", "dpm-single-order3", {"steps": 8, "strength": 0.5}),  # starts mid-group
+    ("img2img", "deis", {"steps": 6, "strength": 0.7, "n": 2}),
+    ("inpaint", "lms", {"steps": 5}),
+    ("inpaint", "sde-dpm-single", {"steps": 4}),
+    ("inpaint", "deis", {"steps": 4, "size": (64, 96)}),
+    ("controlnet", "deis", {"steps": 3}),
 ]
 
 PIPELINES = {
@@ -112,9 +129,14 @@ def _with_our_fixes(ref) -> torch.utils.hooks.RemovableHandle:
         kwargs["sample"] = torch.cat([latents, sample[:, 4:]], dim=1)
         return args, kwargs
 
-    if type(ref.scheduler).__name__ == "UniPCMultistepScheduler":
+    if type(ref.scheduler).__name__ in ("UniPCMultistepScheduler", "LMSDiscreteScheduler", "DEISMultistepScheduler"):
         step = ref.scheduler.step
         ref.scheduler.step = lambda *args, generator=None, **kwargs: step(*args, **kwargs)
+    if type(ref.scheduler).__name__ == "LMSDiscreteScheduler":
+        # Our LMS takes its order from the derivatives it holds (k-diffusion's rule); the reference from the step's
+        # index in the schedule, which differs when a run starts mid-schedule (img2img): told the order, it agrees
+        lms_step, lms = ref.scheduler.step, ref.scheduler
+        ref.scheduler.step = lambda *args, **kwargs: lms_step(*args, order=min(len(lms.derivatives) + 1, 4), **kwargs)
     if type(ref).__name__ == "KandinskyV22InpaintPipeline":
         # Our inpaint re-noises the kept region with unit noise; the reference passes its start latents, which are
         # times init_noise_sigma (about σ_max for Euler, 1 for the DDPM family)

@@ -7,17 +7,23 @@ Swap samplers with ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pi
 from .base import SchedulerMixin, SchedulerOutput
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler, UnCLIPScheduler
+from .deis import DEISMultistepScheduler
+from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .lms import LMSDiscreteScheduler
 from .noise import randn_tensor
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
+    "DEISMultistepScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
+    "LMSDiscreteScheduler",
     "SchedulerMixin",
     "SchedulerOutput",
     "UnCLIPScheduler",

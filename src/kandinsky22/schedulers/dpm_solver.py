@@ -61,6 +61,8 @@ class DPMSolverMultistepScheduler(MultistepSolverMixin):
     def _normalize(self, values: dict[str, Any]) -> dict[str, Any]:
         if values["solver_type"] in ("logrho", "bh1", "bh2"):  # UniPC/DEIS solver types: the reference maps them
             values["solver_type"] = "midpoint"
+        if values["algorithm_type"] == "deis":  # DEIS's, mapped as the reference maps it
+            values["algorithm_type"] = "dpmsolver++"
         return values
 
     def _check_config(self) -> None:
