@@ -38,8 +38,7 @@ if TYPE_CHECKING:
     from kandinsky22.lora_specs import LoraSpec
 
 TASKS = ("text2img", "img2img", "inpaint", "mix", "depth")
-SCHEDULERS = ("ddpm", "ddim", "dpm++", "dpm++-karras", "euler", "euler-a", "unipc")
-SCHEDULERS += ("lms", "dpm++-single", "deis")
+SCHEDULERS = ("ddpm", "ddim", "dpm++", "dpm++-karras", "euler", "euler-a", "unipc", "lms", "dpm++-single", "deis")
 # kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
 COMPILE_SCOPES = ("blocks", "model", "none")
 
