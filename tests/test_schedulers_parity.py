@@ -30,6 +30,9 @@ CLASS_NAMES = (
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "UniPCMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
 )
 # Schedulers whose reference implementation splits an 8-channel (learned-variance) output itself; the others get the
 # 4 noise channels on the reference side (its DPM-Solver would slice 3 channels, a bug kandinsky22 does not copy).
@@ -136,6 +139,9 @@ def compare(name: str, config: dict, steps: int) -> float:
             run(getattr(ours, name).from_config(config), steps, out_channels)
         pytest.skip(f"the reference rejects it too: {type(err).__name__}: {err}")
     ts, sample, next_draw = run(getattr(ours, name).from_config(config), steps, out_channels)
+    if ts.isfinite().all() and not ref_ts.isfinite().all():  # KDPM2-ancestral: a σ_down that underflows to 0
+        assert torch.isfinite(sample).all()
+        pytest.skip("the reference's timesteps hold NaN (a midpoint σ of NaN); kandinsky22's are finite")
     assert ts.dtype == ref_ts.dtype and torch.equal(ts, ref_ts)
     assert torch.equal(next_draw, ref_next), "different number of random draws"
     if not torch.isfinite(ref_sample).all():

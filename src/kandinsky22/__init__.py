@@ -23,6 +23,9 @@ _EXPORTS = {
     "EulerDiscreteScheduler": "kandinsky22.schedulers",
     "EulerAncestralDiscreteScheduler": "kandinsky22.schedulers",
     "UniPCMultistepScheduler": "kandinsky22.schedulers",
+    "HeunDiscreteScheduler": "kandinsky22.schedulers",
+    "KDPM2DiscreteScheduler": "kandinsky22.schedulers",
+    "KDPM2AncestralDiscreteScheduler": "kandinsky22.schedulers",
     # pipelines
     "ImagePipelineOutput": "kandinsky22.pipelines.base",
     "KandinskyPriorPipelineOutput": "kandinsky22.pipelines.base",

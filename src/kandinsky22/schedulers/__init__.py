@@ -10,6 +10,7 @@ from .ddpm import DDPMScheduler, UnCLIPScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .noise import randn_tensor
+from .second_order import HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
@@ -18,6 +19,9 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
     "SchedulerMixin",
     "SchedulerOutput",
     "UnCLIPScheduler",
