@@ -142,6 +142,8 @@ def compare(name: str, config: dict, steps: int) -> float:
     if ts.isfinite().all() and not ref_ts.isfinite().all():  # KDPM2-ancestral: a σ_down that underflows to 0
         assert torch.isfinite(sample).all()
         pytest.skip("the reference's timesteps hold NaN (a midpoint σ of NaN); kandinsky22's are finite")
+    if name.startswith("KDPM2") and config.get("use_karras_sigmas"):  # the reference's are float64 there, ours float32
+        ref_ts = ref_ts.float()
     assert ts.dtype == ref_ts.dtype and torch.equal(ts, ref_ts)
     assert torch.equal(next_draw, ref_next), "different number of random draws"
     if not torch.isfinite(ref_sample).all():
@@ -207,6 +209,15 @@ OPTION_VARIANTS = [
     ("EulerDiscreteScheduler", COSINE, {"final_sigmas_type": "sigma_min", "prediction_type": "sample"}),
     ("EulerAncestralDiscreteScheduler", LEARNED_DECODER, {"timestep_spacing": "linspace"}),
     ("EulerAncestralDiscreteScheduler", COSINE, {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    *((n, LEARNED_DECODER, {"use_karras_sigmas": True}) for n in ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler")),
+    (
+        "KDPM2AncestralDiscreteScheduler",
+        LEARNED_DECODER,
+        {"use_karras_sigmas": True, "prediction_type": "v_prediction"},
+    ),
+    ("HeunDiscreteScheduler", COSINE, {"clip_sample": True, "clip_sample_range": 2.0, "timestep_spacing": "trailing"}),
+    ("HeunDiscreteScheduler", COSINE, {"prediction_type": "sample", "use_karras_sigmas": True}),
+    ("KDPM2DiscreteScheduler", DECODER, {"prediction_type": "v_prediction", "steps_offset": 0}),
 ]
 
 
@@ -250,6 +261,12 @@ CUSTOM_VARIANTS = [
         {"s_churn": 2.0, "s_tmax": 3.0},
     ),
     ("EulerDiscreteScheduler", DECODER, {"sigmas": [14.0, 8.0, 3.0, 1.0, 0.3, 0.05, 0.0]}, {"s_churn": 2.0}),
+    ("HeunDiscreteScheduler", DECODER, {"timesteps": [999, 700, 400, 100, 0]}, {}),
+    ("HeunDiscreteScheduler", LEARNED_DECODER, {"timesteps": [999.0, 750.5, 500.25, 250.75, 10.5]}, {}),
+    *(
+        (n, DECODER, {"num_inference_steps": 6}, {})
+        for n in ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+    ),
 ]
 
 
@@ -277,7 +294,7 @@ def test_custom_schedules_and_step_options_match_reference(
     assert ts.dtype == ref_ts.dtype and torch.equal(ts, ref_ts)
     if hasattr(reference, "sigmas"):
         assert torch.equal(scheduler.sigmas, reference.sigmas.float())
-    assert scheduler.num_inference_steps == len(ts)
+    assert scheduler.num_inference_steps == (len(ts) + scheduler.order - 1) // scheduler.order  # Heun: 2n - 1
     assert torch.equal(next_draw, ref_next), "different number of random draws"
     error = (sample - ref_sample).abs().max().item()
     assert error < TOLERANCE, f"{name}: max |Δ| = {error:.2e}"
