@@ -105,6 +105,15 @@ class _SecondOrder(_EulerFamily):
             grid = tables.sigma_to_t(levels, np.log(train))
         return grid, levels
 
+    def _check_train_timesteps(self, num_train_timesteps: int | None) -> None:
+        """The reference's ``set_timesteps(…, num_train_timesteps)`` spreads the grid over another range than the σ
+        table it interpolates; only the config's own value (or None) is taken."""
+        if num_train_timesteps not in (None, self.config.num_train_timesteps):
+            raise ValueError(
+                f"num_train_timesteps={num_train_timesteps!r} is not supported: the schedule uses the config's "
+                f"num_train_timesteps={self.config.num_train_timesteps}"
+            )
+
     def _start_run(self, timesteps: np.ndarray, doubled_sigmas: torch.Tensor, device: Any) -> None:
         self._install(timesteps, doubled_sigmas.numpy(), device)
         self._predictor: tuple[torch.Tensor, ...] | None = None  # replaced, never modified (copy())
@@ -156,11 +165,12 @@ class HeunDiscreteScheduler(_SecondOrder):
         self,
         num_inference_steps: int | None = None,
         device: torch.device | str | None = None,
-        *,
+        num_train_timesteps: int | None = None,
         timesteps: Sequence[float] | None = None,
     ) -> None:
         """``num_inference_steps`` σ steps (2n − 1 model evaluations), or custom ``timesteps`` (strictly descending
-        in [0, T−1], fractions allowed; not with ``use_karras_sigmas``)."""
+        in [0, T−1], fractions allowed; not with ``use_karras_sigmas``). ``num_train_timesteps``: only the config's."""
+        self._check_train_timesteps(num_train_timesteps)
         grid, levels = self._sigma_grid(num_inference_steps, timesteps)
         sigmas = torch.from_numpy(np.append(levels, 0.0).astype(np.float32))
         self._grid_sigmas = sigmas
@@ -182,7 +192,11 @@ class HeunDiscreteScheduler(_SecondOrder):
         timestep: float | torch.Tensor,
         sample: torch.Tensor,
         return_dict: bool = True,
+        *,
+        generator: Generators = None,
     ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One half-step. ``generator`` is accepted for a uniform loop (this sampler draws no noise); keyword-only,
+        so the reference's positional ``step(output, t, sample, False)`` means ``return_dict=False`` here too."""
         position, k, corrector = self._half_step(timestep)
         model_output = noise_channels(model_output, sample)
         sigma, sigma_next = self._grid_sigmas[k], self._grid_sigmas[k + 1]
@@ -204,9 +218,15 @@ class _DPM2Family(_SecondOrder):
     """DPM2's grid: every corrector evaluates at a midpoint σ, listed with its own timestep. ``prediction_type``
     "sample" (x̂₀ = the model output), which the reference's DPM2 classes refuse in ``step``, works here."""
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: torch.device | str | None = None,
+        num_train_timesteps: int | None = None,
+    ) -> None:
         """``num_inference_steps`` σ steps (2n − 1 model evaluations); the corrector's timesteps are those of the
-        midpoints' σ."""
+        midpoints' σ. ``num_train_timesteps``: only the config's."""
+        self._check_train_timesteps(num_train_timesteps)
         grid, levels = self._sigma_grid(num_inference_steps, None)
         if self.config.use_karras_sigmas:
             grid = grid.round()  # the reference rounds Karras timesteps here (not Heun's)
@@ -238,7 +258,11 @@ class KDPM2DiscreteScheduler(_DPM2Family):
         timestep: float | torch.Tensor,
         sample: torch.Tensor,
         return_dict: bool = True,
+        *,
+        generator: Generators = None,
     ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One half-step. ``generator`` is accepted for a uniform loop (this sampler draws no noise); keyword-only,
+        so the reference's positional ``step(output, t, sample, False)`` means ``return_dict=False`` here too."""
         position, k, corrector = self._half_step(timestep)
         model_output = noise_channels(model_output, sample)
         sigma, sigma_mid = self._grid_sigmas[k], self._mid_sigmas[k]
