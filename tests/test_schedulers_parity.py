@@ -17,7 +17,10 @@ from tiny_repos import DECODER_SCHEDULER_CONFIG, PRIOR_SCHEDULER_CONFIG
 import kandinsky22.schedulers as ours
 
 # The reference converts torch tensors with np.array(..., copy=False) under numpy 2: noise, not our concern.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
+]
 
 TOLERANCE = 1e-5
 SHAPE = (2, 4, 6, 6)
@@ -33,6 +36,9 @@ CLASS_NAMES = (
     "LMSDiscreteScheduler",
     "DPMSolverSinglestepScheduler",
     "DEISMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
 )
 # Schedulers whose reference implementation splits an 8-channel (learned-variance) output itself; the others get the
 # 4 noise channels on the reference side (its DPM-Solver would slice 3 channels, a bug kandinsky22 does not copy).
@@ -166,6 +172,11 @@ def compare(name: str, config: dict, steps: int) -> float:
             run(getattr(ours, name).from_config(config), steps, out_channels)
         pytest.skip(f"the reference rejects it too: {type(err).__name__}: {err}")
     ts, sample, next_draw = run(getattr(ours, name).from_config(config), steps, out_channels)
+    if ts.isfinite().all() and not ref_ts.isfinite().all():  # KDPM2-ancestral: a σ_down that underflows to 0
+        assert torch.isfinite(sample).all()
+        pytest.skip("the reference's timesteps hold NaN (a midpoint σ of NaN); kandinsky22's are finite")
+    if name.startswith("KDPM2") and config.get("use_karras_sigmas"):  # the reference's are float64 there, ours float32
+        ref_ts = ref_ts.float()
     assert ts.dtype == ref_ts.dtype and torch.equal(ts, ref_ts)
     assert torch.equal(next_draw, ref_next), "different number of random draws"
     if not torch.isfinite(ref_sample).all():
@@ -264,6 +275,15 @@ OPTION_VARIANTS = [
     ("LMSDiscreteScheduler", LEARNED_DECODER, {"use_karras_sigmas": True}),
     ("LMSDiscreteScheduler", LEARNED_DECODER, {"prediction_type": "v_prediction", "timestep_spacing": "linspace"}),
     ("LMSDiscreteScheduler", COSINE, {"prediction_type": "sample", "timestep_spacing": "trailing"}),
+    *((n, LEARNED_DECODER, {"use_karras_sigmas": True}) for n in ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler")),
+    (
+        "KDPM2AncestralDiscreteScheduler",
+        LEARNED_DECODER,
+        {"use_karras_sigmas": True, "prediction_type": "v_prediction"},
+    ),
+    ("HeunDiscreteScheduler", COSINE, {"clip_sample": True, "clip_sample_range": 2.0, "timestep_spacing": "trailing"}),
+    ("HeunDiscreteScheduler", COSINE, {"prediction_type": "sample", "use_karras_sigmas": True}),
+    ("KDPM2DiscreteScheduler", DECODER, {"prediction_type": "v_prediction", "steps_offset": 0}),
 ]
 
 
@@ -317,6 +337,12 @@ CUSTOM_VARIANTS = [
         )
         for o in ({"solver_order": 3}, {"algorithm_type": "sde-dpmsolver++"})
     ),
+    ("HeunDiscreteScheduler", DECODER, {"timesteps": [999, 700, 400, 100, 0]}, {}),
+    ("HeunDiscreteScheduler", LEARNED_DECODER, {"timesteps": [999.0, 750.5, 500.25, 250.75, 10.5]}, {}),
+    *(
+        (n, DECODER, {"num_inference_steps": 6}, {})
+        for n in ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+    ),
 ]
 
 
@@ -344,7 +370,7 @@ def test_custom_schedules_and_step_options_match_reference(
     assert ts.dtype == ref_ts.dtype and torch.equal(ts, ref_ts)
     if hasattr(reference, "sigmas"):
         assert torch.equal(scheduler.sigmas, reference.sigmas.float())
-    assert scheduler.num_inference_steps == len(ts)
+    assert scheduler.num_inference_steps == (len(ts) + scheduler.order - 1) // scheduler.order  # Heun: 2n - 1
     assert torch.equal(next_draw, ref_next), "different number of random draws"
     error = (sample - ref_sample).abs().max().item()
     assert error < tolerance(name, ref_sample), f"{name}: max |Δ| = {error:.2e}"

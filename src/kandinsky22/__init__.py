@@ -26,6 +26,9 @@ _EXPORTS = {
     "LMSDiscreteScheduler": "kandinsky22.schedulers",
     "DPMSolverSinglestepScheduler": "kandinsky22.schedulers",
     "DEISMultistepScheduler": "kandinsky22.schedulers",
+    "HeunDiscreteScheduler": "kandinsky22.schedulers",
+    "KDPM2DiscreteScheduler": "kandinsky22.schedulers",
+    "KDPM2AncestralDiscreteScheduler": "kandinsky22.schedulers",
     # pipelines
     "ImagePipelineOutput": "kandinsky22.pipelines.base",
     "KandinskyPriorPipelineOutput": "kandinsky22.pipelines.base",

@@ -38,7 +38,21 @@ if TYPE_CHECKING:
     from kandinsky22.lora_specs import LoraSpec
 
 TASKS = ("text2img", "img2img", "inpaint", "mix", "depth")
-SCHEDULERS = ("ddpm", "ddim", "dpm++", "dpm++-karras", "euler", "euler-a", "unipc", "lms", "dpm++-single", "deis")
+SCHEDULERS = (
+    "ddpm",
+    "ddim",
+    "dpm++",
+    "dpm++-karras",
+    "euler",
+    "euler-a",
+    "unipc",
+    "lms",
+    "dpm++-single",
+    "deis",
+    "heun",
+    "kdpm2",
+    "kdpm2-a",
+)
 # kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
 COMPILE_SCOPES = ("blocks", "model", "none")
 
@@ -455,6 +469,9 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "lms": ("LMSDiscreteScheduler", {}),
     "dpm++-single": ("DPMSolverSinglestepScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}),
+    "kdpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
 }
 # The decoder UNet each task needs, as its config says it: (in_channels, addition_embed_type) — the latents alone,
 # or with a mask and the masked image's latents (4 + 1 + 4), or with a depth hint encoded beside the image embedding.

@@ -7,7 +7,8 @@ rest can be compared:
 
 * it never calls ``scale_model_input``, so Euler's UNet inputs are ~σ times too large
   (``test_text2img_pipeline.test_a_sigma_scheduler_gets_its_model_input_scaled``);
-* it passes ``generator`` to every ``scheduler.step``, and UniPC's takes none: a TypeError at the first step;
+* it passes ``generator`` to every ``scheduler.step``, and UniPC's, Heun's and DPM2's take none: a TypeError at the
+  first step;
 * its inpaint re-noises the kept region with the start latents, which a σ scheduler has multiplied by its init_noise_sigma
   (``test_inpaint_with_a_sigma_scheduler_renoises_the_kept_region_at_each_steps_level``).
 
@@ -17,6 +18,8 @@ final latents come from their ``callback``.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import diffusers
 import numpy as np
@@ -48,6 +51,10 @@ SCHEDULERS = {
     "sde-dpm-single": ("DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "deis": ("DEISMultistepScheduler", {}),
     "deis-order3-karras": ("DEISMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+    "heun": ("HeunDiscreteScheduler", {}),  # clip_sample from the official config: x̂₀ clamped to ±1
+    "heun-karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True, "clip_sample": False}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}),
+    "kdpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
 }
 
 # (pipeline, scheduler, call options). Sizes are (height, width); `batch` is the number of image embeddings.
@@ -78,6 +85,19 @@ CASES = [
     ("inpaint", "sde-dpm-single", {"steps": 4}),
     ("inpaint", "deis", {"steps": 4, "size": (64, 96)}),
     ("controlnet", "deis", {"steps": 3}),
+    # Second-order samplers: two timesteps per step; img2img starts at index int(steps · strength) of that table
+    ("text2img", "heun", {"steps": 3}),
+    ("text2img", "heun-karras", {"steps": 4, "n": 2}),
+    ("text2img", "kdpm2", {"steps": 3, "size": (64, 96)}),
+    ("text2img", "kdpm2-a", {"steps": 3, "batch": 2}),
+    ("img2img", "heun", {"steps": 5, "strength": 0.6}),
+    ("img2img", "kdpm2", {"steps": 4, "strength": 1.0}),
+    ("img2img", "kdpm2-a", {"steps": 4, "strength": 0.5, "n": 2}),
+    ("inpaint", "heun", {"steps": 3}),
+    ("inpaint", "kdpm2", {"steps": 3}),
+    ("inpaint", "kdpm2-a", {"steps": 3, "n": 2}),
+    ("controlnet", "kdpm2-a", {"steps": 3}),
+    ("controlnet_img2img", "heun", {"steps": 4, "strength": 0.5}),
 ]
 
 PIPELINES = {
@@ -129,7 +149,7 @@ def _with_our_fixes(ref) -> torch.utils.hooks.RemovableHandle:
         kwargs["sample"] = torch.cat([latents, sample[:, 4:]], dim=1)
         return args, kwargs
 
-    if type(ref.scheduler).__name__ in ("UniPCMultistepScheduler", "LMSDiscreteScheduler", "DEISMultistepScheduler"):
+    if "generator" not in inspect.signature(ref.scheduler.step).parameters:  # UniPC, LMS, DEIS, Heun, DPM2
         step = ref.scheduler.step
         ref.scheduler.step = lambda *args, generator=None, **kwargs: step(*args, **kwargs)
     if type(ref.scheduler).__name__ == "LMSDiscreteScheduler":

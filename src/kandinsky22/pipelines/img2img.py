@@ -91,8 +91,16 @@ class KandinskyV22Img2ImgPipeline(DecoderPipeline):
 
     def _kept_timesteps(self, num_inference_steps: int, first: int) -> torch.Tensor:
         """The timesteps from index ``first`` (see :func:`strength_start`); the scheduler is told where the run
-        begins, so a multistep solver starts its step counter there."""
-        timesteps = self._timesteps(num_inference_steps)[first:]
+        begins, so a multistep solver starts its step counter there.
+
+        A second-order sampler lists two timesteps per step, and ``first`` indexes that table as the reference does
+        (not ``first · order``). An odd ``first`` is a step's second evaluation: there the reference's Heun starts
+        one entry later and runs one evaluation past the table (NaN), its DPM2 takes zero-length steps. We start at
+        the next entry — the noise level the reference's ``add_noise`` used — and stop at the table's end."""
+        timesteps = self._timesteps(num_inference_steps)
+        if getattr(self.scheduler, "order", 1) == 2 and first % 2 == 1:
+            first += 1
+        timesteps = timesteps[first:]
         self._check_timesteps(timesteps)  # before `add_noise` looks the first one up
         self.scheduler.set_begin_index(first)
         return timesteps

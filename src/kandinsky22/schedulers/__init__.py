@@ -13,6 +13,7 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .lms import LMSDiscreteScheduler
 from .noise import randn_tensor
+from .second_order import HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
     "SchedulerMixin",
     "SchedulerOutput",
     "UnCLIPScheduler",

@@ -156,7 +156,8 @@ class SchedulerMixin:
     def _check_beta_config(self) -> None:
         if self.config.trained_betas is None:
             self._require_choice("beta_schedule", tables.BETA_SCHEDULES)
-        if "timestep_spacing" in self.config_defaults:  # not a carried key of another class
+        # Only this class's own keys: another sampler's, carried in the config, are not used here
+        if "timestep_spacing" in self.config_defaults:
             self._require_choice("timestep_spacing", tables.TIMESTEP_SPACINGS)
         if "rescale_betas_zero_snr" in self.config_defaults:
             self._require_default("rescale_betas_zero_snr")
