@@ -23,7 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 DECODER = CONFIGS["decoder"]
 COSINE = CONFIGS["cosine_learned"]
-SIGMA_CLASSES = [n for n in CLASS_NAMES if n not in ("DDPMScheduler", "DDIMScheduler", "UnCLIPScheduler")]
+NON_SIGMA = ("DDPMScheduler", "DDIMScheduler", "UnCLIPScheduler", "PNDMScheduler")
+SIGMA_CLASSES = [n for n in CLASS_NAMES if n not in NON_SIGMA]
 # Non-default settings for the round trips, so that a lost key shows.
 NON_DEFAULT = {
     "DDPMScheduler": DECODER,
@@ -39,6 +40,7 @@ NON_DEFAULT = {
     "HeunDiscreteScheduler": {**DECODER, "use_karras_sigmas": True, "clip_sample_range": 2.0},
     "KDPM2DiscreteScheduler": {**DECODER, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
     "KDPM2AncestralDiscreteScheduler": {**DECODER, "use_karras_sigmas": True},
+    "PNDMScheduler": {**DECODER, "skip_prk_steps": True, "set_alpha_to_one": True, "timestep_spacing": "trailing"},
 }
 
 
@@ -105,7 +107,7 @@ def test_save_and_load_round_trips_with_the_reference(name: str, tmp_path) -> No
         assert nested.config.steps_offset == 0
 
 
-@pytest.mark.parametrize("name", [*CLASS_NAMES[:2], *SIGMA_CLASSES])
+@pytest.mark.parametrize("name", [*CLASS_NAMES[:2], *SIGMA_CLASSES, "PNDMScheduler"])
 def test_trained_betas_as_an_array_saves_like_the_reference(name: str, tmp_path) -> None:
     """The reference documents ``trained_betas`` as an array and writes it as a list; saving (and repr) failed."""
     betas = np.linspace(0.00085, 0.012, 1000)

@@ -6,6 +6,8 @@ per step. ``torch.cuda.set_sync_debug_mode("error")`` turns any such synchronisa
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -34,6 +36,7 @@ NAMES = (
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "UniPCMultistepScheduler",
+    "PNDMScheduler",
 )
 SHAPE = (2, 4, 16, 16)
 
@@ -52,7 +55,7 @@ def sample_loop(name: str, device: str, generator_device: str, no_sync: bool) ->
     generator = torch.Generator(generator_device).manual_seed(0)
     sample = torch.randn(SHAPE, generator=generator, device=generator_device).to(device) * scheduler.init_noise_sigma
     for i, t in enumerate(timesteps):
-        kwargs = {"generator": generator}
+        kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         if name == "UnCLIPScheduler":
             kwargs["prev_timestep"] = timesteps[i + 1] if i + 1 < len(timesteps) else None
         torch.cuda.set_sync_debug_mode("error" if no_sync else "default")

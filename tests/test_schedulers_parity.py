@@ -39,6 +39,7 @@ CLASS_NAMES = (
     "HeunDiscreteScheduler",
     "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler",
+    "PNDMScheduler",
 )
 # Schedulers whose reference implementation splits an 8-channel (learned-variance) output itself; the others get the
 # 4 noise channels on the reference side (its DPM-Solver would slice 3 channels, a bug kandinsky22 does not copy).
@@ -284,6 +285,12 @@ OPTION_VARIANTS = [
     ("HeunDiscreteScheduler", COSINE, {"clip_sample": True, "clip_sample_range": 2.0, "timestep_spacing": "trailing"}),
     ("HeunDiscreteScheduler", COSINE, {"prediction_type": "sample", "use_karras_sigmas": True}),
     ("KDPM2DiscreteScheduler", DECODER, {"prediction_type": "v_prediction", "steps_offset": 0}),
+    # PNDM: the Runge–Kutta warm-up (the default; the reference fails below 4 steps) or the improved-Euler start
+    *(("PNDMScheduler", DECODER, {"skip_prk_steps": s, "set_alpha_to_one": a}) for s in (False, True) for a in (0, 1)),
+    ("PNDMScheduler", COSINE, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("PNDMScheduler", COSINE, {"skip_prk_steps": True, "prediction_type": "v_prediction"}),
+    ("PNDMScheduler", LEARNED_DECODER, {"timestep_spacing": "linspace", "skip_prk_steps": True}),
+    ("PNDMScheduler", {**DECODER, "beta_schedule": "scaled_linear"}, {"steps_offset": 0}),
 ]
 
 

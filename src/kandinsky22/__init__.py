@@ -29,6 +29,7 @@ _EXPORTS = {
     "HeunDiscreteScheduler": "kandinsky22.schedulers",
     "KDPM2DiscreteScheduler": "kandinsky22.schedulers",
     "KDPM2AncestralDiscreteScheduler": "kandinsky22.schedulers",
+    "PNDMScheduler": "kandinsky22.schedulers",
     # pipelines
     "ImagePipelineOutput": "kandinsky22.pipelines.base",
     "KandinskyPriorPipelineOutput": "kandinsky22.pipelines.base",

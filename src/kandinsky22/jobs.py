@@ -52,6 +52,7 @@ SCHEDULERS = (
     "heun",
     "kdpm2",
     "kdpm2-a",
+    "pndm",
 )
 # kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
 COMPILE_SCOPES = ("blocks", "model", "none")
@@ -472,6 +473,9 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "kdpm2": ("KDPM2DiscreteScheduler", {}),
     "kdpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    # PLMS without the Runge–Kutta warm-up: it runs any step count and img2img at every strength (the warm-up needs
+    # 4 steps and a run from the schedule's start)
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
 # The decoder UNet each task needs, as its config says it: (in_channels, addition_embed_type) — the latents alone,
 # or with a mask and the masked image's latents (4 + 1 + 4), or with a depth hint encoded beside the image embedding.

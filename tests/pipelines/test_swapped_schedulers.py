@@ -55,6 +55,8 @@ SCHEDULERS = {
     "heun-karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True, "clip_sample": False}),
     "kdpm2": ("KDPM2DiscreteScheduler", {}),
     "kdpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),  # the official config has no skip_prk_steps: the Runge–Kutta warm-up
+    "pndm-skip-prk": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
 
 # (pipeline, scheduler, call options). Sizes are (height, width); `batch` is the number of image embeddings.
@@ -98,6 +100,19 @@ CASES = [
     ("inpaint", "kdpm2-a", {"steps": 3, "n": 2}),
     ("controlnet", "kdpm2-a", {"steps": 3}),
     ("controlnet_img2img", "heun", {"steps": 4, "strength": 0.5}),
+    # PNDM: 4 steps are 13 model calls with the warm-up (12 of them Runge–Kutta stages); n + 1 without. img2img with
+    # the warm-up only from the start (see test_pndm_img2img_with_the_runge_kutta_warm_up_needs_strength_1); without
+    # it from index 1 (the repeated timestep) and 3 (past it: one step lost, as the reference)
+    ("text2img", "pndm", {"steps": 5}),
+    ("text2img", "pndm", {"steps": 4, "n": 2, "size": (64, 96)}),
+    ("text2img", "pndm-skip-prk", {"steps": 3, "batch": 2}),
+    ("img2img", "pndm", {"steps": 4, "strength": 1.0}),
+    ("img2img", "pndm-skip-prk", {"steps": 5, "strength": 0.8}),
+    ("img2img", "pndm-skip-prk", {"steps": 6, "strength": 0.5, "n": 2}),
+    ("inpaint", "pndm", {"steps": 4}),
+    ("inpaint", "pndm-skip-prk", {"steps": 3, "size": (64, 96)}),
+    ("controlnet", "pndm", {"steps": 4}),
+    ("controlnet_img2img", "pndm-skip-prk", {"steps": 5, "strength": 0.6}),
 ]
 
 PIPELINES = {
@@ -310,3 +325,25 @@ def test_a_strength_that_leaves_no_step_is_refused_with_any_scheduler(loaded, pi
     hint = {"hint": torch.rand(1, 3, 64, 64)} if pipeline == "controlnet_img2img" else {}
     with pytest.raises(ValueError, match=r"`strength`=0.1 with `num_inference_steps`=5 leaves no denoising step"):
         pipe(**_embeds(1), **hint, image=_image((64, 64)), height=64, width=64, num_inference_steps=5, strength=0.1)
+
+
+@pytest.mark.parametrize("pipeline", ["img2img", "controlnet_img2img"])
+def test_pndm_img2img_with_the_runge_kutta_warm_up_needs_strength_1(loaded, pipeline):
+    """The reference's warm-up takes the noise levels of the full schedule's first entries whatever the strength
+    (``test_schedulers_pndm``): it would transfer the barely noised image as if it were pure noise. We refuse before
+    any model runs, and point to ``skip_prk_steps=True``."""
+    class_name, repo = PIPELINES[pipeline]
+    ours_loaded = loaded[repo][0]
+    scheduler, _ = _schedulers("pndm", ours_loaded.scheduler.config, {})
+    pipe = _quiet(getattr(kandinsky22, class_name)(unet=ours_loaded.unet, scheduler=scheduler, movq=ours_loaded.movq))
+    hint = {"hint": torch.rand(1, 3, 64, 64)} if pipeline == "controlnet_img2img" else {}
+    calls = []
+    handle = ours_loaded.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"start at step 4 .*strength < 1.*skip_prk_steps=True"):
+            pipe(**_embeds(1), **hint, image=_image((64, 64)), height=64, width=64, num_inference_steps=8, strength=0.5)
+    finally:
+        handle.remove()
+    assert not calls
+    with pytest.raises(ValueError, match="num_inference_steps=3 is too few"):
+        pipe(**_embeds(1), **hint, image=_image((64, 64)), height=64, width=64, num_inference_steps=3, strength=1.0)

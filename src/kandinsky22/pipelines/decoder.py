@@ -203,6 +203,8 @@ class DecoderPipeline(GuidedLoop, Pipeline):
         callback, _ = self._legacy_callback(dict(legacy))
         check_callback("callback", callback)
         self._check_timesteps(self._timesteps(num_inference_steps)[first_step:])
+        if first_step:  # a sampler that cannot start mid-schedule (PNDM's Runge–Kutta warm-up) refuses it here
+            self.scheduler.set_begin_index(first_step)
 
     # -- building blocks of __call__ ------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """Samplers: the reference's exact ones (DDPM for the decoder, UnCLIP for the prior, DDIM) and fast ODE solvers
-(DPM-Solver++, Euler, Euler-ancestral, UniPC), all reading and writing the reference's ``scheduler_config.json``.
+(DPM-Solver++, Euler, Euler-ancestral, UniPC, PNDM, …), all reading and writing the reference's ``scheduler_config.json``.
 
 Swap samplers with ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``.
 """
@@ -13,6 +13,7 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .lms import LMSDiscreteScheduler
 from .noise import randn_tensor
+from .pndm import PNDMScheduler
 from .second_order import HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .unipc import UniPCMultistepScheduler
 
@@ -25,6 +26,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "LMSDiscreteScheduler",
+    "PNDMScheduler",
     "HeunDiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler",
