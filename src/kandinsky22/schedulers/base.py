@@ -348,6 +348,23 @@ class MultistepSolverMixin(SigmaSchedulerMixin):
                 f"this {type(self).__name__} has use_dynamic_shifting={self.config.use_dynamic_shifting!r}"
             )
 
+    _predicts_x0: bool  # the solver integrates x̂₀ (True) or ε̂ (False): set by each solver from its config
+
+    def _convert(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
+        """The solver's working prediction at step ``i``: x̂₀ (thresholded if the config says so) or ε̂."""
+        c = self.config
+        alpha, sigma = float(self._alpha[i]), float(self._sigma[i])
+        if self._predicts_x0:
+            x0 = predict_x0(c.prediction_type, model_output, sample, alpha, sigma)
+            if c.thresholding:
+                x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+            return x0
+        if c.prediction_type == "epsilon":
+            return model_output
+        if c.prediction_type == "sample":
+            return (sample - alpha * model_output) / sigma
+        return alpha * model_output + sigma * sample
+
     def _check_ready(self) -> None:
         if self.num_inference_steps is None:
             raise ValueError("Call set_timesteps(num_inference_steps) before step()")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import tables
-from .base import PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, dynamic_threshold, noise_channels, predict_x0
+from .base import PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, noise_channels
 from .noise import Generators, randn_tensor
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
@@ -143,20 +143,9 @@ class DPMSolverSinglestepScheduler(MultistepSolverMixin):
         self.num_inference_steps = len(grid)
         self._install(grid, np.append(sigmas, final), device)
 
-    def _convert(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
-        """The solver's working prediction at step ``i``: x̂₀ (the ++ forms) or ε̂ ("dpmsolver")."""
-        c = self.config
-        alpha, sigma = float(self._alpha[i]), float(self._sigma[i])
-        if c.algorithm_type != "dpmsolver":
-            x0 = predict_x0(c.prediction_type, model_output, sample, alpha, sigma)
-            if c.thresholding:
-                x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
-            return x0
-        if c.prediction_type == "epsilon":
-            return model_output
-        if c.prediction_type == "sample":
-            return (sample - alpha * model_output) / sigma
-        return alpha * model_output + sigma * sample
+    @property
+    def _predicts_x0(self) -> bool:  # the ++ forms integrate x̂₀, "dpmsolver" ε̂
+        return self.config.algorithm_type != "dpmsolver"
 
     def step(
         self,

@@ -148,7 +148,22 @@ class _SecondOrder(_EulerFamily):
         sigma = self._model_sigma(position // 2, position % 2 == 1)
         return sample / float((sigma**2 + 1) ** 0.5)
 
-    def _output(self, prev_sample, x0, position, return_dict):
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+        *,
+        generator: Generators = None,
+    ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One half-step: the predictor of σ step k, or its corrector. ``generator``: for the ancestral sampler's
+        noise; keyword-only here, so the reference's positional ``step(output, t, sample, False)`` means
+        ``return_dict=False`` (the deterministic samplers draw nothing)."""
+        position, k, corrector = self._half_step(timestep)
+        model_output = noise_channels(model_output, sample)
+        half = self._correct if corrector else self._predict
+        prev_sample, x0 = half(model_output, sample, k, generator)
         self._step_index = position + 1
         if not return_dict:
             return prev_sample, x0
@@ -186,32 +201,20 @@ class HeunDiscreteScheduler(_SecondOrder):
     def _model_sigma(self, k: int, corrector: bool) -> torch.Tensor:
         return self._grid_sigmas[k + 1] if corrector else self._grid_sigmas[k]
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
-        *,
-        generator: Generators = None,
-    ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One half-step. ``generator`` is accepted for a uniform loop (this sampler draws no noise); keyword-only,
-        so the reference's positional ``step(output, t, sample, False)`` means ``return_dict=False`` here too."""
-        position, k, corrector = self._half_step(timestep)
-        model_output = noise_channels(model_output, sample)
+    def _predict(self, model_output, sample, k, generator):
         sigma, sigma_next = self._grid_sigmas[k], self._grid_sigmas[k + 1]
-        if not corrector:
-            x0 = self._x0(model_output, sample, sigma)
-            slope = (sample - x0) / float(sigma)
-            self._predictor = (sample, slope)
-            prev_sample = sample + slope * float(sigma_next - sigma)
-        else:
-            x0 = self._x0(model_output, sample, sigma_next)
-            start, first_slope = self._predictor
-            slope = (first_slope + (sample - x0) / float(sigma_next)) / 2
-            self._predictor = None
-            prev_sample = start + slope * float(sigma_next - sigma)
-        return self._output(prev_sample, x0, position, return_dict)
+        x0 = self._x0(model_output, sample, sigma)
+        slope = (sample - x0) / float(sigma)
+        self._predictor = (sample, slope)
+        return sample + slope * float(sigma_next - sigma), x0
+
+    def _correct(self, model_output, sample, k, generator):
+        sigma, sigma_next = self._grid_sigmas[k], self._grid_sigmas[k + 1]
+        x0 = self._x0(model_output, sample, sigma_next)
+        start, first_slope = self._predictor
+        slope = (first_slope + (sample - x0) / float(sigma_next)) / 2
+        self._predictor = None
+        return start + slope * float(sigma_next - sigma), x0
 
 
 class _DPM2Family(_SecondOrder):
@@ -238,6 +241,16 @@ class _DPM2Family(_SecondOrder):
         interleaved = np.stack([mid_steps, grid[1:]], axis=1).reshape(-1)
         self._start_run(np.concatenate([grid[:1], interleaved]), _doubled(sigmas, sigmas[-1:]), device)
 
+    def _predict(self, model_output, sample, k, generator):
+        """An Euler step to the midpoint σ."""
+        sigma = self._grid_sigmas[k]
+        x0 = self._x0(model_output, sample, sigma)
+        self._predictor = (sample,)
+        return sample + (sample - x0) / float(sigma) * float(self._mid_sigmas[k] - sigma), x0
+
+    def _model_sigma(self, k: int, corrector: bool) -> torch.Tensor:
+        return self._mid_sigmas[k] if corrector else self._grid_sigmas[k]
+
 
 class KDPM2DiscreteScheduler(_DPM2Family):
     """DPM2 (Karras et al. 2022's DPM-Solver-2 variant in k-diffusion): an Euler predictor to the geometric midpoint
@@ -249,33 +262,12 @@ class KDPM2DiscreteScheduler(_DPM2Family):
         # (n,): the midpoint of step k; the last step's is 0 (its predictor goes to σ = 0)
         self._mid_sigmas = _geometric_midpoint(sigmas[1:], sigmas[:-1])
 
-    def _model_sigma(self, k: int, corrector: bool) -> torch.Tensor:
-        return self._mid_sigmas[k] if corrector else self._grid_sigmas[k]
-
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
-        *,
-        generator: Generators = None,
-    ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One half-step. ``generator`` is accepted for a uniform loop (this sampler draws no noise); keyword-only,
-        so the reference's positional ``step(output, t, sample, False)`` means ``return_dict=False`` here too."""
-        position, k, corrector = self._half_step(timestep)
-        model_output = noise_channels(model_output, sample)
-        sigma, sigma_mid = self._grid_sigmas[k], self._mid_sigmas[k]
-        if not corrector:
-            x0 = self._x0(model_output, sample, sigma)
-            self._predictor = (sample,)
-            prev_sample = sample + (sample - x0) / float(sigma) * float(sigma_mid - sigma)
-        else:
-            x0 = self._x0(model_output, sample, sigma_mid)
-            (start,) = self._predictor
-            self._predictor = None
-            prev_sample = start + (sample - x0) / float(sigma_mid) * float(self._grid_sigmas[k + 1] - sigma)
-        return self._output(prev_sample, x0, position, return_dict)
+    def _correct(self, model_output, sample, k, generator):
+        x0 = self._x0(model_output, sample, self._mid_sigmas[k])
+        (start,) = self._predictor
+        self._predictor = None
+        step = float(self._grid_sigmas[k + 1] - self._grid_sigmas[k])
+        return start + (sample - x0) / float(self._mid_sigmas[k]) * step, x0
 
 
 class KDPM2AncestralDiscreteScheduler(_DPM2Family):
@@ -293,9 +285,6 @@ class KDPM2AncestralDiscreteScheduler(_DPM2Family):
         mid[-1] = 0.0  # the last step: the predictor alone, to σ = 0
         self._mid_sigmas = mid
 
-    def _model_sigma(self, k: int, corrector: bool) -> torch.Tensor:
-        return self._mid_sigmas[k] if corrector else self._grid_sigmas[k]
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -304,21 +293,17 @@ class KDPM2AncestralDiscreteScheduler(_DPM2Family):
         generator: Generators = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        position, k, corrector = self._half_step(timestep)
-        model_output = noise_channels(model_output, sample)
-        sigma, sigma_mid = self._grid_sigmas[k], self._mid_sigmas[k]
-        if not corrector:
-            x0 = self._x0(model_output, sample, sigma)
-            self._predictor = (sample,)
-            prev_sample = sample + (sample - x0) / float(sigma) * float(sigma_mid - sigma)
-        else:
-            x0 = self._x0(model_output, sample, sigma_mid)
-            (start,) = self._predictor
-            self._predictor = None
-            if sigma_mid > 0:
-                prev_sample = start + (sample - x0) / float(sigma_mid) * float(self._sigma_down[k] - sigma)
-            else:  # σ_down = 0 (float32 underflow): the predictor has landed there; k-diffusion takes the Euler step
-                prev_sample = sample
-            noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
-            prev_sample = prev_sample + noise * float(self._sigma_up[k])
-        return self._output(prev_sample, x0, position, return_dict)
+        """One half-step; the corrector draws its noise from ``generator`` (positional, as the reference's)."""
+        return super().step(model_output, timestep, sample, return_dict, generator=generator)
+
+    def _correct(self, model_output, sample, k, generator):
+        sigma_mid = self._mid_sigmas[k]
+        x0 = self._x0(model_output, sample, sigma_mid)
+        (start,) = self._predictor
+        self._predictor = None
+        if sigma_mid > 0:
+            prev_sample = start + (sample - x0) / float(sigma_mid) * float(self._sigma_down[k] - self._grid_sigmas[k])
+        else:  # σ_down = 0 (float32 underflow): the predictor has landed there; k-diffusion takes the Euler step
+            prev_sample = sample
+        noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
+        return prev_sample + noise * float(self._sigma_up[k]), x0
