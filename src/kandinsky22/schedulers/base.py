@@ -37,6 +37,16 @@ _ALL_SCHEDULER_KEYS: set[str] = set()
 _SCHEDULER_CLASSES: list[type] = []
 
 
+# The training-schedule keys every sampler's config starts with, at the reference's defaults.
+BETA_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+}
+
+
 @dataclass
 class SchedulerOutput(ModelOutput):
     prev_sample: torch.Tensor

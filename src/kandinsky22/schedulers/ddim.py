@@ -8,7 +8,15 @@ import numpy as np
 import torch
 
 from . import tables
-from .base import PREDICTION_TYPES, SchedulerMixin, SchedulerOutput, dynamic_threshold, host_value, noise_channels
+from .base import (
+    BETA_DEFAULTS,
+    PREDICTION_TYPES,
+    SchedulerMixin,
+    SchedulerOutput,
+    dynamic_threshold,
+    host_value,
+    noise_channels,
+)
 from .ddpm import add_noise_vp
 from .noise import Generators, randn_tensor
 
@@ -20,11 +28,7 @@ class DDIMScheduler(SchedulerMixin):
     """
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "clip_sample": True,
         "set_alpha_to_one": True,
         "steps_offset": 0,

@@ -16,6 +16,7 @@ import torch
 
 from . import tables
 from .base import (
+    BETA_DEFAULTS,
     PREDICTION_TYPES,
     SchedulerMixin,
     SchedulerOutput,
@@ -100,11 +101,7 @@ class DDPMScheduler(SchedulerMixin):
     """
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "variance_type": "fixed_small",
         "clip_sample": True,
         "prediction_type": "epsilon",

@@ -16,7 +16,15 @@ import torch
 from numpy.polynomial import polynomial as P
 
 from . import tables
-from .base import PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, dynamic_threshold, noise_channels, predict_x0
+from .base import (
+    BETA_DEFAULTS,
+    PREDICTION_TYPES,
+    MultistepSolverMixin,
+    SchedulerOutput,
+    dynamic_threshold,
+    noise_channels,
+    predict_x0,
+)
 
 
 def deis_coefficients(rho_from: float, rho_to: float, nodes: list[float]) -> list[float]:
@@ -43,11 +51,7 @@ class DEISMultistepScheduler(MultistepSolverMixin):
     never to σ = 0 (where ρ = 0 and log ρ = −∞)."""
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
         "thresholding": False,

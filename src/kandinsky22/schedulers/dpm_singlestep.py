@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import tables
-from .base import PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, noise_channels
+from .base import BETA_DEFAULTS, PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, noise_channels
 from .noise import Generators, randn_tensor
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
@@ -51,11 +51,7 @@ class DPMSolverSinglestepScheduler(MultistepSolverMixin):
     """
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
         "thresholding": False,

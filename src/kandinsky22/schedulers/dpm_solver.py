@@ -15,7 +15,15 @@ import numpy as np
 import torch
 
 from . import tables
-from .base import PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, dynamic_threshold, noise_channels, predict_x0
+from .base import (
+    BETA_DEFAULTS,
+    PREDICTION_TYPES,
+    MultistepSolverMixin,
+    SchedulerOutput,
+    dynamic_threshold,
+    noise_channels,
+    predict_x0,
+)
 
 
 class DPMSolverMultistepScheduler(MultistepSolverMixin):
@@ -28,11 +36,7 @@ class DPMSolverMultistepScheduler(MultistepSolverMixin):
     """
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
         "thresholding": False,

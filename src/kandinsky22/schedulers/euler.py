@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import tables
-from .base import PREDICTION_TYPES, SchedulerOutput, SigmaSchedulerMixin, noise_channels
+from .base import BETA_DEFAULTS, PREDICTION_TYPES, SchedulerOutput, SigmaSchedulerMixin, noise_channels
 from .noise import Generators, randn_tensor
 
 
@@ -81,11 +81,7 @@ class EulerDiscreteScheduler(_EulerFamily):
     """
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "prediction_type": "epsilon",
         "interpolation_type": "linear",
         "use_karras_sigmas": False,
@@ -192,11 +188,7 @@ class EulerAncestralDiscreteScheduler(_EulerFamily):
     """
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "prediction_type": "epsilon",
         "timestep_spacing": "linspace",
         "steps_offset": 0,

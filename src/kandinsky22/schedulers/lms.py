@@ -14,7 +14,7 @@ import torch
 from numpy.polynomial import polynomial as P
 
 from . import tables
-from .base import SchedulerOutput, noise_channels
+from .base import BETA_DEFAULTS, SchedulerOutput, noise_channels
 from .euler import _EulerFamily
 
 
@@ -43,11 +43,7 @@ class LMSDiscreteScheduler(_EulerFamily):
     """
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "use_karras_sigmas": False,
         "use_exponential_sigmas": False,
         "use_beta_sigmas": False,

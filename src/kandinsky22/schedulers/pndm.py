@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import tables
-from .base import SchedulerMixin, SchedulerOutput, host_value, noise_channels
+from .base import BETA_DEFAULTS, SchedulerMixin, SchedulerOutput, host_value, noise_channels
 from .ddpm import add_noise_vp
 
 # Evaluations of one pseudo Runge–Kutta step and the number of such steps before PLMS takes over.
@@ -69,11 +69,7 @@ class PNDMScheduler(SchedulerMixin):
     """
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "skip_prk_steps": False,
         "set_alpha_to_one": False,
         "prediction_type": "epsilon",

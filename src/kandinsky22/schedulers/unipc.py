@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import tables
-from .base import PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, noise_channels
+from .base import BETA_DEFAULTS, PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, noise_channels
 
 
 class UniPCMultistepScheduler(MultistepSolverMixin):
@@ -21,11 +21,7 @@ class UniPCMultistepScheduler(MultistepSolverMixin):
     """
 
     config_defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
         "thresholding": False,
