@@ -348,6 +348,43 @@ class MultistepSolverMixin(SigmaSchedulerMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         return sample
 
+    def _install_solver_run(
+        self,
+        num_inference_steps: int | None,
+        timesteps: Any,
+        device: torch.device | str | None,
+        spacing: str,
+        offset: int,
+        round_karras: bool,
+    ) -> None:
+        """The DPM-Solver family's run: the given ``timesteps`` (strictly descending, in [0, T−1]; not with
+        ``use_karras_sigmas``, and ``lambda_min_clipped`` does not apply to them), or ``num_inference_steps`` spaced by
+        ``spacing`` below ``lambda_min_clipped``, or Karras σ (their timesteps rounded where ``round_karras``)."""
+        c = self.config
+        total = c.num_train_timesteps
+        ac = self.alphas_cumprod
+        train_sigmas = tables.train_sigmas(ac)
+        if tables.schedule_source(num_inference_steps, timesteps=timesteps) == "timesteps":
+            if c.use_karras_sigmas:  # as the reference: Karras σ make their own timesteps
+                raise ValueError(f"timesteps={tables.brief(timesteps)} cannot be used with use_karras_sigmas=True")
+            grid = tables.custom_timesteps(timesteps, total)
+        else:
+            tables.check_num_steps(num_inference_steps, total)
+            # λ_min clipping cuts the noisiest end of the grid (for cosine schedules, whose λ goes to −∞).
+            train_lambda = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
+            clipped = int(torch.searchsorted(torch.flip(train_lambda, [0]), c.lambda_min_clipped))
+            grid = tables.solver_timesteps(spacing, num_inference_steps, total, offset, total - clipped)
+        if c.use_karras_sigmas:
+            sigmas = tables.karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), num_inference_steps)
+            grid = tables.sigma_to_t(sigmas, np.log(train_sigmas))
+            if round_karras:
+                grid = grid.round()
+        else:
+            sigmas = np.interp(grid, np.arange(len(train_sigmas)), train_sigmas)
+        final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.final_sigmas_type == "sigma_min" else 0.0
+        self.num_inference_steps = len(grid)
+        self._install(grid, np.append(sigmas, final), device)
+
     def _refuse_mu(self, mu: float | None) -> None:
         """``set_timesteps(mu=...)`` shifts flow-matching σ (``use_dynamic_shifting``), which kandinsky22 does not
         implement. The reference asserts (DPM-Solver) or ignores ``mu`` silently (UniPC); a shift the caller asked

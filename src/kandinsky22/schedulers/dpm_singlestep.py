@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import tables
 from .base import BETA_DEFAULTS, PREDICTION_TYPES, MultistepSolverMixin, SchedulerOutput, noise_channels
 from .noise import Generators, randn_tensor
 
@@ -116,28 +115,8 @@ class DPMSolverSinglestepScheduler(MultistepSolverMixin):
     ) -> None:
         """``num_inference_steps`` spaced evenly ("linspace", below ``lambda_min_clipped``) or as Karras σ, or the given
         ``timesteps`` (strictly descending, in [0, T−1]; not with ``use_karras_sigmas``)."""
-        c = self.config
-        total = c.num_train_timesteps
         self._refuse_mu(mu)
-        ac = self.alphas_cumprod
-        train = tables.train_sigmas(ac)
-        if tables.schedule_source(num_inference_steps, timesteps=timesteps) == "timesteps":
-            if c.use_karras_sigmas:  # as the reference: Karras σ make their own timesteps
-                raise ValueError(f"timesteps={tables.brief(timesteps)} cannot be used with use_karras_sigmas=True")
-            grid = tables.custom_timesteps(timesteps, total)
-        else:
-            tables.check_num_steps(num_inference_steps, total)
-            train_lambda = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
-            clipped = int(torch.searchsorted(torch.flip(train_lambda, [0]), c.lambda_min_clipped))
-            grid = tables.solver_timesteps("linspace", num_inference_steps, total, 0, total - clipped)
-        if c.use_karras_sigmas:
-            sigmas = tables.karras_sigmas(float(train[0]), float(train[-1]), num_inference_steps)
-            grid = tables.sigma_to_t(sigmas, np.log(train)).round()
-        else:
-            sigmas = np.interp(grid, np.arange(len(train)), train)
-        final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.final_sigmas_type == "sigma_min" else 0.0
-        self.num_inference_steps = len(grid)
-        self._install(grid, np.append(sigmas, final), device)
+        self._install_solver_run(num_inference_steps, timesteps, device, "linspace", 0, round_karras=True)
 
     @property
     def _predicts_x0(self) -> bool:  # the ++ forms integrate x̂₀, "dpmsolver" ε̂

@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import tables
 from .base import (
     BETA_DEFAULTS,
     PREDICTION_TYPES,
@@ -90,32 +88,12 @@ class DPMSolverMultistepScheduler(MultistepSolverMixin):
         """``num_inference_steps`` spaced by ``timestep_spacing`` (or Karras σ), or the given ``timesteps`` (strictly
         descending, in [0, T−1]; not with ``use_karras_sigmas``, and ``lambda_min_clipped`` does not apply to them).
         ``mu`` (the flow-matching time shift) needs ``use_dynamic_shifting``, which kandinsky22 does not have."""
-        c = self.config
-        total = c.num_train_timesteps
         self._refuse_mu(mu)
-        ac = self.alphas_cumprod
-        train_sigmas = tables.train_sigmas(ac)
-        if tables.schedule_source(num_inference_steps, timesteps=timesteps) == "timesteps":
-            if c.use_karras_sigmas:  # as the reference: Karras σ make their own timesteps
-                raise ValueError(f"timesteps={tables.brief(timesteps)} cannot be used with use_karras_sigmas=True")
-            grid = tables.custom_timesteps(timesteps, total)
-        else:
-            tables.check_num_steps(num_inference_steps, total)
-            # λ_min clipping cuts the noisiest end of the grid (for cosine schedules, whose λ goes to −∞).
-            train_lambda = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
-            clipped = int(torch.searchsorted(torch.flip(train_lambda, [0]), c.lambda_min_clipped))
-            spacing = c.timestep_spacing
-            grid = tables.solver_timesteps(spacing, num_inference_steps, total, c.steps_offset, total - clipped)
-        if c.use_karras_sigmas:
-            sigmas = tables.karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), num_inference_steps)
-            grid = tables.sigma_to_t(sigmas, np.log(train_sigmas))
-            if c.beta_schedule != "squaredcos_cap_v2":
-                grid = grid.round()
-        else:
-            sigmas = np.interp(grid, np.arange(len(train_sigmas)), train_sigmas)
-        final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.final_sigmas_type == "sigma_min" else 0.0
-        self.num_inference_steps = len(grid)
-        self._install(grid, np.append(sigmas, final), device)
+        c = self.config
+        round_karras = c.beta_schedule != "squaredcos_cap_v2"  # as the reference
+        self._install_solver_run(
+            num_inference_steps, timesteps, device, c.timestep_spacing, c.steps_offset, round_karras
+        )
 
     def step(
         self,
