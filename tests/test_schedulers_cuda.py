@@ -37,6 +37,12 @@ NAMES = (
     "EulerAncestralDiscreteScheduler",
     "UniPCMultistepScheduler",
     "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
 )
 SHAPE = (2, 4, 16, 16)
 
