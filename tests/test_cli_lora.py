@@ -323,3 +323,28 @@ def test_batch_lora_errors_exit_2_before_or_instead_of_the_jobs(
         result = run("batch", "jobs.jsonl", "--out", "out", *models(tiny), "--lora", lora_arg, "--quiet", cwd=tmp_path)
         assert result.returncode == 2 and result.stderr.startswith(message), (lora_arg, result.stderr)
         assert len(result.stderr.splitlines()) == 1 and not list(tmp_path.glob("out/*.png"))
+
+
+def test_a_named_file_of_a_hub_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``owner/name/FILE`` downloads that file of the repository (the hub stood in for by a folder: no network)."""
+    from kandinsky22 import loading
+
+    repo = tmp_path / "snapshot"
+    write_lora(repo / "my_style.safetensors")
+    asked = []
+
+    def download(repo_id: str, allow_patterns: list[str], revision: str | None = None, **kwargs: object) -> Path:
+        asked.append((repo_id, allow_patterns))
+        return repo
+
+    monkeypatch.setattr(loading, "download_from_hub", download)
+    spec = parse_lora("owner/name/my_style.safetensors:0.5")
+    assert spec == LoraSpec("owner/name/my_style.safetensors", 0.5)
+    assert checked_sources([spec]) == [spec]
+    assert lora_file(spec.source) == repo / "my_style.safetensors"
+    assert asked[-1] == ("owner/name", ["my_style.safetensors", "adapter_config.json"])
+    with pytest.raises(FileNotFoundError, match="no file 'gone.safetensors' in the hub repository 'owner/name'"):
+        lora_file("owner/name/gone.safetensors")
+    # the repository alone reads the standard names only, and says how to name another
+    with pytest.raises(FileNotFoundError, match=r"hub repository 'owner/name'.*give it as 'owner/name/FILE'"):
+        lora_file("owner/name")

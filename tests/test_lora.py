@@ -335,3 +335,23 @@ def test_prefix_picks_this_models_keys_from_a_pipelines_file(unets):
     ours.load_lora_adapter(tensors, prefix="unet")
     got, expected = unet_outputs(reference, ours)
     assert (got - expected).abs().max() < TOL
+
+
+def test_a_hub_repository_reads_its_standard_file_or_the_one_named(unets, tmp_path, monkeypatch):
+    """The hub stood in for by a folder (no network). A snapshot folder holds whatever earlier downloads left, so only
+    a standard name or ``weight_name=`` picks the file there; a local folder also takes its only .safetensors."""
+    from kandinsky22 import loading
+
+    reference, ours = unets
+    add_adapter(reference, "a", seed=22, alpha=4)
+    save_file(peft_tensors(reference, "a"), str(tmp_path / "my_style.safetensors"))
+    monkeypatch.setattr(loading, "download_from_hub", lambda repo_id, allow_patterns, revision=None, **kw: tmp_path)
+    with pytest.raises(FileNotFoundError, match="No LoRA file in"):
+        ours.load_lora_adapter("owner/name")
+    ours.load_lora_adapter("owner/name", weight_name="my_style.safetensors")
+    got, expected = unet_outputs(reference, ours)
+    assert (got - expected).abs().max() < TOL
+    ours.unload_lora()
+    ours.load_lora_adapter(tmp_path)  # the same folder given as a local path
+    got, expected = unet_outputs(reference, ours)
+    assert (got - expected).abs().max() < TOL

@@ -131,7 +131,7 @@ def read_lora(
     else:
         patterns = [weight_name] if weight_name else list(LORA_FILES)
         folder = loading.resolve_folder(source, subfolder, [*patterns, PEFT_CONFIG], **hub_kwargs)
-        file = find_lora_file(folder, weight_name)
+        file = find_lora_file(folder, weight_name, hub=not path.exists())
     if file.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
         raise ValueError(f"LoRA file {str(file)!r}: expected a .safetensors or a pickled .bin/.pt file")
     try:
@@ -157,8 +157,9 @@ def read_lora(
     return state, settings, str(file)
 
 
-def find_lora_file(folder: Path, weight_name: str | None = None) -> Path:
-    """The LoRA file of a folder: ``weight_name``, else the first of ``LORA_FILES`` there, else its only .safetensors."""
+def find_lora_file(folder: Path, weight_name: str | None = None, hub: bool = False) -> Path:
+    """The LoRA file of a folder: ``weight_name``, else the first of ``LORA_FILES`` there, else (not for a ``hub``
+    repository's snapshot, which holds whatever earlier downloads left) its only .safetensors."""
     if weight_name:
         file = folder / weight_name
         if not file.is_file():
@@ -167,7 +168,7 @@ def find_lora_file(folder: Path, weight_name: str | None = None) -> Path:
     for name in LORA_FILES:
         if (folder / name).is_file():
             return folder / name
-    candidates = sorted(p.name for p in folder.glob("*.safetensors"))
+    candidates = [] if hub else sorted(p.name for p in folder.glob("*.safetensors"))
     if len(candidates) == 1:
         return folder / candidates[0]
     raise FileNotFoundError(

@@ -1,7 +1,8 @@
 """LoRAs as the command line takes them: ``--lora SOURCE[:WEIGHT]`` of the image commands, ``batch`` and ``serve``.
 
 SOURCE is a LoRA file (.safetensors or a pickled .bin), a folder holding one, or a hub id; WEIGHT (default 1) is the
-text after the last ``:`` when it reads as a number, so ``C:\\loras\\style.safetensors`` and ``owner/name`` need none.
+text after the last ``:`` when it reads as a number, so ``C:\\loras\\style.safetensors`` and ``owner/name`` need none;
+``owner/name/FILE.safetensors`` names one file of a hub repository.
 A spec is plain data (:class:`LoraSpec`); this module parses and checks specs without torch, so a bad one is refused
 before any model loads. :class:`EngineLoras` is what an :class:`~kandinsky22.jobs.Engine` does with them: it finds the
 file each LoRA is read from (in a folder or hub repository: the one :mod:`kandinsky22.lora` picks), reads and hashes
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from kandinsky22.lora import LoraFile
 
 OPTION = "--lora"
+# ``owner/name/path/in/repo.safetensors``: one file of a hub repository (a LoRA file of any name).
+HUB_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)/(?P<file>[^:]+\.(?:safetensors|bin|pt|pth|ckpt))$")
 
 
 class LoraError(ValueError):
@@ -87,7 +91,7 @@ def checked_sources(specs: Sequence[LoraSpec]) -> list[LoraSpec]:
         path = Path(spec.source).expanduser()
         if path.exists():
             checked.append(dataclasses.replace(spec, source=os.path.abspath(path)))
-        elif HUB_ID.match(spec.source):
+        elif HUB_ID.match(spec.source) or HUB_FILE.match(spec.source):
             checked.append(spec)
         else:
             head, colon, tail = spec.source.rpartition(":")
@@ -143,19 +147,25 @@ def lora_file(source: str) -> Path:
         return Path(os.path.abspath(path))
     from kandinsky22 import loading, lora
 
+    in_repo = HUB_FILE.match(source)
+    if in_repo:  # one named file of a hub repository
+        folder = loading.resolve_folder(in_repo["repo"], None, [in_repo["file"], lora.PEFT_CONFIG])
+        file = folder / in_repo["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"no file '{in_repo['file']}' in the hub repository '{in_repo['repo']}'")
+        return Path(os.path.abspath(file))
     folder = loading.resolve_folder(source, None, [*lora.LORA_FILES, lora.PEFT_CONFIG])
     try:
-        return Path(os.path.abspath(lora.find_lora_file(folder)))
+        return Path(os.path.abspath(lora.find_lora_file(folder, hub=not path.exists())))
     except FileNotFoundError:
         # kandinsky22.lora's message advises weight_name=, which the command line has not: give the file instead.
         others = sorted(p.name for p in folder.glob("*.safetensors"))
-        where = f"folder '{folder}'" if path.exists() else f"hub repository '{source}'"
-        several = (
-            f", and it holds several other .safetensors files ({', '.join(others)}): give one of them" if others else ""
-        )
-        raise FileNotFoundError(
-            f"no LoRA file in the {where}: looked for {', '.join(lora.LORA_FILES)}{several}"
-        ) from None
+        if not path.exists():  # a hub repository: only the standard names were downloaded
+            where, hint = f"hub repository '{source}'", f"; a file of another name: give it as '{source}/FILE'"
+        else:
+            where = f"folder '{folder}'"
+            hint = f", and it holds several other .safetensors files ({', '.join(others)}): give one" if others else ""
+        raise FileNotFoundError(f"no LoRA file in the {where}: looked for {', '.join(lora.LORA_FILES)}{hint}") from None
 
 
 @dataclass
