@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kandinsky22
 from kandinsky22 import fast, tiny
-from kandinsky22.models import movq, norms, prior
+from kandinsky22.models import layers, movq, norms, prior
 from kandinsky22.models.layers import AddedKVAttention, FusibleProjections, ResnetBlock2D
 
 TOL = 1e-4  # fp32, max |fast - eager| on [0, 1] images and on model outputs
@@ -505,6 +505,29 @@ def test_triton_norms_where_the_fast_path_leaves_a_model_uncompiled(scope, trito
     assert compiled == (scope != "none" and not runs)
 
 
+@pytest.mark.parametrize("scope", ["blocks", "none"])
+def test_graphs_read_phase_kernels_that_follow_the_weights(scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uncompiled, the UNet's graphs read its upsampling convolutions' phase kernels from their buffers, refreshed
+    once per run: a weight changed in place after the capture (as a LoRA merges) reaches the replayed graph, which
+    is not captured again. Compiled, the graph derives them and nothing is kept."""
+    torch._dynamo.reset()
+    fast_path_as_on_cuda(monkeypatch)
+    monkeypatch.setattr(layers, "_PHASES_MIN_PIXELS", 1)  # the phase form at the tiny sizes
+    pipe = _pipeline()
+    pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope=scope)
+    convs = pipe.unet._upsampling_convs
+    assert convs and all((conv.phase_kernel is not None) == (scope == "none") for conv in convs)
+    graphs = pipe.unet._compiled_call_impl
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.data.mul_(1.5)
+        fast_images = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+    assert graphs.captures == 1
+    fast.drop_cuda_graphs(pipe.unet)
+    eager = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images
+    assert (fast_images - eager).abs().max() < TOL
+
+
 def test_only_warmed_up_graphs_captures_nothing_new() -> None:
     model = torch.nn.Linear(4, 3)
     call = fast.CudaGraphCall(model, model, rerun_capture, "cpu")
@@ -547,6 +570,7 @@ def test_offloading_after_the_fast_path_drops_the_graphs(scope: str, offload: st
     getattr(pipe, f"enable_{offload}_cpu_offload")(device="cpu")
     for model in (pipe.unet, pipe.prior_prior):
         assert not isinstance(model._compiled_call_impl, fast.CudaGraphCall)
+    assert all(conv.phase_kernel is None for conv in pipe.unet._upsampling_convs)  # kept for the graphs only
     # the compiled model stays compiled ("model" scope), the blocks stay compiled ("blocks")
     assert pipe.unet._compiled_call_impl is (compiled if scope == "model" else None)
     images = pipe("red cat", generator=torch.Generator().manual_seed(0), **CALL).images

@@ -367,3 +367,41 @@ def test_conditioning_holds_the_phase_kernels_where_the_weights_are(upsampling):
     assert model.prepare_conditioning(cond).phase_weights is not None
     convs[0].weight = nn.Parameter(torch.empty_like(convs[0].weight, device="meta"))
     assert model.prepare_conditioning(cond).phase_weights is None
+
+
+@torch.no_grad()
+def test_kept_phase_kernels_follow_the_weights_once_per_run(upsampling):
+    """The fast path's CUDA graphs read the phase kernels from the convolutions' buffers (``keep_phase_weight``):
+    prepare_conditioning then passes none and refreshes the buffers in place, once per run, so a weight changed in
+    place (a LoRA merged through ``.data``, which bumps no version counter) reaches the next run at the same
+    addresses; the buffers stay out of the state dict and ``keep_phase_weight(False)`` drops them."""
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**THREE_LEVELS).eval()
+    sample, cond = make_inputs(THREE_LEVELS, batch=2, height=8, width=12)
+    expected = model(sample, 7, conditioning=model.prepare_conditioning(cond)).sample
+    convs = model._upsampling_convs
+    for conv in convs:
+        conv.keep_phase_weight()
+    conditioning = model.prepare_conditioning(cond)
+    assert conditioning.phase_weights is None
+    addresses = [conv.phase_kernel.data_ptr() for conv in convs]
+    torch.testing.assert_close(model(sample, 7, conditioning=conditioning).sample, expected, atol=0, rtol=0)
+    assert set(model.state_dict()) == set(UNet2DConditionModel(**THREE_LEVELS).state_dict())
+
+    for conv in convs:
+        conv.weight.data.mul_(1.5)
+        conv.bias.data.add_(0.25)
+    fresh = [conv.phase_weight() for conv in convs]
+    assert not torch.equal(convs[0].phase_kernel, fresh[0][0])  # not followed before the next run...
+    conditioning = model.prepare_conditioning(cond)
+    for conv, (kernel, bias) in zip(convs, fresh):  # ...then refreshed in place
+        assert torch.equal(conv.phase_kernel, kernel) and torch.equal(conv.phase_bias, bias)
+    assert [conv.phase_kernel.data_ptr() for conv in convs] == addresses
+    changed = model(sample, 7, conditioning=conditioning).sample
+    for conv in convs:
+        conv.keep_phase_weight(False)
+    assert all(conv.phase_kernel is None and conv.phase_bias is None for conv in convs)
+    conditioning = model.prepare_conditioning(cond)
+    assert conditioning.phase_weights is not None
+    torch.testing.assert_close(model(sample, 7, conditioning=conditioning).sample, changed, atol=0, rtol=0)
+    assert (changed - expected).abs().max() > 1e-3

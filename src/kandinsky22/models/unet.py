@@ -487,8 +487,13 @@ class UNet2DConditionModel(LoraModelMixin, ModelMixin):
         # The phase kernels, once per run: not for a compiled UNet, whose graph derives them (fused into one pass over
         # the weights; as inputs, a CUDA graph would keep a copy of them per shape), nor where the weights are not on
         # the inputs' device (sequential offload brings them in for each call only).
+        # Kept in the convolutions' buffers (the uncompiled fast path's CUDA graphs read them there): refreshed here,
+        # once per run, and not passed.
+        kept = bool(upsamplers) and all(conv.phase_kernel is not None for conv in upsamplers)
+        for conv in upsamplers if kept else ():
+            conv.refresh_phase_weight()
         compiled = getattr(self, "_compiled_call_impl", None) is not None
-        per_run = not compiled and all(conv.weight.device == time_addition.device for conv in upsamplers)
+        per_run = not kept and not compiled and all(conv.weight.device == time_addition.device for conv in upsamplers)
         return UNetConditioning(
             time_addition=time_addition,
             context_kv=[attn.context_kv(context) for attn in attentions],  # the order forward calls them in
