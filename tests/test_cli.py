@@ -512,7 +512,7 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
     assert parser.parse_args([]).warm_up is None  # serve() then takes 512x512 if --max-side allows it
     assert parser.parse_args(["--warm-up", "768x512, 1024X1024"]).warm_up == [(768, 512), (1024, 1024)]
     assert parser.parse_args(["--warm-up", "none"]).warm_up == []
-    assert parser.parse_args([]).compile_scope == "blocks"
+    assert parser.parse_args([]).compile_scope == "auto"
     assert parser.parse_args(["--compile-scope", "none"]).compile_scope == "none"
     for bad in ("512", "0x512", "512x", "99999x512", "512x512;768x768"):
         with pytest.raises(SystemExit) as exit_info:
@@ -541,7 +541,7 @@ def test_serve_warm_up_sizes_parse_and_errors(capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.parametrize("negative", [[], ["--negative", "blurry"]], ids=["plain", "negative"])
-@pytest.mark.parametrize("scope", [None, "model", "none"])
+@pytest.mark.parametrize("scope", [None, "blocks", "model", "none"])
 def test_fast_compiles_the_runs_shapes_when_the_models_load(
     negative: list[str],
     scope: str | None,
@@ -550,8 +550,8 @@ def test_fast_compiles_the_runs_shapes_when_the_models_load(
     capsys: pytest.CaptureFixture,
 ) -> None:
     """--fast hands the engine the run's (height, width, images per call) to warm up, and the prior's doubled batch
-    only when a job has a negative prompt, in --compile-scope (default blocks); a note says it compiles, or, with
-    --compile-scope none, that it does not."""
+    only when a job has a negative prompt, in --compile-scope (default auto); a note says it compiles, or, with
+    --compile-scope none, that it does not, or with auto where it would."""
     import PIL.Image
 
     from kandinsky22 import cli, jobs
@@ -568,8 +568,8 @@ def test_fast_compiles_the_runs_shapes_when_the_models_load(
     args += [] if scope is None else ["--compile-scope", scope]
     sizes = ["--width", "96", "--height", "64", "--num-images", "3", "--batch-size", "2", *negative]
     assert cli.main([*args, *sizes, "-o", str(tmp_path / "x.png")]) == 0
-    assert seen[0] == (True, [(64, 96, 1), (64, 96, 2)], bool(negative), scope or "blocks")
-    what = "preparing" if scope == "none" else "compiling for"
+    assert seen[0] == (True, [(64, 96, 1), (64, 96, 2)], bool(negative), scope or "auto")
+    what = "compiling for" if scope in ("blocks", "model") else "preparing"
     assert f"fast path: {what} 96x64 (1 per call), 96x64 (2 per call)" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -528,6 +529,64 @@ def test_graphs_read_phase_kernels_that_follow_the_weights(scope: str, monkeypat
     assert (fast_images - eager).abs().max() < TOL
 
 
+@pytest.mark.parametrize(
+    ("cuda", "triton", "capability", "offload", "expected"),
+    [
+        (True, True, (9, 0), False, "none"),  # the Triton norms run inside the CUDA graphs
+        (True, False, (9, 0), False, "blocks"),
+        (True, True, (6, 1), False, "blocks"),  # Triton generates no code for a Pascal GPU
+        (True, True, (9, 0), True, "blocks"),  # offloaded: no CUDA graphs
+        (False, True, (9, 0), False, "blocks"),
+    ],
+)
+def test_auto_scope_is_none_where_the_triton_norms_run(cuda, triton, capability, offload, expected, monkeypatch):
+    fast_path_as_on_cuda(monkeypatch)
+    monkeypatch.setattr(fast, "_on_cuda", lambda model: cuda)
+    monkeypatch.setattr(norms, "triton_available", lambda: triton)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    pipe = _pipeline()
+    if offload:
+        pipe.enable_model_cpu_offload(device="cpu")
+    pipe.enable_fast_path(backend="eager")
+    assert {m._fast_path_scope for m in (pipe.unet, pipe.movq, pipe.prior_prior)} == {expected}
+    pipe.enable_fast_path(backend="eager")  # again: the scope it is on, whatever "auto" would pick now
+    with pytest.raises(ValueError, match="compile_scope"):
+        pipe.enable_fast_path(backend="eager", compile_scope="model")
+
+
+def test_auto_scope_keeps_the_scope_a_pipeline_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast_path_as_on_cuda(monkeypatch)
+    pipe = _pipeline()
+    pipe.enable_fast_path(backend="eager", compile_scope="model")
+    pipe.enable_fast_path(backend="eager")
+    assert {m._fast_path_scope for m in (pipe.unet, pipe.movq, pipe.prior_prior)} == {"model"}
+
+
+@pytest.mark.parametrize(
+    ("ran_untimed", "autotuning", "warns"), [(True, False, True), (False, False, False), (True, True, False)]
+)
+def test_fast_path_warns_when_the_unet_already_ran_without_cudnn_autotuning(
+    ran_untimed: bool, autotuning: bool, warns: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyTorch keeps the cuDNN plan chosen at a convolution shape's first use: a UNet that already ran on CUDA with
+    autotuning off (the flag its prepare_conditioning sets there; tests/pipelines/test_fast_cuda.py sets it for
+    real) cannot get timed plans from the fast path, which says so and how to avoid it."""
+    fast_path_as_on_cuda(monkeypatch)
+    torch.backends.cudnn.benchmark = autotuning  # restored by the monkeypatch of fast_path_as_on_cuda
+    pipe = _pipeline()
+    if ran_untimed:
+        pipe.unet._ran_untimed_convolutions = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.enable_fast_path(backend="eager", compile_scope="none")
+    ours = [w for w in caught if "cuDNN autotuning" in str(w.message)]
+    assert len(ours) == warns
+    if warns:
+        assert "the unet already ran on CUDA" in str(ours[0].message)
+        assert "before the first image" in str(ours[0].message)
+        assert ours[0].filename == __file__  # points at the caller's line
+
+
 def test_only_warmed_up_graphs_captures_nothing_new() -> None:
     model = torch.nn.Linear(4, 3)
     call = fast.CudaGraphCall(model, model, rerun_capture, "cpu")
@@ -549,7 +608,7 @@ def test_warm_up_compiles_and_captures_where_the_caller_asked_for_neither(monkey
     pipe = _pipeline()
     before = counters["stats"]["unique_graphs"]
     with torch.compiler.set_stance("eager_on_recompile"), fast.only_warmed_up_graphs():
-        pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", negative_prompts=False)
+        pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", negative_prompts=False, compile_scope="blocks")
         compiled = counters["stats"]["unique_graphs"]
         assert compiled > before
         assert pipe.unet._compiled_call_impl.captures == 1

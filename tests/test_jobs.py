@@ -280,9 +280,9 @@ def test_fast_flag_enables_the_fast_path_where_a_pipeline_has_one(
     pipe = fast.decoder_pipeline(_text2img(tiny))
     assert enabled == [pipe] and fast.fast_applied
     assert calls == [
-        {"shapes": [(64, 80, 2)], "backend": "aot_eager", "negative_prompts": True, "compile_scope": "blocks"}
+        {"shapes": [(64, 80, 2)], "backend": "aot_eager", "negative_prompts": True, "compile_scope": "auto"}
     ]
-    with pytest.raises(ValueError, match="compile_scope must be one of blocks, model, none; got 'layers'"):
+    with pytest.raises(ValueError, match="compile_scope must be one of auto, blocks, model, none; got 'layers'"):
         Engine(device="cpu", fast=True, compile_scope="layers")
     slow = Engine(device="cpu")
     slow.decoder_pipeline(_text2img(tiny))

@@ -224,9 +224,9 @@ def _common_options() -> argparse.ArgumentParser:
     run.add_argument(
         "--compile-scope",
         choices=COMPILE_SCOPES,
-        help="with --fast: what it compiles: blocks (the default: each repeated block once per shape), model (each "
-        "model whole), none (nothing: fused projections, CUDA graphs and Triton GroupNorms only, no compilation "
-        "in the warm-up, slower steps; for a run too short to repay a compilation)",
+        help="with --fast: what it compiles: auto (the default: none on a GPU where Triton runs, else blocks), blocks "
+        "(each repeated block once per shape), model (each model whole), none (nothing: fused projections, CUDA "
+        "graphs and Triton GroupNorms only, no compilation in the warm-up)",
     )
     run.add_argument(
         "--compile-cache",
@@ -736,7 +736,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
     apply_compile_cache(args)
     if args.compile_scope is not None and not args.fast:
         raise UsageError(f"--compile-scope {args.compile_scope} needs --fast (it says what the fast path compiles)")
-    scope = args.compile_scope or "blocks"
+    scope = args.compile_scope or "auto"
     sources, recipe = build_jobs(args)
     loras = _lora_specs(args, recipe)
     singles = [single for _, job in sources for single in job.expand()]
@@ -790,6 +790,12 @@ def _run_jobs(args: argparse.Namespace) -> int:
             _note(
                 args,
                 f"fast path: preparing {sizes} as the models load (no compilation; on a GPU: CUDA graphs, Triton norms)",
+            )
+        elif scope == "auto":
+            _note(
+                args,
+                f"fast path: preparing {sizes} as the models load (on a GPU with Triton: CUDA graphs and Triton "
+                "norms, seconds; elsewhere compiled, a minute or more per size on a GPU)",
             )
         else:
             _note(args, f"fast path: compiling for {sizes} as the models load (a minute or more per size on a GPU)")

@@ -6,8 +6,9 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
 * **channels_last** weights for the convolutional models: cuDNN's and Inductor's fast convolutions are NHWC.
 * **Fused projections**: each attention's Q/K/V (and the UNet's added K/V) become one GEMM
   (``FusibleProjections``); the state dict keeps the official keys, so ``save_pretrained`` still writes them.
-* **torch.compile(fullgraph=True, dynamic=False)**, specialised to each shape it sees, in one of two scopes (or none):
-  ``"blocks"`` (the default) compiles each repeated block (the UNet's resnets and attentions, MoVQ's resnets and
+* **torch.compile(fullgraph=True, dynamic=False)**, specialised to each shape it sees, in one of two scopes (or none;
+  ``"auto"``, the default, is ``"none"`` where the Triton norms run on CUDA, else ``"blocks"``):
+  ``"blocks"`` compiles each repeated block (the UNet's resnets and attentions, MoVQ's resnets and
   attentions, the prior's transformer blocks) as a graph of its own, and blocks of one structure and shape share one
   compilation: the warm-up generates code for the distinct blocks only. ``"model"`` compiles each model as one graph
   (Inductor may fuse across block boundaries; the warm-up generates code for every block). ``"none"`` compiles
@@ -16,12 +17,16 @@ and stay as they are), in place, so every pipeline sharing these modules gets it
   folded into the norms and one residual kernel (``models.residual``) and, uncompiled, the attentions' keys and
   values written in place after the context's (``AddedKVAttention``); its warm-up is graph captures, cuDNN's
   autotuning and, with a cold Triton cache, compiling those kernels (27 variants at 768², ``bench/unet_norms.py``;
-  26 took about 10 s on an H200); for a process that cannot wait for compilation. It keeps the other eager
-  kernels, so it was slower than a compiled scope (768², H200 run 8: 0.80 s a call after a 0.56 s warm-up, against
-  0.70 s after 79 s compiled; before the bias folds and the in-place keys, which no GPU run has timed yet).
+  26 took about 10 s on an H200). It keeps the other eager kernels; with the bias folds and the in-place keys it took
+  0.711 s a call after a 15.6 s warm-up with a cold Triton cache (768², H200 run 11), where "blocks" took 0.716 s
+  after 80.6 s (run 10), and the upsampling resnets' phase kernels are now kept for its graphs
+  (``UpsampleConv2d.keep_phase_weight``; about 1 ms of a 10.9 ms step's kernels in run 12, not timed end to end).
   Where those Triton norms run, the MoVQ decoder is not compiled in any scope: eager with them it decoded faster
   than compiled, and at once (20.2 against 26.0 ms at 768², first call 1.0 against 37.5 s, H200 run 8).
-* **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide.
+* **cuDNN autotuning** (``torch.backends.cudnn.benchmark``) on CUDA, process-wide. PyTorch keeps one plan per
+  convolution shape for the process, chosen at the shape's first use: shapes run before the fast path keep cuDNN's
+  heuristic choice (H200 run 12: a UNet step's kernels took 12.4 ms after an eager image, 10.9 ms with the fast path
+  first). Turn the fast path on before the first image, or autotuning on at the start of the process.
 * **CUDA graphs** for the UNet and the prior on CUDA (``CudaGraphCall``): the whole denoising step, ~700 kernels
   with the glue between the blocks, is captured once per input shape and replayed with one launch, so no Python runs
   per step inside the model. Not with model offloading, which moves the weights a graph would have baked in; the MoVQ
@@ -33,7 +38,7 @@ first request at those sizes does not pay for compilation (the prior also for tw
 first use.
 
 The results equal the eager path's up to floating-point rounding (fusion changes GEMM shapes, Inductor fuses
-elementwise ops). The eager path stays the default: compilation takes a minute or more on full-size models.
+elementwise ops). The eager path stays the library's default; the CLI's ``--fast`` and the server turn it on.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -59,7 +65,7 @@ from kandinsky22.models.movq import VQModel
 from kandinsky22.models.prior import PriorTransformer
 from kandinsky22.models.unet import UNet2DConditionModel
 
-COMPILE_SCOPES = ("blocks", "model", "none")
+COMPILE_SCOPES = ("auto", "blocks", "model", "none")
 # The repeated blocks of each model, compiled one by one with compile_scope="blocks".
 BLOCKS: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
     UNet2DConditionModel: (ResnetBlock2D, AddedKVAttention),
@@ -85,7 +91,7 @@ def enable_fast_path(
     shapes: Iterable[Sequence[int]] | None = None,
     backend: str = "inductor",
     negative_prompts: bool = True,
-    compile_scope: str = "blocks",
+    compile_scope: str = "auto",
 ) -> dict[str, float]:
     """Apply the fast path to ``pipe``'s models and compile them for ``shapes``; returns the warm-up seconds per model.
 
@@ -95,8 +101,12 @@ def enable_fast_path(
     ``negative_prompts``: also warm the prior up for twice the images (a negative prompt runs it on both prompts in
     one batch); without it the first call with a negative prompt compiles that batch size.
     ``compile_scope``: "blocks" (each repeated block compiled on its own, shared by the blocks of one structure and
-    shape: the shorter warm-up), "model" (each model as one graph) or "none" (no compilation: the layout, the fused
-    projections and the CUDA graphs, with the Triton GroupNorms on CUDA where Triton is installed).
+    shape: the shorter compiled warm-up), "model" (each model as one graph), "none" (no compilation: the layout, the
+    fused projections and the CUDA graphs, with the Triton GroupNorms on CUDA where Triton is installed) or "auto"
+    (the default): "none" where the UNet and MoVQ run the Triton GroupNorms (on CUDA, with Triton, compute capability
+    7.0 and up, not offloaded), else "blocks"; a pipeline already on the fast path keeps its scope. On an H200 at 768²
+    (``bench/README.md``, runs 10 and 11) "none" took 0.711 s an image after a 15.6 s warm-up, "blocks" 0.716 s
+    after 80.6 s.
     """
     targets = _shape_list(shapes)
     if compile_scope not in COMPILE_SCOPES:
@@ -113,6 +123,8 @@ def enable_fast_path(
     }
     if not models:
         raise ValueError(f"{type(pipe).__name__} has no UNet, MoVQ or prior to put on the fast path")
+    if compile_scope == "auto":
+        compile_scope = _auto_scope(models, offloaded)
 
     for name, model in models.items():
         scope = getattr(model, "_fast_path_scope", None)
@@ -127,6 +139,16 @@ def enable_fast_path(
     for model in models.values():
         _prepare(model, backend, offloaded, compile_scope)
     if any(_on_cuda(model) for model in models.values()):
+        untimed = [n for n, m in models.items() if getattr(m, "_ran_untimed_convolutions", False)]
+        if untimed and not torch.backends.cudnn.benchmark:
+            warnings.warn(
+                f"enable_fast_path(): the {untimed[0]} already ran on CUDA without cuDNN autotuning, and PyTorch "
+                "keeps the convolution plans chosen then for the rest of the process, so the fast path cannot time "
+                "better ones for those shapes (on an H200 a 768x768 UNet step's kernels took 12.4 ms so, 10.9 ms "
+                "with the fast path turned on first). Turn it on before the first image, or set "
+                "torch.backends.cudnn.benchmark = True at the start of the process.",
+                stacklevel=3,
+            )
         # Compiled convolutions call cuDNN; with the shapes fixed per graph, timing its algorithms once per shape
         # (at warm-up) beats its heuristics. A process-wide setting, as everything here is opt-in.
         torch.backends.cudnn.benchmark = True
@@ -226,12 +248,25 @@ def _prepare(model: nn.Module, backend: str, offloaded: bool, scope: str) -> Non
     if _on_cuda(model) and not offloaded and not isinstance(model, VQModel):
         if scope == "none" and isinstance(model, UNet2DConditionModel):
             # The upsampling resnets' phase kernels at fixed addresses for the graphs, refreshed once per run;
-            # derived inside the graph, they took 0.96 ms of a 10.9 ms step (H200, run 12). Compiled, Inductor
-            # fuses their derivation into one pass.
+            # derived inside the graph, they took about 1 ms of a 10.9 ms step's kernels (H200, run 12). Compiled,
+            # Inductor fuses their derivation into one pass.
             for conv in model._upsampling_convs:
                 conv.keep_phase_weight()
         model._compiled_call_impl = CudaGraphCall(model, model._compiled_call_impl or model._call_impl)
     model._fast_path_scope = scope
+
+
+def _auto_scope(models: dict[str, nn.Module], offloaded: bool) -> str:
+    """compile_scope="auto": the scope the models are already on, else "none" where the convolutional models (UNet,
+    MoVQ) will run the Triton norms inside CUDA graphs (on CUDA, Triton generating code for the GPU, not offloaded),
+    else "blocks"."""
+    scopes = {getattr(model, "_fast_path_scope", None) for model in models.values()} - {None}
+    if len(scopes) == 1:
+        return scopes.pop()
+    convolutional = [model for model in models.values() if not isinstance(model, PriorTransformer)]
+    if convolutional and not offloaded and all(_on_cuda(m) and _triton_runs_on(m) for m in convolutional):
+        return "none"
+    return "blocks"
 
 
 def _on_cuda(model: nn.Module) -> bool:

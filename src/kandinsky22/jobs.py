@@ -55,7 +55,7 @@ SCHEDULERS = (
     "pndm",
 )
 # kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
-COMPILE_SCOPES = ("blocks", "model", "none")
+COMPILE_SCOPES = ("auto", "blocks", "model", "none")
 
 PRIOR_REPO = "kandinsky-community/kandinsky-2-2-prior"
 DECODER_REPO = "kandinsky-community/kandinsky-2-2-decoder"
@@ -705,7 +705,7 @@ class Engine:
         compile_new_shapes: bool = True,
         compile_backend: str = "inductor",
         negative_prompts: bool = True,
-        compile_scope: str = "blocks",
+        compile_scope: str = "auto",
         on_load: Callable[[str, str], None] | None = None,
         loras: Sequence[LoraSpec] = (),
     ) -> None:

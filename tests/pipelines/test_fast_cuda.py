@@ -7,6 +7,8 @@ replayed inside our graph).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,22 @@ def test_lora_changed_after_capture_reaches_the_replayed_graphs(decoder_repo, sc
     pipe.unload_lora_weights()
     assert np.abs(_run(pipe) - base).max() < 1e-5
     assert graphs.captures == 1
+
+
+def test_fast_path_after_an_untimed_eager_run_warns(decoder_repo):
+    """An eager image on CUDA with cuDNN autotuning off fixes the convolution plans for the process (PyTorch keeps
+    the first it chose per shape): enable_fast_path() then says that it cannot time them; turned on first, or with
+    autotuning on from the start, it does not."""
+    pipe = KandinskyV22CombinedPipeline.from_pretrained(decoder_repo)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cuda")
+    torch.backends.cudnn.benchmark = True
+    _run(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = KandinskyV22CombinedPipeline.from_pretrained(decoder_repo).to("cuda")
+        fresh.enable_fast_path(shapes=[(64, 64)], backend="eager")  # nothing ran untimed
+    torch.backends.cudnn.benchmark = False  # (the fast path above turned it on)
+    _run(pipe)
+    with pytest.warns(UserWarning, match="already ran on CUDA without cuDNN autotuning"):
+        pipe.enable_fast_path(shapes=[(64, 64)], backend="eager")

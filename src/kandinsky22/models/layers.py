@@ -95,8 +95,8 @@ class UpsampleConv2d(nn.Conv2d):
 
     def keep_phase_weight(self, keep: bool = True) -> None:
         """Keep the phase kernels in this module's buffers (``keep=False`` drops them), for calls that pass none:
-        a CUDA graph reads them where they are instead of deriving them at every replay (in one H200 run, 0.96 ms of
-        a 10.9 ms UNet step: bench/README.md, run 12). They follow the weights only through
+        a CUDA graph reads them where they are instead of deriving them at every replay (about 1 ms of kernels in a
+        10.9 ms UNet step, H200 run 12: bench/README.md). They follow the weights only through
         :meth:`refresh_phase_weight`, which the UNet's ``prepare_conditioning`` calls once per run."""
         if keep:
             self.refresh_phase_weight()

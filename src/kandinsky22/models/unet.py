@@ -483,6 +483,10 @@ class UNet2DConditionModel(LoraModelMixin, ModelMixin):
         attentions = [attn for block in self.down_blocks for attn in block.attentions]
         attentions += [*self.mid_block.attentions, *(attn for block in self.up_blocks for attn in block.attentions)]
         time_addition = self.add_embedding(image_embeds)
+        if time_addition.is_cuda and not torch.backends.cudnn.benchmark:
+            # PyTorch keeps the cuDNN plans chosen now for the process: enable_fast_path() warns that it cannot time
+            # them (torch.backends.cudnn.benchmark)
+            self._ran_untimed_convolutions = True
         upsamplers = self._upsampling_convs
         # The phase kernels, once per run: not for a compiled UNet, whose graph derives them (fused into one pass over
         # the weights; as inputs, a CUDA graph would keep a copy of them per shape), nor where the weights are not on

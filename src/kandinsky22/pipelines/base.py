@@ -503,16 +503,19 @@ class Pipeline(LoraPipelineMixin):
         shapes: Iterable[Sequence[int]] | None = None,
         backend: str = "inductor",
         negative_prompts: bool = True,
-        compile_scope: str = "blocks",
+        compile_scope: str = "auto",
     ) -> dict[str, float]:
         """channels_last, fused attention projections, ``torch.compile(fullgraph=True)`` and, on CUDA, CUDA graphs for
         this pipeline's UNet, MoVQ decoder and prior (see ``kandinsky22.fast``); call it after ``to(device)``.
 
         ``shapes``: ``(height, width)`` or ``(height, width, images_per_call)`` to compile now rather than on first
         use; ``negative_prompts=False`` skips warming the prior up for the doubled batch a negative prompt gives.
-        ``compile_scope``: "blocks" (each repeated block compiled once per structure and shape: the shorter warm-up),
-        "model" (each model as one graph) or "none" (no compilation: channels_last, fused projections and CUDA graphs
-        only, nothing compiled at warm-up). Returns the warm-up seconds per component.
+        ``compile_scope``: "blocks" (each repeated block compiled once per structure and shape), "model" (each model
+        as one graph), "none" (no compilation: channels_last, fused projections, CUDA graphs and the Triton
+        GroupNorms, nothing compiled at warm-up) or "auto" (the default: "none" on CUDA where Triton runs, else
+        "blocks"). Call it before the first image of the process: PyTorch keeps, per convolution shape, the cuDNN plan
+        it chose at that shape's first use, and only the fast path turns cuDNN's timing on. Returns the warm-up
+        seconds per component.
         """
         return fast.enable_fast_path(self, shapes, backend, negative_prompts, compile_scope)
 

@@ -88,8 +88,9 @@ class ServerConfig:
     # when batch_invariant). Other sizes and batch sizes run eagerly rather than stall the queue while compiling.
     warm_up: list[tuple[int, int]] = field(default_factory=lambda: [(512, 512)])
     compile_backend: str = "inductor"  # torch.compile's backend for the fast path ("eager"/"aot_eager": trace only)
-    # what the fast path compiles: "blocks", "model" or "none" (CUDA graphs and Triton norms only)
-    compile_scope: str = "blocks"
+    # what the fast path compiles: "auto" ("none" where the Triton norms run on CUDA, else "blocks"), "blocks",
+    # "model" or "none" (CUDA graphs and Triton norms only)
+    compile_scope: str = "auto"
     # torch.compile's cache folder in the process that loads the models (this one, or each Ray Serve replica); None:
     # torch's default. See kandinsky22.fast.use_compile_cache.
     compile_cache: str | None = None

@@ -106,8 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warm-up",
         type=_sizes,
         metavar="SIZES",
-        help="WIDTHxHEIGHT[,WIDTHxHEIGHT...] the fast path compiles at start-up, each for 1 and --max-batch images "
-        "per call (a minute or more each on a GPU); other sizes and batch sizes run eagerly instead of compiling while "
+        help="WIDTHxHEIGHT[,WIDTHxHEIGHT...] the fast path warms up at start-up, each for 1 and --max-batch images "
+        "per call (seconds each with Triton on the GPU; compiled, a minute or more); other sizes and batch sizes run "
+        "eagerly instead of compiling while "
         "requests wait. 'none': compile nothing, everything runs eagerly (default 512x512, the API's default size)",
     )
     models.add_argument(
@@ -119,10 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument(
         "--compile-scope",
         choices=COMPILE_SCOPES,
-        default="blocks",
-        help="what the fast path compiles: blocks (default: each repeated block once per shape), model (each model "
-        "whole: a longer warm-up), none (nothing: fused projections, CUDA graphs and Triton GroupNorms only, no "
-        "compilation at start-up, slower steps)",
+        default="auto",
+        help="what the fast path compiles: auto (default: none on a GPU where Triton runs, else blocks), blocks "
+        "(each repeated block once per shape), model (each model whole: a longer warm-up), none (nothing: fused "
+        "projections, CUDA graphs and Triton GroupNorms only, no compilation at start-up)",
     )
     models.add_argument(
         "--compile-cache",
