@@ -124,6 +124,30 @@ def test_lora_changed_after_capture_reaches_the_replayed_graphs(decoder_repo, sc
     assert graphs.captures == 1
 
 
+def test_kept_phase_kernels_follow_weights_changed_after_capture(decoder_repo, monkeypatch):
+    """Uncompiled, the UNet's graphs read the upsampling convolutions' phase kernels from their buffers, refreshed
+    in place once per run: upsampling weights changed after the capture reach the replays (no new capture), and
+    the images are those of the same pipeline without graphs."""
+    from kandinsky22.models import layers
+
+    monkeypatch.setattr(layers, "_PHASES_MIN_PIXELS", 1)  # the phase form at the tiny sizes
+    torch._dynamo.reset()
+    pipe = KandinskyV22CombinedPipeline.from_pretrained(decoder_repo).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_fast_path(shapes=[(64, 64)], backend="eager", compile_scope="none")
+    convs = pipe.unet._upsampling_convs
+    assert convs and all(conv.phase_kernel is not None for conv in convs)
+    graphs = pipe.unet._compiled_call_impl
+    before = _run(pipe)
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.data.mul_(1.5)
+    graphed = _run(pipe)
+    assert graphs.captures == 1 and np.abs(graphed - before).max() > 1e-3
+    graphs.enabled = False
+    assert np.abs(graphed - _run(pipe)).max() < 1e-5
+
+
 def test_fast_path_after_an_untimed_eager_run_warns(decoder_repo):
     """An eager image on CUDA with cuDNN autotuning off fixes the convolution plans for the process (PyTorch keeps
     the first it chose per shape): enable_fast_path() then says that it cannot time them; turned on first, or with
