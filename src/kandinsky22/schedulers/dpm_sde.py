@@ -77,7 +77,6 @@ class _BrownianNoise:
         torchsde = _torchsde()
         self.per_sample = len(seeds) > 1
         size = tuple(shape[1:]) if self.per_sample else tuple(shape)
-        self.start, self.end = sigma_min, sigma_max
         # The reference's tree settings: the path depends on the seed alone (halfway_tree), not on the queries' order
         self.trees = [
             torchsde.BrownianInterval(
@@ -93,11 +92,13 @@ class _BrownianNoise:
             )
             for seed in seeds
         ]
+        # The range as torchsde keeps it: rounded to the digits of its tolerance (0.2.6 has no public accessor)
+        self.start, self.end = self.trees[0]._start, self.trees[0]._end
 
     def __call__(self, sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
         """(W(σ_from) − W(σ_to))/√|σ_from − σ_to| for σ_from > σ_to (host float32 values)."""
         low, high = float(sigma_to), float(sigma_from)
-        # σ(t(σ)) may lie one float32 rounding outside the path's range; torchsde clamps such a query (with a
+        # σ(t(σ)), or σ_max itself, may lie outside the path's rounded range; torchsde clamps such a query (with a
         # warning), so clamping here gives the same increment quietly
         low, high = min(max(low, self.start), self.end), min(max(high, self.start), self.end)
         increments = [tree(low, high) for tree in self.trees]
