@@ -237,3 +237,20 @@ def test_the_cli_name_dpm_sde_picks_it() -> None:
     scheduler = make_scheduler("dpm++-sde", DECODER_SCHEDULER_CONFIG)
     assert type(scheduler) is DPMSolverSDEScheduler
     assert scheduler.config.noise_sampler_seed is None  # seeded from each image's generator
+
+
+def test_dpm_sde_half_precision_samples_get_the_float32_path() -> None:
+    """The noise of a short σ interval, as a float16 sample gets it, is the float32 path's rounded to float16: a path
+    built in half precision (the reference's, in the sample's dtype) is off by tenths there."""
+    results = {}
+    for dtype in (torch.float32, torch.float16):
+        scheduler = DPMSolverSDEScheduler(noise_sampler_seed=4)
+        scheduler.set_timesteps(400)
+        start = len(scheduler.timesteps) - 7  # a predictor near σ_min, over an interval of ~1e-4
+        scheduler.set_begin_index(start)
+        zeros = torch.zeros(1, 4, 8, 8, dtype=dtype)
+        # x = 0 and ε̂ = 0: x̂₀ = 0, so the step returns the noise times σ_up alone
+        results[dtype] = scheduler.step(zeros, scheduler.timesteps[start], zeros).prev_sample
+    assert results[torch.float16].dtype == torch.float16
+    scale = results[torch.float32].abs().max()
+    assert (results[torch.float16].float() - results[torch.float32]).abs().max() <= 2e-3 * scale

@@ -114,7 +114,8 @@ class DPMSolverSDEScheduler(_SecondOrder):
     its images; here the seed comes from the ``generator`` passed to ``step`` (from its state at the run's first step,
     which leaves its sequence untouched), one path per sample for a list of generators. Without either, the path is
     seeded from the OS (the global RNG is never used). The path lies where ``randn_tensor`` would draw: on the CPU
-    for a CPU generator (a GPU run then equals the CPU run), else on the sample's device.
+    for a CPU generator (a GPU run then equals the CPU run), else on the sample's device; in float32 at least (the
+    reference's is in the sample's dtype, which half precision makes wrong by tenths over short intervals).
 
     ``prediction_type`` "sample", which the reference refuses in ``step``, works here. ``timesteps`` are float64, as
     the reference's (float32 on MPS).
@@ -201,8 +202,11 @@ class DPMSolverSDEScheduler(_SecondOrder):
         if self._noise is None:
             seeds, device = self._noise_source
             device = sample.device if device is None else device
-            self._noise = _BrownianNoise(seeds, sample.shape, sample.dtype, device, *self._path_range)
-        return _to_device(self._noise(sigma_from, sigma_to), sample.device)
+            # At least float32: the path sums increments down to the tree's 1e-6 resolution and divides short ones by
+            # √Δσ, which half precision cannot carry (the reference builds it in the sample's dtype)
+            dtype = torch.promote_types(sample.dtype, torch.float32)
+            self._noise = _BrownianNoise(seeds, sample.shape, dtype, device, *self._path_range)
+        return _to_device(self._noise(sigma_from, sigma_to), sample.device).to(sample.dtype)
 
     def step(
         self,
