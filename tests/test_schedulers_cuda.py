@@ -43,6 +43,7 @@ NAMES = (
     "HeunDiscreteScheduler",
     "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSDEScheduler",
 )
 SHAPE = (2, 4, 16, 16)
 

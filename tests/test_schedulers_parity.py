@@ -20,6 +20,8 @@ import kandinsky22.schedulers as ours
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
+    # The reference's DPM++ SDE queries its Brownian path one float32 rounding outside its range (torchsde clamps)
+    pytest.mark.filterwarnings("ignore:Should have t:UserWarning"),
 ]
 
 TOLERANCE = 1e-5
@@ -39,6 +41,7 @@ CLASS_NAMES = (
     "HeunDiscreteScheduler",
     "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSDEScheduler",
     "PNDMScheduler",
 )
 # Schedulers whose reference implementation splits an 8-channel (learned-variance) output itself; the others get the
@@ -51,6 +54,13 @@ SPLITS_VARIANCE = ("DDPMScheduler", "UnCLIPScheduler")
 # own float32 noise: twice the gap between its run and the same run with its σ table (hence its coefficients) in float64.
 RELATIVE_TOLERANCE = {"LMSDiscreteScheduler": 1e-6}
 FLOAT32_COEFFICIENTS = ("DEISMultistepScheduler",)
+# Config values both libraries get, so that their random draws can agree: DPM++ SDE's Brownian path is seeded from
+# torch's global RNG in the reference (from the step's generator in ours) unless noise_sampler_seed fixes it.
+SEEDED = {"DPMSolverSDEScheduler": {"noise_sampler_seed": 2024}}
+
+
+def seeded(name: str, config: dict) -> dict:
+    return {**SEEDED.get(name, {}), **config}
 
 
 def tolerance(name: str, expected: torch.Tensor) -> float:
@@ -152,6 +162,7 @@ def run(
 def compare(name: str, config: dict, steps: int) -> float:
     """Run both libraries; return the max |Δ| of the final samples (asserting everything else matches)."""
     out_channels = 8 if config.get("variance_type") in ("learned", "learned_range") else 4
+    config = seeded(name, config)
     ref_overrides = {}
     if out_channels == 8 and name not in SPLITS_VARIANCE and "variance_type" in getattr(diffusers, name)().config:
         ref_overrides["variance_type"] = None
@@ -205,6 +216,7 @@ def test_trajectory_matches_reference(name: str, config_name: str, steps: int) -
 DECODER = CONFIGS["decoder"]
 LEARNED_DECODER = {**DECODER, "variance_type": "learned_range"}
 COSINE = CONFIGS["cosine_learned"]
+SPACINGS = ("linspace", "leading", "trailing")
 OPTION_VARIANTS = [
     ("DDPMScheduler", DECODER, {"thresholding": True, "sample_max_value": 2.0, "variance_type": "fixed_large"}),
     ("DDPMScheduler", DECODER, {"variance_type": "fixed_small_log", "timestep_spacing": "linspace"}),
@@ -285,6 +297,12 @@ OPTION_VARIANTS = [
     ("HeunDiscreteScheduler", COSINE, {"clip_sample": True, "clip_sample_range": 2.0, "timestep_spacing": "trailing"}),
     ("HeunDiscreteScheduler", COSINE, {"prediction_type": "sample", "use_karras_sigmas": True}),
     ("KDPM2DiscreteScheduler", DECODER, {"prediction_type": "v_prediction", "steps_offset": 0}),
+    # DPM++ SDE (noise_sampler_seed from SEEDED): Karras σ, prediction types, spacings, another seed
+    *(("DPMSolverSDEScheduler", LEARNED_DECODER, {"use_karras_sigmas": True, "timestep_spacing": s}) for s in SPACINGS),
+    ("DPMSolverSDEScheduler", COSINE, {"prediction_type": "v_prediction", "use_karras_sigmas": True}),
+    ("DPMSolverSDEScheduler", COSINE, {"prediction_type": "sample", "timestep_spacing": "trailing"}),
+    ("DPMSolverSDEScheduler", DECODER, {"steps_offset": 0, "noise_sampler_seed": 3}),
+    ("DPMSolverSDEScheduler", {**DECODER, "beta_schedule": "scaled_linear"}, {"timestep_spacing": "linspace"}),
     # PNDM: the Runge–Kutta warm-up (the default; the reference fails below 4 steps) or the improved-Euler start
     *(("PNDMScheduler", DECODER, {"skip_prk_steps": s, "set_alpha_to_one": a}) for s in (False, True) for a in (0, 1)),
     ("PNDMScheduler", COSINE, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
@@ -350,6 +368,13 @@ CUSTOM_VARIANTS = [
         (n, DECODER, {"num_inference_steps": 6}, {})
         for n in ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
     ),
+    ("DPMSolverSDEScheduler", DECODER, {"num_inference_steps": 6}, {"s_noise": 1.003}),
+    (
+        "DPMSolverSDEScheduler",
+        {**LEARNED_DECODER, "use_karras_sigmas": True},
+        {"num_inference_steps": 9},
+        {"s_noise": 0.5},
+    ),
 ]
 
 
@@ -370,6 +395,7 @@ def test_custom_schedules_and_step_options_match_reference(
     out_channels = 8 if config.get("variance_type") in ("learned", "learned_range") else 4
     slice_channels = out_channels == 8 and name not in SPLITS_VARIANCE
     ref_overrides = {"variance_type": None} if slice_channels and name.startswith("DPMSolver") else {}
+    config = seeded(name, config)
     reference = getattr(diffusers, name).from_config(config, **ref_overrides)
     scheduler = getattr(ours, name).from_config(config)
     ref_ts, ref_sample, ref_next = run(reference, 0, out_channels, slice_channels, 0, schedule, step_options)

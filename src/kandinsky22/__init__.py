@@ -20,6 +20,7 @@ _EXPORTS = {
     "DDIMScheduler": "kandinsky22.schedulers",
     "UnCLIPScheduler": "kandinsky22.schedulers",
     "DPMSolverMultistepScheduler": "kandinsky22.schedulers",
+    "DPMSolverSDEScheduler": "kandinsky22.schedulers",
     "EulerDiscreteScheduler": "kandinsky22.schedulers",
     "EulerAncestralDiscreteScheduler": "kandinsky22.schedulers",
     "UniPCMultistepScheduler": "kandinsky22.schedulers",

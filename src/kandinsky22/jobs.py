@@ -52,6 +52,7 @@ SCHEDULERS = (
     "heun",
     "kdpm2",
     "kdpm2-a",
+    "dpm++-sde",
     "pndm",
 )
 # kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
@@ -473,6 +474,8 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "kdpm2": ("KDPM2DiscreteScheduler", {}),
     "kdpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    # DPM++ SDE: Brownian noise seeded from each image's generator (needs torchsde, the sde extra)
+    "dpm++-sde": ("DPMSolverSDEScheduler", {}),
     # PLMS without the Runge–Kutta warm-up: it runs any step count and img2img at every strength (the warm-up needs
     # 4 steps and a run from the schedule's start)
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),

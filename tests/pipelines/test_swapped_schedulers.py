@@ -7,8 +7,8 @@ rest can be compared:
 
 * it never calls ``scale_model_input``, so Euler's UNet inputs are ~σ times too large
   (``test_text2img_pipeline.test_a_sigma_scheduler_gets_its_model_input_scaled``);
-* it passes ``generator`` to every ``scheduler.step``, and UniPC's, Heun's and DPM2's take none: a TypeError at the
-  first step;
+* it passes ``generator`` to every ``scheduler.step``, and UniPC's, Heun's, DPM2's and DPM++ SDE's take none: a
+  TypeError at the first step;
 * its inpaint re-noises the kept region with the start latents, which a σ scheduler has multiplied by its init_noise_sigma
   (``test_inpaint_with_a_sigma_scheduler_renoises_the_kept_region_at_each_steps_level``).
 
@@ -55,6 +55,9 @@ SCHEDULERS = {
     "heun-karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True, "clip_sample": False}),
     "kdpm2": ("KDPM2DiscreteScheduler", {}),
     "kdpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    # A fixed Brownian path: the reference seeds it from torch's global RNG otherwise (ours from the generator)
+    "dpm++-sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 7}),
+    "dpm++-sde-karras": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 11, "use_karras_sigmas": True}),
     "pndm": ("PNDMScheduler", {}),  # the official config has no skip_prk_steps: the Runge–Kutta warm-up
     "pndm-skip-prk": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
@@ -100,6 +103,13 @@ CASES = [
     ("inpaint", "kdpm2-a", {"steps": 3, "n": 2}),
     ("controlnet", "kdpm2-a", {"steps": 3}),
     ("controlnet_img2img", "heun", {"steps": 4, "strength": 0.5}),
+    ("text2img", "dpm++-sde", {"steps": 3, "n": 2}),
+    ("text2img", "dpm++-sde-karras", {"steps": 4, "batch": 2}),
+    ("img2img", "dpm++-sde", {"steps": 5, "strength": 0.6}),
+    ("img2img", "dpm++-sde-karras", {"steps": 4, "strength": 1.0, "n": 2}),
+    ("inpaint", "dpm++-sde", {"steps": 3, "size": (64, 96)}),
+    ("controlnet", "dpm++-sde", {"steps": 3}),
+    ("controlnet_img2img", "dpm++-sde-karras", {"steps": 4, "strength": 0.5}),
     # PNDM: 4 steps are 13 model calls with the warm-up (12 of them Runge–Kutta stages); n + 1 without. img2img with
     # the warm-up only from the start (see test_pndm_img2img_with_the_runge_kutta_warm_up_needs_strength_1); without
     # it from index 1 (the repeated timestep) and 3 (past it: one step lost, as the reference)
@@ -164,7 +174,7 @@ def _with_our_fixes(ref) -> torch.utils.hooks.RemovableHandle:
         kwargs["sample"] = torch.cat([latents, sample[:, 4:]], dim=1)
         return args, kwargs
 
-    if "generator" not in inspect.signature(ref.scheduler.step).parameters:  # UniPC, LMS, DEIS, Heun, DPM2
+    if "generator" not in inspect.signature(ref.scheduler.step).parameters:  # UniPC, LMS, DEIS, Heun, DPM2, DPM++ SDE
         step = ref.scheduler.step
         ref.scheduler.step = lambda *args, generator=None, **kwargs: step(*args, **kwargs)
     if type(ref.scheduler).__name__ == "LMSDiscreteScheduler":

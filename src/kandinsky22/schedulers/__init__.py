@@ -1,5 +1,5 @@
 """Samplers: the reference's exact ones (DDPM for the decoder, UnCLIP for the prior, DDIM) and fast ODE solvers
-(DPM-Solver++, Euler, Euler-ancestral, UniPC, PNDM, …), all reading and writing the reference's ``scheduler_config.json``.
+(DPM-Solver++, Euler, Euler-ancestral, UniPC, PNDM, …) and the stochastic DPM++ SDE, all reading and writing the reference's ``scheduler_config.json``.
 
 Swap samplers with ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``.
 """
@@ -8,6 +8,7 @@ from .base import SchedulerMixin, SchedulerOutput
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler, UnCLIPScheduler
 from .deis import DEISMultistepScheduler
+from .dpm_sde import DPMSolverSDEScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
@@ -22,6 +23,7 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler",
     "DPMSolverSinglestepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",

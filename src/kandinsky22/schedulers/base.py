@@ -310,8 +310,11 @@ class SigmaSchedulerMixin(SchedulerMixin):
         ``timesteps``, before the loop) unless a begin index is set, as the reference; then every sample takes the
         current step's σ, sliced on the device (no index copied from the host at each step)."""
         sigma = self._on_device(self.sigmas, like)
-        # A number or a 0-d tensor is one timestep, as add_noise of the DDPM family takes it
-        timesteps = torch.as_tensor(timesteps).reshape(-1)
+        # A number or a 0-d tensor is one timestep, as add_noise of the DDPM family takes it; a Python float stays
+        # float64 (torch.as_tensor would round it to float32, off DPM++ SDE's float64 table)
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.from_numpy(np.asarray(timesteps))
+        timesteps = timesteps.reshape(-1)
         if self._begin_index is None:
             levels = sigma[[self._lookup(t) for t in timesteps.tolist()]]
         else:
