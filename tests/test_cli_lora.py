@@ -292,7 +292,9 @@ def test_a_jobs_lora_choice_equals_an_engine_started_with_those_weights(
     assert np.array_equal(none, _run(plain_engine, tiny)[0]) and applied == []
     assert np.array_equal(_run(engine, tiny)[0], defaults)  # no choice: the Engine's weights again
 
-    # The inpaint decoder loads now, at the Engine's weights; the job's choice is merged into it before it runs.
+    # The inpaint decoder loads now, at the Engine's weights, after a call with the same choice: the choice is merged
+    # into it too before it runs.
+    assert np.array_equal(_run(engine, tiny, loras=[LoraSpec(str(style), 0.8)])[0], chosen)
     inpainted, applied = _run(engine, tiny, "inpaint", loras=[LoraSpec(str(style), 0.8)])
     assert np.array_equal(inpainted, _run(alone, tiny, "inpaint")[0]) and applied == [style_at_08]
 
