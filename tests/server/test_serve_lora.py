@@ -17,7 +17,10 @@ import torch
 from safetensors.torch import save_file
 from server_harness import FAST, TERMINAL, Server, cancel, limit_args, pixels, recipe, start_blocker
 
+from kandinsky22.jobs import Job
+from kandinsky22.lora_specs import LoraSpec
 from kandinsky22.recipe import file_sha256
+from kandinsky22.server.schemas import served_loras
 
 SCRIPT = shutil.which("kandinsky22")
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kandinsky22.cli"]
@@ -285,3 +288,10 @@ def test_the_page_has_a_weight_input_for_each_lora_and_models_says_how_to_choose
     assert 'class="lora"' not in plain and "<!-- lora" not in plain
     assert '"loras": [{"source"' in two_lora_server.request("GET", "/v1/models").json()["loras_per_request"]
     assert "loras_per_request" not in server.request("GET", "/v1/models").json()
+
+
+def test_a_choice_names_every_lora_of_the_server_and_no_choice_is_left_to_the_engine() -> None:
+    served = [LoraSpec("a", 10.0), LoraSpec("b", 0.5)]  # start-up weights are the command line's: not within ±8
+    assert served_loras([LoraSpec("b", 2.0)], served) == [LoraSpec("a", 0.0), LoraSpec("b", 2.0)]
+    assert served_loras(None, served) is None
+    Job(prompt="a cat", loras=served_loras(None, served)).validate()

@@ -261,20 +261,19 @@ def _lora_choice(req: _Request) -> list[LoraSpec] | None:
 
 
 def served_loras(choice: list[LoraSpec] | None, served: list[LoraSpec]) -> list[LoraSpec] | None:
-    """A job's LoRAs on a server started with ``served`` (``--lora``): every one of them, in their order, at the
-    request's weight (0 where it leaves one out), or at its own without a choice; ``None`` without any. Jobs of equal
-    choices then batch together however their requests listed them. Raises :class:`RequestError` for a source the
-    server has not (listing those it has), and for ``loras`` sent to a server without any."""
+    """A job's LoRAs on a server started with ``served`` (``--lora``): for a request's choice, every one of the
+    server's, in their order, at the request's weight (0 where it leaves one out), so that jobs of equal choices batch
+    together however their requests listed them; ``None`` without a choice (the Engine's own weights, which are the
+    command line's and may lie outside a request's range). Raises :class:`RequestError` for a source the server has
+    not (listing those it has), and for ``loras`` sent to a server without any."""
+    if choice is None:
+        return None
     if not served:
-        if choice is None:
-            return None
         raise RequestError(
             f"loras: this server has no LoRAs (they are given at its start: serve --lora SOURCE[:WEIGHT]); got "
             f"{[{'source': spec.source, 'weight': spec.weight} for spec in choice]}",
             param="loras",
         )
-    if choice is None:
-        return list(served)
     known = [spec.source for spec in served]
     for i, spec in enumerate(choice):
         if spec.source not in known:
