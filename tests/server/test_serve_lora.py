@@ -119,11 +119,16 @@ def test_a_bad_lora_option_exits_2_before_the_server_starts(lora: str, message: 
     assert "listening" not in result.stdout
 
 
-def test_the_page_names_the_servers_loras(lora_server):
+def _chromium():
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(chromium).exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    return sync_api, chromium
+
+
+def test_the_page_names_the_servers_loras(lora_server):
+    sync_api, chromium = _chromium()
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium)
         try:
@@ -295,3 +300,33 @@ def test_a_choice_names_every_lora_of_the_server_and_no_choice_is_left_to_the_en
     assert served_loras([LoraSpec("b", 2.0)], served) == [LoraSpec("a", 0.0), LoraSpec("b", 2.0)]
     assert served_loras(None, served) is None
     Job(prompt="a cat", loras=served_loras(None, served)).validate()
+
+
+def test_the_page_sends_its_lora_weights(two_lora_server: Server, lora_server: Server) -> None:
+    sync_api, chromium = _chromium()
+    style, prior_only = two_lora_server.loras
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(120_000)
+            page.goto(two_lora_server.url + "/")
+            page.wait_for_selector("#scheduler option[value=ddpm]", state="attached")
+            assert [page.input_value("#lora-0"), page.input_value("#lora-1")] == ["0.3", "0.5"]
+            page.fill("#prompt", CAT["prompt"])
+            for field, value in (("width", "64"), ("height", "64"), ("steps", "2"), ("prior_steps", "2")):
+                page.fill(f"#{field}", value)
+            page.fill("#seed", str(CAT["seed"]))
+            page.fill("#lora-0", "0.8")
+            page.fill("#lora-1", "0")
+            page.click("#generate")
+            url = page.wait_for_selector("figure.result img").get_attribute("src")
+        finally:
+            browser.close()
+    job_id = url.split("/v1/jobs/", 1)[1].split("/", 1)[0]
+    assert two_lora_server.request("GET", f"/v1/jobs/{job_id}").json()["loras"] == [
+        {"source": style, "weight": 0.8},
+        {"source": prior_only, "weight": 0.0},
+    ]
+    made = pixels(two_lora_server.request("GET", f"/v1/jobs/{job_id}/images/0.png").body)
+    assert np.array_equal(made, pixels(_generate(lora_server, CAT)))
