@@ -39,7 +39,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kandinsky22 import __version__
 from kandinsky22.jobs import (
     DEFAULT_SIZE,
-    MAX_LORA_WEIGHT,
     PRIOR_REPO,
     SCHEDULER_CONFIG,
     SCHEDULERS,
@@ -679,9 +678,10 @@ def _page_html(loras: Sequence[LoraSpec]) -> str:
         source = html.escape(lora.source, quote=True)
         name = html.escape(lora.source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or lora.source)
         inputs.append(
+            # any step, and no bounds: a start-up weight of any precision (or past a request's range, which the
+            # server's answer then explains) is sent as it is
             f'<div><label for="lora-{k}" title="{source}">{name}</label><input id="lora-{k}" class="lora" '
-            f'type="number" step="0.05" min="-{MAX_LORA_WEIGHT:g}" max="{MAX_LORA_WEIGHT:g}" value="{lora.weight:g}" '
-            f'data-source="{source}" required></div>'
+            f'type="number" step="any" value="{float(lora.weight)!r}" data-source="{source}" required></div>'
         )
     fieldset = f'<fieldset id="loras"><legend>LoRA weights</legend><div class="row">{"".join(inputs)}</div></fieldset>'
     return page.replace(LORA_INPUTS, fieldset)
