@@ -5,7 +5,6 @@ Model runs are grouped per subprocess (each pays torch's start-up); argument err
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from kandinsky22.recipe import encode_image, job_from_recipe, read_recipe, save_
 SCRIPT = shutil.which("kandinsky22")
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "kandinsky22.cli"]
 FAST = ["--steps", "3", "--prior-steps", "3", "--quiet"]
-RECIPE_KEYS = {f.name for f in dataclasses.fields(Job)} | {"tool", "version", "device", "dtype", "inputs_sha256"}
+RECIPE_KEYS = set(Job().to_dict()) | {"tool", "version", "device", "dtype", "inputs_sha256"}
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -257,6 +257,72 @@ def test_a_lora_of_both_models_is_split_between_the_prior_and_the_decoder(
     assert lora.state_of(prior_engine.decoder_pipeline(Job(decoder=tiny["decoder"])).unet).adapters == {}
 
 
+def _run(engine: Engine, tiny: dict[str, str], task: str = "text2img", loras: list | None = None):  # noqa: F811
+    import PIL.Image
+
+    job = Job(task=task, prompt="a cat", seed=3, steps=2, prior_steps=2, width=64, height=64, loras=loras)
+    if task == "inpaint":
+        job.image = PIL.Image.new("RGB", (64, 64), (200, 40, 40))
+        job.mask = PIL.Image.new("L", (64, 64), 255)
+    job.prior, job.decoder = tiny["prior"], tiny["decoder-inpaint" if task == "inpaint" else "decoder"]
+    result = engine.run([job])[0]
+    return np.asarray(result.image), result.loras
+
+
+def test_a_jobs_lora_choice_equals_an_engine_started_with_those_weights(
+    plain_engine: Engine,
+    tiny: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Job.loras chooses among the Engine's LoRAs: exactly those, at those weights, the others off; re-merged only
+    when the choice changes, also into a decoder loaded after the choice was made (it loads at the Engine's weights)."""
+    style = write_lora(tmp_path / "style.safetensors")
+    prior_only = write_lora(tmp_path / "prior.safetensors", PRIOR_MODULES, seed=1)
+    engine = Engine(device="cpu", loras=[LoraSpec(str(style), 0.3), LoraSpec(str(prior_only), 0.5)])
+    alone = Engine(device="cpu", loras=[LoraSpec(str(style), 0.8)])
+    style_at_08 = {"source": str(style), "weight": 0.8, "sha256": file_sha256(style)}
+
+    defaults, applied = _run(engine, tiny)
+    assert [(r["source"], r["weight"]) for r in applied] == [(str(style), 0.3), (str(prior_only), 0.5)]
+    chosen, applied = _run(engine, tiny, loras=[LoraSpec(str(style), 0.8)])
+    assert np.array_equal(chosen, _run(alone, tiny)[0]) and applied == [style_at_08]
+    assert not np.array_equal(chosen, defaults)
+    none, applied = _run(engine, tiny, loras=[])
+    assert np.array_equal(none, _run(plain_engine, tiny)[0]) and applied == []
+    assert np.array_equal(_run(engine, tiny)[0], defaults)  # no choice: the Engine's weights again
+
+    # The inpaint decoder loads now, at the Engine's weights, after a call with the same choice: the choice is merged
+    # into it too before it runs.
+    assert np.array_equal(_run(engine, tiny, loras=[LoraSpec(str(style), 0.8)])[0], chosen)
+    inpainted, applied = _run(engine, tiny, "inpaint", loras=[LoraSpec(str(style), 0.8)])
+    assert np.array_equal(inpainted, _run(alone, tiny, "inpaint")[0]) and applied == [style_at_08]
+
+    # The same choice again merges nothing.
+    merges = []
+    monkeypatch.setattr(lora, "apply", lambda model: merges.append(model))
+    _run(engine, tiny, "inpaint", loras=[LoraSpec(str(style), 0.8), LoraSpec(str(prior_only), 0)])
+    assert merges == []
+
+    with pytest.raises(ValueError, match=r"loras\[0\]\.source 'gone' is not one of the Engine's LoRAs \('/"):
+        _run(engine, tiny, loras=[LoraSpec("gone", 1.0)])
+    with pytest.raises(ValueError, match=r"loras\[1\]\.source '.*style.safetensors' is listed twice"):
+        _run(engine, tiny, loras=[LoraSpec(str(style), 1.0), LoraSpec(str(style), 0.5)])
+    with pytest.raises(ValueError, match=r"loras\[0\]\.weight must be from -8 to 8, got 9"):
+        _run(engine, tiny, loras=[LoraSpec(str(style), 9.0)])
+
+
+def test_jobs_of_different_lora_choices_do_not_share_a_call() -> None:
+    """The choice is in the batch key, whatever order it lists the LoRAs in and with the ones it turns off or not."""
+    a, b = LoraSpec("a", 0.5), LoraSpec("b", 1.0)
+    key = Job(prompt="x", loras=[a, b]).batch_key()
+    assert Job(prompt="y", loras=[b, a, LoraSpec("c", 0)]).batch_key() == key
+    assert Job(prompt="x", loras=[a]).batch_key() != key
+    assert Job(prompt="x", loras=[a, LoraSpec("b", 0.9)]).batch_key() != key
+    assert Job(prompt="x").batch_key() != key != Job(prompt="x", loras=[]).batch_key()
+    assert "loras" not in Job(prompt="x", loras=[a]).to_dict()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # kandinsky22 batch
 # ----------------------------------------------------------------------------------------------------------------------

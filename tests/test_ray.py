@@ -30,7 +30,8 @@ from test_batch import run as run_in_process
 
 from kandinsky22.batch import UnitRunner
 from kandinsky22.jobs import Job
-from kandinsky22.recipe import job_from_recipe
+from kandinsky22.lora_specs import LoraSpec
+from kandinsky22.recipe import file_sha256, job_from_recipe
 from kandinsky22.scale.ray_batch import KILL_WORKER_ENV
 
 ray = pytest.importorskip("ray")
@@ -72,7 +73,7 @@ def ray_address() -> Iterator[str]:
                 os.environ[name] = value
 
 
-def one_thread_run(jobs: list[Job]) -> list[np.ndarray]:
+def one_thread_run(jobs: list[Job], loras: list[LoraSpec] | None = None) -> list[np.ndarray]:
     """``Engine.run`` in this process with one torch thread, as in each actor or replica (one CPU each)."""
     import torch
 
@@ -81,7 +82,7 @@ def one_thread_run(jobs: list[Job]) -> list[np.ndarray]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return [np.asarray(result.image) for result in Engine(device="cpu").run(jobs)]
+        return [np.asarray(result.image) for result in Engine(device="cpu", loras=loras or []).run(jobs)]
     finally:
         torch.set_num_threads(threads)
 
@@ -173,11 +174,16 @@ def request(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
 
 
 def test_serve_on_ray_answers_health_and_generation_like_the_plain_server(
-    ray_address: str, tiny_repos: dict[str, Path]
+    ray_address: str, tiny_repos: dict[str, Path], tmp_path: Path
 ) -> None:
+    # A LoRA of weight 0 (the images of a server without it) that a request turns on: the ingress checks the choice,
+    # the replica's Engine applies it.
+    from test_cli_lora import write_lora
+
+    lora = write_lora(tmp_path / "style.safetensors")
     proc = subprocess.Popen(
         [*COMMAND, "serve", "--port", "0", *models(tiny_repos), "--device", "cpu", "--ray", ray_address]
-        + ["--max-replicas", "1", "--cpus-per-replica", "1"],
+        + ["--max-replicas", "1", "--cpus-per-replica", "1", "--lora", f"{lora}:0"],
         env={**os.environ, **ENV},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -221,6 +227,19 @@ def test_serve_on_ray_answers_health_and_generation_like_the_plain_server(
 
         status, body = request(f"{base}/v1/images/generations", {"prompt": "a red cat", "size": "64x64", "steps": 0})
         assert status == 400 and body["error"]["param"] == "steps"  # validated by the same routes
+
+        chosen = {"prompt": "a red cat", "size": "64x64", "seed": 77, "steps": 2, "prior_steps": 2}
+        status, body = request(
+            f"{base}/v1/images/generations", {**chosen, "loras": [{"source": str(lora), "weight": 0.9}]}
+        )
+        assert status == 200, body
+        with PIL.Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))) as image:
+            pixels, recipe = np.asarray(image.convert("RGB")), json.loads(image.text["kandinsky22"])
+        assert recipe["loras"] == [{"source": str(lora), "weight": 0.9, "sha256": file_sha256(lora)}]
+        (want,) = one_thread_run([job_from_recipe(recipe)], [LoraSpec(str(lora), 0.9)])
+        assert np.array_equal(pixels, want) and not np.array_equal(pixels, expected[0])
+        status, body = request(f"{base}/v1/images/generations", {**chosen, "loras": [{"source": "x", "weight": 1}]})
+        assert status == 400 and body["error"]["param"] == "loras"
         status, models_body = request(f"{base}/v1/models")
         assert (
             status == 200 and models_body["device"] == "cpu" and models_body["tasks"] == ["text2img", "img2img", "mix"]

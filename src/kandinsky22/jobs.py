@@ -85,6 +85,8 @@ MIN_PRIOR_STEPS = 2
 MAX_IMAGES = 16
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0
+# A job's LoRA weights (Job.loras) are at most this in size: past it a LoRA swamps the model it adapts.
+MAX_LORA_WEIGHT = 8.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # A file path, or an image already in memory (the server's uploads).
@@ -111,6 +113,11 @@ class Job:
     (empty: the CLIP embedding of an empty image, as the reference). ``negative_prior`` is the prior's own negative
     prompt (its guidance unconditional; empty: the empty text). ``None`` for ``width``, ``height``, ``strength``,
     ``prior`` and ``decoder`` means "the task's default" (see :meth:`resolved`).
+
+    ``loras`` chooses among the LoRAs the :class:`Engine` was given (``--lora``), by their source: exactly these, at
+    these weights, the Engine's others off (``[]``: all off); ``None``: each at the Engine's own weight. A job cannot
+    name a LoRA of its own. It is not one of the JSON fields (:meth:`to_dict`, :meth:`from_dict`): a recipe records
+    the LoRAs applied instead, under its own ``loras`` key (:mod:`kandinsky22.recipe`).
     """
 
     task: str = "text2img"
@@ -134,6 +141,7 @@ class Job:
     weights: list[float] = field(default_factory=list)
     prior: str | None = None
     decoder: str | None = None
+    loras: list[LoraSpec] | None = None
 
     # -- validation --------------------------------------------------------------------------------------------------
 
@@ -174,6 +182,7 @@ class Job:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a hub id or a folder path, got {value!r}")
+        check_lora_choice(self.loras)
         return self
 
     def _validate_mix(self) -> None:
@@ -273,11 +282,15 @@ class Job:
         fields.pop("num_images")
         if self.task == "text2img":
             fields.pop("prompt")
+        # The same choice however it is listed: by source, without the LoRAs it turns off (off either way).
+        loras = fields.pop("loras")
+        fields["loras"] = None if loras is None else tuple(sorted((s.source, s.weight) for s in loras if s.weight))
         return tuple(_hashable(v) for v in fields.values())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly fields; in-memory images become ``None`` (a file path is kept as a string)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # asdict would deep-copy images
+        """JSON-friendly fields; in-memory images become ``None`` (a file path is kept as a string). Without
+        ``loras``: a recipe records the LoRAs applied instead."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_JSON}
         data["weights"] = list(self.weights)
         for name in ("image", "mask", "hint"):
             data[name] = _source_text(getattr(self, name))
@@ -287,11 +300,37 @@ class Job:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
         """Build a job from JSON fields; unknown keys raise ``ValueError`` listing the allowed ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_JSON]
         unknown = sorted(k for k in data if k not in names)
         if unknown:
             raise ValueError(f"unknown job field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
         return cls(**data)
+
+
+# Job fields that are not among its JSON fields
+_NOT_JSON = ("loras",)
+
+
+def check_lora_choice(loras: Any) -> None:
+    """A job's LoRA choice (:attr:`Job.loras`): ``None``, or a list of :class:`~kandinsky22.lora_specs.LoraSpec` of
+    distinct sources with finite weights from -MAX_LORA_WEIGHT to MAX_LORA_WEIGHT; else ``ValueError`` naming the
+    entry and its value. (Whether the sources are the Engine's is for the Engine, or the server, to say.)"""
+    if loras is None:
+        return
+    from kandinsky22.lora_specs import LoraSpec
+
+    if not isinstance(loras, (list, tuple)):
+        raise ValueError(f"loras must be a list of LoRAs (source and weight), got {loras!r}")
+    first_of: dict[str, int] = {}
+    for i, spec in enumerate(loras):
+        if not isinstance(spec, LoraSpec) or not isinstance(spec.source, str) or not spec.source:
+            raise ValueError(f"loras[{i}] must be a LoRA (a source and a weight), got {spec!r}")
+        _check_float(f"loras[{i}].weight", spec.weight, -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
+        if spec.source in first_of:
+            raise ValueError(
+                f"loras[{i}].source {spec.source!r} is listed twice (also as loras[{first_of[spec.source]}])"
+            )
+        first_of[spec.source] = i
 
 
 class MixText(str):
@@ -321,7 +360,7 @@ def _source_text(source: ImageSource | None) -> str | None:
 
 
 def _hashable(value: Any) -> Any:
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return tuple(_hashable(v) for v in value)
     return value if isinstance(value, (str, int, float, type(None), os.PathLike)) else id(value)
 
@@ -642,11 +681,13 @@ class DeviceUnavailable(RuntimeError):
 
 @dataclass
 class Result:
-    """One image, the single-image job that reproduces it (its own seed), and the timings of its pipeline call."""
+    """One image, the single-image job that reproduces it (its own seed), the timings of its pipeline call, and the
+    LoRAs applied to it as recipes record them (those of weight other than 0: source, weight, SHA-256)."""
 
     image: PIL.Image.Image
     job: Job
     timings: dict[str, float]
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
 
 def group_jobs(jobs: Iterable[Job], max_batch: int) -> list[list[Job]]:
@@ -696,6 +737,9 @@ class Engine:
     ``on_load(role, model)`` is called as a model starts loading (role ``"prior"`` or ``"decoder"``), so that a
     caller can say what it is waiting for when it waits for it. ``loras`` (``--lora``) are merged into every UNet and
     prior as it loads (:class:`~kandinsky22.lora_specs.EngineLoras`); :attr:`lora_records` is what recipes record.
+    A job's :attr:`Job.loras` chooses among them: before each call the prior and the decoder it uses are re-merged to
+    that choice where they hold another (``set_adapters``, from the weights kept on the CPU, in place, so the fast
+    path's graphs see it); :attr:`Result.loras` is what that image's recipe records.
     """
 
     def __init__(
@@ -851,9 +895,13 @@ class Engine:
         with self._lock, torch.no_grad(), stance, graphs:
             timings: dict[str, float] = {}
             started = time.perf_counter()
+            lora_weights = self.loras.weights(first.loras)  # an unknown source fails here, before any model loads
             loading = bool(self.missing_models(first))
             prior = self.prior_pipeline(first.prior)
             decoder = self.decoder_pipeline(first)
+            # Pipelines load with the Engine's own weights, and the last call's choice stays merged: this call's now.
+            for pipe in (prior, decoder):
+                self.loras.select(pipe, lora_weights)
             # What check_decoder could not read before the decoder loaded: refused now, before the prior runs.
             check_steps(first, self._scheduler_configs[first.decoder])
             decoder.scheduler = self._scheduler(first)
@@ -886,7 +934,11 @@ class Engine:
             if progress is not None:
                 progress("decode", 1, 1)
         size = (first.width, first.height)
-        return [Result(crop_to_size(image, size), job, dict(timings)) for image, job in zip(images, jobs)]
+        applied = self.loras.applied(lora_weights)
+        return [
+            Result(crop_to_size(image, size), job, dict(timings), [dict(lora) for lora in applied])
+            for image, job in zip(images, jobs)
+        ]
 
     def _elapsed(self, started: float) -> float:
         import torch

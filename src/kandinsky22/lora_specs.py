@@ -202,7 +202,8 @@ def load_lora(spec: LoraSpec, name: str) -> LoadedLora:
 
 class EngineLoras:
     """An Engine's LoRAs: read once (:meth:`load`), then merged into each UNet and prior as its pipeline loads
-    (:meth:`adapt`), each at its weight."""
+    (:meth:`adapt`), each at its weight; a job's choice of them (:attr:`Job.loras <kandinsky22.jobs.Job.loras>`)
+    becomes adapter weights (:meth:`weights`), merged into a pipeline's models by :meth:`select`."""
 
     def __init__(self, specs: Sequence[LoraSpec] = ()) -> None:
         self.specs = list(specs)
@@ -216,6 +217,40 @@ class EngineLoras:
     def records(self) -> list[dict[str, Any]]:
         """What recipes record (empty before :meth:`load`, and without LoRAs)."""
         return [lora.record() for lora in self._loaded or []]
+
+    def weights(self, choice: Sequence[LoraSpec] | None) -> dict[str, float]:
+        """Adapter name → weight for a job's choice: ``None``, each LoRA's own weight; a list (of known sources,
+        checked by :func:`kandinsky22.jobs.check_lora_choice`), its weights and 0 for the LoRAs it leaves out.
+        ``ValueError`` for a source that is not one of these LoRAs'."""
+        loaded = self.load()
+        if choice is None:
+            return {lora.name: lora.spec.weight for lora in loaded}
+        by_source = {lora.spec.source: lora for lora in loaded}
+        for i, spec in enumerate(choice):
+            if spec.source not in by_source:
+                known = ", ".join(repr(source) for source in by_source) or "none"
+                raise ValueError(f"loras[{i}].source {spec.source!r} is not one of the Engine's LoRAs ({known})")
+        chosen = {by_source[spec.source].name: spec.weight for spec in choice}
+        return {lora.name: chosen.get(lora.name, 0.0) for lora in loaded}
+
+    def applied(self, weights: Mapping[str, float]) -> list[dict[str, Any]]:
+        """What a recipe records of the LoRAs at ``weights`` (:meth:`weights`): those of weight other than 0."""
+        return [{**lora.record(), "weight": weights[lora.name]} for lora in self.load() if weights[lora.name] != 0]
+
+    def select(self, pipe: Any, weights: Mapping[str, float]) -> None:
+        """Re-merge ``pipe``'s UNet or prior to ``weights`` (:meth:`weights`) where it holds others: the model-level
+        ``set_adapters``, over the adapters it has (a LoRA without a part for it has none there)."""
+        if not self.specs:
+            return
+        from kandinsky22 import lora
+
+        for model in pipe.components.values():
+            if not isinstance(model, lora.LoraModelMixin):
+                continue
+            state = lora.state_of(model)
+            wanted = {name: weight for name, weight in weights.items() if name in state.adapters}
+            if wanted and state.active != wanted:
+                model.set_adapters(list(wanted), list(wanted.values()))
 
     def adapt(self, pipe: Any) -> None:
         """Merge each LoRA's part for ``pipe``'s UNet or prior (whichever it holds) into it; :class:`LoraError` for a

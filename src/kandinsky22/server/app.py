@@ -18,6 +18,7 @@ import binascii
 import contextlib
 import dataclasses
 import hmac
+import html
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from kandinsky22.jobs import (
 from kandinsky22.lora_specs import LoraSpec
 from kandinsky22.recipe import EXTENSIONS, FORMAT_NAMES, MEDIA_TYPES, SUFFIX_FORMATS
 from kandinsky22.server.schemas import (
+    LORAS_USAGE,
     ImageGenerationRequest,
     JobRequest,
     Limits,
@@ -58,6 +60,7 @@ from kandinsky22.server.schemas import (
     job_request_to_job,
     output_encoding,
     parse_job_request,
+    served_loras,
 )
 from kandinsky22.server.worker import TERMINAL, JobFinished, JobOutput, JobQueue, QueueFull, RunBatch, Unavailable
 
@@ -70,6 +73,8 @@ KEEPALIVE_S = 15.0
 DISCONNECT_POLL_S = 1.0
 # Multipart fields that may be uploaded files.
 IMAGE_FIELDS = ("image", "mask_image", "hint_image")
+# Where the page's LoRA weight inputs go (static/index.html)
+LORA_INPUTS = "<!-- lora weights -->"
 
 
 @dataclass
@@ -78,7 +83,8 @@ class ServerConfig:
 
     prior: str = PRIOR_REPO
     decoders: dict[str, str] = field(default_factory=dict)
-    # merged into the UNets and the prior as they load, for every request (kandinsky22.lora_specs)
+    # merged into the UNets and the prior as they load (kandinsky22.lora_specs), at these weights unless a request
+    # chooses others among them (its "loras")
     loras: list[LoraSpec] = field(default_factory=list)
     device: str = "auto"
     dtype: str = "auto"
@@ -186,7 +192,8 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
                 for call in calls:
                     for stage, seconds in call_timings[call].items():
                         timings[stage] = timings.get(stage, 0.0) + seconds
-                recipes = [make_recipe(r.job, engine.device_name, engine.dtype_name, engine.lora_records) for r in mine]
+                # the LoRAs each image was made with: the job's choice, not the server's defaults
+                recipes = [make_recipe(r.job, engine.device_name, engine.dtype_name, r.loras) for r in mine]
                 # PNG, lossless: the queue re-encodes the images of a job that asked for JPEG or WebP.
                 pngs = [encode_image(r.image, recipe, "png") for r, recipe in zip(mine, recipes)]
                 outputs.append(JobOutput(files=pngs, seeds=[r.job.seed for r in mine], timings=timings))
@@ -333,6 +340,7 @@ def job_view(snapshot: dict[str, Any], base_url: str) -> dict[str, Any]:
         "prior_guidance_scale": job.prior_guidance,
         "scheduler": job.scheduler,
         "strength": job.strength,
+        "loras": None if job.loras is None else [{"source": s.source, "weight": s.weight} for s in job.loras],
         "output_format": output_format,
         "seeds": seeds,
         "queue_position": snapshot["queue_position"],
@@ -423,7 +431,7 @@ def create_app(
     app.mount("/static", StaticFiles(packages=[("kandinsky22.server", "static")]), name="static")
     _register_errors(app)
     _add_job_request_schema(app)
-    page_html = resources.files("kandinsky22.server").joinpath("static/index.html").read_text()
+    page_html = _page_html(config.loras)
 
     def configured(job: Job) -> Job:
         decoder = config.decoders.get(job.task)
@@ -431,7 +439,10 @@ def create_app(
             raise RequestError(
                 f"task {job.task!r} is not served here; this server runs {', '.join(config.tasks)}", param="task"
             )
-        job = dataclasses.replace(job, prior=config.prior, decoder=decoder).resolved(max_side=limits.max_side)
+        loras = served_loras(job.loras, config.loras)
+        job = dataclasses.replace(job, prior=config.prior, decoder=decoder, loras=loras).resolved(
+            max_side=limits.max_side
+        )
         # A step count the decoder's sampler cannot take, from its scheduler config (a folder, or a hub repository in
         # the cache, where the loaded models are): refused here, not as a failed job. (Without the config, the run
         # refuses it before the prior runs.)
@@ -519,6 +530,7 @@ def create_app(
             },
             "limits": {**limits.as_dict(), "size_multiple": 1},
             **info,
+            **({"loras_per_request": LORAS_USAGE} if config.loras else {}),
         }
 
     # -- OpenAI-compatible -----------------------------------------------------------------------------------------
@@ -655,6 +667,26 @@ def create_app(
     return app
 
 
+def _page_html(loras: Sequence[LoraSpec]) -> str:
+    """The page, with a weight input for each of the server's LoRAs (prefilled with its own weight; the page sends
+    them as the request's ``loras``), none without any."""
+    page = resources.files("kandinsky22.server").joinpath("static/index.html").read_text()
+    if not loras:
+        return page.replace(LORA_INPUTS, "")
+    inputs = []
+    for k, lora in enumerate(loras):
+        source = html.escape(lora.source, quote=True)
+        name = html.escape(lora.source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or lora.source)
+        inputs.append(
+            # any step, and no bounds: a start-up weight of any precision (or past a request's range, which the
+            # server's answer then explains) is sent as it is
+            f'<div><label for="lora-{k}" title="{source}">{name}</label><input id="lora-{k}" class="lora" '
+            f'type="number" step="any" value="{float(lora.weight)!r}" data-source="{source}" required></div>'
+        )
+    fieldset = f'<fieldset id="loras"><legend>LoRA weights</legend><div class="row">{"".join(inputs)}</div></fieldset>'
+    return page.replace(LORA_INPUTS, fieldset)
+
+
 async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
     """Multipart fields → (JobRequest fields, uploaded files by name); list fields may repeat."""
     try:
@@ -669,6 +701,11 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
             files["items"] = [await v.read() if isinstance(v, UploadFile) else v for v in values]
         elif name == "weights":
             fields["weights"] = values
+        elif name == "loras" and not isinstance(values[-1], UploadFile):  # JSON text: [{"source": …, "weight": …}]
+            try:
+                fields["loras"] = json.loads(values[-1])
+            except json.JSONDecodeError as err:
+                raise RequestError(f"loras is not valid JSON ({err})", "loras") from err
         elif isinstance(values[-1], UploadFile):
             if name not in IMAGE_FIELDS:
                 raise RequestError(f"{name} cannot be a file; files are accepted for {', '.join(IMAGE_FIELDS)}", name)

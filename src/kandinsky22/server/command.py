@@ -92,8 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=lora_argument,
         metavar="SOURCE[:WEIGHT]",
-        help="apply a LoRA to every request (repeat for several): a .safetensors/.bin file, a folder holding one, or a "
-        "hub id; WEIGHT (default 1) after the last ':'. Listed by /v1/models and recorded in each image's recipe",
+        help="load a LoRA (repeat for several), applied at WEIGHT unless a request's 'loras' chooses otherwise: a "
+        ".safetensors/.bin file, a folder holding one, or a hub id; WEIGHT (default 1) after the last ':'. Listed by "
+        "/v1/models and recorded in each image's recipe",
     )
     models.add_argument("--device", type=_device, default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N] or mps")
     models.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="auto: fp16 on GPUs")

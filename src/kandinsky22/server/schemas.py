@@ -15,7 +15,19 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kandinsky22.jobs import IMAGE_SUFFIXES, MIN_PRIOR_STEPS, SCHEDULERS, TASKS, Job, MixText, eight_bit, upright
+from kandinsky22.jobs import (
+    IMAGE_SUFFIXES,
+    MAX_LORA_WEIGHT,
+    MIN_PRIOR_STEPS,
+    SCHEDULERS,
+    TASKS,
+    Job,
+    MixText,
+    check_lora_choice,
+    eight_bit,
+    upright,
+)
+from kandinsky22.lora_specs import LoraSpec
 from kandinsky22.recipe import DEFAULT_QUALITY, check_quality
 
 if TYPE_CHECKING:
@@ -53,6 +65,31 @@ class Limits:
         return asdict(self)
 
 
+class LoraChoice(BaseModel):
+    """One of the server's LoRAs, chosen for a request, and its weight there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="A LoRA source of this server, exactly as GET /v1/models lists it.")
+    weight: float = Field(
+        description=f"From -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g} (negative: away from what it learned; 0: off)."
+    )
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _no_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"a boolean is not accepted here, got {value!r}")
+        return value
+
+
+LORAS_USAGE = (
+    f'Choose per request with "loras": [{{"source": <a source listed here>, "weight": <-{MAX_LORA_WEIGHT:g} to '
+    f"{MAX_LORA_WEIGHT:g}>}}, ...]: exactly those LoRAs at those weights, the others off ([]: none); without "
+    f'"loras", the weights listed here. A request cannot load a LoRA of its own.'
+)
+
+
 class _Request(BaseModel):
     # Unknown fields are errors, so a typo ("guidance" for "guidance_scale") is reported instead of ignored.
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +111,11 @@ class _Request(BaseModel):
         None,
         description="jpeg and webp only: the encoder's quality, 0-100 (OpenAI's name and scale: 100 is the best "
         f"quality and the largest file; 0 is read as 1). Default {DEFAULT_QUALITY}.",
+    )
+    loras: list[LoraChoice] | None = Field(
+        None,
+        description="The server's LoRAs (GET /v1/models) to apply, at these weights: exactly these, the others off "
+        "([]: none). Absent: each at the server's own weight.",
     )
 
     @field_validator("*", mode="before")
@@ -205,8 +247,48 @@ def _validated(job: Job) -> Job:
     return job
 
 
+def _lora_choice(req: _Request) -> list[LoraSpec] | None:
+    """The request's ``loras`` as the Job takes them, checked here so that the message shows each source as sent
+    (whether the server has them is :func:`served_loras`' to say)."""
+    if req.loras is None:
+        return None
+    choice = [LoraSpec(lora.source, lora.weight) for lora in req.loras]
+    try:
+        check_lora_choice(choice)
+    except ValueError as err:
+        raise RequestError(str(err), param="loras") from None
+    return choice
+
+
+def served_loras(choice: list[LoraSpec] | None, served: list[LoraSpec]) -> list[LoraSpec] | None:
+    """A job's LoRAs on a server started with ``served`` (``--lora``): for a request's choice, every one of the
+    server's, in their order, at the request's weight (0 where it leaves one out), so that jobs of equal choices batch
+    together however their requests listed them; ``None`` without a choice (the Engine's own weights, which are the
+    command line's and may lie outside a request's range). Raises :class:`RequestError` for a source the server has
+    not (listing those it has), and for ``loras`` sent to a server without any."""
+    if choice is None:
+        return None
+    if not served:
+        raise RequestError(
+            f"loras: this server has no LoRAs (they are given at its start: serve --lora SOURCE[:WEIGHT]); got "
+            f"{[{'source': spec.source, 'weight': spec.weight} for spec in choice]}",
+            param="loras",
+        )
+    known = [spec.source for spec in served]
+    for i, spec in enumerate(choice):
+        if spec.source not in known:
+            raise RequestError(
+                f"loras[{i}].source {spec.source!r} is not a LoRA of this server; its LoRAs (as GET /v1/models lists "
+                f"them): {', '.join(repr(source) for source in known)}",
+                param="loras",
+            )
+    weights = {spec.source: spec.weight for spec in choice}
+    return [LoraSpec(source, weights.get(source, 0.0)) for source in known]
+
+
 def _common(req: _Request) -> dict[str, Any]:
     return {
+        "loras": _lora_choice(req),
         "prompt": req.prompt,
         "negative": req.negative_prompt,
         "negative_prior": req.negative_prior_prompt,

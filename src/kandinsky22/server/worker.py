@@ -3,8 +3,8 @@
 The HTTP layer (asyncio) only submits, reads, cancels and watches jobs; all model work happens in a single thread,
 so the GPU runs one pipeline call at a time and no model is shared between threads. The worker takes the oldest
 queued job and, for text2img, the queued jobs that can share its pipeline call (:meth:`Job.batch_key`: same size,
-steps, scheduler, guidance), up to ``max_batch`` images. Each image has its own generator (see :mod:`kandinsky22.jobs`),
-so batching never changes an image. A failed batch is retried job by job, so a request that breaks the model fails
+steps, scheduler, guidance, LoRA choice), up to ``max_batch`` images. Each image has its own generator (see
+:mod:`kandinsky22.jobs`), so batching never changes an image. A failed batch is retried job by job, so a request that breaks the model fails
 alone; the worker goes on either way.
 
 The runner makes PNG files (recipe included); a job that asked for JPEG or WebP gets them re-encoded here, in the worker

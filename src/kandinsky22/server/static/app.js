@@ -173,6 +173,11 @@ async function generate(event) {
   if (form.get("seed") !== "") {
     request.seed = parseInt(form.get("seed"), 10);
   }
+  // The server's LoRAs (their inputs are in the page only when it has some): each at the weight given here.
+  const loraInputs = [...document.querySelectorAll("input.lora")];
+  if (loraInputs.length) {
+    request.loras = loraInputs.map((input) => ({ source: input.dataset.source, weight: parseFloat(input.value) }));
+  }
   setBusy(true);
   $("progress").value = 0;
   $("progress-text").textContent = "submitting…";
