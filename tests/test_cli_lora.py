@@ -20,7 +20,7 @@ from test_cli import FAST, ok, pixels, run, tiny  # noqa: F401 (tiny: the fixtur
 from kandinsky22 import lora
 from kandinsky22.batch import ImageResult, Unit, UnitRunner, run_batch
 from kandinsky22.jobs import Engine, Job
-from kandinsky22.lora_specs import LoraError, LoraSpec, checked_sources, lora_file, parse_lora
+from kandinsky22.lora_specs import LoraError, LoraSpec, changed_loras, checked_sources, lora_file, parse_lora
 from kandinsky22.recipe import file_sha256, job_from_recipe, read_recipe
 
 # Modules of the tiny UNet and prior (kandinsky22.tiny) and their weights' shapes (out, in).
@@ -197,6 +197,40 @@ def _bad_loras(folder: Path) -> dict[str, Path]:
         str(text),
     )
     return {"unknown": unknown, "shape": shape, "text": text}
+
+
+def test_a_peft_folders_config_is_recorded_and_a_changed_one_warns(
+    tiny: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """peft's adapter_config.json sets the scale (lora_alpha / r): its SHA-256 is recorded beside the weights' file's,
+    and --from-png warns when it changed (the weights' file unchanged), as it does for the file."""
+    folder = tmp_path / "peft"
+    write_lora(folder / "adapter_model.safetensors")
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({"r": 4, "lora_alpha": 2}))
+    plain = ["generate", "a red cat", *SIZE, *FAST, *models(tiny)]
+    ok(run(*plain, "--lora", str(folder), "-o", "lora.png", cwd=tmp_path))
+    recorded = read_recipe(tmp_path / "lora.png")["loras"]
+    assert recorded[0]["config_sha256"] == file_sha256(config)
+    assert recorded[0]["sha256"] == file_sha256(folder / "adapter_model.safetensors")
+    same = ok(run("generate", "--from-png", "lora.png", "--quiet", "-o", "same.png", cwd=tmp_path))
+    assert "warning" not in same.stderr
+    config.write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    changed = ok(run("generate", "--from-png", "lora.png", "--quiet", "-o", "changed.png", cwd=tmp_path))
+    assert f"warning: --lora {folder}: the file is not the one 'lora.png' was made with" in changed.stderr
+    assert not np.array_equal(pixels(tmp_path / "changed.png"), pixels(tmp_path / "lora.png"))
+
+
+def test_a_recipe_from_before_the_config_was_recorded_says_nothing_of_it() -> None:
+    now = [{"source": "s", "weight": 1.0, "sha256": "a", "config_sha256": "c"}]
+    assert changed_loras({"loras": [{"source": "s", "weight": 1.0, "sha256": "a"}]}, now) == []
+    assert changed_loras({"loras": [{"source": "s", "sha256": "a", "config_sha256": "b"}]}, now) == ["s"]
+    assert changed_loras({"loras": [{"source": "s", "sha256": "a", "config_sha256": "c"}]}, now) == []
+    # recorded with a config that is gone now
+    assert changed_loras(
+        {"loras": [{"source": "s", "sha256": "a", "config_sha256": "c"}]}, [now[0] | {"config_sha256": None}]
+    ) == ["s"]
 
 
 @pytest.mark.parametrize(

@@ -726,7 +726,7 @@ def _load_loras(args: argparse.Namespace, engine: Any, recipe: dict[str, Any] | 
         for source in changed_loras(recipe, records):
             print(
                 f"{PROG} {args.command}: warning: --lora {source}: the file is not the one '{args.from_png}' was made "
-                "with (its SHA-256 differs); the image may differ",
+                "with (its SHA-256, or its adapter_config.json's, differs); the image may differ",
                 file=sys.stderr,
             )
     return records

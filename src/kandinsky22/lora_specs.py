@@ -126,15 +126,19 @@ def specs_of_recipe(recipe: Mapping[str, Any]) -> list[LoraSpec]:
 
 
 def changed_loras(recipe: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The sources of ``records`` (LoRAs as read now) whose file differs from the one the recipe recorded for the
-    same source."""
-    recorded = {
-        entry.get("source"): entry.get("sha256") for entry in recipe.get("loras") or [] if isinstance(entry, dict)
-    }
+    """The sources of ``records`` (LoRAs as read now) whose file, or ``adapter_config.json`` beside it, differs from
+    the one the recipe recorded for the same source (a recipe without ``config_sha256``, from before it was recorded,
+    says nothing of the config)."""
+    recorded = {entry.get("source"): entry for entry in recipe.get("loras") or [] if isinstance(entry, dict)}
+
+    def differs(record: Mapping[str, Any], key: str) -> bool:
+        then = recorded[record["source"]].get(key)
+        return then is not None and then != record.get(key)
+
     return [
         record["source"]
         for record in records
-        if record["source"] in recorded and recorded[record["source"]] not in (None, record["sha256"])
+        if record["source"] in recorded and (differs(record, "sha256") or differs(record, "config_sha256"))
     ]
 
 
@@ -177,10 +181,16 @@ class LoadedLora:
     file: Path
     sha256: str
     lora: LoraFile
+    # peft's adapter_config.json beside the file, whose lora_alpha sets the scale (kandinsky22.lora): its SHA-256
+    config_sha256: str | None = None
 
     def record(self) -> dict[str, Any]:
-        """What a recipe keeps of it."""
-        return {"source": self.spec.source, "weight": self.spec.weight, "sha256": self.sha256}
+        """What a recipe keeps of it: source, weight, the file's SHA-256 and, where an ``adapter_config.json`` sits
+        beside it, that file's (``config_sha256``)."""
+        record = {"source": self.spec.source, "weight": self.spec.weight, "sha256": self.sha256}
+        if self.config_sha256 is not None:
+            record["config_sha256"] = self.config_sha256
+        return record
 
 
 def load_lora(spec: LoraSpec, name: str) -> LoadedLora:
@@ -197,7 +207,9 @@ def load_lora(spec: LoraSpec, name: str) -> LoadedLora:
         read = lora.LoraFile.read(file)
     except ValueError as err:
         raise LoraError(spec.source, _reason(err, str(file))) from None
-    return LoadedLora(spec, name, file, file_sha256(file), read)
+    config = file.parent / lora.PEFT_CONFIG
+    config_sha256 = file_sha256(config) if config.is_file() else None
+    return LoadedLora(spec, name, file, file_sha256(file), read, config_sha256)
 
 
 class EngineLoras:

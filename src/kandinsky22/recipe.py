@@ -82,8 +82,8 @@ def input_hashes(job: Job) -> dict[str, Any]:
 
 def make_recipe(job: Job, device: str, dtype: str, loras: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The recipe of one image: every job field, tool and version, device and dtype, input file hashes, and the LoRAs
-    it was made with (``{source, weight, sha256}`` each, :meth:`kandinsky22.lora_specs.LoadedLora.record`; the key
-    only where there are some)."""
+    it was made with (``{source, weight, sha256}`` each, and ``config_sha256`` for a peft folder's config,
+    :meth:`kandinsky22.lora_specs.LoadedLora.record`; the key only where there are some)."""
     recipe = {
         "tool": TOOL,
         "version": __version__,
