@@ -448,3 +448,12 @@ def test_a_named_file_of_a_hub_repository(tmp_path: Path, monkeypatch: pytest.Mo
     # the repository alone reads the standard names only, and says how to name another
     with pytest.raises(FileNotFoundError, match=r"hub repository 'owner/name'.*give it as 'owner/name/FILE'"):
         lora_file("owner/name")
+
+
+def test_a_lora_error_pickles_as_itself() -> None:
+    """Workers (Ray, processes) send errors back pickled: the source and the reason survive."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(LoraError("style.safetensors", "it does not fit")))
+    assert isinstance(err, LoraError) and (err.source, err.reason) == ("style.safetensors", "it does not fit")
+    assert str(err) == "--lora style.safetensors: it does not fit"

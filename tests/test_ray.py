@@ -403,3 +403,29 @@ def test_serve_on_a_cluster_that_serves_kandinsky22_already_exits_1_and_leaves_i
             assert response.read() == b"the first server"
     finally:
         serve.delete(APP_NAME)
+
+
+def test_batch_on_ray_a_lora_that_does_not_fit_is_one_line_naming_it(
+    ray_address: str, tiny_repos: dict[str, Path], tmp_path: Path
+) -> None:
+    """The driver reads and hashes the LoRA; a worker finds, as it loads the models, that its modules are not theirs:
+    the command says so in one line naming the option, as without Ray, not in Ray's wrapped traceback."""
+    from test_cli_lora import write_lora
+
+    lora = write_lora(tmp_path / "other.safetensors", {"down_blocks.7.attentions.0.to_q": (64, 64)})
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [job_line(1)])
+    result = subprocess.run(
+        [*COMMAND, "batch", str(jobs), "--out", str(tmp_path / "out"), *models(tiny_repos), "--device", "cpu"]
+        + ["--ray", ray_address, "--workers", "1", "--quiet", "--lora", str(lora)],
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kandinsky22 batch: error")]
+    assert result.returncode == 2, result.stderr
+    assert errors == [
+        f"kandinsky22 batch: error: --lora {lora}: 1 module(s) are not in the Kandinsky 2.2 unet, e.g. "
+        "['down_blocks.7.attentions.0.to_q'] (is this a LoRA for another model?)"
+    ], result.stderr

@@ -44,6 +44,11 @@ class LoraError(ValueError):
         self.source = source
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # rebuilt from both arguments (the default would pass the message alone): a Ray worker's error reaches the
+        # driver as itself
+        return type(self), (self.source, self.reason)
+
 
 @dataclass(frozen=True)
 class LoraSpec:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kandinsky22.batch import ImageResult, Unit
+from kandinsky22.lora_specs import LoraError
 from kandinsky22.scale import connected, default_gpus
 
 KILL_WORKER_ENV = "KANDINSKY22_KILL_WORKER"
@@ -62,7 +63,15 @@ class _Worker:
             self._kill_once()
         rows = []
         for payload in batch.column("payload").to_pylist():
-            for result in self.runner(payload):
+            try:
+                results = self.runner(payload)
+            except LoraError as err:
+                # A LoRA that does not fit the models fails every job: the driver stops the run with it (as a row:
+                # raised here, it would reach the driver as Ray's wrapped traceback, the error itself lost).
+                fatal = json.dumps([err.source, err.reason])
+                rows.append({**dict.fromkeys(_COLUMNS), "unit": json.loads(payload)["unit"], "fatal": fatal})
+                continue
+            for result in results:
                 row = {name: getattr(result, name) for name in _COLUMNS}
                 row["timings"] = json.dumps(result.timings)
                 rows.append(row)
@@ -93,6 +102,7 @@ def _schema() -> Any:
             ("timings", pa.string()),
             ("device", pa.string()),
             ("dtype", pa.string()),
+            ("fatal", pa.string()),  # a LoRA error: [source, reason]
         ]
     )
 
@@ -124,6 +134,8 @@ def run_units(units: list[Unit], options: RayOptions, engine: dict[str, Any]) ->
             num_cpus=options.cpus_per_worker,
         )
         for row in dataset.iter_rows():
+            if row["fatal"] is not None:  # raised as without Ray: the command reports it in one line
+                raise LoraError(*json.loads(row["fatal"]))
             values = {name: row[name] for name in _COLUMNS}
             values["timings"] = json.loads(values["timings"])
             yield ImageResult(**values)
