@@ -130,14 +130,7 @@ class DPMSolverSDEScheduler(_SecondOrder):
             raise ValueError(f"noise_sampler_seed={seed!r} must be None or a non-negative integer")
         _torchsde()  # fail at construction, with the install hint, rather than at the first noisy step
 
-    def _grid(self, num_steps: int) -> np.ndarray:
-        """As the reference: a float64 "linspace" grid (the other samplers' is float32)."""
-        c = self.config
-        if c.timestep_spacing == "linspace":
-            return np.linspace(0, c.num_train_timesteps - 1, num_steps, dtype=np.float64)[::-1]
-        return tables.spaced_timesteps(c.timestep_spacing, num_steps, c.num_train_timesteps, c.steps_offset).astype(
-            np.float64
-        )
+    _grid_dtype = np.float64  # as the reference (the other samplers' grid is float32)
 
     def set_timesteps(
         self,

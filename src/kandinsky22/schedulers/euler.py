@@ -33,13 +33,17 @@ class _EulerFamily(SigmaSchedulerMixin):
         self._set_schedule(timesteps.astype(np.float32), device, torch.float32)
         self.sigmas = torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float32))
 
+    # The grid's dtype: the reference's float32 (float64 for DPM++ SDE)
+    _grid_dtype: type = np.float32
+
     def _grid(self, num_steps: int) -> np.ndarray:
-        """Descending float32 timesteps; "linspace" is not rounded here (the σ are interpolated between steps)."""
+        """Descending timesteps in ``_grid_dtype``; "linspace" is not rounded here (the σ are interpolated between
+        steps)."""
         c = self.config
         if c.timestep_spacing == "linspace":
-            return np.linspace(0, c.num_train_timesteps - 1, num_steps, dtype=np.float32)[::-1]
+            return np.linspace(0, c.num_train_timesteps - 1, num_steps, dtype=self._grid_dtype)[::-1]
         return tables.spaced_timesteps(c.timestep_spacing, num_steps, c.num_train_timesteps, c.steps_offset).astype(
-            np.float32
+            self._grid_dtype
         )
 
     @property
