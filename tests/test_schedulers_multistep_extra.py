@@ -40,8 +40,6 @@ def test_swapped_in_from_the_official_decoder_config_and_exported(cls):
 @pytest.mark.parametrize(
     ("cls", "key", "value"),
     [
-        (LMSDiscreteScheduler, "use_exponential_sigmas", True),
-        (LMSDiscreteScheduler, "use_beta_sigmas", True),
         (LMSDiscreteScheduler, "timestep_spacing", "uniform"),
         (LMSDiscreteScheduler, "prediction_type", "flow_prediction"),
         (DPMSolverSinglestepScheduler, "use_flow_sigmas", True),

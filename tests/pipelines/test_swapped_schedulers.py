@@ -58,6 +58,12 @@ SCHEDULERS = {
     # A fixed Brownian path: the reference seeds it from torch's global RNG otherwise (ours from the generator)
     "dpm++-sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 7}),
     "dpm++-sde-karras": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 11, "use_karras_sigmas": True}),
+    "euler-exponential": ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    "dpm-beta": ("DPMSolverMultistepScheduler", {"use_beta_sigmas": True}),
+    "unipc-exponential": ("UniPCMultistepScheduler", {"use_exponential_sigmas": True}),
+    "heun-beta": ("HeunDiscreteScheduler", {"use_beta_sigmas": True, "clip_sample": False}),
+    "kdpm2-exponential": ("KDPM2DiscreteScheduler", {"use_exponential_sigmas": True}),
+    "dpm++-sde-beta": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 5, "use_beta_sigmas": True}),
     "pndm": ("PNDMScheduler", {}),  # the official config has no skip_prk_steps: the Runge–Kutta warm-up
     "pndm-skip-prk": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
@@ -110,6 +116,14 @@ CASES = [
     ("inpaint", "dpm++-sde", {"steps": 3, "size": (64, 96)}),
     ("controlnet", "dpm++-sde", {"steps": 3}),
     ("controlnet_img2img", "dpm++-sde-karras", {"steps": 4, "strength": 0.5}),
+    # Exponential and beta σ
+    ("text2img", "euler-exponential", {"steps": 5, "n": 2}),
+    ("text2img", "dpm-beta", {"steps": 6}),
+    ("img2img", "unipc-exponential", {"steps": 6, "strength": 0.5}),
+    ("inpaint", "heun-beta", {"steps": 3}),
+    ("controlnet_img2img", "dpm-beta", {"steps": 5, "strength": 0.6}),
+    ("text2img", "kdpm2-exponential", {"steps": 4}),  # fractional float64 timesteps in the reference
+    ("img2img", "dpm++-sde-beta", {"steps": 4, "strength": 0.7}),
     # PNDM: 4 steps are 13 model calls with the warm-up (12 of them Runge–Kutta stages); n + 1 without. img2img with
     # the warm-up only from the start (see test_pndm_img2img_with_the_runge_kutta_warm_up_needs_strength_1); without
     # it from index 1 (the repeated timestep) and 3 (past it: one step lost, as the reference)

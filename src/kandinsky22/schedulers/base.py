@@ -171,6 +171,27 @@ class SchedulerMixin:
             self._require_choice("timestep_spacing", tables.TIMESTEP_SPACINGS)
         if "rescale_betas_zero_snr" in self.config_defaults:
             self._require_default("rescale_betas_zero_snr")
+        chosen = self._spacing_keys()
+        if len(chosen) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: {', '.join(f'{key}=True' for key in chosen)}: only one σ spacing can be used"
+            )
+
+    def _spacing_keys(self) -> list[str]:
+        """The σ-spacing switches of this class's config that are on (``tables.SIGMA_SPACINGS``)."""
+        return [key for key in tables.SIGMA_SPACINGS if key in self.config_defaults and self.config[key]]
+
+    @property
+    def _sigma_spacing(self) -> str | None:
+        """How a run's noise levels are respaced: "karras", "exponential", "beta" (:func:`tables.spaced_sigmas`), or
+        None for the σ of the timestep grid."""
+        chosen = self._spacing_keys()
+        return tables.SIGMA_SPACINGS[chosen[0]] if chosen else None
+
+    def _refuse_custom_timesteps_with_spacing(self, timesteps: Any) -> None:
+        """As the reference: respaced σ make their own timesteps, so custom ``timesteps`` cannot come with them."""
+        for key in self._spacing_keys():
+            raise ValueError(f"timesteps={tables.brief(timesteps)} cannot be used with {key}=True")
 
     def _training_alphas_cumprod(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -360,16 +381,16 @@ class MultistepSolverMixin(SigmaSchedulerMixin):
         offset: int,
         round_karras: bool,
     ) -> None:
-        """The DPM-Solver family's run: the given ``timesteps`` (strictly descending, in [0, T−1]; not with
-        ``use_karras_sigmas``, and ``lambda_min_clipped`` does not apply to them), or ``num_inference_steps`` spaced by
-        ``spacing`` below ``lambda_min_clipped``, or Karras σ (their timesteps rounded where ``round_karras``)."""
+        """The DPM-Solver family's run: the given ``timesteps`` (strictly descending, in [0, T−1]; not with a σ
+        spacing, and ``lambda_min_clipped`` does not apply to them), or ``num_inference_steps`` spaced by ``spacing``
+        below ``lambda_min_clipped``, or respaced σ (Karras, exponential or beta, over the whole training range; Karras
+        timesteps rounded where ``round_karras``, the others truncated, as the reference)."""
         c = self.config
         total = c.num_train_timesteps
         ac = self.alphas_cumprod
         train_sigmas = tables.train_sigmas(ac)
         if tables.schedule_source(num_inference_steps, timesteps=timesteps) == "timesteps":
-            if c.use_karras_sigmas:  # as the reference: Karras σ make their own timesteps
-                raise ValueError(f"timesteps={tables.brief(timesteps)} cannot be used with use_karras_sigmas=True")
+            self._refuse_custom_timesteps_with_spacing(timesteps)
             grid = tables.custom_timesteps(timesteps, total)
         else:
             tables.check_num_steps(num_inference_steps, total)
@@ -377,10 +398,11 @@ class MultistepSolverMixin(SigmaSchedulerMixin):
             train_lambda = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
             clipped = int(torch.searchsorted(torch.flip(train_lambda, [0]), c.lambda_min_clipped))
             grid = tables.solver_timesteps(spacing, num_inference_steps, total, offset, total - clipped)
-        if c.use_karras_sigmas:
-            sigmas = tables.karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), num_inference_steps)
+        spacing = self._sigma_spacing
+        if spacing is not None:
+            sigmas = tables.spaced_sigmas(spacing, float(train_sigmas[0]), float(train_sigmas[-1]), num_inference_steps)
             grid = tables.sigma_to_t(sigmas, np.log(train_sigmas))
-            if round_karras:
+            if round_karras and spacing == "karras":  # exponential and beta timesteps are truncated (as int64)
                 grid = grid.round()
         else:
             sigmas = np.interp(grid, np.arange(len(train_sigmas)), train_sigmas)

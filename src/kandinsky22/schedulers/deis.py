@@ -47,8 +47,8 @@ def deis_coefficients(rho_from: float, rho_to: float, nodes: list[float]) -> lis
 
 class DEISMultistepScheduler(MultistepSolverMixin):
     """DEIS (``algorithm_type="deis"``, ``solver_type="logrho"``) of order 1–3; ``lower_order_final`` and
-    ``use_karras_sigmas`` as in :class:`DPMSolverMultistepScheduler`. The last step goes to the σ of t = 0 (σ_min),
-    never to σ = 0 (where ρ = 0 and log ρ = −∞)."""
+    the σ spacings as in :class:`DPMSolverMultistepScheduler`. The last step goes to the σ of t = 0 (σ_min), never to
+    σ = 0 (where ρ = 0 and log ρ = −∞); with respaced σ it goes to the last of them (a step of length zero)."""
 
     config_defaults = {
         **BETA_DEFAULTS,
@@ -85,7 +85,7 @@ class DEISMultistepScheduler(MultistepSolverMixin):
         self._require_choice("algorithm_type", ("deis",))
         self._require_choice("solver_type", ("logrho",))
         self._require_choice("solver_order", (1, 2, 3))
-        self._require_default("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting")
+        self._require_default("use_flow_sigmas", "use_dynamic_shifting")
 
     def set_timesteps(
         self, num_inference_steps: int, device: torch.device | str | None = None, mu: float | None = None
@@ -96,9 +96,12 @@ class DEISMultistepScheduler(MultistepSolverMixin):
         tables.check_num_steps(num_inference_steps, total)
         grid = tables.solver_timesteps(c.timestep_spacing, num_inference_steps, total, c.steps_offset)
         train = tables.train_sigmas(self.alphas_cumprod)
-        if c.use_karras_sigmas:
-            sigmas = tables.karras_sigmas(float(train[0]), float(train[-1]), num_inference_steps)
-            grid = tables.sigma_to_t(sigmas, np.log(train)).round()
+        spacing = self._sigma_spacing
+        if spacing is not None:
+            sigmas = tables.spaced_sigmas(spacing, float(train[0]), float(train[-1]), num_inference_steps)
+            grid = tables.sigma_to_t(sigmas, np.log(train))
+            if spacing == "karras":  # as the reference; the other timesteps are truncated (as int64)
+                grid = grid.round()
             final = float(sigmas[-1])  # a last step of length zero, as the reference
         else:
             sigmas = np.interp(grid, np.arange(len(train)), train)

@@ -40,8 +40,9 @@ def singlestep_orders(steps: int, order: int, lower_order_final: bool, final_sig
 
 
 class DPMSolverSinglestepScheduler(MultistepSolverMixin):
-    """DPM-Solver(++) singlestep of order 1–3 with ``solver_type`` "midpoint" or "heun"; ``use_karras_sigmas`` and
-    ``lambda_min_clipped`` as in :class:`DPMSolverMultistepScheduler`. Timesteps are always "linspace" (the reference
+    """DPM-Solver(++) singlestep of order 1–3 with ``solver_type`` "midpoint" or "heun"; the σ spacings
+    (``use_karras_sigmas``, ``use_exponential_sigmas``, ``use_beta_sigmas``) and ``lambda_min_clipped`` as in
+    :class:`DPMSolverMultistepScheduler`. Timesteps are always "linspace" (the reference
     has no ``timestep_spacing`` for this sampler).
 
     ``lower_order_final=False`` needs a step count that is a multiple of ``solver_order`` and a final σ > 0
@@ -87,7 +88,7 @@ class DPMSolverSinglestepScheduler(MultistepSolverMixin):
         self._require_choice("solver_type", ("midpoint", "heun"))
         self._require_choice("solver_order", (1, 2, 3))
         self._require_choice("final_sigmas_type", ("zero", "sigma_min"))
-        self._require_default("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting")
+        self._require_default("use_flow_sigmas", "use_dynamic_shifting")
         if c.algorithm_type == "dpmsolver" and c.final_sigmas_type == "zero":  # as the reference: λ = ∞ at σ = 0
             raise ValueError(
                 "DPMSolverSinglestepScheduler: algorithm_type='dpmsolver' needs final_sigmas_type='sigma_min' "
@@ -113,8 +114,8 @@ class DPMSolverSinglestepScheduler(MultistepSolverMixin):
         mu: float | None = None,
         timesteps: Sequence[int] | None = None,
     ) -> None:
-        """``num_inference_steps`` spaced evenly ("linspace", below ``lambda_min_clipped``) or as Karras σ, or the given
-        ``timesteps`` (strictly descending, in [0, T−1]; not with ``use_karras_sigmas``)."""
+        """``num_inference_steps`` spaced evenly ("linspace", below ``lambda_min_clipped``) or by a σ spacing, or the
+        given ``timesteps`` (strictly descending, in [0, T−1]; not with a σ spacing)."""
         self._refuse_mu(mu)
         self._install_solver_run(num_inference_steps, timesteps, device, "linspace", 0, round_karras=True)
 

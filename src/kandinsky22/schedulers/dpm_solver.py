@@ -29,8 +29,10 @@ class DPMSolverMultistepScheduler(MultistepSolverMixin):
 
     ``lower_order_final`` drops to lower orders on the last steps of short (< 15 step) schedules, which stabilises
     them; the final step to σ = 0 is always first order with ``final_sigmas_type="zero"``. ``use_karras_sigmas``
-    spaces the noise levels as Karras et al. 2022. An 8-channel (learned-variance) model output is reduced to its
-    4 noise channels.
+    spaces the noise levels as Karras et al. 2022, ``use_exponential_sigmas`` evenly in log σ, ``use_beta_sigmas`` at
+    the quantiles of Beta(0.6, 0.6). An 8-channel (learned-variance) model output is reduced to its 4 noise channels.
+    As the reference, the timesteps of exponential and beta σ are truncated to integers (Karras ones are rounded,
+    except on the cosine schedule): the model sees a timestep up to one below its σ's.
     """
 
     config_defaults = {
@@ -74,9 +76,7 @@ class DPMSolverMultistepScheduler(MultistepSolverMixin):
         self._require_choice("solver_type", ("midpoint", "heun"))
         self._require_choice("solver_order", (1, 2, 3))
         self._require_choice("final_sigmas_type", ("zero", "sigma_min"))
-        self._require_default(
-            "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"
-        )
+        self._require_default("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
 
     def set_timesteps(
         self,
@@ -85,8 +85,8 @@ class DPMSolverMultistepScheduler(MultistepSolverMixin):
         mu: float | None = None,
         timesteps: Sequence[int] | None = None,
     ) -> None:
-        """``num_inference_steps`` spaced by ``timestep_spacing`` (or Karras σ), or the given ``timesteps`` (strictly
-        descending, in [0, T−1]; not with ``use_karras_sigmas``, and ``lambda_min_clipped`` does not apply to them).
+        """``num_inference_steps`` spaced by ``timestep_spacing`` (or respaced σ), or the given ``timesteps``
+        (strictly descending, in [0, T−1]; not with a σ spacing, and ``lambda_min_clipped`` does not apply to them).
         ``mu`` (the flow-matching time shift) needs ``use_dynamic_shifting``, which kandinsky22 does not have."""
         self._refuse_mu(mu)
         c = self.config

@@ -81,7 +81,8 @@ class _EulerFamily(SigmaSchedulerMixin):
 
 class EulerDiscreteScheduler(_EulerFamily):
     """Euler steps in σ, deterministic unless ``step`` is given ``s_churn``; ``use_karras_sigmas`` spaces the σ as
-    Karras et al. 2022 (ρ = 7), optionally between ``sigma_min`` and ``sigma_max``.
+    Karras et al. 2022 (ρ = 7), ``use_exponential_sigmas`` evenly in log σ, ``use_beta_sigmas`` at the quantiles of
+    Beta(0.6, 0.6), each optionally between ``sigma_min`` and ``sigma_max``.
     """
 
     config_defaults = {
@@ -103,7 +104,7 @@ class EulerDiscreteScheduler(_EulerFamily):
     def _check_config(self) -> None:
         super()._check_config()
         self._require_choice("final_sigmas_type", ("zero", "sigma_min"))
-        self._require_default("interpolation_type", "use_exponential_sigmas", "use_beta_sigmas", "timestep_type")
+        self._require_default("interpolation_type", "timestep_type")
 
     def set_timesteps(
         self,
@@ -112,10 +113,10 @@ class EulerDiscreteScheduler(_EulerFamily):
         timesteps: Sequence[float] | None = None,
         sigmas: Sequence[float] | None = None,
     ) -> None:
-        """One of: ``num_inference_steps`` spaced by ``timestep_spacing`` (or Karras σ); ``timesteps`` (strictly
-        descending in [0, T−1], fractions allowed; not with ``use_karras_sigmas``), whose σ are interpolated; or
-        ``sigmas``, one per step plus the final level (which replaces ``final_sigmas_type``), whose timesteps are
-        interpolated in log σ and which take precedence over ``use_karras_sigmas``, as in the reference."""
+        """One of: ``num_inference_steps`` spaced by ``timestep_spacing`` (or respaced σ); ``timesteps`` (strictly
+        descending in [0, T−1], fractions allowed; not with a σ spacing), whose σ are interpolated; or ``sigmas``, one
+        per step plus the final level (which replaces ``final_sigmas_type``), whose timesteps are interpolated in
+        log σ and which take precedence over a σ spacing, as in the reference."""
         c = self.config
         train = tables.train_sigmas(self.alphas_cumprod)
         source = tables.schedule_source(num_inference_steps, timesteps=timesteps, sigmas=sigmas)
@@ -125,8 +126,7 @@ class EulerDiscreteScheduler(_EulerFamily):
             self._install(tables.sigma_to_t(levels[:-1], np.log(train)), levels, device)
             return
         if source == "timesteps":
-            if c.use_karras_sigmas:  # as the reference: Karras σ make their own timesteps
-                raise ValueError(f"timesteps={tables.brief(timesteps)} cannot be used with use_karras_sigmas=True")
+            self._refuse_custom_timesteps_with_spacing(timesteps)
             grid = tables.custom_timesteps(timesteps, c.num_train_timesteps, integer=False)
             num_inference_steps = len(grid)
         else:
@@ -134,10 +134,11 @@ class EulerDiscreteScheduler(_EulerFamily):
             grid = self._grid(num_inference_steps)
         self.num_inference_steps = num_inference_steps
         levels = np.interp(grid, np.arange(len(train)), train)
-        if c.use_karras_sigmas:
+        spacing = self._sigma_spacing
+        if spacing is not None:
             low = c.sigma_min if c.sigma_min is not None else float(levels[-1])
             high = c.sigma_max if c.sigma_max is not None else float(levels[0])
-            levels = tables.karras_sigmas(low, high, num_inference_steps)
+            levels = tables.spaced_sigmas(spacing, low, high, num_inference_steps)
             grid = tables.sigma_to_t(levels, np.log(train))
         ac = self.alphas_cumprod
         final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.final_sigmas_type == "sigma_min" else 0.0

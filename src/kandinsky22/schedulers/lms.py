@@ -34,7 +34,8 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
 
 class LMSDiscreteScheduler(_EulerFamily):
     """Linear multistep of order ``step(order=4)``: the first steps of a run use as many past derivatives as exist
-    (1, 2, 3, then 4). ``use_karras_sigmas`` spaces the σ as Karras et al. 2022 (ρ = 7).
+    (1, 2, 3, then 4). ``use_karras_sigmas`` spaces the σ as Karras et al. 2022 (ρ = 7), ``use_exponential_sigmas``
+    evenly in log σ, ``use_beta_sigmas`` at the quantiles of Beta(0.6, 0.6), over the run's range.
 
     The reference takes the order from the step's index in the schedule, not from the derivatives it holds: a run that
     starts mid-schedule (img2img) then weighs its few derivatives with the coefficients of a higher-order polynomial
@@ -52,10 +53,6 @@ class LMSDiscreteScheduler(_EulerFamily):
         "steps_offset": 0,
     }
 
-    def _check_config(self) -> None:
-        super()._check_config()
-        self._require_default("use_exponential_sigmas", "use_beta_sigmas")
-
     def _build(self) -> None:
         self.betas, self.alphas_cumprod = self._training_alphas_cumprod()
         # As the reference: the table before set_timesteps is that of a run of every training step
@@ -72,8 +69,9 @@ class LMSDiscreteScheduler(_EulerFamily):
         grid = self._grid(num_inference_steps)
         train = tables.train_sigmas(self.alphas_cumprod)
         levels = np.interp(grid, np.arange(len(train)), train)
-        if c.use_karras_sigmas:
-            levels = tables.karras_sigmas(float(levels[-1]), float(levels[0]), num_inference_steps)
+        spacing = self._sigma_spacing
+        if spacing is not None:
+            levels = tables.spaced_sigmas(spacing, float(levels[-1]), float(levels[0]), num_inference_steps)
             grid = tables.sigma_to_t(levels, np.log(train))
         self.num_inference_steps = num_inference_steps
         self._install(grid, np.append(levels, 0.0), device)

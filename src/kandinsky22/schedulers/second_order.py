@@ -73,10 +73,6 @@ class _SecondOrder(_EulerFamily):
 
     order = 2
 
-    def _check_config(self) -> None:
-        super()._check_config()
-        self._require_default("use_exponential_sigmas", "use_beta_sigmas")
-
     def _build(self) -> None:
         self.betas, self.alphas_cumprod = self._training_alphas_cumprod()
         # As the reference: a full-length run is installed until set_timesteps (add_noise may come first)
@@ -86,13 +82,12 @@ class _SecondOrder(_EulerFamily):
         self, num_inference_steps: int | None, timesteps: Sequence[float] | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The run's grid: (timesteps (n,), σ (n,) float64), from ``num_inference_steps`` spaced by
-        ``timestep_spacing`` or from custom ``timesteps``; with ``use_karras_sigmas`` the σ are respaced (Karras et
-        al. 2022, eq. 5) over the same range and the timesteps follow them."""
+        ``timestep_spacing`` or from custom ``timesteps``; with a σ spacing (Karras, exponential or beta) the σ are
+        respaced over the same range and the timesteps follow them."""
         c = self.config
         source = tables.schedule_source(num_inference_steps, timesteps=timesteps)
         if source == "timesteps":
-            if c.use_karras_sigmas:  # as the reference: Karras σ make their own timesteps
-                raise ValueError(f"timesteps={tables.brief(timesteps)} cannot be used with use_karras_sigmas=True")
+            self._refuse_custom_timesteps_with_spacing(timesteps)
             grid = tables.custom_timesteps(timesteps, c.num_train_timesteps, integer=False)
         else:
             tables.check_num_steps(num_inference_steps, c.num_train_timesteps)
@@ -100,8 +95,9 @@ class _SecondOrder(_EulerFamily):
         self.num_inference_steps = len(grid)
         train = tables.train_sigmas(self.alphas_cumprod)
         levels = np.interp(grid, np.arange(len(train)), train)
-        if c.use_karras_sigmas:
-            levels = tables.karras_sigmas(float(levels[-1]), float(levels[0]), len(grid))
+        spacing = self._sigma_spacing
+        if spacing is not None:
+            levels = tables.spaced_sigmas(spacing, float(levels[-1]), float(levels[0]), len(grid))
             grid = tables.sigma_to_t(levels, np.log(train))
         return grid, levels
 
@@ -184,7 +180,7 @@ class HeunDiscreteScheduler(_SecondOrder):
         timesteps: Sequence[float] | None = None,
     ) -> None:
         """``num_inference_steps`` σ steps (2n − 1 model evaluations), or custom ``timesteps`` (strictly descending
-        in [0, T−1], fractions allowed; not with ``use_karras_sigmas``). ``num_train_timesteps``: only the config's."""
+        in [0, T−1], fractions allowed; not with a σ spacing). ``num_train_timesteps``: only the config's."""
         self._check_train_timesteps(num_train_timesteps)
         grid, levels = self._sigma_grid(num_inference_steps, timesteps)
         sigmas = torch.from_numpy(np.append(levels, 0.0).astype(np.float32))

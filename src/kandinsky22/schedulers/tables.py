@@ -198,6 +198,90 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+# The config switches that respace a run's noise levels, and the spacing each one names (at most one may be on).
+SIGMA_SPACINGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential", "use_beta_sigmas": "beta"}
+
+
+def spaced_sigmas(spacing: str, sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """``num_steps`` noise levels from σ_max down to σ_min (float64): "karras" (:func:`karras_sigmas`),
+    "exponential" (evenly spaced in log σ, k-diffusion's ``get_sigmas_exponential``) or "beta" (σ_min + (σ_max −
+    σ_min)·q at the quantiles q of Beta(0.6, 0.6) at 1, …, 0 evenly spaced: Lee et al. 2024, "Beta Sampling is All
+    You Need", which spends more steps at both ends of the range)."""
+    if spacing == "karras":
+        return karras_sigmas(sigma_min, sigma_max, num_steps)
+    if spacing == "exponential":
+        return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+    if spacing == "beta":
+        return sigma_min + beta_quantiles(1 - np.linspace(0, 1, num_steps), 0.6, 0.6) * (sigma_max - sigma_min)
+    raise ValueError(f"unknown σ spacing {spacing!r}; choose one of {', '.join(SIGMA_SPACINGS.values())}")
+
+
+def _beta_cdf_series(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The regularised incomplete beta function I_x(a, b) for x ≤ (a + 1)/(a + b + 2), where its continued fraction
+    (modified Lentz, float64) converges in a few dozen terms."""
+    tiny = 1e-300
+    front = np.exp(a * np.log(x) + b * np.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)) / a
+    c = np.ones_like(x)
+    d = 1 - (a + b) * x / (a + 1)
+    d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+    f = d.copy()
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1 + numerator * d
+            d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+            c = 1 + numerator / c
+            c = np.where(np.abs(c) < tiny, tiny, c)
+            f = f * c * d
+        if np.all(np.abs(c * d - 1) < 2 * np.finfo(np.float64).eps):
+            break
+    return front * f
+
+
+def beta_cdf(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """I_x(a, b), the cumulative distribution of Beta(a, b) at ``x`` in [0, 1], to float64 precision."""
+    x = np.asarray(x, dtype=np.float64)
+    inner = np.clip(x, 1e-300, 1 - 1e-16)
+    lower = inner < (a + 1) / (a + b + 2)
+    value = np.where(
+        lower,
+        _beta_cdf_series(np.where(lower, inner, 0.5), a, b),
+        1 - _beta_cdf_series(np.where(lower, 0.5, 1 - inner), b, a),
+    )
+    return np.where(x <= 0, 0.0, np.where(x >= 1, 1.0, value))
+
+
+def beta_quantiles(q: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The quantile function of Beta(a, b) at ``q`` in [0, 1] (float64; 0 at q = 0, 1 at q = 1): Newton's method on
+    :func:`beta_cdf`, kept inside a shrinking bracket (bisection where a step would leave it), until the steps fall
+    below a few units in the last place. Beyond the median it is solved as 1 − the quantile of Beta(b, a) at 1 − q,
+    so that the values near either end keep their relative precision."""
+    q = np.asarray(q, dtype=np.float64)
+    upper = q > 0.5
+    x = np.where(q <= 0, 0.0, 1.0)
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    for side, first, second, p in ((~upper, a, b, q), (upper, b, a, 1 - q)):
+        inside = side & (p > 0) & (p < 1)
+        target = p[inside]
+        low, high = np.zeros_like(target), np.ones_like(target)
+        # the start: the quantile of the density's leading term x^(a−1)/B near 0, below the median's neighbourhood
+        guess = np.minimum(np.exp((np.log(target * first) + log_beta) / first), 0.5)
+        for _ in range(200):
+            gap = beta_cdf(guess, first, second) - target
+            low, high = np.where(gap < 0, guess, low), np.where(gap < 0, high, guess)
+            density = np.exp((first - 1) * np.log(guess) + (second - 1) * np.log1p(-guess) - log_beta)
+            newton = guess - gap / density
+            # Newton's error after a step is about the square of the step: one of 1e-12 leaves none that float64 holds
+            converged = np.abs(newton - guess) <= 1e-12 * guess
+            guess = np.where((newton > low) & (newton < high) | converged, newton, low + (high - low) / 2)
+            if converged.all():
+                break
+        x[inside] = 1 - guess if side is upper else guess
+    return x
+
+
 def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timesteps of the noise levels ``sigmas``, interpolating linearly in log σ.
 

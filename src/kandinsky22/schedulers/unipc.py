@@ -59,14 +59,7 @@ class UniPCMultistepScheduler(MultistepSolverMixin):
         self._require_choice("solver_type", ("bh1", "bh2"))
         self._require_choice("solver_order", (1, 2, 3))
         self._require_choice("final_sigmas_type", ("zero", "sigma_min"))
-        self._require_default(
-            "solver_p",
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "use_flow_sigmas",
-            "use_dynamic_shifting",
-            "shift_terminal",
-        )
+        self._require_default("solver_p", "use_flow_sigmas", "use_dynamic_shifting", "shift_terminal")
 
     def _install(self, timesteps: np.ndarray, sigmas: np.ndarray, device: torch.device | str | None) -> None:
         super()._install(timesteps, sigmas, device)
@@ -80,7 +73,8 @@ class UniPCMultistepScheduler(MultistepSolverMixin):
         sigmas: Sequence[float] | None = None,
         mu: float | None = None,
     ) -> None:
-        """``num_inference_steps`` spaced by ``timestep_spacing`` (or Karras σ). The reference takes custom ``sigmas``
+        """``num_inference_steps`` spaced by ``timestep_spacing`` (or respaced σ: Karras, exponential or beta, between
+        ``sigma_min`` and ``sigma_max`` where given). The reference takes custom ``sigmas``
         and ``mu`` only for flow-matching σ (``use_flow_sigmas``, ``use_dynamic_shifting``), which kandinsky22 does
         not implement: either one is refused."""
         c = self.config
@@ -94,11 +88,14 @@ class UniPCMultistepScheduler(MultistepSolverMixin):
         tables.check_num_steps(num_inference_steps, total)
         grid = tables.solver_timesteps(c.timestep_spacing, num_inference_steps, total, c.steps_offset)
         train = tables.train_sigmas(self.alphas_cumprod)
-        if c.use_karras_sigmas:
+        spacing = self._sigma_spacing
+        if spacing is not None:
             low = c.sigma_min if c.sigma_min is not None else float(train[0])
             high = c.sigma_max if c.sigma_max is not None else float(train[-1])
-            sigmas = tables.karras_sigmas(low, high, num_inference_steps)
-            grid = tables.sigma_to_t(sigmas, np.log(train)).round()
+            sigmas = tables.spaced_sigmas(spacing, low, high, num_inference_steps)
+            grid = tables.sigma_to_t(sigmas, np.log(train))
+            if spacing == "karras":  # as the reference; the other timesteps are truncated (as int64)
+                grid = grid.round()
             final = float(sigmas[-1]) if c.final_sigmas_type == "sigma_min" else 0.0
         else:
             sigmas = np.interp(grid, np.arange(len(train)), train)
