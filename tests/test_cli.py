@@ -147,6 +147,22 @@ def test_generate_exact_size_recipe_json_then_rerun_from_png_and_prompts_file(
     assert (dog["prompt"], dog["seed"], dog["width"]) == ("a blue dog", 100, 80)
 
 
+def test_sigmas_respace_the_sampler_and_the_recipe_remakes_the_image(tiny: dict[str, str], tmp_path: Path) -> None:
+    """--sigmas beta changes the image, is recorded (only when given), and --from-png remakes it; --sigmas default over
+    that recipe gives the sampler's own spacing back."""
+    common = ["x", "--seed", "3", "--scheduler", "euler", "--width", "64", "--height", "64", *FAST, *models(tiny)]
+    ok(run("generate", *common, "-o", "own.png", cwd=tmp_path))
+    ok(run("generate", *common, "--sigmas", "beta", "-o", "beta.png", cwd=tmp_path))
+    assert "sigmas" not in read_recipe(tmp_path / "own.png")
+    assert read_recipe(tmp_path / "beta.png")["sigmas"] == "beta"
+    assert not np.array_equal(pixels(tmp_path / "own.png"), pixels(tmp_path / "beta.png"))
+    ok(run("generate", "--from-png", "beta.png", "--quiet", "-o", "again.png", cwd=tmp_path))
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "beta.png"))
+    ok(run("generate", "--from-png", "beta.png", "--sigmas", "default", "--quiet", "-o", "back.png", cwd=tmp_path))
+    assert np.array_equal(pixels(tmp_path / "back.png"), pixels(tmp_path / "own.png"))
+    assert "sigmas" not in read_recipe(tmp_path / "back.png")
+
+
 def test_img2img_writes_exact_size_and_overwrites_only_when_asked(tiny: dict[str, str], tmp_path: Path) -> None:
     photo = write_image(tmp_path / "photo.png", (100, 60), seed=1)
     (tmp_path / "result.png").write_bytes(b"old")
@@ -291,6 +307,12 @@ def test_jpeg_and_webp_outputs_carry_the_recipe_that_remakes_them(tiny: dict[str
         (["generate", "x", "--steps", "many"], "argument --steps: must be an integer from 1 to 1000, got 'many'"),
         (["generate", "x", "--prior-steps", "1"], "argument --prior-steps: must be from 2 to 1000, got 1"),
         (["generate", "x", "--scheduler", "plms"], "argument --scheduler: invalid choice: 'plms' (choose from"),
+        (["generate", "x", "--sigmas", "cosine"], "argument --sigmas: invalid choice: 'cosine' (choose from"),
+        (
+            ["generate", "x", "--scheduler", "ddim", "--sigmas", "karras"],
+            "sigmas 'karras' does not apply to the ddim sampler; the samplers that take it: dpm++, euler,",
+        ),
+        (["generate", "x", "--sigmas", "beta"], "sigmas 'beta' does not apply to the ddpm sampler"),
         (["generate", "x", "--width", "63"], "argument --width: must be from 64 to 2048, got 63"),
         (["generate", "x", "--guidance", "0.5"], "argument --guidance: must be a number from 1 to 100, got '0.5'"),
         (["generate", "x", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8' (choose from"),

@@ -9,11 +9,16 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+from tiny_repos import DECODER_SCHEDULER_CONFIG
 
 from kandinsky22.jobs import (
     DECODER_REPO,
     INPAINT_REPO,
     PRIOR_REPO,
+    SCHEDULER_CLASSES,
+    SCHEDULERS,
+    SIGMA_SPACINGS,
+    SPACED_SAMPLERS,
     Cancelled,
     Engine,
     IncompatibleJob,
@@ -21,6 +26,7 @@ from kandinsky22.jobs import (
     crop_to_size,
     fit_to_grid,
     group_jobs,
+    make_scheduler,
     mix_item_kind,
 )
 
@@ -61,6 +67,9 @@ def _write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "
         ({"guidance": 0.5}, "guidance must be from 1 to 100, got 0.5"),
         ({"prior_guidance": math.nan}, "prior_guidance must be a number"),
         ({"scheduler": "plms"}, "scheduler must be one of ddpm, ddim, dpm++, dpm++-karras, euler, euler-a, unipc"),
+        ({"sigmas": "cosine"}, "sigmas must be one of karras, exponential, beta; got 'cosine'"),
+        ({"sigmas": "beta"}, "sigmas 'beta' does not apply to the ddpm sampler; the samplers that take it: dpm++,"),
+        ({"scheduler": "dpm++-karras", "sigmas": "exponential"}, "does not apply to the dpm++-karras sampler"),
         ({"width": 63}, "width must be from 64 to 2048, got 63"),
         ({"height": 4096}, "height must be from 64 to 2048, got 4096"),
         ({"num_images": 0}, "num_images must be from 1 to 16, got 0"),
@@ -152,6 +161,33 @@ def test_group_jobs_batches_only_compatible_jobs() -> None:
     groups = group_jobs([cat, other_steps, dog, a, b], max_batch=8)
     assert groups == [[cat, dog], [other_steps], [a], [b]]  # text2img batches across prompts; img2img does not
     assert group_jobs([cat, dog, cat], max_batch=2) == [[cat, dog], [cat]]
+
+
+def test_sigmas_are_recorded_only_when_set_and_part_of_the_batch_key() -> None:
+    plain = Job(prompt="cat", scheduler="euler", seed=1)
+    beta = dataclasses.replace(plain, sigmas="beta")
+    assert "sigmas" not in plain.to_dict()  # recipes and batch fingerprints of earlier versions stay as they were
+    assert beta.to_dict()["sigmas"] == "beta" and Job.from_dict(beta.to_dict()) == beta
+    assert Job.from_dict({**beta.to_dict(), "sigmas": None}) == plain
+    assert group_jobs([plain, beta], max_batch=8) == [[plain], [beta]]
+
+
+def test_samplers_that_take_sigmas_are_those_whose_class_has_the_switches() -> None:
+    import kandinsky22
+
+    for name in SCHEDULERS:
+        class_name, _ = SCHEDULER_CLASSES[name]
+        has_switches = "use_beta_sigmas" in getattr(kandinsky22, class_name).config_defaults
+        assert (name in SPACED_SAMPLERS) == (has_switches and name != "dpm++-karras"), name
+
+
+@pytest.mark.parametrize("sigmas", SIGMA_SPACINGS)
+@pytest.mark.parametrize("name", SPACED_SAMPLERS)
+def test_make_scheduler_turns_on_one_spacing(name: str, sigmas: str) -> None:
+    config = {**DECODER_SCHEDULER_CONFIG, "use_karras_sigmas": True}  # a config's own spacing gives way
+    scheduler = make_scheduler(name, config, sigmas)
+    assert scheduler._sigma_spacing == sigmas
+    assert make_scheduler(name, DECODER_SCHEDULER_CONFIG)._sigma_spacing is None
 
 
 def test_mix_items_are_images_by_suffix_or_existing_file(tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ from kandinsky22.jobs import (
     MIN_PRIOR_STEPS,
     MIN_SIDE,
     SCHEDULERS,
+    SIGMA_SPACINGS,
+    SPACED_SAMPLERS,
     DeviceUnavailable,
     IncompatibleJob,
     Job,
@@ -64,6 +66,7 @@ JOB_OPTIONS = {
     "guidance": "guidance",
     "prior_guidance": "prior_guidance",
     "scheduler": "scheduler",
+    "sigmas": "sigmas",
     "width": "width",
     "height": "height",
     "num_images": "num_images",
@@ -203,6 +206,11 @@ def _common_options() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_float_in(1, 100), help="decoder guidance scale, 1 = off (default 4)")
     gen.add_argument("--prior-guidance", type=_float_in(1, 100), help="prior guidance scale, 1 = off (default 4)")
     gen.add_argument("--scheduler", choices=SCHEDULERS, help="decoder sampler (default ddpm, as the official repos)")
+    gen.add_argument(
+        "--sigmas",
+        choices=("default", *SIGMA_SPACINGS),
+        help=f"spacing of the sampler's noise levels (default: its own); for {', '.join(SPACED_SAMPLERS)}",
+    )
     gen.add_argument("--width", type=_int_in(MIN_SIDE, MAX_SIDE), help="exact output width in pixels (default 512)")
     gen.add_argument("--height", type=_int_in(MIN_SIDE, MAX_SIDE), help="exact output height in pixels (default 512)")
     gen.add_argument("--num-images", type=_int_in(1, MAX_IMAGES), help="images per prompt (default 1)")
@@ -345,6 +353,8 @@ def _explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {
         field: getattr(args, dest) for dest, field in JOB_OPTIONS.items() if getattr(args, dest, None) is not None
     }
+    if options.get("sigmas") == "default":  # the sampler's own spacing, also over a recipe's (--from-png)
+        options["sigmas"] = None
     if args.command == "mix" and "items" in options and "weights" not in options:
         options["weights"] = [1.0 / len(options["items"])] * len(options["items"])
     if getattr(args, "prompt", None) is not None:
@@ -512,7 +522,7 @@ def _check_decoders(sources: list[tuple[str, Job]]) -> None:
     tell before it loads (a folder, or a hub repository in the local cache); the rest is checked once it loads."""
     checked = set()
     for where, job in sources:
-        key = (job.task, job.decoder, job.scheduler, job.steps, job.strength)
+        key = (job.task, job.decoder, job.scheduler, job.sigmas, job.steps, job.strength)
         if key in checked:
             continue
         checked.add(key)

@@ -55,6 +55,21 @@ SCHEDULERS = (
     "dpm++-sde",
     "pndm",
 )
+# Noise-level spacings a sampler's schedule can take instead of its own (Job.sigmas: kandinsky22.schedulers.tables
+# .SIGMA_SPACINGS, here without importing torch), and the samplers that take them (their classes have the switches)
+SIGMA_SPACINGS = ("karras", "exponential", "beta")
+SPACED_SAMPLERS = (
+    "dpm++",
+    "euler",
+    "unipc",
+    "lms",
+    "dpm++-single",
+    "deis",
+    "heun",
+    "kdpm2",
+    "kdpm2-a",
+    "dpm++-sde",
+)
 # kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
 COMPILE_SCOPES = ("auto", "blocks", "model", "none")
 
@@ -109,6 +124,9 @@ class IncompatibleJob(ValueError):
 class Job:
     """One generation request. Defaults follow the authors' usage (prior 25 steps, decoder 50 steps, CFG 4).
 
+    ``sigmas`` respaces the decoder sampler's noise levels ("karras", "exponential" or "beta"; ``None``: the
+    sampler's own spacing), for the samplers of :data:`SPACED_SAMPLERS`. It is written into recipes only when set.
+
     ``negative`` is the decoder's negative prompt: its prior embedding is the unconditional of the decoder's guidance
     (empty: the CLIP embedding of an empty image, as the reference). ``negative_prior`` is the prior's own negative
     prompt (its guidance unconditional; empty: the empty text). ``None`` for ``width``, ``height``, ``strength``,
@@ -130,6 +148,7 @@ class Job:
     guidance: float = 4.0
     prior_guidance: float = 4.0
     scheduler: str = "ddpm"
+    sigmas: str | None = None
     width: int | None = None
     height: int | None = None
     num_images: int = 1
@@ -171,6 +190,14 @@ class Job:
         _check_float("prior_guidance", self.prior_guidance, 1.0, MAX_GUIDANCE)
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
+        if self.sigmas is not None:
+            if self.sigmas not in SIGMA_SPACINGS:
+                raise ValueError(f"sigmas must be one of {', '.join(SIGMA_SPACINGS)}; got {self.sigmas!r}")
+            if self.scheduler not in SPACED_SAMPLERS:
+                raise ValueError(
+                    f"sigmas {self.sigmas!r} does not apply to the {self.scheduler} sampler; the samplers that take "
+                    f"it: {', '.join(SPACED_SAMPLERS)}"
+                )
         for name in ("width", "height"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), MIN_SIDE, MAX_SIDE)
@@ -291,6 +318,11 @@ class Job:
         """JSON-friendly fields; in-memory images become ``None`` (a file path is kept as a string). Without
         ``loras``: a recipe records the LoRAs applied instead."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_JSON}
+        for (
+            name
+        ) in _ONLY_WHEN_SET:  # added later: absent when unset, so earlier recipes and fingerprints stay as they were
+            if data[name] is None:
+                del data[name]
         data["weights"] = list(self.weights)
         for name in ("image", "mask", "hint"):
             data[name] = _source_text(getattr(self, name))
@@ -307,8 +339,9 @@ class Job:
         return cls(**data)
 
 
-# Job fields that are not among its JSON fields
+# Job fields that are not among its JSON fields, and JSON fields written only when they are not None
 _NOT_JSON = ("loras",)
+_ONLY_WHEN_SET = ("sigmas",)
 
 
 def check_lora_choice(loras: Any) -> None:
@@ -612,11 +645,14 @@ def _decoder_kind(unet: tuple[Any, Any]) -> str:
     return f"{kind} (UNet in_channels {unet[0]}, addition_embed_type {unet[1]!r})"
 
 
-def make_scheduler(name: str, config: dict[str, Any]) -> Any:
-    """A fresh decoder sampler ``name`` (one of :data:`SCHEDULERS`) built on a decoder's scheduler config."""
+def make_scheduler(name: str, config: dict[str, Any], sigmas: str | None = None) -> Any:
+    """A fresh decoder sampler ``name`` (one of :data:`SCHEDULERS`) built on a decoder's scheduler config, its noise
+    levels respaced as ``sigmas`` says (one of :data:`SIGMA_SPACINGS`; ``None``: the sampler's own)."""
     import kandinsky22
 
     class_name, overrides = SCHEDULER_CLASSES[name]
+    if sigmas is not None:  # this spacing alone, whatever the sampler or the config had
+        overrides = {**overrides, **{f"use_{spacing}_sigmas": spacing == sigmas for spacing in SIGMA_SPACINGS}}
     return getattr(kandinsky22, class_name).from_config(config, **overrides)
 
 
@@ -629,12 +665,12 @@ def check_steps(job: Job, scheduler_config: dict[str, Any], name: str = "steps")
     from kandinsky22.loading import config_json  # a loaded scheduler's config may hold arrays (trained_betas)
 
     config = config_json(scheduler_config, sort_keys=True)
-    problem = _steps_problem(job.scheduler, config, job.steps, job.strength)
+    problem = _steps_problem(job.scheduler, job.sigmas, config, job.steps, job.strength)
     if not problem:
         return
     advice = "use fewer steps"
     for steps in range(job.steps - 1, max(0, job.steps - 1 - _STEPS_TRIED_BELOW), -1):
-        lower = _steps_problem(job.scheduler, config, steps, job.strength)
+        lower = _steps_problem(job.scheduler, job.sigmas, config, steps, job.strength)
         if lower is None:
             advice = f"use at most {steps} steps"
         if not lower:  # works, or leaves no step (and so will every lower count)
@@ -646,15 +682,15 @@ def check_steps(job: Job, scheduler_config: dict[str, Any], name: str = "steps")
 
 
 @functools.lru_cache(maxsize=256)
-def _steps_problem(sampler: str, config: str, steps: int, strength: float | None) -> str | None:
-    """Why ``sampler`` on the scheduler config (JSON) cannot run ``steps`` (from ``strength``'s first step): ``None``
+def _steps_problem(sampler: str, sigmas: str | None, config: str, steps: int, strength: float | None) -> str | None:
+    """Why ``sampler`` (with ``sigmas``) on the scheduler config (JSON) cannot run ``steps`` (from ``strength``'s first step): ``None``
     when it can; ``""`` when ``strength`` leaves no step of that count (a lower count than a job's, which
     :meth:`Job.validate` refuses for the job's own)."""
     from kandinsky22.pipelines.decoder import untrained_timestep
     from kandinsky22.pipelines.img2img import strength_start
 
     try:
-        scheduler = make_scheduler(sampler, json.loads(config))
+        scheduler = make_scheduler(sampler, json.loads(config), sigmas)
     except ValueError:  # a config the sampler cannot take: loading the decoder says so
         return None
     try:
@@ -861,7 +897,7 @@ class Engine:
 
     def _scheduler(self, job: Job) -> Any:
         """A fresh decoder scheduler for one run (schedulers keep per-run state)."""
-        return make_scheduler(job.scheduler, self._scheduler_configs[job.decoder])
+        return make_scheduler(job.scheduler, self._scheduler_configs[job.decoder], job.sigmas)
 
     # -- running -----------------------------------------------------------------------------------------------------
 
