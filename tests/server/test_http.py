@@ -66,6 +66,15 @@ def test_generations_b64_and_url_with_exact_size_seeds_and_recipe(server):
     assert recipe(images[1])["seed"] == 12 and recipe(images[1])["prompt"] == "a red cat"
     assert not np.array_equal(pixels(images[0]), pixels(images[1]))
 
+    # Respaced noise levels: another image, recorded in its recipe and in the job
+    spaced = server.request("POST", "/v1/images/generations", {**body, "scheduler": "euler", "sigmas": "beta"})
+    assert spaced.status == 200, spaced.body
+    beta = base64.b64decode(spaced.json()["data"][0]["b64_json"])
+    assert recipe(beta)["sigmas"] == "beta" and "sigmas" not in recipe(images[0])
+    assert server.request("GET", f"/v1/jobs/{spaced.headers['X-Job-Id']}").json()["sigmas"] == "beta"
+    models = server.request("GET", "/v1/models").json()
+    assert models["sigmas"]["spacings"] == ["karras", "exponential", "beta"] and "euler" in models["sigmas"]["samplers"]
+
     by_url = server.request("POST", "/v1/images/generations", {**body, "response_format": "url"})
     assert by_url.status == 200
     url = by_url.json()["data"][0]["url"]
@@ -355,6 +364,8 @@ BAD_REQUESTS = [
     ("/v1/images/generations", {**GEN, "guidance": 5}, 400, "guidance"),
     ("/v1/images/generations", {**GEN, "guidance_scale": 0.5}, 400, "guidance_scale"),
     ("/v1/images/generations", {**GEN, "scheduler": "magic"}, 400, "scheduler"),
+    ("/v1/images/generations", {**GEN, "scheduler": "euler", "sigmas": "cosine"}, 400, "sigmas"),
+    ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "sigmas": "karras"}, 400, "sigmas"),
     ("/v1/images/generations", {**GEN, "response_format": "png"}, 400, "response_format"),
     ("/v1/jobs", {"task": "paint", "prompt": "x"}, 400, "task"),
     ("/v1/jobs", {"task": "img2img", "prompt": "x"}, 400, "image"),

@@ -20,6 +20,8 @@ from kandinsky22.jobs import (
     MAX_LORA_WEIGHT,
     MIN_PRIOR_STEPS,
     SCHEDULERS,
+    SIGMA_SPACINGS,
+    SPACED_SAMPLERS,
     TASKS,
     Job,
     MixText,
@@ -103,6 +105,11 @@ class _Request(BaseModel):
     guidance_scale: float = 4.0
     prior_guidance_scale: float = 4.0
     scheduler: str = Field("ddpm", description=f"One of {', '.join(SCHEDULERS)}.")
+    sigmas: str | None = Field(
+        None,
+        description=f"Spacing of the sampler's noise levels: {', '.join(SIGMA_SPACINGS)}, or null for its own; for "
+        f"{', '.join(SPACED_SAMPLERS)}.",
+    )
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png",
         description="File format of the images; each carries its recipe (PNG: a text chunk; JPEG, WebP: Exif).",
@@ -298,6 +305,7 @@ def _common(req: _Request) -> dict[str, Any]:
         "guidance": req.guidance_scale,
         "prior_guidance": req.prior_guidance_scale,
         "scheduler": req.scheduler,
+        "sigmas": req.sigmas,
     }
 
 
