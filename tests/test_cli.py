@@ -194,6 +194,19 @@ def test_inpaint_defaults_to_the_input_size(tiny: dict[str, str], tmp_path: Path
     assert set(recipe["inputs_sha256"]) == {"image", "mask"}
     ok(run("inpaint", "--from-png", "hat.png", "--quiet", "-o", "again.png", cwd=tmp_path))  # no --image, --mask
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "hat.png"))
+    assert "keep_unmasked" not in recipe
+
+    # --keep-unmasked: the photo's own pixels where the mask is black (at its exact size, past the grid's padding),
+    # the same repainted pixels; recorded, remade by --from-png, and undone by --no-keep-unmasked.
+    ok(run(*args[:-1], "kept.png", "--keep-unmasked", *FAST, *models(tiny, "decoder-inpaint"), cwd=tmp_path))
+    kept, plain, photo = pixels(tmp_path / "kept.png"), pixels(tmp_path / "hat.png"), pixels(tmp_path / "photo.png")
+    assert np.array_equal(kept[mask == 0], photo[mask == 0]) and not np.array_equal(plain[mask == 0], photo[mask == 0])
+    assert np.array_equal(kept[mask == 255], plain[mask == 255])
+    assert read_recipe(tmp_path / "kept.png")["keep_unmasked"] is True
+    ok(run("inpaint", "--from-png", "kept.png", "--quiet", "-o", "kept-again.png", cwd=tmp_path))
+    assert np.array_equal(pixels(tmp_path / "kept-again.png"), kept)
+    ok(run("inpaint", "--from-png", "kept.png", "--no-keep-unmasked", "--quiet", "-o", "back.png", cwd=tmp_path))
+    assert np.array_equal(pixels(tmp_path / "back.png"), plain)
 
 
 def test_mix_of_a_text_and_an_image(tiny: dict[str, str], tmp_path: Path) -> None:
@@ -313,6 +326,7 @@ def test_jpeg_and_webp_outputs_carry_the_recipe_that_remakes_them(tiny: dict[str
             "sigmas 'karras' does not apply to the ddim sampler; the samplers that take it: dpm++, euler,",
         ),
         (["generate", "x", "--sigmas", "beta"], "sigmas 'beta' does not apply to the ddpm sampler"),
+        (["generate", "x", "--keep-unmasked"], "unrecognized arguments: --keep-unmasked"),
         (["generate", "x", "--width", "63"], "argument --width: must be from 64 to 2048, got 63"),
         (["generate", "x", "--guidance", "0.5"], "argument --guidance: must be a number from 1 to 100, got '0.5'"),
         (["generate", "x", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8' (choose from"),

@@ -70,6 +70,8 @@ def _write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "
         ({"sigmas": "cosine"}, "sigmas must be one of karras, exponential, beta; got 'cosine'"),
         ({"sigmas": "beta"}, "sigmas 'beta' does not apply to the ddpm sampler; the samplers that take it: dpm++,"),
         ({"scheduler": "dpm++-karras", "sigmas": "exponential"}, "does not apply to the dpm++-karras sampler"),
+        ({"keep_unmasked": True}, "keep_unmasked is only used by inpaint, not by text2img"),
+        ({"task": "inpaint", "image": "a.png", "mask": "m.png", "keep_unmasked": 1}, "keep_unmasked must be true or"),
         ({"width": 63}, "width must be from 64 to 2048, got 63"),
         ({"height": 4096}, "height must be from 64 to 2048, got 4096"),
         ({"num_images": 0}, "num_images must be from 1 to 16, got 0"),
@@ -170,6 +172,9 @@ def test_sigmas_are_recorded_only_when_set_and_part_of_the_batch_key() -> None:
     assert beta.to_dict()["sigmas"] == "beta" and Job.from_dict(beta.to_dict()) == beta
     assert Job.from_dict({**beta.to_dict(), "sigmas": None}) == plain
     assert group_jobs([plain, beta], max_batch=8) == [[plain], [beta]]
+    inpaint = Job(task="inpaint", prompt="hat", image="a.png", mask="m.png")
+    assert "keep_unmasked" not in inpaint.to_dict()
+    assert dataclasses.replace(inpaint, keep_unmasked=True).to_dict()["keep_unmasked"] is True
 
 
 def test_samplers_that_take_sigmas_are_those_whose_class_has_the_switches() -> None:

@@ -67,6 +67,7 @@ JOB_OPTIONS = {
     "prior_guidance": "prior_guidance",
     "scheduler": "scheduler",
     "sigmas": "sigmas",
+    "keep_unmasked": "keep_unmasked",
     "width": "width",
     "height": "height",
     "num_images": "num_images",
@@ -299,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint = prompt_command("inpaint", "repaint the white area of a mask following a prompt")
     inpaint.add_argument("--image", help="the image to edit (required unless --from-png or --prompts-file)")
     inpaint.add_argument("--mask", help="mask image: white = repaint, black = keep (required, as --image)")
+    inpaint.add_argument(
+        "--keep-unmasked",
+        action=argparse.BooleanOptionalAction,
+        help="return the input's own pixels where the mask is black (grey: a mix), not their MoVQ round trip, which "
+        "changes them a little at every pass (default: off, as the reference)",
+    )
     mix = commands.add_parser(
         "mix", parents=[common], help="mix texts and images by weight", description="mix texts and images by weight"
     )

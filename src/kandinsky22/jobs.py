@@ -125,7 +125,9 @@ class Job:
     """One generation request. Defaults follow the authors' usage (prior 25 steps, decoder 50 steps, CFG 4).
 
     ``sigmas`` respaces the decoder sampler's noise levels ("karras", "exponential" or "beta"; ``None``: the
-    sampler's own spacing), for the samplers of :data:`SPACED_SAMPLERS`. It is written into recipes only when set.
+    sampler's own spacing), for the samplers of :data:`SPACED_SAMPLERS`. ``keep_unmasked`` (inpaint): the result is
+    the input image itself where the mask is black (instead of its MoVQ round trip). Both are written into recipes only
+    when set.
 
     ``negative`` is the decoder's negative prompt: its prior embedding is the unconditional of the decoder's guidance
     (empty: the CLIP embedding of an empty image, as the reference). ``negative_prior`` is the prior's own negative
@@ -149,6 +151,7 @@ class Job:
     prior_guidance: float = 4.0
     scheduler: str = "ddpm"
     sigmas: str | None = None
+    keep_unmasked: bool = False
     width: int | None = None
     height: int | None = None
     num_images: int = 1
@@ -198,6 +201,10 @@ class Job:
                     f"sigmas {self.sigmas!r} does not apply to the {self.scheduler} sampler; the samplers that take "
                     f"it: {', '.join(SPACED_SAMPLERS)}"
                 )
+        if not isinstance(self.keep_unmasked, bool):
+            raise ValueError(f"keep_unmasked must be true or false, got {self.keep_unmasked!r}")
+        if self.keep_unmasked and self.task != "inpaint":
+            raise ValueError(f"keep_unmasked is only used by inpaint, not by {self.task}")
         for name in ("width", "height"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), MIN_SIDE, MAX_SIDE)
@@ -318,10 +325,9 @@ class Job:
         """JSON-friendly fields; in-memory images become ``None`` (a file path is kept as a string). Without
         ``loras``: a recipe records the LoRAs applied instead."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_JSON}
-        for (
-            name
-        ) in _ONLY_WHEN_SET:  # added later: absent when unset, so earlier recipes and fingerprints stay as they were
-            if data[name] is None:
+        # Fields added later: absent at their default, so earlier recipes and batch fingerprints stay as they were
+        for name in _ONLY_WHEN_SET:
+            if data[name] == _DEFAULTS[name]:
                 del data[name]
         data["weights"] = list(self.weights)
         for name in ("image", "mask", "hint"):
@@ -341,7 +347,8 @@ class Job:
 
 # Job fields that are not among its JSON fields, and JSON fields written only when they are not None
 _NOT_JSON = ("loras",)
-_ONLY_WHEN_SET = ("sigmas",)
+_ONLY_WHEN_SET = ("sigmas", "keep_unmasked")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job)}
 
 
 def check_lora_choice(loras: Any) -> None:
@@ -952,6 +959,7 @@ class Engine:
             # Decoding separately gives the MoVQ its own stage (and timing); a pipeline without latent output
             # decodes inside its call, which the decoder timing then includes.
             latent_output = "latent" in getattr(decoder, "output_types", ())
+            inputs = self._decoder_inputs(decoder, first)
             with tracker.attach(decoder, "decoder"):
                 started = time.perf_counter()
                 output = decoder(
@@ -961,11 +969,12 @@ class Engine:
                     guidance_scale=first.guidance,
                     generator=generators,
                     output_type="latent" if latent_output else "pil",
-                    **self._decoder_inputs(decoder, first),
+                    **inputs,
                 ).images
                 timings["decoder"] = self._elapsed(started)
             started = time.perf_counter()
-            images = _decode(decoder, output) if latent_output else output
+            overlay = _unmasked_overlay(inputs) if first.keep_unmasked else None
+            images = _decode(decoder, output, overlay) if latent_output else output
             timings["decode"] = self._elapsed(started)
             if progress is not None:
                 progress("decode", 1, 1)
@@ -1064,13 +1073,26 @@ def _check_decoder(pipe: Any, job: Job) -> None:
     check_decoder_kind(job, pipe.unet.config)
 
 
-def _decode(decoder: Any, latents: Any) -> list[PIL.Image.Image]:
-    """MoVQ-decode unquantized latents to PIL images, as the pipelines do for ``output_type="pil"``."""
+def _decode(decoder: Any, latents: Any, overlay: Callable[[Any], Any] | None = None) -> list[PIL.Image.Image]:
+    """MoVQ-decode unquantized latents to PIL images, as the pipelines do for ``output_type="pil"``; ``overlay``
+    applies to the decoded images in [-1, 1] first (the inpaint pipeline's ``keep_unmasked``)."""
     from kandinsky22.pipelines.base import convert_images
 
     movq = decoder.movq
     pixels = movq.decode(latents.to(movq.dtype), force_not_quantize=True).sample
-    return convert_images(pixels, "pil")
+    return convert_images(pixels if overlay is None else overlay(pixels), "pil")
+
+
+def _unmasked_overlay(inputs: dict[str, Any]) -> Callable[[Any], Any]:
+    """The inpaint pipeline's ``keep_unmasked`` for the Engine's own decode: the decoder's input image where its mask
+    (soft values kept) is 0; both are already at the decoder's grid size."""
+    from kandinsky22.pipelines.images import image_to_tensor, mask_to_tensor, overlay_unmasked
+
+    image = inputs["image"]
+    size = (image.height, image.width)
+    original = image_to_tensor(image, size, resize=False)
+    repaint = mask_to_tensor(inputs["mask_image"], size, binary=False)
+    return lambda decoded: overlay_unmasked(decoded, original, repaint)
 
 
 class _StepTracker:

@@ -131,6 +131,31 @@ def test_parity_official_scheduler_latents(official):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def test_keep_unmasked_returns_the_input_outside_the_mask(ours):
+    """keep_unmasked: the input's own pixels where the mask is 0 (without it, MoVQ's round trip changes them), the
+    usual result where it is 1, a mix where a soft mask lies in between; batches and images per prompt alike."""
+    images = [_image(6), _image(7)]
+    mask = _mask(6)
+    mask[:8, :8] = 0.25  # a soft corner: a quarter of the way to the generated image
+    kwargs = {**_embeds(2), **_common(2), "image": images, "mask_image": mask, "num_images_per_prompt": 2}
+    plain = ours(**kwargs, generator=_seed(), output_type="pt").images
+    kept = ours(**kwargs, generator=_seed(), output_type="pt", keep_unmasked=True).images
+    originals = torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in images]).float() / 255
+    originals = originals.repeat_interleave(2, dim=0)
+    repaint = torch.from_numpy(mask)[None, None]
+    outside, inside = repaint == 0, repaint == 1
+    assert (plain - originals).abs().amax(dim=1, keepdim=True)[outside.expand_as(plain[:, :1])].max() > 0.01
+    assert (kept - originals).abs().amax(dim=1, keepdim=True)[outside.expand_as(kept[:, :1])].max() <= 1e-6
+    assert torch.equal(kept[inside.expand_as(kept)], plain[inside.expand_as(plain)])
+    expected_corner = 0.75 * originals[..., :8, :8] + 0.25 * plain[..., :8, :8]
+    torch.testing.assert_close(kept[..., :8, :8], expected_corner, atol=1e-6, rtol=0)
+    # uint8 pictures: the kept region is the input's bytes exactly
+    pil = ours(**{**kwargs, "num_images_per_prompt": 1}, generator=_seed(), keep_unmasked=True).images
+    for image, original in zip(pil, images):
+        got, want = np.asarray(image), np.asarray(original)
+        assert np.array_equal(got[mask == 0], want[mask == 0])
+
+
 def test_batch_keeps_each_image_and_mask(ref, ours):
     """Sample k of a batch equals the reference's single-sample run k (the reference blends all with sample 0)."""
     embeds = _embeds(2)
@@ -216,6 +241,8 @@ def test_inpaint_with_a_sigma_scheduler_renoises_the_kept_region_at_each_steps_l
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "may only name"),
         ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
         ({"mask_image": torch.full((64, 64), float("nan"))}, r"`mask_image` values must lie in \[0, 1\], got \[nan"),
+        ({"keep_unmasked": 1}, "keep_unmasked must be True or False, got 1"),
+        ({"keep_unmasked": True, "output_type": "latent"}, "keep_unmasked=True needs images: it cannot be used with"),
     ],
 )
 def test_bad_inputs(ours, change, match):

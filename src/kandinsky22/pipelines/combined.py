@@ -412,9 +412,11 @@ class KandinskyV22InpaintCombinedPipeline(_CombinedPipeline):
         prior_callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (the reference's signature)
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
+        keep_unmasked: bool = False,
         **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
-        """Inpaint ``image`` where ``mask_image`` is white / 1, guided by ``prompt``. ``kwargs``: the decoder's
+        """Inpaint ``image`` where ``mask_image`` is white / 1, guided by ``prompt``. ``keep_unmasked``: the result is
+        ``image`` itself where the mask is 0 (see :class:`KandinskyV22InpaintPipeline`). ``kwargs``: the decoder's
         deprecated ``callback`` / ``callback_steps``."""
         return self._run(
             prompt,
@@ -435,5 +437,5 @@ class KandinskyV22InpaintCombinedPipeline(_CombinedPipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
             kwargs,
-            {"image": image, "mask_image": mask_image},
+            {"image": image, "mask_image": mask_image, "keep_unmasked": keep_unmasked},
         )

@@ -338,13 +338,21 @@ class DecoderPipeline(GuidedLoop, Pipeline):
 
     # -- output ---------------------------------------------------------------------------------------------------
 
-    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
-        """Decode with MoVQ and convert: ``pt`` is a float tensor in [0, 1], NCHW, for every decoder pipeline."""
+    def _finish(
+        self,
+        latents: torch.Tensor,
+        output_type: str,
+        return_dict: bool,
+        pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Decode with MoVQ and convert: ``pt`` is a float tensor in [0, 1], NCHW, for every decoder pipeline.
+        ``pixels``: applied to the decoded images (in [-1, 1]) before the conversion."""
         if output_type == "latent":
             images = latents
         else:
             movq = self._use("movq")
-            images = convert_images(movq.decode(latents, force_not_quantize=True).sample, output_type)
+            decoded = movq.decode(latents, force_not_quantize=True).sample
+            images = convert_images(decoded if pixels is None else pixels(decoded), output_type)
         self._end_of_call()
         return ImagePipelineOutput(images) if return_dict else (images,)
 

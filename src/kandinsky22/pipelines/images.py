@@ -164,8 +164,10 @@ def image_to_tensor(
     return _rgb_batch(_as_list(image, param), size, param, signed=True, unit_tensors=unit_tensors, resize=resize)
 
 
-def mask_to_tensor(mask: ImageInput, size: tuple[int, int], param: str = "mask_image") -> torch.Tensor:
-    """``mask`` as a (B, 1, H, W) float32 tensor in {0, 1}, 1 = repaint.
+def mask_to_tensor(
+    mask: ImageInput, size: tuple[int, int], param: str = "mask_image", binary: bool = True
+) -> torch.Tensor:
+    """``mask`` as a (B, 1, H, W) float32 tensor in {0, 1}, 1 = repaint (``binary=False``: its values in [0, 1]).
 
     PIL masks are resized to ``size`` (Lanczos, as the reference); arrays and tensors keep their size (the pipeline
     resizes the mask to the latents, see :func:`check_mask_shape`).
@@ -194,8 +196,23 @@ def mask_to_tensor(mask: ImageInput, size: tuple[int, int], param: str = "mask_i
         tensor = tensor.float().cpu()
         _check_range(tensor, 0.0, 1.0, param)
         out.append(tensor)
+    masks = cat_same_size(out, param)
+    if not binary:
+        return masks.clamp(0, 1)
     # Binarize into a new tensor: the reference does this in place, changing the caller's mask.
-    return (cat_same_size(out, param) >= 0.5).float()
+    return (masks >= 0.5).float()
+
+
+def overlay_unmasked(generated: torch.Tensor, original: torch.Tensor, repaint: torch.Tensor) -> torch.Tensor:
+    """``generated`` where ``repaint`` is 1, ``original`` where it is 0, mixed in proportion in between (a soft mask's
+    edge): the image outside the mask comes back unchanged, instead of through the MoVQ round trip that shifts it a
+    little at every pass. ``generated`` (N, 3, H, W) and ``original`` (1 or N, 3, H, W) in [-1, 1]; ``repaint``
+    (1 or N, 1, h, w) in [0, 1], resized (bilinear) to H × W where its size differs. Float32."""
+    repaint = repaint.to(device=generated.device, dtype=torch.float32)
+    if repaint.shape[-2:] != generated.shape[-2:]:
+        repaint = F.interpolate(repaint, generated.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+    original = original.to(device=generated.device, dtype=torch.float32)
+    return torch.lerp(original, generated.float(), repaint)  # exactly ``original`` where the weight is 0
 
 
 def hint_to_tensor(hint: ImageInput, size: tuple[int, int], param: str = "hint") -> torch.Tensor:

@@ -29,6 +29,7 @@ from kandinsky22.pipelines.images import (
     erode_keep_mask,
     image_to_tensor,
     mask_to_tensor,
+    overlay_unmasked,
 )
 
 
@@ -74,10 +75,16 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (the reference's signature)
+        keep_unmasked: bool = False,
         **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
         """Repaint ``image`` where ``mask_image`` is white / 1, keep it where black / 0 (one image and mask, or one
         per embedding).
+
+        ``keep_unmasked`` (not in the reference, off by default as there): the result is ``image`` itself wherever
+        the mask is 0, pixel for pixel, and mixes the two where a soft mask lies between 0 and 1. Otherwise, as in the
+        reference, the whole image comes back through MoVQ, which changes the kept region a little (each inpainting
+        pass adds to it). Not with ``output_type="latent"``.
 
         ``image``: PIL (any mode), numpy HWC (uint8, or float in [0, 1]) or tensors (B, 3, H, W) in [-1, 1].
         ``mask_image``: PIL (converted to "L"), numpy HW (uint8 0..255, bool or float in [0, 1]) or tensors
@@ -93,6 +100,10 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         names = self._check_run(
             batch, num_inference_steps, n, guidance_scale, output_type, generator, callback_on_step_end_tensor_inputs
         )
+        if not isinstance(keep_unmasked, bool):
+            raise ValueError(f"keep_unmasked must be True or False, got {keep_unmasked!r}")
+        if keep_unmasked and output_type == "latent":
+            raise ValueError("keep_unmasked=True needs images: it cannot be used with output_type='latent'")
         latent_size = self._latent_size(height, width)
         pixels, repaint = self._pixels_and_mask(image, mask_image, height, width, latent_size, batch)
 
@@ -121,7 +132,15 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
             callback_steps,
         )
         latents = _blend(state["image_latents"], latents, state["mask_image"])
-        return self._finish(latents, output_type, return_dict)
+        overlay = None
+        if keep_unmasked:
+            soft = mask_to_tensor(mask_image, tuple(pixels.shape[-2:]), binary=False)
+            originals, soft = (x.expand(batch, *x.shape[1:]).repeat_interleave(n, dim=0) for x in (pixels, soft))
+
+            def overlay(decoded: torch.Tensor) -> torch.Tensor:
+                return overlay_unmasked(decoded, originals, soft)
+
+        return self._finish(latents, output_type, return_dict, overlay)
 
     def _pixels_and_mask(
         self,
