@@ -301,6 +301,17 @@ def test_img2img_inpaint_mix_and_depth_jobs(server):
     assert depth["status"] == "succeeded", depth["error"]
     png = server.request("GET", f"/v1/jobs/{inpaint['id']}/images/0.png").body
     assert png_image(png).size == (80, 64) and recipe(png)["task"] == "inpaint"
+    # keep_unmasked: the source's own pixels outside the mask, recorded in the job and the recipe
+    kept = _run_job(
+        server,
+        {"task": "inpaint", "prompt": "a hat", "image": source, "mask_image": b64_png(mask), "keep_unmasked": True}
+        | FAST,
+    )
+    assert kept["status"] == "succeeded" and kept["keep_unmasked"] is True, kept["error"]
+    kept_png = server.request("GET", f"/v1/jobs/{kept['id']}/images/0.png").body
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(pixels(kept_png)[outside], np.asarray(_source().convert("RGB"))[outside])
+    assert recipe(kept_png)["keep_unmasked"] is True and "keep_unmasked" not in recipe(png)
 
 
 def test_multipart_upload(server):
@@ -366,6 +377,8 @@ BAD_REQUESTS = [
     ("/v1/images/generations", {**GEN, "scheduler": "magic"}, 400, "scheduler"),
     ("/v1/images/generations", {**GEN, "scheduler": "euler", "sigmas": "cosine"}, 400, "sigmas"),
     ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "sigmas": "karras"}, 400, "sigmas"),
+    ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "keep_unmasked": True}, 400, "keep_unmasked"),
+    ("/v1/jobs", {**IMG2IMG, "keep_unmasked": 1}, 400, "keep_unmasked"),  # true or false only: 1 was read as true
     ("/v1/images/generations", {**GEN, "response_format": "png"}, 400, "response_format"),
     ("/v1/jobs", {"task": "paint", "prompt": "x"}, 400, "task"),
     ("/v1/jobs", {"task": "img2img", "prompt": "x"}, 400, "image"),

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from kandinsky22.jobs import (
     IMAGE_SUFFIXES,
@@ -127,8 +127,15 @@ class _Request(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans(cls, value: Any) -> Any:
-        # Pydantic reads true as 1 for an int or float field; no field of a request takes a boolean.
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic reads true as 1 for an int or float field; only the flags take a boolean (and only one: not 1,
+        # "yes" or "on", which pydantic would read as true; a form's "true" and "false" are its text for them).
+        if info.field_name in _FLAGS:
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, got {value!r}")
+            return value
         if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
             raise ValueError(f"a boolean is not accepted here, got {value!r}")
         return value
@@ -150,6 +157,10 @@ class ImageGenerationRequest(_Request):
     user: str | None = None
 
 
+# Request fields that take true or false
+_FLAGS = ("keep_unmasked",)
+
+
 class MixImage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -166,6 +177,11 @@ class JobRequest(_Request):
     strength: float | None = Field(None, description="img2img (and depth with an image): how much to change.")
     image: str | None = Field(None, description="Base64 source image (img2img, inpaint, depth).")
     mask_image: str | None = Field(None, description="Base64 inpaint mask: white = repaint.")
+    keep_unmasked: bool = Field(
+        False,
+        description="inpaint: the input's own pixels where the mask is black (grey: a mix), not their MoVQ round "
+        "trip, which changes them a little at every pass.",
+    )
     hint_image: str | None = Field(None, description="Base64 depth hint (depth).")
     items: list[Union[str, MixImage]] = Field(default_factory=list, description="mix: texts and images to mix.")
     weights: list[float] = Field(default_factory=list, description="mix: one weight per item.")
@@ -375,6 +391,7 @@ def job_request_to_job(req: JobRequest, limits: Limits, files: dict[str, Any] | 
         image=image("image"),
         mask=image("mask_image"),
         hint=image("hint_image"),
+        keep_unmasked=req.keep_unmasked,
         items=items,
         weights=list(req.weights),
         **_common(req),
