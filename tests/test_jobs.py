@@ -172,6 +172,11 @@ def test_sigmas_are_recorded_only_when_set_and_part_of_the_batch_key() -> None:
     assert beta.to_dict()["sigmas"] == "beta" and Job.from_dict(beta.to_dict()) == beta
     assert Job.from_dict({**beta.to_dict(), "sigmas": None}) == plain
     assert group_jobs([plain, beta], max_batch=8) == [[plain], [beta]]
+    # The JSON fields of every version before sigmas and keep_unmasked: a job that does not set them keeps its recipe
+    # and its batch fingerprint (a re-run of an earlier batch skips its complete jobs)
+    earlier = "task prompt negative negative_prior seed steps prior_steps guidance prior_guidance scheduler width"
+    earlier += " height num_images strength image mask hint items weights prior decoder"
+    assert list(Job().to_dict()) == earlier.split()
     inpaint = Job(task="inpaint", prompt="hat", image="a.png", mask="m.png")
     assert "keep_unmasked" not in inpaint.to_dict()
     assert dataclasses.replace(inpaint, keep_unmasked=True).to_dict()["keep_unmasked"] is True

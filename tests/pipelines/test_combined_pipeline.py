@@ -123,6 +123,11 @@ def test_inpaint_combined_matches_reference(inpaint_repo):
     a = ours("horse", picture(5), mask, generator=gen(), **kwargs).images
     b = ref("horse", picture(5), mask, generator=gen(), **kwargs).images
     assert a.shape == (1, 4, 32, 32) and (a - b).abs().max() < TOL
+    # keep_unmasked reaches the decoder: the picture's own pixels where the mask is 0
+    kept = ours("horse", picture(5), mask, generator=gen(), **{**FAST, "output_type": "np"}, keep_unmasked=True)
+    kept = kept.images[0]
+    original = np.asarray(picture(5), dtype=np.float32) / 255  # already 64x64: not resized
+    np.testing.assert_allclose(kept[mask == 0], original[mask == 0], atol=1e-6, rtol=0)
 
 
 def test_prior_from_prior_path_or_components_and_a_missing_prior(tmp_path, decoder_repo, prior_repo, our_prior):
@@ -230,6 +235,8 @@ def test_img2img_combined_input_errors_come_before_the_prior_runs(combined, kwar
         ({"callbak": print}, TypeError, r"unexpected keyword arguments \['callbak'\]"),
         ({"num_inference_steps": 1001}, ValueError, r"num_inference_steps=1001 is out of range"),
         ({"latents": torch.zeros(1, 4, 5, 5)}, ValueError, r"`latents` must have shape \(1, 4, \d+, \d+\), got"),
+        ({"keep_unmasked": "yes"}, ValueError, r"keep_unmasked must be True or False, got 'yes'"),
+        ({"keep_unmasked": True, "output_type": "latent"}, ValueError, r"keep_unmasked=True needs images"),
     ],
 )
 def test_inpaint_combined_input_errors_come_before_the_prior_runs(inpaint_repo, kwargs, error, match):

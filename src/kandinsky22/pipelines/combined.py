@@ -34,6 +34,7 @@ from kandinsky22.pipelines.base import (
     prompt_list,
     split_load_options,
 )
+from kandinsky22.pipelines.images import check_keep_unmasked
 from kandinsky22.pipelines.prior import KandinskyV22PriorPipeline
 
 DECODER_NAMES = ("unet", "scheduler", "movq")
@@ -418,6 +419,7 @@ class KandinskyV22InpaintCombinedPipeline(_CombinedPipeline):
         """Inpaint ``image`` where ``mask_image`` is white / 1, guided by ``prompt``. ``keep_unmasked``: the result is
         ``image`` itself where the mask is 0 (see :class:`KandinskyV22InpaintPipeline`). ``kwargs``: the decoder's
         deprecated ``callback`` / ``callback_steps``."""
+        check_keep_unmasked(keep_unmasked, output_type)  # before the prior runs
         return self._run(
             prompt,
             negative_prompt,
@@ -436,6 +438,6 @@ class KandinskyV22InpaintCombinedPipeline(_CombinedPipeline):
             prior_callback_on_step_end_tensor_inputs,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
-            kwargs,
-            {"image": image, "mask_image": mask_image, "keep_unmasked": keep_unmasked},
+            {**kwargs, "keep_unmasked": keep_unmasked},
+            {"image": image, "mask_image": mask_image},
         )

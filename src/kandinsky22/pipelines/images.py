@@ -203,6 +203,14 @@ def mask_to_tensor(
     return (masks >= 0.5).float()
 
 
+def check_keep_unmasked(keep_unmasked: object, output_type: str | None = None) -> None:
+    """The inpaint pipelines' ``keep_unmasked``: a bool, and only for image outputs."""
+    if not isinstance(keep_unmasked, bool):
+        raise ValueError(f"keep_unmasked must be True or False, got {keep_unmasked!r}")
+    if keep_unmasked and output_type == "latent":
+        raise ValueError("keep_unmasked=True needs images: it cannot be used with output_type='latent'")
+
+
 def overlay_unmasked(generated: torch.Tensor, original: torch.Tensor, repaint: torch.Tensor) -> torch.Tensor:
     """``generated`` where ``repaint`` is 1, ``original`` where it is 0, mixed in proportion in between (a soft mask's
     edge): the image outside the mask comes back unchanged, instead of through the MoVQ round trip that shifts it a

@@ -24,6 +24,7 @@ from kandinsky22.pipelines.decoder import DecoderPipeline, Embeds
 from kandinsky22.pipelines.images import (
     ImageInput,
     check_count,
+    check_keep_unmasked,
     check_mask_shape,
     check_sizes,
     erode_keep_mask,
@@ -100,10 +101,7 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         names = self._check_run(
             batch, num_inference_steps, n, guidance_scale, output_type, generator, callback_on_step_end_tensor_inputs
         )
-        if not isinstance(keep_unmasked, bool):
-            raise ValueError(f"keep_unmasked must be True or False, got {keep_unmasked!r}")
-        if keep_unmasked and output_type == "latent":
-            raise ValueError("keep_unmasked=True needs images: it cannot be used with output_type='latent'")
+        check_keep_unmasked(keep_unmasked, output_type)
         latent_size = self._latent_size(height, width)
         pixels, repaint = self._pixels_and_mask(image, mask_image, height, width, latent_size, batch)
 
@@ -172,8 +170,10 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         *,
         image: ImageInput,
         mask_image: ImageInput,
+        keep_unmasked: bool = False,
         **legacy: Any,
     ) -> None:
+        check_keep_unmasked(keep_unmasked)
         latent_size = self._latent_size(height, width, warn=False)
         self._pixels_and_mask(image, mask_image, height, width, latent_size, batch)
         super()._check_inputs(batch, height, width, num_inference_steps, **legacy)
