@@ -1,7 +1,7 @@
 """The server's job queue with a stand-in GPU: what encoding the result files costs the worker thread.
 
 A :class:`~kandinsky22.server.worker.JobQueue` runs one-image 768² text2img jobs (half PNG, half JPEG q90) with a
-runner that sleeps ``--call-s`` per image (0.72 s: one 768² image on the fast path on an H200,
+runner that sleeps ``--call-s`` per image (0.72 s: about one 768² image on the fast path on an H200, 0.711 s in
 ``bench/results/bench_pipeline_uncompiled_h200_run11.json``) and hands back real 768² images (smooth random pixels,
 made before the clock starts) with their recipes. It reports the wall time from the first submission to the last
 file, images/s, the share of that time the stand-in GPU was busy, and each format's mean job latency.
@@ -10,11 +10,12 @@ The queue's API tells which code runs: where ``JobOutput`` has ``files`` (main b
 runner encodes each image as a PNG with its recipe in the worker thread, as ``engine_loader`` did, and the queue
 re-encodes the JPEG jobs' (``recipe.transcode``) in the worker thread too; where it has ``images``, the runner hands
 back the images and the queue's encoder threads write each file once, in its job's format. ``--compare SRC`` runs
-the code under SRC (e.g. ``/work/main/src``) and this checkout's in turn, ``--rounds`` each, in fresh processes.
+the code under SRC and this checkout's in turn, ``--rounds`` each, in fresh processes. For a fixed commit of main:
+``git archive COMMIT src | tar -x -C /tmp/main-COMMIT``, then ``--compare /tmp/main-COMMIT/src``.
 
 First, the premise of encoder threads: Pillow releases the GIL while it encodes (see :func:`gil_check`).
 
-    PYTHONPATH=src python3 bench/server_encode.py --compare /work/main/src --rounds 2 \\
+    PYTHONPATH=src python3 bench/server_encode.py --compare /tmp/main-4df7d56/src --rounds 3 \\
         --json bench/results/server_encode_cpu.json
 """
 
@@ -192,6 +193,16 @@ def versions() -> dict:
     }
 
 
+def git_commit(source: str) -> str:
+    """The commit a source folder is checked out at, ``+dirty`` where its tracked files changed since."""
+    git = ["git", "-C", source]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "."], capture_output=True, text=True)
+    if not commit:
+        return "not a git checkout (e.g. git archive COMMIT src | tar -x -C DIR)"
+    return commit + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=12, help="jobs per format (PNG, JPEG q90)")
@@ -211,7 +222,8 @@ def main() -> None:
     sources = {"new": os.environ.get("PYTHONPATH") or here}
     if args.compare:
         sources = {"old": args.compare, **sources}
-    result = {"bench": "server_encode", **versions(), "settings": settings, "sources": sources}
+    commits = {label: git_commit(source) for label, source in sources.items()}
+    result = {"bench": "server_encode", **versions(), "settings": settings, "sources": sources, "commits": commits}
     if args.gil_images:
         result["gil_check"] = gil_check(args.gil_images)
         for name, figures in result["gil_check"].items():
