@@ -31,7 +31,7 @@ from test_batch import run as run_in_process
 from kandinsky22.batch import UnitRunner
 from kandinsky22.jobs import Job
 from kandinsky22.lora_specs import LoraSpec
-from kandinsky22.recipe import file_sha256, job_from_recipe
+from kandinsky22.recipe import file_sha256, job_from_recipe, make_recipe
 from kandinsky22.scale.ray_batch import KILL_WORKER_ENV
 
 ray = pytest.importorskip("ray")
@@ -263,7 +263,8 @@ def test_the_ingress_queue_runs_one_call_per_model_replica_at_once() -> None:
 
     def run_batch(jobs: list[Job], progress: Any, should_cancel: Any) -> list[JobOutput]:
         both_running.wait()  # a queue running one call at a time breaks the barrier: the jobs fail
-        return [JobOutput(files=[b"png"], seeds=[job.seed], timings={}) for job in jobs]
+        image, recipes = PIL.Image.new("RGB", (8, 8)), [make_recipe(job, "cpu", "fp32") for job in jobs]
+        return [JobOutput(images=[image], recipes=[recipe], timings={}) for recipe in recipes]
 
     queue = JobQueue(lambda: run_batch, Limits(), concurrency=2)
     queue.start()

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from server_harness import cancel, start_blocker
 
+from kandinsky22.recipe import DEFAULT_QUALITY
+
 CHROMIUM = "/usr/bin/chromium"
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -46,9 +48,15 @@ def test_generate_from_the_page(server, tmp_path):
             for field, value in (("width", "64"), ("height", "96"), ("steps", "2"), ("prior_steps", "2")):
                 page.fill(f"#{field}", value)
             page.fill("#seed", "42")
-            assert page.input_value("#output_format") == "png"
+            assert page.input_value("#output_format") == "png" and not page.is_visible("#quality")
             page.select_option("#output_format", "webp")
-            page.click("#generate")
+            # The quality input shows for the lossy formats, at the API's default, and goes as output_compression.
+            assert page.is_visible("#quality") and page.input_value("#quality") == str(DEFAULT_QUALITY)
+            page.fill("#quality", "55")
+            with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")) as posted:
+                page.click("#generate")
+            assert posted.value.post_data_json["output_format"] == "webp"
+            assert posted.value.post_data_json["output_compression"] == 55
             page.wait_for_function("window.progressTexts.some(t => t.startsWith('queued'))")
             assert page.is_visible("#cancel") and page.is_disabled("#generate")
             cancel(server, blocker)
@@ -84,7 +92,11 @@ def test_a_request_that_gets_no_answer_is_shown_and_the_form_is_usable_again(ser
             page.set_default_timeout(WAIT_MS)
             page.goto(server.url + "/")
             page.wait_for_selector("#scheduler option[value=ddpm]", state="attached")
-            page.route("**/v1/jobs", lambda route: route.abort("connectionrefused"))
+            sent = []
+            page.route(
+                "**/v1/jobs",
+                lambda route: (sent.append(route.request.post_data_json), route.abort("connectionrefused")),
+            )
             page.fill("#prompt", "a red cat")
             page.fill("#width", "64")
             page.fill("#height", "64")
@@ -92,5 +104,8 @@ def test_a_request_that_gets_no_answer_is_shown_and_the_form_is_usable_again(ser
             page.wait_for_selector("#error", state="visible", timeout=20_000)
             assert "could not reach the server" in page.inner_text("#error")
             assert page.is_enabled("#generate") and not page.is_visible("#cancel")
+            # A PNG request (the default) sends no quality: the API refuses one for PNG.
+            assert sent[0]["output_format"] == "png" and "output_compression" not in sent[0]
+            assert not page.is_visible("#quality")
         finally:
             browser.close()

@@ -126,7 +126,7 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
 
     def load() -> RunBatch:
         from kandinsky22.jobs import Engine, resolve_device
-        from kandinsky22.recipe import encode_image, make_recipe
+        from kandinsky22.recipe import make_recipe
 
         started = time.perf_counter()
         fast = resolve_device(config.device).type == "cuda" if config.fast is None else config.fast
@@ -196,9 +196,8 @@ def engine_loader(config: ServerConfig, info: dict[str, Any]) -> Callable[[], Ru
                         timings[stage] = timings.get(stage, 0.0) + seconds
                 # the LoRAs each image was made with: the job's choice, not the server's defaults
                 recipes = [make_recipe(r.job, engine.device_name, engine.dtype_name, r.loras) for r in mine]
-                # PNG, lossless: the queue re-encodes the images of a job that asked for JPEG or WebP.
-                pngs = [encode_image(r.image, recipe, "png") for r, recipe in zip(mine, recipes)]
-                outputs.append(JobOutput(files=pngs, seeds=[r.job.seed for r in mine], timings=timings))
+                # Images, not files: the queue's encoder threads write them in the job's format, off this thread.
+                outputs.append(JobOutput(images=[r.image for r in mine], recipes=recipes, timings=timings))
             return outputs
 
         return run_batch

@@ -1,36 +1,43 @@
-"""The bounded job queue and the one worker thread that owns the models.
+"""The bounded job queue, the worker thread that owns the models, and the encoder threads that write the files.
 
 The HTTP layer (asyncio) only submits, reads, cancels and watches jobs; all model work happens in a single thread,
 so the GPU runs one pipeline call at a time and no model is shared between threads. The worker takes the oldest
 queued job and, for text2img, the queued jobs that can share its pipeline call (:meth:`Job.batch_key`: same size,
 steps, scheduler, guidance, LoRA choice), up to ``max_batch`` images. Each image has its own generator (see
-:mod:`kandinsky22.jobs`), so batching never changes an image. A failed batch is retried job by job, so a request that breaks the model fails
-alone; the worker goes on either way.
+:mod:`kandinsky22.jobs`), so batching never changes an image. A failed batch is retried job by job, so a request that
+breaks the model fails alone; the worker goes on either way.
 
-The runner makes PNG files (recipe included); a job that asked for JPEG or WebP gets them re-encoded here, in the worker
-thread, once (:func:`kandinsky22.recipe.transcode`: the PNG is lossless, so the file is the one the image itself would
-give). Finished jobs keep their files in memory until ``result_ttl_s`` after they finish, and at most ``max_results``
-finished jobs are kept (the oldest go first).
+The runner hands back images and their recipes, not files. A small pool of encoder threads writes each image once, in
+its job's output format and quality (:func:`kandinsky22.recipe.encode_image`, recipe included), while the worker
+already runs the next batch: a 768² PNG takes about 0.2 s of CPU, a quarter of a fast pipeline call, and Pillow
+encodes without holding the GIL. Meanwhile the job stays ``running``, at progress stage ``encode`` (its ``stages``
+count the images written); it succeeds once all its files exist. An image that cannot be encoded (a recipe too long
+for a JPEG's Exif) fails its job alone. Should the encoders fall behind, the worker waits for them before it takes
+another batch, so unencoded images never pile up in memory. Finished jobs keep their files in memory until
+``result_ttl_s`` after they finish, and at most ``max_results`` finished jobs are kept (the oldest go first).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kandinsky22.jobs import Cancelled, Job, ProgressFn
-from kandinsky22.recipe import transcode
+from kandinsky22.recipe import encode_image
 from kandinsky22.server.schemas import Limits
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 log = logging.getLogger("kandinsky22.server")
 
@@ -39,11 +46,11 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 @dataclass
 class JobOutput:
-    """What running one job produced: image files with their recipes (PNGs from the runner; the queue re-encodes them
-    in the job's output format), their seeds, per-stage seconds."""
+    """What running one job produced: its images, the recipe of each (:func:`kandinsky22.recipe.make_recipe`, its
+    seed included), and the seconds of each stage of the pipeline call(s). The queue encodes the files."""
 
-    files: list[bytes]
-    seeds: list[int]
+    images: list[PIL.Image.Image]
+    recipes: list[dict[str, Any]]
     timings: dict[str, float]
 
 
@@ -80,7 +87,12 @@ class JobRecord:
     stages: dict[str, list[int]] = field(default_factory=dict)
     stage: str | None = None
     batch_size: int | None = None  # images in the pipeline call that ran this job
-    output: JobOutput | None = None  # once succeeded: its files in output_format
+    # From the end of its pipeline call: its seeds, and seconds per stage ("encode": its images' encoding, summed).
+    seeds: list[int] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    # While its images are encoded: each one's file, once made.
+    encoded: list[bytes | None] = field(default_factory=list)
+    files: list[bytes] | None = None  # once succeeded: its images in output_format
     error: str | None = None
     cancel_requested: bool = False
     version: int = 0
@@ -103,9 +115,9 @@ class JobRecord:
             "stage": self.stage,
             "stages": {name: {"step": s[0], "steps": s[1]} for name, s in self.stages.items()},
             "batch_size": self.batch_size,
-            "seeds": self.output.seeds if self.output else [self.job.seed + i for i in range(self.images)],
-            "images": len(self.output.files) if self.output else 0,
-            "timings": dict(self.output.timings) if self.output else {},
+            "seeds": self.seeds if self.seeds is not None else [self.job.seed + i for i in range(self.images)],
+            "images": len(self.files) if self.files is not None else 0,
+            "timings": dict(self.timings),
             "error": self.error,
             "cancel_requested": self.cancel_requested,
             "version": self.version,
@@ -117,7 +129,8 @@ class JobQueue:
 
     ``load`` runs in the worker thread (loading weights can take minutes; the server answers health checks
     meanwhile) and returns the :data:`RunBatch` used for every job. ``concurrency`` worker threads take batches once
-    it is loaded: 1 where this process owns the one model; one per model replica under Ray Serve.
+    it is loaded: 1 where this process owns the one model; one per model replica under Ray Serve. ``encoders``
+    threads encode the images (default: one per worker thread, at least 2, at most one per CPU core).
     """
 
     def __init__(
@@ -126,6 +139,7 @@ class JobQueue:
         limits: Limits,
         clock: Callable[[], float] = time.time,
         concurrency: int = 1,
+        encoders: int | None = None,
     ):
         self.limits = limits
         self.state = "loading"
@@ -138,7 +152,15 @@ class JobQueue:
         self._running: list[list[JobRecord]] = []  # the batches being run, one per busy worker thread
         self._stopping = False
         self.concurrency = concurrency
+        self.encoders = encoders or min(max(2, concurrency), os.cpu_count() or 1)
         self._threads: list[threading.Thread] = []
+        # The images waiting for an encoder thread (job, index, image, recipe), oldest first, and the running jobs
+        # whose images are being encoded.
+        self._encodes: deque[tuple[JobRecord, int, PIL.Image.Image, dict[str, Any]]] = deque()
+        self._encoding: set[JobRecord] = set()
+        # The worker takes no batch while this many images wait for their files (two batches per worker thread):
+        # enough that encoding overlaps the next calls, bounded so that slow encoders cannot fill the memory.
+        self._max_unencoded = 2 * limits.max_batch * concurrency
         # Seconds per pipeline call (moving average), for Retry-After; and how full the batches were.
         self._batch_seconds = 1.0
         self.batch_sizes: Counter[int] = Counter()
@@ -147,15 +169,16 @@ class JobQueue:
     # -- lifecycle ---------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._start_thread(self._work)
+        self._start_thread(self._work, "kandinsky22-worker")
 
-    def _start_thread(self, target: Callable[..., None], *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, name="kandinsky22-worker", daemon=True)
+    def _start_thread(self, target: Callable[..., None], name: str, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Cancel everything, let the running call stop at its next step, and join the worker."""
+        """Cancel everything, let the running call stop at its next step, drop the images waiting for an encoder, and
+        join the threads (an image being encoded takes its fraction of a second)."""
         with self._cond:
             self._stopping = True
             for record in self._queue:
@@ -164,6 +187,9 @@ class JobQueue:
             for batch in self._running:
                 for record in batch:
                     record.cancel_requested = True
+            for record in list(self._encoding):
+                record.cancel_requested = True
+                self._finish(record, "cancelled")
             self._cond.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in list(self._threads):
@@ -188,7 +214,12 @@ class JobQueue:
                 output_format=output_format,
                 quality=quality,
             )
-            record.stages = {"prior": [0, job.prior_steps], "decoder": [0, job.steps], "decode": [0, 1]}
+            record.stages = {
+                "prior": [0, job.prior_steps],
+                "decoder": [0, job.steps],
+                "decode": [0, 1],
+                "encode": [0, job.num_images],
+            }
             self._jobs[record.id] = record
             self._queue.append(record)
             self._evict()
@@ -206,7 +237,7 @@ class JobQueue:
         dropped."""
         with self._cond:
             record = self._jobs.get(job_id)
-            return None if record is None or record.output is None else list(record.output.files)
+            return None if record is None or record.files is None else list(record.files)
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         """Cancel a queued job now, or a running one at its next step; ``None`` for an unknown id."""
@@ -221,8 +252,10 @@ class JobQueue:
                 self._queue.remove(record)
                 self._finish(record, "cancelled")
                 self._queue_changed()
-            elif any(not r.cancel_requested for batch in self._running if record in batch for r in batch):
-                # The rest of its batch goes on; this job's images will be dropped.
+            elif record in self._encoding or any(
+                not r.cancel_requested for batch in self._running if record in batch for r in batch
+            ):
+                # Its images are made and being encoded, or the rest of its batch goes on: its images are dropped.
                 self._finish(record, "cancelled")
             else:
                 # The pipeline call stops at its next step (should_cancel) and the runner reports it.
@@ -249,7 +282,9 @@ class JobQueue:
             return {
                 "queue": {
                     "queued": len(self._queue),
-                    "running": sum(len(batch) for batch in self._running),
+                    # running jobs: in a pipeline call, or (also counted as "encoding") their images being encoded
+                    "running": sum(len(batch) for batch in self._running) + len(self._encoding),
+                    "encoding": len(self._encoding),
                     "kept": len(self._jobs),
                     "max_queue": self.limits.max_queue,
                 },
@@ -278,7 +313,16 @@ class JobQueue:
         record.status = status
         record.error = error
         record.finished_at = self._clock()
+        if record in self._encoding:
+            # Its images still waiting for an encoder are dropped; one being encoded is thrown away when done.
+            self._encoding.discard(record)
+            self._encodes = deque(task for task in self._encodes if task[0] is not record)
+            record.encoded = []
+            self._cond.notify_all()  # a worker may be waiting for fewer unencoded images
         self._touch(record)
+
+    def _unencoded(self) -> int:
+        return sum(file is None for record in self._encoding for file in record.encoded)
 
     def _retry_after(self) -> int:
         running = sum(len(batch) for batch in self._running)
@@ -311,8 +355,12 @@ class JobQueue:
             return
         with self._cond:
             self.state = "ready"
+            if self._stopping:  # stopped while loading: stop() joins the threads it saw
+                return
             for _ in range(self.concurrency - 1):
-                self._start_thread(self._serve, run_batch)
+                self._start_thread(self._serve, "kandinsky22-worker", run_batch)
+            for _ in range(self.encoders):
+                self._start_thread(self._encode_images, "kandinsky22-encode")
         self._serve(run_batch)
 
     def _serve(self, run_batch: RunBatch) -> None:
@@ -324,7 +372,13 @@ class JobQueue:
 
     def _next_batch(self) -> list[JobRecord] | None:
         with self._cond:
-            while not self._queue and not self._stopping:
+            held = False
+            while not self._stopping and (not self._queue or self._unencoded() >= self._max_unencoded):
+                if self._queue and not held:
+                    held = True
+                    log.info(
+                        "%d images wait for the encoders; the next pipeline call waits for them", self._unencoded()
+                    )
                 self._cond.wait()
             if self._stopping:
                 return None
@@ -393,30 +447,66 @@ class JobQueue:
                 self._running.remove(batch)
             return
         seconds = time.perf_counter() - started
-        # Outside the lock: re-encoding takes milliseconds per image, and the HTTP side must not wait for it.
-        encoded = [self._encode(record, output) for record, output in zip(batch, outputs)]
         with self._cond:
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
             self.batch_sizes[sum(record.images for record in batch)] += 1
-            for record, output, (files, error) in zip(batch, outputs, encoded):
+            self._running.remove(batch)
+            for record, output in zip(batch, outputs):
                 if record.status in TERMINAL:
                     continue
                 if record.cancel_requested:
                     self._finish(record, "cancelled")
-                elif error is not None:
-                    self._finish(record, "failed", error)
-                else:
-                    record.output = dataclasses.replace(output, files=files)  # the PNGs are dropped
-                    self.images_done += len(files)
-                    self._finish(record, "succeeded")
-            self._running.remove(batch)
+                    continue
+                # The encoder threads write its files; this thread goes on to the next batch.
+                record.seeds = [recipe["seed"] for recipe in output.recipes]
+                record.timings = dict(output.timings)
+                record.encoded = [None] * len(output.images)
+                record.stage = "encode"
+                record.stages["encode"] = [0, len(output.images)]
+                self._encoding.add(record)
+                self._encodes.extend((record, i, *made) for i, made in enumerate(zip(output.images, output.recipes)))
+                self._touch(record)
+            self._cond.notify_all()
             self._evict()
 
-    @staticmethod
-    def _encode(record: JobRecord, output: JobOutput) -> tuple[list[bytes] | None, str | None]:
-        """The job's PNGs in its output format, or why they could not be encoded (a recipe too long for a JPEG)."""
-        try:
-            return [transcode(png, record.output_format, record.quality) for png in output.files], None
-        except Exception as err:  # fails this job; raised, it would end the worker thread and stall the queue
-            log.warning("job %s: its images could not be encoded as %s: %s", record.id, record.output_format, err)
-            return None, f"{type(err).__name__}: {err}"
+    # -- the encoder threads -----------------------------------------------------------------------------------------
+
+    def _encode_images(self) -> None:
+        """Encode the images the workers hand over, oldest first, each in its job's format, until the queue stops."""
+        while True:
+            with self._cond:
+                while not self._encodes and not self._stopping:
+                    self._cond.wait()
+                if not self._encodes:
+                    return
+                record, index, image, recipe = self._encodes.popleft()
+            started = time.perf_counter()
+            try:
+                file, error = encode_image(image, recipe, record.output_format, record.quality), None
+            except Exception as err:  # fails this job; raised, it would end this thread and strand the others' images
+                log.warning("job %s: its images could not be encoded as %s: %s", record.id, record.output_format, err)
+                file, error = None, f"{type(err).__name__}: {err}"
+            seconds = time.perf_counter() - started
+            with self._cond:
+                self._encoded(record, index, file, error, seconds)
+            del record, image, recipe, file  # an idle encoder thread keeps no image alive
+
+    def _encoded(self, record: JobRecord, index: int, file: bytes | None, error: str | None, seconds: float) -> None:
+        if record.status in TERMINAL:  # cancelled, or failed by another of its images, meanwhile: the file is dropped
+            return
+        if file is None:
+            self._finish(record, "failed", error)
+            self._evict()
+            return
+        record.encoded[index] = file
+        record.timings["encode"] = record.timings.get("encode", 0.0) + seconds
+        done = sum(f is not None for f in record.encoded)
+        record.stages["encode"] = [done, len(record.encoded)]
+        if done < len(record.encoded):
+            self._touch(record)
+            self._cond.notify_all()  # a worker may be waiting for fewer unencoded images
+            return
+        record.files = list(record.encoded)
+        self.images_done += len(record.files)
+        self._finish(record, "succeeded")
+        self._evict()

@@ -119,6 +119,14 @@ function addResults(job) {
   }
 }
 
+// Quality applies to the lossy formats only (the API refuses it with PNG): shown, and sent, for JPEG and WebP. A
+// disabled input is left out of the form's data and of its validation.
+function showQuality() {
+  const lossy = $("output_format").value !== "png";
+  $("quality-box").hidden = !lossy;
+  $("quality").disabled = !lossy;
+}
+
 function setBusy(busy) {
   $("generate").disabled = busy;
   $("cancel").hidden = !busy;
@@ -170,6 +178,9 @@ async function generate(event) {
     request[field] = parseInt(form.get(field), 10);
   }
   request.guidance_scale = parseFloat(form.get("guidance_scale"));
+  if (form.get("quality") !== null) {
+    request.output_compression = parseInt(form.get("quality"), 10);
+  }
   if (form.get("seed") !== "") {
     request.seed = parseInt(form.get("seed"), 10);
   }
@@ -214,5 +225,7 @@ async function cancel() {
 document.addEventListener("DOMContentLoaded", () => {
   $("generate-form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
+  $("output_format").addEventListener("change", showQuality);
+  showQuality();
   loadServerInfo().catch((err) => showError(String(err)));
 });
