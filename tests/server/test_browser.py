@@ -53,10 +53,17 @@ def test_generate_from_the_page(server, tmp_path):
             # The quality input shows for the lossy formats, at the API's default, and goes as output_compression.
             assert page.is_visible("#quality") and page.input_value("#quality") == str(DEFAULT_QUALITY)
             page.fill("#quality", "55")
+            # The noise-level spacing is offered for the samplers that take one (not ddpm, the default)
+            assert page.is_disabled("#sigmas")
+            page.select_option("#scheduler", "euler")
+            assert page.is_enabled("#sigmas") and page.input_value("#sigmas") == ""
+            page.select_option("#sigmas", "karras")
             with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")) as posted:
                 page.click("#generate")
             assert posted.value.post_data_json["output_format"] == "webp"
             assert posted.value.post_data_json["output_compression"] == 55
+            assert posted.value.post_data_json["scheduler"] == "euler"
+            assert posted.value.post_data_json["sigmas"] == "karras"
             page.wait_for_function("window.progressTexts.some(t => t.startsWith('queued'))")
             assert page.is_visible("#cancel") and page.is_disabled("#generate")
             cancel(server, blocker)
@@ -106,6 +113,7 @@ def test_a_request_that_gets_no_answer_is_shown_and_the_form_is_usable_again(ser
             assert page.is_enabled("#generate") and not page.is_visible("#cancel")
             # A PNG request (the default) sends no quality: the API refuses one for PNG.
             assert sent[0]["output_format"] == "png" and "output_compression" not in sent[0]
+            assert "sigmas" not in sent[0]  # ddpm takes none: the API would refuse one
             assert not page.is_visible("#quality")
         finally:
             browser.close()

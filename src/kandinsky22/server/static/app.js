@@ -52,6 +52,13 @@ async function loadServerInfo() {
   }
   const defaults = info.defaults;
   scheduler.value = defaults.scheduler;
+  spacedSamplers = new Set(info.sigmas.samplers);
+  for (const name of info.sigmas.spacings) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    $("sigmas").appendChild(option);
+  }
+  showSigmas();
   for (const field of ["width", "height", "steps", "prior_steps", "guidance_scale"]) {
     $(field).value = defaults[field];
   }
@@ -127,6 +134,13 @@ function showQuality() {
   $("quality").disabled = !lossy;
 }
 
+// The noise-level spacing applies to some samplers only (the API refuses it with the others): offered, and sent, for
+// those. A disabled select is left out of the form's data.
+let spacedSamplers = new Set();
+function showSigmas() {
+  $("sigmas").disabled = !spacedSamplers.has($("scheduler").value);
+}
+
 function setBusy(busy) {
   $("generate").disabled = busy;
   $("cancel").hidden = !busy;
@@ -181,6 +195,9 @@ async function generate(event) {
   if (form.get("quality") !== null) {
     request.output_compression = parseInt(form.get("quality"), 10);
   }
+  if (form.get("sigmas")) {
+    request.sigmas = form.get("sigmas");
+  }
   if (form.get("seed") !== "") {
     request.seed = parseInt(form.get("seed"), 10);
   }
@@ -226,6 +243,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("generate-form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
   $("output_format").addEventListener("change", showQuality);
+  $("scheduler").addEventListener("change", showSigmas);
   showQuality();
   loadServerInfo().catch((err) => showError(String(err)));
 });
