@@ -56,20 +56,10 @@ SCHEDULERS = (
     "pndm",
 )
 # Noise-level spacings a sampler's schedule can take instead of its own (Job.sigmas: kandinsky22.schedulers.tables
-# .SIGMA_SPACINGS, here without importing torch), and the samplers that take them (their classes have the switches)
+# .SIGMA_SPACINGS, here without importing torch), and the samplers that take them: all whose classes have the
+# switches, but dpm++-karras (dpm++ with one of them already on)
 SIGMA_SPACINGS = ("karras", "exponential", "beta")
-SPACED_SAMPLERS = (
-    "dpm++",
-    "euler",
-    "unipc",
-    "lms",
-    "dpm++-single",
-    "deis",
-    "heun",
-    "kdpm2",
-    "kdpm2-a",
-    "dpm++-sde",
-)
+SPACED_SAMPLERS = tuple(name for name in SCHEDULERS if name not in ("ddpm", "ddim", "dpm++-karras", "euler-a", "pndm"))
 # kandinsky22.fast.COMPILE_SCOPES, here without importing torch (the CLI's and the server's choices)
 COMPILE_SCOPES = ("auto", "blocks", "model", "none")
 

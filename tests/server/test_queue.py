@@ -21,16 +21,15 @@ from kandinsky22.server.worker import TERMINAL, JobFinished, JobOutput, JobQueue
 TIMEOUT = 20.0
 
 
-class GatedRunner:
-    """Runs a batch in two 'steps'. A batch holding a job with prompt 'hold' takes each step only when the test
-    allows it: one step per :meth:`step` call, or all of them after :meth:`release`."""
+class _Gate:
+    """What a test lets through: one turn per :meth:`step` call, or every turn after :meth:`release` (``free``: from
+    the start). ``calls`` records what came."""
 
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-        self.running = threading.Event()
+    def __init__(self, free: bool = False) -> None:
+        self.calls: list = []
         self._cond = threading.Condition()
         self._tokens = 0
-        self._free = False
+        self._free = free
 
     def step(self) -> None:
         with self._cond:
@@ -48,9 +47,24 @@ class GatedRunner:
             if not self._free:
                 self._tokens -= 1
 
+    def _record(self, call) -> None:
+        with self._cond:
+            self.calls.append(call)
+            self._cond.notify_all()
+
     def wait_calls(self, n: int) -> None:
         """Until ``n`` calls have started."""
-        self.wait_for(lambda: len(self.calls) >= n)
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.calls) >= n, TIMEOUT)
+
+
+class GatedRunner(_Gate):
+    """Runs a batch in two 'steps'. A batch holding a job with prompt 'hold' takes each step only when the test
+    allows it: one step per :meth:`step` call, or all of them after :meth:`release`. ``calls``: each batch's prompts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = threading.Event()
 
     def wait_for(self, predicate) -> None:
         """Until ``predicate()`` holds, checked whenever a call starts or :meth:`notify` is called."""
@@ -63,9 +77,7 @@ class GatedRunner:
 
     def __call__(self, jobs, progress, should_cancel):
         prompts = [job.prompt for job in jobs]
-        with self._cond:
-            self.calls.append(prompts)
-            self._cond.notify_all()
+        self._record(prompts)
         self.running.set()
         for step in (1, 2):
             if "hold" in prompts:
@@ -304,39 +316,14 @@ def test_a_model_load_failure_fails_queued_jobs_and_is_reported():
 # -- encoding: the encoder threads write each image once, in its job's format, off the worker's path --------------
 
 
-class GatedEncoder:
+class GatedEncoder(_Gate):
     """Stands in for the queue's ``encode_image``: records each call (the image object, prompt, format, quality) and
     encodes with the real one, but only when the test lets it: one call per :meth:`step`, or all after
     :meth:`release` (``free``: from the start)."""
 
-    def __init__(self, free: bool = False) -> None:
-        self.calls: list[tuple[PIL.Image.Image, str, str, int | None]] = []
-        self._cond = threading.Condition()
-        self._tokens = 0
-        self._free = free
-
-    def step(self) -> None:
-        with self._cond:
-            self._tokens += 1
-            self._cond.notify_all()
-
-    def release(self) -> None:
-        with self._cond:
-            self._free = True
-            self._cond.notify_all()
-
-    def wait_calls(self, n: int) -> None:
-        """Until ``n`` calls have started."""
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.calls) >= n, TIMEOUT)
-
     def __call__(self, image, recipe, output_format="png", quality=None):
-        with self._cond:
-            self.calls.append((image, recipe["prompt"], output_format, quality))
-            self._cond.notify_all()
-            assert self._cond.wait_for(lambda: self._free or self._tokens > 0, TIMEOUT)
-            if not self._free:
-                self._tokens -= 1
+        self._record((image, recipe["prompt"], output_format, quality))
+        self._wait_turn()
         return encode_image(image, recipe, output_format, quality)
 
 
