@@ -207,6 +207,13 @@ def test_inpaint_defaults_to_the_input_size(tiny: dict[str, str], tmp_path: Path
     assert np.array_equal(pixels(tmp_path / "kept-again.png"), kept)
     ok(run("inpaint", "--from-png", "kept.png", "--no-keep-unmasked", "--quiet", "-o", "back.png", cwd=tmp_path))
     assert np.array_equal(pixels(tmp_path / "back.png"), plain)
+    # --mask-blur 4 (σ in pixels) softens the edge: beyond 4σ of the mask the photo is untouched, at its edge a mix
+    ok(run("inpaint", "--from-png", "kept.png", "--mask-blur", "4", "--quiet", "-o", "soft.png", cwd=tmp_path))
+    soft = pixels(tmp_path / "soft.png")
+    assert read_recipe(tmp_path / "soft.png")["mask_blur"] == 4 and "mask_blur" not in read_recipe(
+        tmp_path / "kept.png"
+    )
+    assert np.array_equal(soft[56:], photo[56:]) and not np.array_equal(soft[40], photo[40])
 
 
 def test_mix_of_a_text_and_an_image(tiny: dict[str, str], tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from kandinsky22.jobs import (
     COMPILE_SCOPES,
     HUB_ID,
     MAX_IMAGES,
+    MAX_MASK_BLUR,
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
@@ -68,6 +69,7 @@ JOB_OPTIONS = {
     "scheduler": "scheduler",
     "sigmas": "sigmas",
     "keep_unmasked": "keep_unmasked",
+    "mask_blur": "mask_blur",
     "width": "width",
     "height": "height",
     "num_images": "num_images",
@@ -300,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint = prompt_command("inpaint", "repaint the white area of a mask following a prompt")
     inpaint.add_argument("--image", help="the image to edit (required unless --from-png or --prompts-file)")
     inpaint.add_argument("--mask", help="mask image: white = repaint, black = keep (required, as --image)")
+    inpaint.add_argument(
+        "--mask-blur",
+        type=_float_in(0, MAX_MASK_BLUR),
+        metavar="PX",
+        help="soften the mask's edge: a Gaussian blur of PX pixels (standard deviation; default 0)",
+    )
     inpaint.add_argument(
         "--keep-unmasked",
         action=argparse.BooleanOptionalAction,

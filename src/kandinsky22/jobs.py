@@ -92,6 +92,7 @@ MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0
 # A job's LoRA weights (Job.loras) are at most this in size: past it a LoRA swamps the model it adapts.
 MAX_LORA_WEIGHT = 8.0
+MAX_MASK_BLUR = 64.0  # pixels (standard deviation)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # A file path, or an image already in memory (the server's uploads).
@@ -116,8 +117,10 @@ class Job:
 
     ``sigmas`` respaces the decoder sampler's noise levels ("karras", "exponential" or "beta"; ``None``: the
     sampler's own spacing), for the samplers of :data:`SPACED_SAMPLERS`. ``keep_unmasked`` (inpaint): the result is
-    the input image itself where the mask is black (instead of its MoVQ round trip). Both are written into recipes only
-    when set.
+    the input image itself where the mask is black (instead of its MoVQ round trip). ``mask_blur`` (inpaint): the
+    standard deviation in pixels of a Gaussian blur of the mask at the output size, 0 to :data:`MAX_MASK_BLUR` (a soft
+    edge: with ``keep_unmasked``, the new content fades into the kept image). These three are written into recipes
+    only when set.
 
     ``negative`` is the decoder's negative prompt: its prior embedding is the unconditional of the decoder's guidance
     (empty: the CLIP embedding of an empty image, as the reference). ``negative_prior`` is the prior's own negative
@@ -142,6 +145,7 @@ class Job:
     scheduler: str = "ddpm"
     sigmas: str | None = None
     keep_unmasked: bool = False
+    mask_blur: float = 0.0
     width: int | None = None
     height: int | None = None
     num_images: int = 1
@@ -195,6 +199,9 @@ class Job:
             raise ValueError(f"keep_unmasked must be true or false, got {self.keep_unmasked!r}")
         if self.keep_unmasked and self.task != "inpaint":
             raise ValueError(f"keep_unmasked is only used by inpaint, not by {self.task}")
+        _check_float("mask_blur", self.mask_blur, 0.0, MAX_MASK_BLUR)
+        if self.mask_blur and self.task != "inpaint":
+            raise ValueError(f"mask_blur is only used by inpaint, not by {self.task}")
         for name in ("width", "height"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), MIN_SIDE, MAX_SIDE)
@@ -337,7 +344,7 @@ class Job:
 
 # Job fields that are not among its JSON fields, and JSON fields written only when they are not None
 _NOT_JSON = ("loras",)
-_ONLY_WHEN_SET = ("sigmas", "keep_unmasked")
+_ONLY_WHEN_SET = ("sigmas", "keep_unmasked", "mask_blur")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job)}
 
 
@@ -1041,7 +1048,12 @@ class Engine:
         if job.strength is not None:
             inputs["strength"] = job.strength
         if job.mask is not None:
-            inputs["mask_image"] = fit_to_grid(load_image(job.mask, "mask"), size, grid, "L", fill=0)  # pad: keep
+            mask = fit_to_grid(load_image(job.mask, "mask"), size, size, "L")  # at the job's size
+            if job.mask_blur:
+                import PIL.ImageFilter
+
+                mask = mask.filter(PIL.ImageFilter.GaussianBlur(job.mask_blur))
+            inputs["mask_image"] = fit_to_grid(mask, size, grid, "L", fill=0)  # pad: keep
         if job.hint is not None:
             inputs["hint"] = fit_to_grid(load_image(job.hint, "hint"), size, grid, "RGB")
         return inputs

@@ -312,6 +312,11 @@ def test_img2img_inpaint_mix_and_depth_jobs(server):
     outside = np.asarray(mask) == 0
     assert np.array_equal(pixels(kept_png)[outside], np.asarray(_source().convert("RGB"))[outside])
     assert recipe(kept_png)["keep_unmasked"] is True and "keep_unmasked" not in recipe(png)
+    blurred = _run_job(
+        server,
+        {"task": "inpaint", "prompt": "a hat", "image": source, "mask_image": b64_png(mask), "mask_blur": 2.5} | FAST,
+    )
+    assert blurred["status"] == "succeeded" and blurred["mask_blur"] == 2.5, blurred["error"]
 
 
 def test_multipart_upload(server):
@@ -379,6 +384,7 @@ BAD_REQUESTS = [
     ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "sigmas": "karras"}, 400, "sigmas"),
     ("/v1/jobs", {"prompt": "x", "width": 64, "height": 64, **FAST, "keep_unmasked": True}, 400, "keep_unmasked"),
     ("/v1/jobs", {**IMG2IMG, "keep_unmasked": 1}, 400, "keep_unmasked"),  # true or false only: 1 was read as true
+    ("/v1/jobs", {**IMG2IMG, "mask_blur": 3}, 400, "mask_blur"),
     ("/v1/images/generations", {**GEN, "response_format": "png"}, 400, "response_format"),
     ("/v1/jobs", {"task": "paint", "prompt": "x"}, 400, "task"),
     ("/v1/jobs", {"task": "img2img", "prompt": "x"}, 400, "image"),

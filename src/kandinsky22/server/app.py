@@ -343,6 +343,7 @@ def job_view(snapshot: dict[str, Any], base_url: str) -> dict[str, Any]:
         "sigmas": job.sigmas,
         "strength": job.strength,
         "keep_unmasked": job.keep_unmasked,
+        "mask_blur": job.mask_blur,
         "loras": None if job.loras is None else [{"source": s.source, "weight": s.weight} for s in job.loras],
         "output_format": output_format,
         "seeds": seeds,

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from kandinsky22.jobs import (
     IMAGE_SUFFIXES,
     MAX_LORA_WEIGHT,
+    MAX_MASK_BLUR,
     MIN_PRIOR_STEPS,
     SCHEDULERS,
     SIGMA_SPACINGS,
@@ -177,6 +178,9 @@ class JobRequest(_Request):
     strength: float | None = Field(None, description="img2img (and depth with an image): how much to change.")
     image: str | None = Field(None, description="Base64 source image (img2img, inpaint, depth).")
     mask_image: str | None = Field(None, description="Base64 inpaint mask: white = repaint.")
+    mask_blur: float = Field(
+        0.0, description=f"inpaint: a Gaussian blur of the mask, in pixels (standard deviation, 0-{MAX_MASK_BLUR:g})."
+    )
     keep_unmasked: bool = Field(
         False,
         description="inpaint: the input's own pixels where the mask is black (grey: a mix), not their MoVQ round "
@@ -392,6 +396,7 @@ def job_request_to_job(req: JobRequest, limits: Limits, files: dict[str, Any] | 
         mask=image("mask_image"),
         hint=image("hint_image"),
         keep_unmasked=req.keep_unmasked,
+        mask_blur=req.mask_blur,
         items=items,
         weights=list(req.weights),
         **_common(req),
