@@ -255,30 +255,30 @@ def beta_cdf(x: np.ndarray, a: float, b: float) -> np.ndarray:
 
 def beta_quantiles(q: np.ndarray, a: float, b: float) -> np.ndarray:
     """The quantile function of Beta(a, b) at ``q`` in [0, 1] (float64; 0 at q = 0, 1 at q = 1): Newton's method on
-    :func:`beta_cdf`, kept inside a shrinking bracket (bisection where a step would leave it), until the steps fall
-    below a few units in the last place. Beyond the median it is solved as 1 − the quantile of Beta(b, a) at 1 − q,
-    so that the values near either end keep their relative precision."""
+    :func:`beta_cdf`, kept inside a shrinking bracket (bisection where a step would leave it), until a step is below
+    1e-12 relative (Newton's error after it is about its square: below float64's resolution). Beyond the median it is
+    solved as 1 − the quantile of Beta(b, a) at 1 − q, so that the values near either end keep their relative
+    precision."""
     q = np.asarray(q, dtype=np.float64)
     upper = q > 0.5
     x = np.where(q <= 0, 0.0, 1.0)
     log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-    for side, first, second, p in ((~upper, a, b, q), (upper, b, a, 1 - q)):
-        inside = side & (p > 0) & (p < 1)
+    for mirrored, first, second, p in ((False, a, b, q), (True, b, a, 1 - q)):
+        inside = (upper == mirrored) & (p > 0) & (p < 1)
         target = p[inside]
         low, high = np.zeros_like(target), np.ones_like(target)
-        # the start: the quantile of the density's leading term x^(a−1)/B near 0, below the median's neighbourhood
+        # The start: where the CDF's leading term near 0, x^a / (a·B(a, b)), reaches the target (at most 0.5)
         guess = np.minimum(np.exp((np.log(target * first) + log_beta) / first), 0.5)
         for _ in range(200):
             gap = beta_cdf(guess, first, second) - target
             low, high = np.where(gap < 0, guess, low), np.where(gap < 0, high, guess)
             density = np.exp((first - 1) * np.log(guess) + (second - 1) * np.log1p(-guess) - log_beta)
             newton = guess - gap / density
-            # Newton's error after a step is about the square of the step: one of 1e-12 leaves none that float64 holds
             converged = np.abs(newton - guess) <= 1e-12 * guess
             guess = np.where((newton > low) & (newton < high) | converged, newton, low + (high - low) / 2)
             if converged.all():
                 break
-        x[inside] = 1 - guess if side is upper else guess
+        x[inside] = 1 - guess if mirrored else guess
     return x
 
 
