@@ -28,6 +28,7 @@ from server_harness import (
     start_blocker,
 )
 
+from kandinsky22.jobs import DEFAULT_STRENGTH, MAX_MASK_BLUR
 from kandinsky22.recipe import read_recipe, transcode
 
 # -- service routes ----------------------------------------------------------------------------------------------------
@@ -42,6 +43,8 @@ def test_health_models_openapi_and_page(server, tiny_repos):
     assert set(models["tasks"]) == {"text2img", "img2img", "mix", "inpaint", "depth"}
     assert models["limits"]["max_queue"] == MAX_QUEUE and models["limits"]["max_batch"] == MAX_BATCH
     assert "ddpm" in models["schedulers"] and models["device"] == "cpu" and models["fast"] is False
+    # what the page needs for the image tasks' inputs
+    assert models["defaults"]["strength"] == DEFAULT_STRENGTH and models["limits"]["max_mask_blur"] == MAX_MASK_BLUR
     schema = server.request("GET", "/openapi.json").json()
     for path in ("/v1/images/generations", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/health"):
         assert path in schema["paths"]

@@ -39,6 +39,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kandinsky22 import __version__
 from kandinsky22.jobs import (
     DEFAULT_SIZE,
+    DEFAULT_STRENGTH,
+    MAX_MASK_BLUR,
     PRIOR_REPO,
     SCHEDULER_CONFIG,
     SCHEDULERS,
@@ -532,8 +534,10 @@ def create_app(
                 "guidance_scale": defaults.guidance,
                 "prior_guidance_scale": defaults.prior_guidance,
                 "scheduler": defaults.scheduler,
+                # by task: img2img's, and depth's with an image
+                "strength": dict(DEFAULT_STRENGTH),
             },
-            "limits": {**limits.as_dict(), "size_multiple": 1},
+            "limits": {**limits.as_dict(), "size_multiple": 1, "max_mask_blur": MAX_MASK_BLUR},
             **info,
             **({"loras_per_request": LORAS_USAGE} if config.loras else {}),
         }

@@ -3,6 +3,11 @@
 
 const $ = (id) => document.getElementById(id);
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+// The tasks the page offers where the server runs them (mix, a list of texts and images, is the API's only).
+const PAGE_TASKS = ["text2img", "img2img", "inpaint", "depth"];
+// The image fields of POST /v1/jobs; each is a file input of the same name (sent as a data: URL).
+const IMAGE_FIELDS = ["image", "mask_image", "hint_image"];
+let defaults = null; // GET /v1/models "defaults"
 let currentJob = null;
 let events = null;
 
@@ -44,13 +49,18 @@ async function loadServerInfo() {
     ...info.data.map((m) => `${m.role}: ${m.id}`),
     ...loras.map((l) => `LoRA (${l.adapts.join(" + ")}): ${l.source} ×${l.weight}`),
   ].join("\n");
+  for (const name of info.tasks.filter((task) => PAGE_TASKS.includes(task) && task !== "text2img")) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    $("task").appendChild(option);
+  }
   const scheduler = $("scheduler");
   for (const name of info.schedulers) {
     const option = document.createElement("option");
     option.value = option.textContent = name;
     scheduler.appendChild(option);
   }
-  const defaults = info.defaults;
+  defaults = info.defaults;
   scheduler.value = defaults.scheduler;
   spacedSamplers = new Set(info.sigmas.samplers);
   for (const name of info.sigmas.spacings) {
@@ -68,6 +78,8 @@ async function loadServerInfo() {
   $("width").step = $("height").step = limits.size_multiple;
   $("steps").max = $("prior_steps").max = limits.max_steps;
   $("n").max = limits.max_n;
+  $("mask_blur").max = limits.max_mask_blur;
+  changeTask();
 }
 
 function describeProgress(job) {
@@ -141,6 +153,55 @@ function showSigmas() {
   $("sigmas").disabled = !spacedSamplers.has($("scheduler").value);
 }
 
+// Each box of task inputs (data-tasks: the tasks it serves) shows, and its inputs are sent, for its tasks only; the
+// strength of depth only with an image (without one, depth makes a new image from the hint).
+function showTaskInputs() {
+  const task = $("task").value;
+  for (const box of document.querySelectorAll("[data-tasks]")) {
+    let shown = box.dataset.tasks.split(" ").includes(task);
+    if (box.id === "strength-box" && task === "depth") {
+      shown = $("image").files.length > 0;
+    }
+    box.hidden = !shown;
+    for (const input of box.querySelectorAll("input")) {
+      input.disabled = !shown;
+    }
+  }
+  $("image-label").textContent = task === "depth" ? "Image (optional)" : "Image";
+  // The image tasks' size is the input's (the API's default) where width and height are left blank.
+  const imageTask = task !== "text2img";
+  for (const field of ["width", "height"]) {
+    $(field).required = !imageTask;
+    $(field).placeholder = imageTask ? "input's" : "";
+  }
+}
+
+let shownTask = "text2img";
+function changeTask() {
+  const task = $("task").value;
+  const imageTask = task !== "text2img";
+  if (imageTask !== (shownTask !== "text2img")) {
+    // Into an image task: blank (the input's size); back to text2img: the server's defaults.
+    for (const field of ["width", "height"]) {
+      $(field).value = imageTask ? "" : defaults ? defaults[field] : "512";
+    }
+  }
+  if (defaults && task in defaults.strength) {
+    $("strength").value = defaults.strength[task];
+  }
+  shownTask = task;
+  showTaskInputs();
+}
+
+function dataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
 function setBusy(busy) {
   $("generate").disabled = busy;
   $("cancel").hidden = !busy;
@@ -180,7 +241,7 @@ async function generate(event) {
   showError("");
   const form = new FormData($("generate-form"));
   const request = {
-    task: "text2img",
+    task: form.get("task"),
     prompt: form.get("prompt"),
     scheduler: form.get("scheduler"),
     output_format: form.get("output_format"),
@@ -188,12 +249,27 @@ async function generate(event) {
   if (form.get("negative_prompt")) {
     request.negative_prompt = form.get("negative_prompt");
   }
-  for (const field of ["width", "height", "n", "steps", "prior_steps"]) {
+  for (const field of ["width", "height"]) {
+    // blank (image tasks only; text2img's are required): the input's size
+    if (form.get(field)) {
+      request[field] = parseInt(form.get(field), 10);
+    }
+  }
+  for (const field of ["n", "steps", "prior_steps"]) {
     request[field] = parseInt(form.get(field), 10);
   }
   request.guidance_scale = parseFloat(form.get("guidance_scale"));
   if (form.get("quality") !== null) {
     request.output_compression = parseInt(form.get("quality"), 10);
+  }
+  if (form.get("strength") !== null) {
+    request.strength = parseFloat(form.get("strength"));
+  }
+  if (form.get("mask_blur") !== null) {
+    request.mask_blur = parseFloat(form.get("mask_blur"));
+  }
+  if (!$("keep_unmasked").disabled) {
+    request.keep_unmasked = $("keep_unmasked").checked;
   }
   if (form.get("sigmas")) {
     request.sigmas = form.get("sigmas");
@@ -205,6 +281,19 @@ async function generate(event) {
   const loraInputs = [...document.querySelectorAll("input.lora")];
   if (loraInputs.length) {
     request.loras = loraInputs.map((input) => ({ source: input.dataset.source, weight: parseFloat(input.value) }));
+  }
+  // The chosen files of the task's inputs (a file input with none gives an empty, nameless file); a missing one is the
+  // API's to report, naming the field.
+  for (const field of IMAGE_FIELDS) {
+    const file = form.get(field);
+    if (file && file.name) {
+      try {
+        request[field] = await dataUrl(file);
+      } catch (err) {
+        showError(`could not read the ${field} file ${file.name} (${err.message})`);
+        return;
+      }
+    }
   }
   setBusy(true);
   $("progress").value = 0;
@@ -244,6 +333,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("cancel").addEventListener("click", cancel);
   $("output_format").addEventListener("change", showQuality);
   $("scheduler").addEventListener("change", showSigmas);
+  $("task").addEventListener("change", changeTask);
+  $("image").addEventListener("change", showTaskInputs);
   showQuality();
+  showTaskInputs();
   loadServerInfo().catch((err) => showError(String(err)));
 });
