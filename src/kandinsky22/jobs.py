@@ -342,7 +342,7 @@ class Job:
         return cls(**data)
 
 
-# Job fields that are not among its JSON fields, and JSON fields written only when they are not None
+# Job fields that are not among its JSON fields, and JSON fields written only when they differ from their default
 _NOT_JSON = ("loras",)
 _ONLY_WHEN_SET = ("sigmas", "keep_unmasked", "mask_blur")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job)}
@@ -687,9 +687,9 @@ def check_steps(job: Job, scheduler_config: dict[str, Any], name: str = "steps")
 
 @functools.lru_cache(maxsize=256)
 def _steps_problem(sampler: str, sigmas: str | None, config: str, steps: int, strength: float | None) -> str | None:
-    """Why ``sampler`` (with ``sigmas``) on the scheduler config (JSON) cannot run ``steps`` (from ``strength``'s first step): ``None``
-    when it can; ``""`` when ``strength`` leaves no step of that count (a lower count than a job's, which
-    :meth:`Job.validate` refuses for the job's own)."""
+    """Why ``sampler`` (its σ respaced as ``sigmas`` says) on the scheduler config (JSON) cannot run ``steps`` (from
+    ``strength``'s first step): ``None`` when it can; ``""`` when ``strength`` leaves no step of that count (a lower
+    count than a job's, which :meth:`Job.validate` refuses for the job's own)."""
     from kandinsky22.pipelines.decoder import untrained_timestep
     from kandinsky22.pipelines.img2img import strength_start
 
