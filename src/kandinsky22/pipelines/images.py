@@ -196,11 +196,14 @@ def mask_to_tensor(
         tensor = tensor.float().cpu()
         _check_range(tensor, 0.0, 1.0, param)
         out.append(tensor)
-    masks = cat_same_size(out, param)
-    if not binary:
-        return masks.clamp(0, 1)
-    # Binarize into a new tensor: the reference does this in place, changing the caller's mask.
-    return (masks >= 0.5).float()
+    masks = cat_same_size(out, param).clamp(0, 1)
+    return binarize_mask(masks) if binary else masks
+
+
+def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
+    """1 (repaint) where ``mask`` is at least 0.5, else 0: the reference's rule, into a new tensor (the reference
+    binarizes in place, changing the caller's mask)."""
+    return (mask >= 0.5).float()
 
 
 def check_keep_unmasked(keep_unmasked: object, output_type: str | None = None) -> None:

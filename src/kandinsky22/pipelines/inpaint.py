@@ -23,6 +23,7 @@ from kandinsky22.pipelines.base import Generator, ImagePipelineOutput
 from kandinsky22.pipelines.decoder import DecoderPipeline, Embeds
 from kandinsky22.pipelines.images import (
     ImageInput,
+    binarize_mask,
     check_count,
     check_keep_unmasked,
     check_mask_shape,
@@ -103,10 +104,10 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         )
         check_keep_unmasked(keep_unmasked, output_type)
         latent_size = self._latent_size(height, width)
-        pixels, repaint = self._pixels_and_mask(image, mask_image, height, width, latent_size, batch)
+        pixels, soft = self._pixels_and_mask(image, mask_image, height, width, latent_size, batch)
 
         state = self._conditioning(image_embeds, negative_image_embeds, n, guidance_scale)
-        state.update(self._masked_image(pixels, repaint, batch, n))
+        state.update(self._masked_image(pixels, binarize_mask(soft), batch, n))
         shape = (batch * n, self.movq.config.latent_channels, *latent_size)
         timesteps = self._timesteps(num_inference_steps)
         self.scheduler.set_begin_index(0)
@@ -132,7 +133,6 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         latents = _blend(state["image_latents"], latents, state["mask_image"])
         overlay = None
         if keep_unmasked:
-            soft = mask_to_tensor(mask_image, tuple(pixels.shape[-2:]), binary=False)
             originals, soft = (x.expand(batch, *x.shape[1:]).repeat_interleave(n, dim=0) for x in (pixels, soft))
 
             def overlay(decoded: torch.Tensor) -> torch.Tensor:
@@ -149,11 +149,12 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
         latent_size: tuple[int, int],
         batch: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image (B, 3, H, W) in [-1, 1] and the repaint mask (B, 1, h, w) in {0, 1}, checked: sizes, counts."""
+        """The image (B, 3, H, W) in [-1, 1] and the repaint mask (B, 1, h, w) with its values in [0, 1] (the model
+        takes it binarized, ``keep_unmasked`` as it is), checked: sizes, counts."""
         sf = self.movq_scale_factor
         size = (latent_size[0] * sf, latent_size[1] * sf)
         pixels = image_to_tensor(image, size, resize=False)
-        repaint = mask_to_tensor(mask_image, size)
+        repaint = mask_to_tensor(mask_image, size, binary=False)
         how = f"height={height}, width={width}" + ("" if size == (height, width) else " rounded up")
         check_sizes(size, how, image=tuple(pixels.shape[-2:]))
         check_mask_shape(size, how, tuple(repaint.shape[-2:]))
